@@ -1,0 +1,52 @@
+# canvas-jobs: the front door. `make help` lists the targets; CI calls `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+MEMBERS := libs/events services/gateway services/job-orchestrator services/ai-generator services/notifier
+PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
+PYTEST_ARGS ?=
+
+.PHONY: help install lock test lint format dev token clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
+
+$(BIN)/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+# The stamp is remade whenever the lock or a member's pyproject changes.
+$(VENV)/.installed: requirements.lock $(PYPROJECTS) | $(BIN)/uv
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	touch $@
+
+install: $(VENV)/.installed ## create .venv from the pinned lock, every member editable
+
+lock: | $(BIN)/uv ## re-pin requirements.lock from requirements.in
+	$(BIN)/uv pip compile --quiet --python-version 3.11 requirements.in -o requirements.lock
+
+test: install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
+	$(BIN)/python -m tests.preflight
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install ## ruff check and format check, mypy strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+dev: install ## run the four services (and the stand-in model without OPENAI_API_KEY) in the foreground
+	$(BIN)/python tools/dev.py
+
+token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
+	@$(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,114 @@
+"""JSON logs for every service (ARCHITECTURE.md 9): one JSON object a line on stdout with
+``timestamp`` (ISO 8601 UTC), ``level``, ``service``, ``event``, and ``job_id`` and
+``correlation_id`` wherever a job is in hand (bound with structlog's contextvars).
+
+Standard-library loggers (uvicorn, aio-pika, asyncpg) go through the same renderer, so
+no line on stdout is anything but JSON. Secrets never reach a line: values registered
+with :func:`register_secret` and passwords in URLs are masked in every string field.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+
+_SECRETS: set[str] = set()
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-_.=]+")
+_TOKEN_PARAM = re.compile(r"(?i)([?&]token=)[^&\s\"']+")
+_MASK = "***"
+
+
+def register_secret(value: str | None) -> None:
+    """Mask ``value`` wherever it would appear in a log line (short values are ignored)."""
+    if value and len(value) >= 6:
+        _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """``text`` with registered secrets, URL passwords, bearer tokens and ``token=`` masked."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, _MASK)
+    text = _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{_MASK}@", text)
+    text = _BEARER.sub(rf"\g<1>{_MASK}", text)
+    return _TOKEN_PARAM.sub(rf"\g<1>{_MASK}", text)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redact_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(item) for item in value]
+    return value
+
+
+def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        event[key] = _redact_value(value)
+    return event
+
+
+def _drop_noise(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in ("job_id", "correlation_id"):
+        if key in event and event[key] is None:
+            del event[key]
+    # uvicorn passes a copy of its message with terminal colour codes in it.
+    event.pop("color_message", None)
+    return event
+
+
+def _json(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
+    """Configure structlog and the standard library to write one line an event to stdout."""
+
+    def add_service(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault("service", service)
+        return event
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        add_service,
+        _drop_noise,
+        structlog.processors.format_exc_info,
+        _redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_json)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Chatty libraries: their INFO lines say nothing an operator needs.
+    for name in ("aio_pika", "aiormq", "uvicorn.access", "httpx", "openai", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

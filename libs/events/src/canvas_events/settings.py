@@ -1,0 +1,72 @@
+"""Configuration read from the environment only (ARCHITECTURE.md 2).
+
+Each service has one ``Settings`` class built on :class:`CommonSettings`, made once at
+the edge by :func:`load_settings` and passed down, so a test can build its own. A bad
+value stops the service with a message naming the variable and exit code 2; an
+unreachable database or broker does not (the service waits for them, /ready says why).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from canvas_events.topology import Topology
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/canvas_jobs"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Long enough for HS256 (RFC 7518 asks for 256 bits); only ever a development default.
+DEV_JWT_SECRET = "canvas-jobs-development-secret-change-me-0123456789"  # noqa: S105
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service reads."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    amqp_url: SecretStr = SecretStr(DEFAULT_AMQP_URL)
+    # Every exchange and queue name starts with it: tests and side-by-side installs.
+    amqp_topology_prefix: str = Field(default="canvas", pattern=r"^[a-z][a-z0-9_\-]{0,40}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    # Seconds to let in-flight work finish on SIGTERM.
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+
+    @property
+    def topology(self) -> Topology:
+        """The exchange and queue names of this installation."""
+        return Topology(self.amqp_topology_prefix)
+
+
+class AuthSettings(BaseSettings):
+    """JWT settings, for the services that read tokens."""
+
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+
+    @property
+    def jwt_secret_is_default(self) -> bool:
+        """True when JWT_SECRET was not set: development only, with a loud warning."""
+        return self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], program: str) -> S:
+    """Build ``cls`` from the environment, or exit 2 naming each bad variable.
+
+    The message never echoes a value: a bad value may be a secret.
+    """
+    try:
+        return cls()
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "<settings>"
+            print(f"{program}: invalid setting {name}: {err['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,132 @@
+"""Where messages go: one topic exchange, one durable queue per service, a dead-letter
+queue beside each. Declared in one place so the RabbitMQ management UI shows the whole
+flow by name (docs/events.md draws it).
+
+Routing keys say who published what:
+
+- ``gateway.<Type>``: JobRequested, JobCancelRequested, from the gateway
+- ``generator.<Type>``: Generation* results, from the ai-generator
+- ``job.<Type>``: every event recorded in a job's stream, republished by the
+  orchestrator's relay with its global position (generators take GenerationRequested,
+  notifiers take the status events)
+
+Every name starts with a prefix (``AMQP_TOPOLOGY_PREFIX``, default ``canvas``) so that
+tests and side-by-side installations can share one broker without touching each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+GATEWAY = "gateway"
+GENERATOR = "generator"
+JOB = "job"
+
+# A classic queue with message priorities: quorum queues only get priorities in 4.x
+# (FIELD-NOTES), and job priority is 0..9.
+MAX_PRIORITY = 9
+
+
+def routing_key(source: str, event_type: str) -> str:
+    """The routing key of an event published by ``source`` (gateway, generator, job)."""
+    return f"{source}.{event_type}"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A queue, its bindings on the events exchange and where its dead letters go."""
+
+    name: str
+    bindings: tuple[str, ...]
+    dead_letter_queue: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def declare_arguments(self, dead_letter_exchange: str) -> dict[str, Any]:
+        """Queue arguments, dead-lettering into ``dead_letter_queue`` through the DLX."""
+        return {
+            "x-dead-letter-exchange": dead_letter_exchange,
+            "x-dead-letter-routing-key": self.dead_letter_queue,
+            **self.arguments,
+        }
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every exchange and queue name of one canvas-jobs installation."""
+
+    prefix: str = "canvas"
+
+    @property
+    def exchange(self) -> str:
+        """The topic exchange every event is published to."""
+        return f"{self.prefix}.events"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """A direct exchange; routing key = the dead-letter queue's name."""
+        return f"{self.prefix}.dlx"
+
+    @property
+    def orchestrator(self) -> QueueSpec:
+        """What the orchestrator consumes: requests from the gateway, results from generators."""
+        name = f"{self.prefix}.job-orchestrator"
+        return QueueSpec(
+            name=name,
+            bindings=(f"{GATEWAY}.*", f"{GENERATOR}.*"),
+            dead_letter_queue=f"{name}.dlq",
+        )
+
+    @property
+    def generator_work(self) -> QueueSpec:
+        """Attempts waiting for a generator; generators compete, higher priority first."""
+        name = f"{self.prefix}.ai-generator.work"
+        return QueueSpec(
+            name=name,
+            bindings=(routing_key(JOB, "GenerationRequested"),),
+            dead_letter_queue=f"{name}.dlq",
+            arguments={"x-max-priority": MAX_PRIORITY},
+        )
+
+    def generator_control(self, instance_id: str) -> QueueSpec:
+        """One per generator process: cancellations to abort in-flight calls."""
+        return QueueSpec(
+            name=f"{self.prefix}.ai-generator.control.{instance_id}",
+            bindings=(
+                routing_key(JOB, "JobCancelRequested"),
+                routing_key(JOB, "JobCancelled"),
+            ),
+            dead_letter_queue=f"{self.prefix}.ai-generator.control.dlq",
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+        )
+
+    def notifier(self, instance_id: str) -> QueueSpec:
+        """One per notifier process: every recorded job event (each notifier sees all)."""
+        return QueueSpec(
+            name=f"{self.prefix}.notifier.{instance_id}",
+            bindings=(f"{JOB}.*",),
+            dead_letter_queue=f"{self.prefix}.notifier.dlq",
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+        )
+
+    @property
+    def durable_queues(self) -> tuple[QueueSpec, ...]:
+        """The queues that outlive every process: declared by every service at connect."""
+        return (self.orchestrator, self.generator_work)
+
+    @property
+    def dead_letter_queues(self) -> tuple[str, ...]:
+        """Every ``.dlq`` queue, durable, one per service."""
+        return (
+            self.orchestrator.dead_letter_queue,
+            self.generator_work.dead_letter_queue,
+            f"{self.prefix}.ai-generator.control.dlq",
+            f"{self.prefix}.notifier.dlq",
+        )

@@ -1,0 +1,60 @@
+"""Fixtures for tests that cross a process boundary: each test gets its own database
+and its own exchange and queue names on the real PostgreSQL and RabbitMQ, and they are
+removed afterwards."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import asyncpg
+import pytest
+
+from canvas_events.topology import Topology
+from tests.support.env import amqp_url as _amqp_url
+from tests.support.env import database_url as _database_url
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The broker every test uses."""
+    return _amqp_url()
+
+
+@pytest.fixture
+async def database_url() -> AsyncIterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    name = f"cj_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_database_url("postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _database_url(name)
+    admin = await asyncpg.connect(_database_url("postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topology(amqp_url: str) -> AsyncIterator[Topology]:
+    """Exchange and queue names of their own for one test; deleted afterwards."""
+    topo = Topology(prefix=f"t{uuid.uuid4().hex[:10]}")
+    yield topo
+    await delete_topology(amqp_url, topo)
+
+
+async def delete_topology(url: str, topo: Topology) -> None:
+    """Delete every durable queue and exchange of ``topo`` (per-process queues go by
+    themselves when their connection closes)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        names = [spec.name for spec in topo.durable_queues] + list(topo.dead_letter_queues)
+        for name in names:
+            await channel.queue_delete(name)
+        for name in (topo.exchange, topo.dead_letter_exchange):
+            await channel.exchange_delete(name)
