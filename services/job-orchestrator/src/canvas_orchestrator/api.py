@@ -1,0 +1,103 @@
+"""HTTP endpoints of the orchestrator: health, readiness, metrics, and the internal read
+API (jobs and their streams, for the gateway and operators; not exposed publicly)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from uuid import UUID
+
+import asyncpg
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from canvas_events.broker import Broker
+from canvas_events.ops import Readiness, metrics_payload
+from canvas_events.postgres import Database, DatabaseUnavailable
+from canvas_orchestrator.event_store import load
+from canvas_orchestrator.metrics import Metrics
+
+JOB_COLUMNS = (
+    "id, user_id, canvas_id, query, priority, options, idempotency_key, status, created_at, "
+    "updated_at, started_at, completed_at, error_message, retry_count, next_attempt_at, "
+    "attempt, attempt_id, lease_expires_at, result, version, last_position"
+)
+
+
+async def _connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    database: Database = request.app.state.database
+    try:
+        pool = database.pool
+    except DatabaseUnavailable as exc:
+        raise HTTPException(503, detail=str(exc)) from None
+    async with pool.acquire() as conn:
+        yield conn
+
+
+Conn = Annotated[asyncpg.Connection, Depends(_connection)]
+
+
+def create_app(
+    *, database: Database, broker: Broker, readiness: Readiness, metrics: Metrics
+) -> FastAPI:
+    """The orchestrator's FastAPI app over the service's running parts."""
+    app = FastAPI(
+        title="canvas-jobs job-orchestrator",
+        summary="Health, metrics and the internal read API of the job state machine.",
+    )
+    app.state.database = database
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok, checks = await readiness.report()
+        body = {"status": "ready" if ok else "unavailable", "checks": checks}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        for spec in (broker.topology.orchestrator, broker.topology.generator_work):
+            stats = await broker.queue_stats(spec.name)
+            if stats is not None:
+                metrics.queue_depth.labels(spec.name).set(stats[0])
+        payload, content_type = metrics_payload(metrics.registry)
+        return Response(payload, media_type=content_type)
+
+    @app.get("/internal/jobs/{job_id}")
+    async def job(job_id: UUID, conn: Conn) -> dict[str, Any]:
+        row = await conn.fetchrow(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1",  # noqa: S608 (constant columns)
+            job_id,
+        )
+        if row is None:
+            raise HTTPException(404, detail="job not found")
+        return dict(row)
+
+    @app.get("/internal/jobs/{job_id}/events")
+    async def job_events(job_id: UUID, conn: Conn) -> dict[str, Any]:
+        history = await load(conn, job_id)
+        if not history:
+            raise HTTPException(404, detail="job not found")
+        return {
+            "job_id": job_id,
+            "events": [
+                {
+                    "type": item.envelope.type,
+                    "version": item.version,
+                    "position": item.position,
+                    "occurred_at": item.envelope.occurred_at,
+                    "data": item.envelope.data,
+                    "event_id": item.envelope.event_id,
+                    "correlation_id": item.envelope.correlation_id,
+                    "causation_id": item.envelope.causation_id,
+                    "user_id": item.envelope.user_id,
+                    "canvas_id": item.envelope.canvas_id,
+                }
+                for item in history
+            ],
+        }
+
+    return app

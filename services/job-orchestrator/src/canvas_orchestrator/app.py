@@ -1,0 +1,171 @@
+"""One orchestrator process: the consumer, the relay, the timers and the HTTP app, wired
+from one Settings. Nothing here needs the database or the broker to be up at start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from uuid import UUID, uuid4
+
+import asyncpg
+import structlog
+from fastapi import FastAPI
+
+from canvas_events.broker import Broker, Consumer
+from canvas_events.envelope import utcnow
+from canvas_events.logging import redact
+from canvas_events.ops import Readiness
+from canvas_events.postgres import Database, ensure_database
+from canvas_events.runtime import instance_id, serve_http
+from canvas_orchestrator.api import create_app
+from canvas_orchestrator.db import init_connection
+from canvas_orchestrator.domain import Policy
+from canvas_orchestrator.handlers import Clock, Handler
+from canvas_orchestrator.metrics import Metrics
+from canvas_orchestrator.migrations import migrate_pool
+from canvas_orchestrator.outbox import Relay
+from canvas_orchestrator.settings import Settings
+from canvas_orchestrator.timers import Timers
+
+SERVICE_NAME = "job-orchestrator"
+log = structlog.get_logger("canvas_orchestrator.app")
+
+
+def policy_of(settings: Settings) -> Policy:
+    """The retry and lease rules the settings describe."""
+    return Policy(
+        max_retries=settings.max_job_retries,
+        backoff_base=settings.retry_backoff_base,
+        backoff_unit_seconds=settings.retry_backoff_unit_seconds,
+        lease_seconds=settings.generation_lease_seconds,
+    )
+
+
+class Service:
+    """Every running part of one orchestrator process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = utcnow,
+        new_id: Callable[[], UUID] = uuid4,
+        relay_poll_interval: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        dsn = settings.database_url.get_secret_value()
+        self._dsn = dsn
+        self.metrics = Metrics()
+        self.database = Database(dsn, max_size=20, init=init_connection, on_connect=migrate_pool)
+        self.broker = Broker(
+            settings.amqp_url.get_secret_value(),
+            settings.topology,
+            connection_name=instance_id(SERVICE_NAME),
+        )
+        policy = policy_of(settings)
+        self.handler = Handler(self.database, policy, self.metrics, clock=clock, new_id=new_id)
+        self.broker.add_consumer(
+            Consumer(
+                settings.topology.orchestrator,
+                self.handler.handle,
+                prefetch=settings.orchestrator_prefetch,
+            )
+        )
+        # A connection of its own: RabbitMQ throttles publishing connections under memory
+        # pressure, which must not stall the consumer, and the relay can still publish
+        # what the consumer recorded while it drained at shutdown.
+        self.publisher = Broker(
+            settings.amqp_url.get_secret_value(),
+            settings.topology,
+            connection_name=f"{instance_id(SERVICE_NAME)}-relay",
+        )
+        self.relay = Relay(
+            dsn,
+            self.publisher,
+            self.metrics,
+            poll_interval=relay_poll_interval,
+            schema_ready=self.database.wait_ready,
+        )
+        self.timers = Timers(
+            self.database,
+            policy,
+            self.metrics,
+            clock=clock,
+            new_id=new_id,
+            interval=settings.timer_interval_seconds,
+        )
+        self.readiness = Readiness()
+        self.readiness.add_database(self.database)
+        self.readiness.add("broker", self._brokers_connected)
+        self._create_database: asyncio.Task[None] | None = None
+
+    async def _brokers_connected(self) -> str | None:
+        for role, broker in (("consumer", self.broker), ("publisher", self.publisher)):
+            if not broker.connected:
+                return f"broker ({role}): {broker.last_error}"
+        return None
+
+    def app(self) -> FastAPI:
+        """The HTTP app over this service's parts."""
+        return create_app(
+            database=self.database,
+            broker=self.broker,
+            readiness=self.readiness,
+            metrics=self.metrics,
+        )
+
+    async def start(self) -> None:
+        """Start every part; each connects in the background."""
+        self._create_database = asyncio.create_task(
+            _create_database_when_missing(self._dsn), name="create-database"
+        )
+        await self.database.start()
+        await self.broker.start()
+        await self.publisher.start()
+        await self.relay.start()
+        await self.timers.start()
+
+    async def stop(self) -> None:
+        """Stop the timers, stop consuming and let the messages in hand finish, let the
+        relay publish what they recorded and release its lock, close the connections."""
+        grace = self.settings.shutdown_grace_seconds
+        await self.timers.stop(grace)
+        await self.broker.stop(drain_timeout=grace)
+        await self.relay.stop(grace)
+        await self.publisher.stop()
+        if self._create_database is not None:
+            self._create_database.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._create_database
+        await self.database.stop()
+
+
+async def _create_database_when_missing(dsn: str) -> None:
+    """Create the database named in DATABASE_URL when the server lacks it, so that a fresh
+    Postgres needs no step before the services run (ARCHITECTURE.md 7)."""
+    delay = 0.5
+    while True:
+        try:
+            await ensure_database(dsn)
+            return
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError):
+            await asyncio.sleep(delay)  # the server is not up yet; the pool says so too
+            delay = min(delay * 2, 5.0)
+        except Exception as exc:
+            # No right to create databases (a managed server): it must exist already.
+            log.info("cannot check or create the database", error=redact(repr(exc)))
+            return
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the orchestrator until ``stop`` is set."""
+    service = Service(settings)
+    await service.start()
+    log.info("orchestrator started", port=settings.orchestrator_port)
+    try:
+        await serve_http(service.app(), settings.orchestrator_port, stop)
+    finally:
+        log.info("orchestrator stopping")
+        await service.stop()
+        log.info("orchestrator stopped")

@@ -1,0 +1,388 @@
+"""The job state machine, without I/O: state is a fold over a job's events, and each
+decision takes the state and one incoming fact and returns the events to record.
+
+An empty decision is normal: a duplicate, the result of an attempt that was superseded
+(its lease expired, or the job was cancelled), anything after a final state. Time and
+new ids come in as arguments, so every transition is a plain function call in tests.
+
+    queued ──▶ processing ──▶ completed
+      │  ▲         │
+      │  └─ retry_scheduled ◀─┤ (retryable failure, retries left; or lease expired)
+      │                       └─▶ failed (permanent failure, or no retries left)
+      └──── any non-final state ──▶ cancelled
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+from uuid import UUID, uuid4, uuid5
+
+from canvas_events.events import (
+    Event,
+    GenerationFailed,
+    GenerationProgressed,
+    GenerationRequested,
+    GenerationStarted,
+    GenerationSucceeded,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobRequested,
+    JobRetryScheduled,
+)
+from canvas_orchestrator.errors import UnexpectedEvent
+
+LEASE_EXPIRED_KIND = "lease_expired"
+LEASE_EXPIRED_ERROR = "attempt lease expired: no generator finished it in time"
+CANVAS_NOT_FOUND_ERROR = "canvas not found"
+
+
+class JobStatus(StrEnum):
+    """Where a job is; the ``status`` of the read model and of the public API."""
+
+    # Accepted; an attempt waits in the work queue for a generator.
+    QUEUED = "queued"
+    # A generator took the current attempt and is calling the model.
+    PROCESSING = "processing"
+    # The last attempt failed in a way worth retrying; a timer queues it again.
+    RETRY_SCHEDULED = "retry_scheduled"
+    # Final: the objects are on the canvas.
+    COMPLETED = "completed"
+    # Final: a permanent error, or every retry used up.
+    FAILED = "failed"
+    # Final: the user cancelled it; none of its objects reach the canvas.
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether nothing can change the job any more."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+# A result may arrive before its GenerationStarted (handled concurrently, or lost).
+_RUNNING = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Retry and lease rules (MAX_JOB_RETRIES, RETRY_BACKOFF_*, GENERATION_LEASE_SECONDS)."""
+
+    max_retries: int = 3
+    backoff_base: float = 2.0
+    backoff_unit_seconds: float = 60.0
+    lease_seconds: float = 180.0
+
+    def backoff(self, retry_count: int) -> timedelta:
+        """The wait before retry number ``retry_count + 1`` (the seed's 2^n minutes)."""
+        return timedelta(seconds=self.backoff_unit_seconds * self.backoff_base**retry_count)
+
+    def lease(self, now: datetime) -> datetime:
+        """When an attempt dispatched at ``now`` is given up on."""
+        return now + timedelta(seconds=self.lease_seconds)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One job, as far as its events so far tell. ``version`` 0: no stream yet."""
+
+    job_id: UUID
+    version: int = 0
+    status: JobStatus | None = None
+    query: str = ""
+    canvas_id: str = ""
+    priority: int = 5
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    retry_count: int = 0
+    attempt: int = 0
+    attempt_id: UUID | None = None
+    lease_expires_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    # Object indexes the current attempt has streamed, so a repeat is not recorded twice.
+    progressed: frozenset[int] = frozenset()
+
+    @property
+    def exists(self) -> bool:
+        """Whether the job was requested (its stream has events)."""
+        return self.status is not None
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the job has ended."""
+        return self.status is not None and self.status.is_final
+
+    def is_current(self, attempt_id: UUID) -> bool:
+        """Whether ``attempt_id`` is the attempt the job waits for."""
+        return self.attempt_id == attempt_id
+
+
+def evolve(state: JobState, event: Event) -> JobState:
+    """The state after one more recorded event."""
+    state = replace(state, version=state.version + 1)
+    match event:
+        case JobRequested():
+            return replace(
+                state,
+                status=JobStatus.QUEUED,
+                query=event.query,
+                canvas_id=event.canvas_id,
+                priority=event.priority,
+                options=MappingProxyType(dict(event.options)),
+            )
+        case JobQueued():
+            return replace(
+                state,
+                status=JobStatus.QUEUED,
+                retry_count=event.retry_count,
+                next_attempt_at=None,
+            )
+        case GenerationRequested():
+            return replace(
+                state,
+                attempt=event.attempt,
+                attempt_id=event.attempt_id,
+                lease_expires_at=event.lease_expires_at,
+                progressed=frozenset(),
+            )
+        case GenerationStarted():
+            return replace(state, status=JobStatus.PROCESSING)
+        case GenerationProgressed():
+            return replace(state, progressed=state.progressed | {event.index})
+        case JobRetryScheduled():
+            return replace(
+                state,
+                status=JobStatus.RETRY_SCHEDULED,
+                retry_count=event.retry_count,
+                next_attempt_at=event.next_attempt_at,
+                lease_expires_at=None,
+            )
+        case JobCompleted():
+            return replace(state, status=JobStatus.COMPLETED, lease_expires_at=None)
+        case JobFailed():
+            return replace(
+                state,
+                status=JobStatus.FAILED,
+                retry_count=event.retry_count,
+                lease_expires_at=None,
+                next_attempt_at=None,
+            )
+        case JobCancelled():
+            return replace(
+                state, status=JobStatus.CANCELLED, lease_expires_at=None, next_attempt_at=None
+            )
+        case _:
+            # GenerationSucceeded, GenerationFailed, JobCancelRequested: the event that
+            # follows them in the same decision carries the change.
+            return state
+
+
+def fold(job_id: UUID, events: Iterable[Event]) -> JobState:
+    """The state of job ``job_id`` after ``events`` (its stream, in version order)."""
+    state = JobState(job_id=job_id)
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def status_reached(event: Event) -> JobStatus | None:
+    """The status a job enters with ``event``, if the event changes it."""
+    return _STATUS_OF.get(type(event))
+
+
+_STATUS_OF: dict[type[Event], JobStatus] = {
+    JobQueued: JobStatus.QUEUED,
+    GenerationStarted: JobStatus.PROCESSING,
+    JobRetryScheduled: JobStatus.RETRY_SCHEDULED,
+    JobCompleted: JobStatus.COMPLETED,
+    JobFailed: JobStatus.FAILED,
+    JobCancelled: JobStatus.CANCELLED,
+}
+
+
+def object_id(job_id: UUID, index: int) -> str:
+    """The id of a job's ``index``-th object: the same on every replay and redelivery."""
+    return str(uuid5(job_id, str(index)))
+
+
+# -- decisions -------------------------------------------------------------------------
+
+NewId = Callable[[], UUID]
+
+
+def decide(
+    state: JobState,
+    event: Event,
+    *,
+    now: datetime,
+    policy: Policy,
+    new_id: NewId = uuid4,
+    canvas_available: bool = True,
+) -> list[Event]:
+    """The events to record for an incoming ``event`` (from the gateway or a generator).
+
+    Raises :class:`UnexpectedEvent` for an event that only the orchestrator records.
+    """
+    match event:
+        case JobRequested():
+            return request(
+                state,
+                event,
+                now=now,
+                policy=policy,
+                new_id=new_id,
+                canvas_available=canvas_available,
+            )
+        case GenerationStarted():
+            return start(state, event)
+        case GenerationProgressed():
+            return progress(state, event)
+        case GenerationSucceeded():
+            return succeed(state, event)
+        case GenerationFailed():
+            return fail(state, event, now=now, policy=policy)
+        case JobCancelRequested():
+            return cancel(state, event)
+        case _:
+            raise UnexpectedEvent(f"{event.type_name()} is not a command for the orchestrator")
+
+
+def request(
+    state: JobState,
+    event: JobRequested,
+    *,
+    now: datetime,
+    policy: Policy,
+    new_id: NewId = uuid4,
+    canvas_available: bool = True,
+) -> list[Event]:
+    """A new job: queue it and dispatch its first attempt. A known job: nothing (the
+    gateway publishes the same job_id again for a repeated Idempotency-Key)."""
+    if state.exists:
+        return []
+    if not canvas_available:
+        return [event, JobFailed(error=CANVAS_NOT_FOUND_ERROR, retry_count=0)]
+    requested = evolve(state, event)
+    return [event, *_dispatch(requested, now=now, policy=policy, new_id=new_id)]
+
+
+def start(state: JobState, event: GenerationStarted) -> list[Event]:
+    """A generator took the current attempt."""
+    if state.status is JobStatus.QUEUED and state.is_current(event.attempt_id):
+        return [event]
+    return []
+
+
+def progress(state: JobState, event: GenerationProgressed) -> list[Event]:
+    """One more object of the current attempt, once per index."""
+    if (
+        state.status in _RUNNING
+        and state.is_current(event.attempt_id)
+        and event.index not in state.progressed
+    ):
+        return [event]
+    return []
+
+
+def succeed(state: JobState, event: GenerationSucceeded) -> list[Event]:
+    """The current attempt produced objects: the job is complete."""
+    if state.status not in _RUNNING or not state.is_current(event.attempt_id):
+        return []
+    completed = JobCompleted(
+        object_count=len(event.objects),
+        object_ids=[object_id(state.job_id, index) for index in range(len(event.objects))],
+        dropped_objects=event.dropped_objects,
+        model=event.model,
+        usage=event.usage,
+        latency_ms=event.latency_ms,
+    )
+    return [event, completed]
+
+
+def fail(state: JobState, event: GenerationFailed, *, now: datetime, policy: Policy) -> list[Event]:
+    """The current attempt failed: retry later while retries are left and the error is
+    transient, else the job fails with the generator's error."""
+    if state.status not in _RUNNING or not state.is_current(event.attempt_id):
+        return []
+    if event.retryable and state.retry_count < policy.max_retries:
+        delay = policy.backoff(state.retry_count)
+        if event.retry_after_seconds is not None:
+            delay = max(delay, timedelta(seconds=event.retry_after_seconds))
+        retry = JobRetryScheduled(
+            retry_count=state.retry_count + 1, next_attempt_at=now + delay, error=event.error
+        )
+        return [event, retry]
+    return [event, JobFailed(error=event.error, retry_count=state.retry_count)]
+
+
+def cancel(state: JobState, event: JobCancelRequested) -> list[Event]:
+    """Cancel a job that has not ended; a final job stays as it is (the gateway says 409)."""
+    if not state.exists or state.is_final:
+        return []
+    return [event, JobCancelled(reason=event.reason)]
+
+
+def retry_due(
+    state: JobState, *, now: datetime, policy: Policy, new_id: NewId = uuid4
+) -> list[Event]:
+    """A retry timer fired: queue the job again with a new attempt."""
+    if (
+        state.status is not JobStatus.RETRY_SCHEDULED
+        or state.next_attempt_at is None
+        or state.next_attempt_at > now
+    ):
+        return []
+    return _dispatch(state, now=now, policy=policy, new_id=new_id)
+
+
+def lease_expired(state: JobState, *, now: datetime, policy: Policy) -> list[Event]:
+    """No generator finished the current attempt in time: fail it as a retryable error."""
+    if (
+        state.status not in _RUNNING
+        or state.attempt_id is None
+        or state.lease_expires_at is None
+        or state.lease_expires_at >= now
+    ):
+        return []
+    expired = GenerationFailed(
+        attempt_id=state.attempt_id,
+        error=LEASE_EXPIRED_ERROR,
+        kind=LEASE_EXPIRED_KIND,
+        retryable=True,
+    )
+    return fail(state, expired, now=now, policy=policy)
+
+
+def ignored_because(state: JobState, event: Event) -> str:
+    """Why an incoming ``event`` changed nothing (for the log line)."""
+    if not state.exists:
+        return "unknown job"
+    if isinstance(event, JobRequested):
+        return "job already requested"
+    if state.is_final:
+        return f"job already {state.status.value if state.status else ''}"
+    attempt_id = getattr(event, "attempt_id", None)
+    if attempt_id is not None and not state.is_current(attempt_id):
+        return "result of a superseded attempt"
+    if state.status is JobStatus.RETRY_SCHEDULED:
+        return "attempt already given up (retry scheduled)"
+    return f"duplicate while {state.status.value if state.status else 'unknown'}"
+
+
+def _dispatch(state: JobState, *, now: datetime, policy: Policy, new_id: NewId) -> list[Event]:
+    queued = JobQueued(priority=state.priority, retry_count=state.retry_count)
+    requested = GenerationRequested(
+        attempt_id=new_id(),
+        attempt=state.attempt + 1,
+        query=state.query,
+        options=dict(state.options),
+        priority=state.priority,
+        lease_expires_at=policy.lease(now),
+    )
+    return [queued, requested]

@@ -1,0 +1,175 @@
+"""The append-only event store: one stream per job in the ``events`` table.
+
+Optimistic concurrency comes from the primary key (stream_id, version). Global order
+comes from ``position``, taken while the appending transaction holds one advisory lock
+until it commits: appends commit one after another, so a reader that has seen position
+N never later finds a smaller one (FIELD-NOTES, "Event store on Postgres"). Rolled-back
+appends leave holes in the numbering; readers ask for "after N", never for "N + 1".
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+from uuid import UUID
+
+import asyncpg
+
+from canvas_events.envelope import Envelope
+from canvas_orchestrator.errors import ConcurrencyError
+
+# Any constant unique to this purpose; held per transaction, from the INSERT to COMMIT.
+APPEND_LOCK_KEY: Final = 0x63616E7661730001
+# Woken at every commit that appended events (NOTIFY is delivered at commit).
+NOTIFY_CHANNEL: Final = "canvas_events_appended"
+
+_COLUMNS = (
+    "stream_id, version, position, event_id, type, schema_version, occurred_at, "
+    "recorded_at, correlation_id, causation_id, user_id, canvas_id, data"
+)
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as stored: its stream, version, global position and envelope (whose
+    ``position`` and ``job_id`` are set)."""
+
+    stream_id: UUID
+    version: int
+    position: int
+    recorded_at: datetime
+    envelope: Envelope
+
+
+async def append(
+    conn: asyncpg.Connection,
+    stream_id: UUID,
+    expected_version: int,
+    envelopes: Sequence[Envelope],
+) -> list[RecordedEvent]:
+    """Append ``envelopes`` to ``stream_id`` as versions ``expected_version + 1 ...``,
+    inside the caller's transaction.
+
+    Raises :class:`ConcurrencyError` when another writer got there first; the caller's
+    transaction is then aborted and must be rolled back.
+    """
+    if not envelopes:
+        return []
+    assert conn.is_in_transaction(), "append must run inside the caller's transaction"
+    user_ids = [envelope.user_id for envelope in envelopes]
+    if any(user_id is None for user_id in user_ids):
+        raise ValueError("every recorded event needs a user_id")
+    versions = list(range(expected_version + 1, expected_version + 1 + len(envelopes)))
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1), pg_notify($2, '')", APPEND_LOCK_KEY, NOTIFY_CHANNEL
+    )
+    try:
+        rows = await conn.fetch(
+            """
+            INSERT INTO events (stream_id, version, event_id, type, schema_version,
+                                occurred_at, correlation_id, causation_id, user_id,
+                                canvas_id, data)
+            SELECT $1, e.version, e.event_id, e.type, e.schema_version, e.occurred_at,
+                   e.correlation_id, e.causation_id, e.user_id, e.canvas_id, e.data
+            FROM unnest($2::int[], $3::uuid[], $4::text[], $5::int[], $6::timestamptz[],
+                        $7::text[], $8::uuid[], $9::text[], $10::text[], $11::jsonb[])
+                 AS e(version, event_id, type, schema_version, occurred_at,
+                      correlation_id, causation_id, user_id, canvas_id, data)
+            ORDER BY e.version
+            RETURNING version, position, recorded_at
+            """,
+            stream_id,
+            versions,
+            [envelope.event_id for envelope in envelopes],
+            [envelope.type for envelope in envelopes],
+            [envelope.schema_version for envelope in envelopes],
+            [envelope.occurred_at for envelope in envelopes],
+            [envelope.correlation_id for envelope in envelopes],
+            [envelope.causation_id for envelope in envelopes],
+            user_ids,
+            [envelope.canvas_id for envelope in envelopes],
+            [envelope.data for envelope in envelopes],
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "events_pkey":
+            raise ConcurrencyError(
+                f"stream {stream_id} moved past version {expected_version}"
+            ) from exc
+        raise
+    by_version = {row["version"]: row for row in rows}
+    recorded = []
+    for version, envelope in zip(versions, envelopes, strict=True):
+        row = by_version[version]
+        recorded.append(
+            RecordedEvent(
+                stream_id=stream_id,
+                version=version,
+                position=row["position"],
+                recorded_at=row["recorded_at"],
+                envelope=envelope.model_copy(
+                    update={"position": row["position"], "job_id": stream_id}
+                ),
+            )
+        )
+    return recorded
+
+
+async def load(conn: asyncpg.Connection, stream_id: UUID) -> list[RecordedEvent]:
+    """Every event of ``stream_id``, in version order (empty for an unknown stream)."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version",  # noqa: S608 (constant columns)
+        stream_id,
+    )
+    return [_recorded(row) for row in rows]
+
+
+async def read_after(conn: asyncpg.Connection, position: int, limit: int) -> list[RecordedEvent]:
+    """Up to ``limit`` events of every stream with a position above ``position``, in
+    position order."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",  # noqa: S608 (constant columns)
+        position,
+        limit,
+    )
+    return [_recorded(row) for row in rows]
+
+
+async def iterate(
+    conn: asyncpg.Connection, *, prefetch: int = 1_000
+) -> AsyncIterator[RecordedEvent]:
+    """Every event of every stream in position order, through a cursor (which needs the
+    caller's transaction)."""
+    query = f"SELECT {_COLUMNS} FROM events ORDER BY position"  # noqa: S608 (constant columns)
+    async for row in conn.cursor(query, prefetch=prefetch):
+        yield _recorded(row)
+
+
+async def last_position(conn: asyncpg.Connection) -> int:
+    """The highest position recorded so far (0 for an empty store)."""
+    value: int = await conn.fetchval("SELECT COALESCE(max(position), 0) FROM events")
+    return value
+
+
+def _recorded(row: asyncpg.Record) -> RecordedEvent:
+    envelope = Envelope(
+        event_id=row["event_id"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        occurred_at=row["occurred_at"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        job_id=row["stream_id"],
+        user_id=row["user_id"],
+        canvas_id=row["canvas_id"],
+        position=row["position"],
+        data=row["data"],
+    )
+    return RecordedEvent(
+        stream_id=row["stream_id"],
+        version=row["version"],
+        position=row["position"],
+        recorded_at=row["recorded_at"],
+        envelope=envelope,
+    )

@@ -1,0 +1,238 @@
+"""Read models projected from the event store, in the transaction that appends.
+
+- ``jobs``: one row a job, the fold of its stream (status, timestamps, result...).
+- ``canvases``: who a canvas belongs to: the user of the first job that named it.
+- ``canvas_objects``: written once, at JobCompleted, from the stream's GenerationSucceeded.
+
+Every value comes from the events (times are their ``occurred_at``, never ``now()``),
+so :func:`rebuild` reproduces the tables exactly. The events of one append become one
+statement per table: the changes of each event are merged in order, as applying them
+one by one would leave them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+
+from canvas_events.events import (
+    GenerationRequested,
+    GenerationStarted,
+    GenerationSucceeded,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobRequested,
+    JobRetryScheduled,
+    parse_event,
+)
+from canvas_orchestrator.domain import JobStatus
+from canvas_orchestrator.event_store import RecordedEvent, iterate
+
+log = structlog.get_logger("canvas_orchestrator.projections")
+
+# Columns that keep their first value: started_at is when the job first started.
+_KEEP_FIRST = frozenset({"started_at"})
+_READ_MODELS = ("canvas_objects", "canvases", "jobs")
+
+
+def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
+    """The ``jobs`` columns one recorded event sets."""
+    envelope = recorded.envelope
+    at = envelope.occurred_at
+    changes: dict[str, Any] = {
+        "version": recorded.version,
+        "last_position": recorded.position,
+        "updated_at": at,
+    }
+    event = parse_event(envelope)
+    match event:
+        case JobRequested():
+            changes |= {
+                "id": recorded.stream_id,
+                "user_id": envelope.user_id,
+                "canvas_id": event.canvas_id,
+                "query": event.query,
+                "priority": event.priority,
+                "options": event.options,
+                "idempotency_key": event.idempotency_key,
+                "status": JobStatus.QUEUED.value,
+                "created_at": at,
+                "retry_count": 0,
+                "attempt": 0,
+            }
+        case JobQueued():
+            changes |= {
+                "status": JobStatus.QUEUED.value,
+                "retry_count": event.retry_count,
+                "next_attempt_at": None,
+            }
+        case GenerationRequested():
+            changes |= {
+                "attempt": event.attempt,
+                "attempt_id": event.attempt_id,
+                "lease_expires_at": event.lease_expires_at,
+            }
+        case GenerationStarted():
+            changes |= {"status": JobStatus.PROCESSING.value, "started_at": at}
+        case JobRetryScheduled():
+            changes |= {
+                "status": JobStatus.RETRY_SCHEDULED.value,
+                "retry_count": event.retry_count,
+                "next_attempt_at": event.next_attempt_at,
+                "error_message": event.error,
+                "lease_expires_at": None,
+            }
+        case JobCompleted():
+            changes |= {
+                "status": JobStatus.COMPLETED.value,
+                "completed_at": at,
+                "result": event.model_dump(mode="json"),
+                "error_message": None,
+                "lease_expires_at": None,
+                "next_attempt_at": None,
+            }
+        case JobFailed():
+            changes |= {
+                "status": JobStatus.FAILED.value,
+                "completed_at": at,
+                "error_message": event.error,
+                "retry_count": event.retry_count,
+                "lease_expires_at": None,
+                "next_attempt_at": None,
+            }
+        case JobCancelled():
+            changes |= {
+                "status": JobStatus.CANCELLED.value,
+                "completed_at": at,
+                "lease_expires_at": None,
+                "next_attempt_at": None,
+            }
+        case _:
+            pass
+    return changes
+
+
+def merge(changes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The changes of several events applied in order, as one."""
+    merged: dict[str, Any] = {}
+    for change in changes:
+        for column, value in change.items():
+            if column in _KEEP_FIRST and merged.get(column) is not None:
+                continue
+            merged[column] = value
+    return merged
+
+
+async def project(conn: asyncpg.Connection, recorded: Sequence[RecordedEvent]) -> None:
+    """Apply the events of one append (one stream, in version order) to the read models."""
+    if not recorded:
+        return
+    stream_id = recorded[0].stream_id
+    assert all(item.stream_id == stream_id for item in recorded)
+    changes = merge([job_changes(item) for item in recorded])
+    if recorded[0].envelope.type == JobRequested.type_name():
+        await _insert_job(conn, changes)
+        await conn.execute(
+            "INSERT INTO canvases (id, user_id, created_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (id) DO NOTHING",
+            changes["canvas_id"],
+            changes["user_id"],
+            changes["created_at"],
+        )
+    else:
+        await _update_job(conn, stream_id, changes)
+    for index, item in enumerate(recorded):
+        if item.envelope.type == JobCompleted.type_name():
+            await _place_objects(conn, item, recorded[:index])
+
+
+async def rebuild(pool: asyncpg.Pool, *, batch_size: int = 1_000) -> int:
+    """Empty the read models and replay every event in position order; returns how many
+    events were replayed. Appends that run meanwhile wait for it (TRUNCATE locks the
+    read models until commit) and then apply on top of the rebuilt rows."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"TRUNCATE {', '.join(_READ_MODELS)}")
+        count = 0
+        async for recorded in iterate(conn, prefetch=batch_size):
+            await project(conn, [recorded])
+            count += 1
+    log.info("projections rebuilt", events=count)
+    return count
+
+
+async def _insert_job(conn: asyncpg.Connection, changes: dict[str, Any]) -> None:
+    columns = list(changes)
+    placeholders = ", ".join(f"${number}" for number in range(1, len(columns) + 1))
+    await conn.execute(
+        # Column names come from job_changes, never from input.
+        f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})",  # noqa: S608
+        *(changes[column] for column in columns),
+    )
+
+
+async def _update_job(conn: asyncpg.Connection, stream_id: Any, changes: dict[str, Any]) -> None:
+    columns = list(changes)
+    assignments = ", ".join(
+        f"{column} = COALESCE({column}, ${number})"
+        if column in _KEEP_FIRST
+        else f"{column} = ${number}"
+        for number, column in enumerate(columns, start=2)
+    )
+    status = await conn.execute(
+        # Column names come from job_changes, never from input.
+        f"UPDATE jobs SET {assignments} WHERE id = $1",  # noqa: S608
+        stream_id,
+        *(changes[column] for column in columns),
+    )
+    if status != "UPDATE 1":
+        # A stream without its JobRequested row: the read model is behind the store.
+        log.error("jobs row missing for an event; run rebuild-projections", job_id=str(stream_id))
+
+
+async def _place_objects(
+    conn: asyncpg.Connection, completed: RecordedEvent, earlier: Sequence[RecordedEvent]
+) -> None:
+    """Put the objects of the GenerationSucceeded before ``completed`` on the canvas."""
+    succeeded = next(
+        (
+            item
+            for item in reversed(earlier)
+            if item.envelope.type == GenerationSucceeded.type_name()
+        ),
+        None,
+    )
+    if succeeded is not None:
+        objects = succeeded.envelope.data["objects"]
+    else:
+        objects = await conn.fetchval(
+            "SELECT data -> 'objects' FROM events WHERE stream_id = $1 "
+            "AND type = 'GenerationSucceeded' AND version < $2 ORDER BY version DESC LIMIT 1",
+            completed.stream_id,
+            completed.version,
+        )
+    object_ids = completed.envelope.data["object_ids"]
+    if objects is None or len(objects) != len(object_ids):
+        log.error(
+            "objects of a completed job not found in its stream",
+            job_id=str(completed.stream_id),
+        )
+        return
+    await conn.execute(
+        """
+        INSERT INTO canvas_objects (id, canvas_id, job_id, user_id, index, object, created_at)
+        SELECT o.id, j.canvas_id, j.id, j.user_id, (o.n - 1)::int, o.object, $2
+        FROM jobs j,
+             unnest($3::text[], $4::jsonb[]) WITH ORDINALITY AS o(id, object, n)
+        WHERE j.id = $1
+        ON CONFLICT (id) DO NOTHING
+        """,
+        completed.stream_id,
+        completed.envelope.occurred_at,
+        object_ids,
+        objects,
+    )

@@ -1,0 +1,32 @@
+"""The orchestrator's configuration, read from the environment (ARCHITECTURE.md 2)."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from canvas_events.settings import CommonSettings, Port
+
+
+class Settings(CommonSettings):
+    """Everything the job-orchestrator reads from the environment."""
+
+    orchestrator_port: Port = 8002
+    max_job_retries: int = Field(default=3, ge=0, le=100)
+    retry_backoff_base: float = Field(default=2.0, ge=1, le=100)
+    retry_backoff_unit_seconds: float = Field(default=60.0, ge=0, le=86_400)
+    # Read only to check the lease against it: the generator's model call must fit in it.
+    openai_timeout_seconds: float | None = Field(default=None, gt=0)
+    generation_lease_seconds: float = Field(default=180.0, gt=0, le=86_400)
+    # Messages handled at once by this process (each one short transaction).
+    orchestrator_prefetch: int = Field(default=64, ge=1, le=1_000)
+    # How often the timers look for due retries and expired leases.
+    timer_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+
+    @field_validator("generation_lease_seconds")
+    @classmethod
+    def _lease_outlasts_model_call(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("openai_timeout_seconds")
+        if timeout is not None and value <= timeout:
+            # A lease shorter than the call would retry every slow but healthy attempt.
+            raise ValueError(f"must exceed OPENAI_TIMEOUT_SECONDS ({timeout:g})")
+        return value

@@ -1,0 +1,113 @@
+"""The orchestrator's HTTP endpoints: health, readiness, metrics, the internal read API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import httpx
+import pytest
+
+from canvas_orchestrator.app import Service
+from tests.orchestrator.harness import Bus, settings_for, wait_status
+
+
+def client(service: Service) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=service.app()), base_url="http://orchestrator"
+    )
+
+
+@pytest.fixture
+async def unreachable(topology) -> AsyncIterator[Service]:
+    """An orchestrator whose database and broker do not answer."""
+    settings = settings_for(
+        "postgresql://postgres@127.0.0.1:1/nowhere", "amqp://guest:guest@127.0.0.1:1/", topology
+    )
+    service = Service(settings)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+async def test_health_is_200_and_ready_is_503_with_reasons_while_nothing_answers(unreachable):
+    async with client(unreachable) as http:
+        health = await http.get("/health")
+        ready = await http.get("/ready")
+        job = await http.get(f"/internal/jobs/{uuid4()}")
+
+    assert health.status_code == 200
+    assert ready.status_code == 503
+    checks = ready.json()["checks"]
+    assert checks["database"] != "ok"
+    assert checks["broker"] != "ok"
+    assert job.status_code == 503
+
+
+async def test_ready_is_200_when_the_database_and_broker_are_up(start):
+    service = await start()
+
+    async with client(service) as http:
+        ready = await http.get("/ready")
+
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+
+
+async def test_metrics_are_prometheus_text_and_every_name_starts_with_canvas(start, bus: Bus):
+    service = await start()
+    request = await bus.request()
+    assert request.job_id is not None
+    await wait_status(service, request.job_id, "queued")
+
+    async with client(service) as http:
+        response = await http.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = [line for line in response.text.splitlines() if line and not line.startswith("#")]
+    assert samples
+    assert all(line.startswith("canvas_") for line in samples)
+    assert 'canvas_jobs_total{status="queued"} 1.0' in samples
+    for name in (
+        "canvas_outbox_lag_events",
+        "canvas_attempt_duration_seconds",
+        "canvas_orchestrator_messages_total",
+        "canvas_queue_depth",
+    ):
+        assert name in response.text
+
+
+async def test_internal_api_serves_a_job_row_and_its_stream(start, bus: Bus):
+    service = await start()
+    request = await bus.request(priority=3)
+    job_id = request.job_id
+    assert job_id is not None
+    await wait_status(service, job_id, "queued")
+
+    async with client(service) as http:
+        job = await http.get(f"/internal/jobs/{job_id}")
+        events = await http.get(f"/internal/jobs/{job_id}/events")
+        missing = await http.get(f"/internal/jobs/{uuid4()}")
+        missing_events = await http.get(f"/internal/jobs/{uuid4()}/events")
+
+    assert job.status_code == 200
+    body = job.json()
+    assert body["id"] == str(job_id)
+    assert body["status"] == "queued"
+    assert body["user_id"] == "alice"
+    assert body["priority"] == 3
+    assert body["canvas_id"] == request.canvas_id
+    assert events.status_code == 200
+    stream = events.json()
+    assert stream["job_id"] == str(job_id)
+    assert [event["type"] for event in stream["events"]] == [
+        "JobRequested",
+        "JobQueued",
+        "GenerationRequested",
+    ]
+    assert [event["version"] for event in stream["events"]] == [1, 2, 3]
+    assert stream["events"][0]["data"]["query"] == request.data["query"]
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "job not found"}
+    assert missing_events.status_code == 404

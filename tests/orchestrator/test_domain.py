@@ -1,0 +1,535 @@
+"""The job state machine as plain function calls: no database, no broker, no clock."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4, uuid5
+
+import pytest
+
+from canvas_events.events import (
+    Event,
+    GenerationFailed,
+    GenerationProgressed,
+    GenerationRequested,
+    GenerationStarted,
+    GenerationSucceeded,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobRequested,
+    JobRetryScheduled,
+)
+from canvas_orchestrator import domain
+from canvas_orchestrator.domain import JobState, JobStatus, Policy
+from canvas_orchestrator.errors import UnexpectedEvent
+
+NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+JOB_ID = UUID("00000000-0000-4000-8000-000000000001")
+POLICY = Policy(max_retries=3, backoff_base=2, backoff_unit_seconds=60, lease_seconds=180)
+REQUEST = JobRequested(query="a login flowchart", canvas_id="canvas-1", priority=7)
+OBJECTS = [
+    {"type": "rectangle", "x": 0, "y": 0, "width": 10, "height": 10},
+    {"type": "circle", "x": 5, "y": 5, "radius": 2},
+]
+
+
+def sequential_ids():
+    counter = itertools.count(1)
+    return lambda: UUID(int=next(counter))
+
+
+def decide(state: JobState, event: Event, *, now: datetime = NOW, **kwargs) -> list[Event]:
+    return domain.decide(state, event, now=now, policy=POLICY, **kwargs)
+
+
+def apply(state: JobState, events: list[Event]) -> JobState:
+    for event in events:
+        state = domain.evolve(state, event)
+    return state
+
+
+def requested(new_id=None) -> JobState:
+    state = JobState(job_id=JOB_ID)
+    return apply(state, decide(state, REQUEST, new_id=new_id or sequential_ids()))
+
+
+def started() -> JobState:
+    state = requested()
+    return apply(state, decide(state, _started(state)))
+
+
+def _started(state: JobState) -> GenerationStarted:
+    assert state.attempt_id is not None
+    return GenerationStarted(attempt_id=state.attempt_id, model="m", generator_id="g1")
+
+
+def _succeeded(attempt_id: UUID | None) -> GenerationSucceeded:
+    assert attempt_id is not None
+    return GenerationSucceeded(
+        attempt_id=attempt_id,
+        objects=OBJECTS,
+        dropped_objects=1,
+        model="m",
+        usage={"total_tokens": 42},
+        latency_ms=1200,
+    )
+
+
+def _failed(
+    attempt_id: UUID | None, *, retryable: bool, retry_after: float | None = None
+) -> GenerationFailed:
+    assert attempt_id is not None
+    return GenerationFailed(
+        attempt_id=attempt_id,
+        error="model timed out" if retryable else "invalid API key",
+        kind="timeout" if retryable else "auth",
+        retryable=retryable,
+        retry_after_seconds=retry_after,
+    )
+
+
+def failed_retryably(state: JobState, times: int) -> JobState:
+    """Fail the current attempt and fire the retry timer, ``times`` times."""
+    for _ in range(times):
+        state = apply(state, decide(state, _failed(state.attempt_id, retryable=True)))
+        assert state.next_attempt_at is not None
+        state = apply(
+            state, domain.retry_due(state, now=state.next_attempt_at, policy=POLICY, new_id=uuid4)
+        )
+    return state
+
+
+# -- a new job ----------------------------------------------------------------------
+
+
+def test_new_job_is_queued_and_its_first_attempt_dispatched_with_a_lease():
+    events = decide(JobState(job_id=JOB_ID), REQUEST, new_id=lambda: UUID(int=9))
+
+    assert [type(event) for event in events] == [JobRequested, JobQueued, GenerationRequested]
+    assert events[0] is REQUEST
+    assert events[1] == JobQueued(priority=7, retry_count=0)
+    dispatched = events[2]
+    assert isinstance(dispatched, GenerationRequested)
+    assert dispatched.attempt == 1
+    assert dispatched.attempt_id == UUID(int=9)
+    assert dispatched.query == REQUEST.query
+    assert dispatched.priority == 7
+    assert dispatched.lease_expires_at == NOW + timedelta(seconds=180)
+
+
+def test_new_job_state_is_queued_with_the_attempt_it_waits_for():
+    state = requested(new_id=lambda: UUID(int=9))
+
+    assert state.status is JobStatus.QUEUED
+    assert state.version == 3
+    assert state.attempt == 1
+    assert state.attempt_id == UUID(int=9)
+    assert state.canvas_id == "canvas-1"
+    assert state.retry_count == 0
+
+
+def test_repeated_job_request_records_nothing():
+    assert decide(requested(), REQUEST) == []
+
+
+def test_job_on_someone_elses_canvas_fails_with_canvas_not_found():
+    events = decide(JobState(job_id=JOB_ID), REQUEST, canvas_available=False)
+
+    assert events == [REQUEST, JobFailed(error="canvas not found", retry_count=0)]
+    assert apply(JobState(job_id=JOB_ID), events).status is JobStatus.FAILED
+
+
+# -- an attempt runs -----------------------------------------------------------------
+
+
+def test_start_of_the_current_attempt_moves_the_job_to_processing():
+    state = requested()
+    event = _started(state)
+
+    assert decide(state, event) == [event]
+    assert domain.evolve(state, event).status is JobStatus.PROCESSING
+
+
+def test_duplicate_start_records_nothing():
+    state = started()
+
+    assert decide(state, _started(state)) == []
+
+
+def test_start_of_an_unknown_attempt_records_nothing():
+    event = GenerationStarted(attempt_id=uuid4(), model="m", generator_id="g")
+
+    assert decide(requested(), event) == []
+
+
+def test_start_for_an_unknown_job_records_nothing():
+    event = GenerationStarted(attempt_id=uuid4(), model="m", generator_id="g")
+
+    assert decide(JobState(job_id=JOB_ID), event) == []
+
+
+def test_progress_is_recorded_once_per_object_index():
+    state = started()
+    assert state.attempt_id is not None
+    first = GenerationProgressed(attempt_id=state.attempt_id, index=0, object=OBJECTS[0])
+
+    assert decide(state, first) == [first]
+    state = domain.evolve(state, first)
+    assert decide(state, first) == []
+    second = GenerationProgressed(attempt_id=state.attempt_id, index=1, object=OBJECTS[1])
+    assert decide(state, second) == [second]
+
+
+def test_progress_of_a_superseded_attempt_records_nothing():
+    state = started()
+    event = GenerationProgressed(attempt_id=uuid4(), index=0, object=OBJECTS[0])
+
+    assert decide(state, event) == []
+
+
+def test_success_completes_the_job_with_object_ids_derived_from_the_job():
+    state = started()
+    event = _succeeded(state.attempt_id)
+
+    events = decide(state, event)
+
+    assert events == [
+        event,
+        JobCompleted(
+            object_count=2,
+            object_ids=[str(uuid5(JOB_ID, "0")), str(uuid5(JOB_ID, "1"))],
+            dropped_objects=1,
+            model="m",
+            usage={"total_tokens": 42},
+            latency_ms=1200,
+        ),
+    ]
+    assert apply(state, events).status is JobStatus.COMPLETED
+
+
+def test_success_that_arrives_before_its_start_still_completes_the_job():
+    state = requested()
+
+    events = decide(state, _succeeded(state.attempt_id))
+
+    assert [event.type_name() for event in events] == ["GenerationSucceeded", "JobCompleted"]
+
+
+def test_duplicate_success_records_nothing():
+    state = started()
+    event = _succeeded(state.attempt_id)
+    state = apply(state, decide(state, event))
+
+    assert decide(state, event) == []
+
+
+# -- failures and retries -------------------------------------------------------------
+
+
+def test_retryable_failure_schedules_a_retry_after_the_first_backoff_unit():
+    state = started()
+    event = _failed(state.attempt_id, retryable=True)
+
+    events = decide(state, event)
+
+    assert events == [
+        event,
+        JobRetryScheduled(
+            retry_count=1, next_attempt_at=NOW + timedelta(seconds=60), error="model timed out"
+        ),
+    ]
+    after = apply(state, events)
+    assert after.status is JobStatus.RETRY_SCHEDULED
+    assert after.retry_count == 1
+    assert after.lease_expires_at is None
+
+
+def test_backoff_grows_by_the_base_with_each_retry():
+    state = failed_retryably(started(), 2)
+
+    events = decide(state, _failed(state.attempt_id, retryable=True))
+
+    retry = events[1]
+    assert isinstance(retry, JobRetryScheduled)
+    assert retry.retry_count == 3
+    assert retry.next_attempt_at == NOW + timedelta(seconds=60 * 2**2)
+
+
+def test_retry_after_longer_than_the_backoff_is_honoured():
+    state = started()
+
+    events = decide(state, _failed(state.attempt_id, retryable=True, retry_after=600))
+
+    retry = events[1]
+    assert isinstance(retry, JobRetryScheduled)
+    assert retry.next_attempt_at == NOW + timedelta(seconds=600)
+
+
+def test_retry_after_shorter_than_the_backoff_keeps_the_backoff():
+    state = started()
+
+    events = decide(state, _failed(state.attempt_id, retryable=True, retry_after=5))
+
+    retry = events[1]
+    assert isinstance(retry, JobRetryScheduled)
+    assert retry.next_attempt_at == NOW + timedelta(seconds=60)
+
+
+def test_retryable_failure_with_every_retry_used_fails_the_job():
+    state = failed_retryably(started(), 3)
+    assert state.retry_count == 3
+    event = _failed(state.attempt_id, retryable=True)
+
+    events = decide(state, event)
+
+    assert events == [event, JobFailed(error="model timed out", retry_count=3)]
+    assert apply(state, events).status is JobStatus.FAILED
+
+
+def test_permanent_failure_fails_the_job_at_once_with_the_generators_error():
+    state = started()
+    event = _failed(state.attempt_id, retryable=False)
+
+    events = decide(state, event)
+
+    assert events == [event, JobFailed(error="invalid API key", retry_count=0)]
+
+
+def test_failure_of_a_superseded_attempt_records_nothing():
+    state = failed_retryably(started(), 1)
+
+    assert decide(state, _failed(uuid4(), retryable=False)) == []
+
+
+def test_retry_timer_queues_the_job_again_with_a_new_attempt():
+    state = apply(started(), decide(started(), _failed(started().attempt_id, retryable=True)))
+    due = NOW + timedelta(seconds=60)
+
+    events = domain.retry_due(state, now=due, policy=POLICY, new_id=lambda: UUID(int=77))
+
+    assert events[0] == JobQueued(priority=7, retry_count=1)
+    dispatched = events[1]
+    assert isinstance(dispatched, GenerationRequested)
+    assert dispatched.attempt == 2
+    assert dispatched.attempt_id == UUID(int=77)
+    assert dispatched.lease_expires_at == due + timedelta(seconds=180)
+    after = apply(state, events)
+    assert after.status is JobStatus.QUEUED
+    assert after.next_attempt_at is None
+
+
+def test_retry_timer_before_it_is_due_does_nothing():
+    state = apply(started(), decide(started(), _failed(started().attempt_id, retryable=True)))
+
+    assert domain.retry_due(state, now=NOW + timedelta(seconds=59), policy=POLICY) == []
+
+
+def test_retry_timer_of_a_job_that_is_not_waiting_does_nothing():
+    assert domain.retry_due(started(), now=NOW + timedelta(days=1), policy=POLICY) == []
+
+
+# -- leases ---------------------------------------------------------------------------
+
+
+def test_expired_lease_fails_the_attempt_as_retryable_and_schedules_a_retry():
+    state = started()
+    later = NOW + timedelta(seconds=181)
+
+    events = domain.lease_expired(state, now=later, policy=POLICY)
+
+    assert events == [
+        GenerationFailed(
+            attempt_id=state.attempt_id,
+            error="attempt lease expired: no generator finished it in time",
+            kind="lease_expired",
+            retryable=True,
+        ),
+        JobRetryScheduled(
+            retry_count=1,
+            next_attempt_at=later + timedelta(seconds=60),
+            error="attempt lease expired: no generator finished it in time",
+        ),
+    ]
+
+
+def test_expired_lease_of_a_queued_attempt_is_retried_too():
+    events = domain.lease_expired(requested(), now=NOW + timedelta(seconds=181), policy=POLICY)
+
+    assert [type(event) for event in events] == [GenerationFailed, JobRetryScheduled]
+
+
+def test_lease_not_yet_expired_does_nothing():
+    assert domain.lease_expired(started(), now=NOW + timedelta(seconds=179), policy=POLICY) == []
+
+
+def test_expired_lease_with_every_retry_used_fails_the_job():
+    state = failed_retryably(started(), 3)
+    assert state.lease_expires_at is not None
+
+    events = domain.lease_expired(
+        state, now=state.lease_expires_at + timedelta(seconds=1), policy=POLICY
+    )
+
+    assert events[1] == JobFailed(
+        error="attempt lease expired: no generator finished it in time", retry_count=3
+    )
+
+
+def test_late_result_of_an_expired_attempt_is_ignored_while_the_retry_waits():
+    state = started()
+    expired_attempt = state.attempt_id
+    state = apply(
+        state, domain.lease_expired(state, now=NOW + timedelta(seconds=181), policy=POLICY)
+    )
+
+    assert decide(state, _succeeded(expired_attempt)) == []
+    assert domain.ignored_because(state, _succeeded(expired_attempt)) == (
+        "attempt already given up (retry scheduled)"
+    )
+
+
+def test_late_result_of_an_expired_attempt_is_ignored_after_the_next_dispatch():
+    state = started()
+    expired_attempt = state.attempt_id
+    state = apply(
+        state, domain.lease_expired(state, now=NOW + timedelta(seconds=181), policy=POLICY)
+    )
+    state = apply(
+        state, domain.retry_due(state, now=NOW + timedelta(hours=1), policy=POLICY, new_id=uuid4)
+    )
+
+    assert decide(state, _succeeded(expired_attempt)) == []
+    assert domain.ignored_because(state, _succeeded(expired_attempt)) == (
+        "result of a superseded attempt"
+    )
+    assert decide(state, _succeeded(state.attempt_id))  # the new attempt still counts
+
+
+# -- cancellation and final states ----------------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["queued", "processing", "retry_scheduled"])
+def test_cancel_of_a_job_that_has_not_ended_cancels_it(setup: str):
+    state = {
+        "queued": requested,
+        "processing": started,
+        "retry_scheduled": lambda: apply(
+            started(), decide(started(), _failed(started().attempt_id, retryable=True))
+        ),
+    }[setup]()
+    event = JobCancelRequested(reason="changed my mind")
+
+    events = decide(state, event)
+
+    assert events == [event, JobCancelled(reason="changed my mind")]
+    after = apply(state, events)
+    assert after.status is JobStatus.CANCELLED
+    assert after.lease_expires_at is None
+    assert after.next_attempt_at is None
+
+
+def test_cancel_of_an_unknown_job_records_nothing():
+    assert decide(JobState(job_id=JOB_ID), JobCancelRequested()) == []
+
+
+def test_result_after_cancel_records_nothing_so_no_object_reaches_the_canvas():
+    state = started()
+    attempt_id = state.attempt_id
+    state = apply(state, decide(state, JobCancelRequested()))
+
+    assert decide(state, _succeeded(attempt_id)) == []
+
+
+def _final_states() -> dict[str, JobState]:
+    completed = started()
+    completed = apply(completed, decide(completed, _succeeded(completed.attempt_id)))
+    failed = started()
+    failed = apply(failed, decide(failed, _failed(failed.attempt_id, retryable=False)))
+    cancelled = started()
+    cancelled = apply(cancelled, decide(cancelled, JobCancelRequested()))
+    return {"completed": completed, "failed": failed, "cancelled": cancelled}
+
+
+@pytest.mark.parametrize("final", ["completed", "failed", "cancelled"])
+def test_nothing_changes_a_job_in_a_final_state(final: str):
+    state = _final_states()[final]
+    attempt_id = state.attempt_id
+    assert state.is_final
+    assert attempt_id is not None
+    incoming: list[Event] = [
+        REQUEST,
+        GenerationStarted(attempt_id=attempt_id, model="m", generator_id="g"),
+        GenerationProgressed(attempt_id=attempt_id, index=5, object=OBJECTS[0]),
+        _succeeded(attempt_id),
+        _failed(attempt_id, retryable=True),
+        _failed(attempt_id, retryable=False),
+        JobCancelRequested(),
+    ]
+
+    for event in incoming:
+        assert decide(state, event) == [], event
+    later = NOW + timedelta(days=1)
+    assert domain.retry_due(state, now=later, policy=POLICY) == []
+    assert domain.lease_expired(state, now=later, policy=POLICY) == []
+
+
+def test_events_only_the_orchestrator_records_are_not_commands():
+    with pytest.raises(UnexpectedEvent):
+        decide(requested(), JobQueued(priority=1, retry_count=0))
+
+
+# -- folding and reporting ------------------------------------------------------------
+
+
+def test_fold_of_a_stream_equals_evolving_it_event_by_event():
+    state = requested()
+    events = [
+        REQUEST,
+        *decide(JobState(job_id=JOB_ID), REQUEST, new_id=lambda: UUID(int=1))[1:],
+    ]
+
+    folded = domain.fold(JOB_ID, events)
+
+    assert folded.status is JobStatus.QUEUED
+    assert folded.version == len(events) == state.version
+
+
+@pytest.mark.parametrize(
+    ("event", "status"),
+    [
+        (JobQueued(priority=1, retry_count=0), JobStatus.QUEUED),
+        (GenerationStarted(attempt_id=uuid4(), model="m", generator_id="g"), JobStatus.PROCESSING),
+        (
+            JobRetryScheduled(retry_count=1, next_attempt_at=NOW, error="x"),
+            JobStatus.RETRY_SCHEDULED,
+        ),
+        (
+            JobCompleted(object_count=0, object_ids=[], dropped_objects=0, model="m", latency_ms=0),
+            JobStatus.COMPLETED,
+        ),
+        (JobFailed(error="x", retry_count=0), JobStatus.FAILED),
+        (JobCancelled(), JobStatus.CANCELLED),
+        (REQUEST, None),
+        (JobCancelRequested(), None),
+    ],
+)
+def test_status_reached_names_the_status_an_event_enters(event: Event, status: JobStatus | None):
+    assert domain.status_reached(event) is status
+
+
+def test_backoff_is_unit_times_base_to_the_retry_count():
+    policy = Policy(backoff_base=3, backoff_unit_seconds=10)
+
+    assert [policy.backoff(n).total_seconds() for n in range(3)] == [10, 30, 90]
+
+
+def test_only_completed_failed_and_cancelled_are_final():
+    assert {status for status in JobStatus if status.is_final} == {
+        JobStatus.COMPLETED,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+    }

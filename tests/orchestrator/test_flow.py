@@ -1,0 +1,487 @@
+"""The orchestrator's consumer, relay and timers together, in-process, on the real
+Postgres and RabbitMQ: messages in as the gateway and generators send them, events out
+as the generators and notifiers receive them."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid5
+
+import asyncpg
+
+from canvas_events.broker import DeadLetter
+from canvas_events.envelope import Envelope
+from canvas_events.events import (
+    GenerationFailed,
+    GenerationProgressed,
+    GenerationStarted,
+    GenerationSucceeded,
+    JobCancelRequested,
+    JobQueued,
+)
+from canvas_events.topology import GATEWAY
+from canvas_orchestrator.projections import rebuild
+from tests.orchestrator.harness import (
+    Bus,
+    eventually,
+    job_row,
+    metric,
+    stream_types,
+    wait_status,
+)
+
+OBJECTS = [
+    {"type": "rectangle", "x": 10, "y": 20, "width": 100, "height": 50},
+    {"type": "text", "x": 15, "y": 25, "text": "Login"},
+    {"type": "arrow", "points": [[0, 0], [10, 10]]},
+]
+
+
+async def dispatched(bus: Bus, job_id: UUID, attempt: int = 1) -> Envelope:
+    """The GenerationRequested envelope of the job's ``attempt``, as a generator gets it."""
+    seen = await bus.wait_for(job_id, "GenerationRequested", attempt)
+    return seen[attempt - 1].envelope
+
+
+def started(requested: Envelope) -> GenerationStarted:
+    return GenerationStarted(
+        attempt_id=requested.data["attempt_id"], model="test-model", generator_id="gen-1"
+    )
+
+
+def succeeded(requested: Envelope) -> GenerationSucceeded:
+    return GenerationSucceeded(
+        attempt_id=requested.data["attempt_id"],
+        objects=OBJECTS,
+        dropped_objects=1,
+        model="test-model",
+        usage={"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+        latency_ms=321,
+    )
+
+
+def failed(requested: Envelope, *, retryable: bool, error: str = "boom") -> GenerationFailed:
+    return GenerationFailed(
+        attempt_id=requested.data["attempt_id"],
+        error=error,
+        kind="timeout" if retryable else "auth",
+        retryable=retryable,
+    )
+
+
+# -- requests -------------------------------------------------------------------------
+
+
+async def test_job_request_is_queued_and_dispatched_with_positions_and_priority(start, bus):
+    service = await start()
+
+    request = await bus.request(priority=8)
+    job_id = request.job_id
+    assert job_id is not None
+    await bus.wait_for(job_id, "GenerationRequested")
+
+    published = bus.of(job_id)
+    assert [seen.envelope.type for seen in published] == [
+        "JobRequested",
+        "JobQueued",
+        "GenerationRequested",
+    ]
+    assert [seen.routing_key for seen in published] == [
+        "job.JobRequested",
+        "job.JobQueued",
+        "job.GenerationRequested",
+    ]
+    positions = [seen.envelope.position for seen in published]
+    assert all(position is not None for position in positions)
+    assert positions == sorted(positions)
+    generation = published[2]
+    assert generation.priority == 8
+    assert generation.envelope.data["attempt"] == 1
+    for seen in published:
+        assert seen.envelope.correlation_id == request.correlation_id
+        assert seen.envelope.user_id == "alice"
+        assert seen.envelope.canvas_id == request.canvas_id
+        assert seen.envelope.causation_id == request.event_id
+    recorded_request = published[0].envelope
+    assert recorded_request.occurred_at == request.occurred_at
+
+    row = await wait_status(service, job_id, "queued")
+    assert row["attempt"] == 1
+    assert row["version"] == 3
+    assert row["last_position"] == positions[-1]
+    assert row["priority"] == 8
+    assert row["lease_expires_at"] is not None
+    canvas = await service.database.pool.fetchrow(
+        "SELECT user_id FROM canvases WHERE id = $1", request.canvas_id
+    )
+    assert canvas["user_id"] == "alice"
+    assert metric(service, "canvas_jobs_total", status="queued") == 1
+
+
+async def test_the_same_message_delivered_twice_is_recorded_once(start, bus):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    await bus.wait_for(job_id, "GenerationRequested")
+
+    await bus.publish(request, GATEWAY)
+
+    async def duplicate_seen() -> bool:
+        return (
+            metric(
+                service,
+                "canvas_orchestrator_messages_total",
+                type="JobRequested",
+                outcome="duplicate",
+            )
+            == 1
+        )
+
+    await eventually(duplicate_seen, what="the duplicate to be handled")
+    assert await stream_types(service, job_id) == [
+        "JobRequested",
+        "JobQueued",
+        "GenerationRequested",
+    ]
+
+
+async def test_a_repeated_request_for_the_same_job_records_nothing_more(start, bus):
+    service = await start()
+    first = await bus.request()
+    job_id = first.job_id
+    assert job_id is not None
+    await bus.wait_for(job_id, "GenerationRequested")
+
+    await bus.request(job_id=job_id, canvas_id=first.canvas_id)
+
+    async def ignored() -> bool:
+        return (
+            metric(
+                service,
+                "canvas_orchestrator_messages_total",
+                type="JobRequested",
+                outcome="ignored",
+            )
+            == 1
+        )
+
+    await eventually(ignored, what="the repeated request to be ignored")
+    assert len(await stream_types(service, job_id)) == 3
+
+
+async def test_a_job_on_another_users_canvas_fails_with_canvas_not_found(start, bus):
+    service = await start()
+    alices = await bus.request(user_id="alice")
+    assert alices.job_id is not None
+    await wait_status(service, alices.job_id, "queued")
+
+    bobs = await bus.request(user_id="bob", canvas_id=alices.canvas_id)
+    assert bobs.job_id is not None
+
+    row = await wait_status(service, bobs.job_id, "failed")
+    assert row["error_message"] == "canvas not found"
+    assert await stream_types(service, bobs.job_id) == ["JobRequested", "JobFailed"]
+    owner = await service.database.pool.fetchval(
+        "SELECT user_id FROM canvases WHERE id = $1", alices.canvas_id
+    )
+    assert owner == "alice"
+
+
+async def test_an_event_only_the_orchestrator_records_is_dead_lettered(start):
+    service = await start()
+    envelope = Envelope.wrap(
+        JobQueued(priority=1, retry_count=0),
+        correlation_id="c-1",
+        job_id=UUID(int=5),
+        user_id="alice",
+    )
+
+    outcome = await service.handler.handle_envelope(envelope)
+
+    assert isinstance(outcome, DeadLetter)
+
+
+# -- attempts -------------------------------------------------------------------------
+
+
+async def test_generation_succeeded_completes_the_job_and_puts_its_objects_on_the_canvas(
+    start, bus
+):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    requested = await dispatched(bus, job_id)
+
+    await bus.reply(requested, started(requested))
+    await wait_status(service, job_id, "processing")
+    for index, obj in enumerate(OBJECTS):
+        await bus.reply(
+            requested,
+            GenerationProgressed(attempt_id=requested.data["attempt_id"], index=index, object=obj),
+        )
+    await bus.wait_for(job_id, "GenerationProgressed", len(OBJECTS))
+    await bus.reply(requested, succeeded(requested))
+
+    completed = (await bus.wait_for(job_id, "JobCompleted"))[0].envelope
+    row = await wait_status(service, job_id, "completed")
+    object_ids = [str(uuid5(job_id, str(index))) for index in range(len(OBJECTS))]
+    assert completed.data["object_ids"] == object_ids
+    assert row["started_at"] is not None
+    assert row["completed_at"] == completed.occurred_at
+    assert row["lease_expires_at"] is None
+    assert row["result"] == {
+        "object_count": 3,
+        "object_ids": object_ids,
+        "dropped_objects": 1,
+        "model": "test-model",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+        "latency_ms": 321,
+    }
+    objects = await service.database.pool.fetch(
+        "SELECT * FROM canvas_objects WHERE job_id = $1 ORDER BY index", job_id
+    )
+    assert [obj["id"] for obj in objects] == object_ids
+    assert [obj["object"] for obj in objects] == OBJECTS
+    assert {obj["canvas_id"] for obj in objects} == {request.canvas_id}
+    assert {obj["user_id"] for obj in objects} == {"alice"}
+    assert await stream_types(service, job_id) == [
+        "JobRequested",
+        "JobQueued",
+        "GenerationRequested",
+        "GenerationStarted",
+        "GenerationProgressed",
+        "GenerationProgressed",
+        "GenerationProgressed",
+        "GenerationSucceeded",
+        "JobCompleted",
+    ]
+    assert metric(service, "canvas_jobs_total", status="completed") == 1
+    assert metric(service, "canvas_attempt_duration_seconds_count", outcome="succeeded") == 1
+
+
+async def test_permanent_generation_failure_fails_the_job_with_the_generators_error(start, bus):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    requested = await dispatched(bus, job_id)
+
+    await bus.reply(requested, started(requested))
+    await bus.reply(requested, failed(requested, retryable=False, error="invalid API key"))
+
+    row = await wait_status(service, job_id, "failed")
+    assert row["error_message"] == "invalid API key"
+    assert row["retry_count"] == 0
+    await bus.wait_for(job_id, "JobFailed")
+    assert (await stream_types(service, job_id))[-2:] == ["GenerationFailed", "JobFailed"]
+    count = await service.database.pool.fetchval(
+        "SELECT count(*) FROM canvas_objects WHERE job_id = $1", job_id
+    )
+    assert count == 0
+
+
+async def test_retryable_failure_is_retried_after_the_backoff_and_then_completes(start, bus):
+    service = await start(retry_backoff_unit_seconds=0.05)
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    first = await dispatched(bus, job_id, attempt=1)
+    await bus.reply(first, started(first))
+    await bus.reply(first, failed(first, retryable=True, error="model timed out"))
+
+    second = await dispatched(bus, job_id, attempt=2)
+    assert second.data["attempt"] == 2
+    assert second.data["attempt_id"] != first.data["attempt_id"]
+    retry = (await bus.wait_for(job_id, "JobRetryScheduled"))[0].envelope
+    assert retry.data["retry_count"] == 1
+    assert retry.data["error"] == "model timed out"
+
+    # The first attempt's generator answers late: too late to count.
+    await bus.reply(first, succeeded(first))
+    await bus.reply(second, started(second))
+    await bus.reply(second, succeeded(second))
+
+    row = await wait_status(service, job_id, "completed")
+    assert row["retry_count"] == 1
+    assert row["attempt"] == 2
+    assert await stream_types(service, job_id) == [
+        "JobRequested",
+        "JobQueued",
+        "GenerationRequested",
+        "GenerationStarted",
+        "GenerationFailed",
+        "JobRetryScheduled",
+        "JobQueued",
+        "GenerationRequested",
+        "GenerationStarted",
+        "GenerationSucceeded",
+        "JobCompleted",
+    ]
+    assert metric(service, "canvas_orchestrator_timers_total", kind="retry_due") == 1
+
+
+async def test_an_attempt_no_generator_finishes_is_retried_and_never_left_processing(start, bus):
+    service = await start(
+        generation_lease_seconds=0.3, retry_backoff_unit_seconds=0.05, max_job_retries=1
+    )
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    first = await dispatched(bus, job_id)
+    await bus.reply(first, started(first))  # then the generator dies
+
+    row = await wait_status(service, job_id, "failed")
+    assert row["retry_count"] == 1
+    assert row["error_message"] == "attempt lease expired: no generator finished it in time"
+    assert await stream_types(service, job_id) == [
+        "JobRequested",
+        "JobQueued",
+        "GenerationRequested",
+        "GenerationStarted",
+        "GenerationFailed",
+        "JobRetryScheduled",
+        "JobQueued",
+        "GenerationRequested",
+        "GenerationFailed",
+        "JobFailed",
+    ]
+    assert metric(service, "canvas_orchestrator_timers_total", kind="lease_expired") == 2
+
+
+async def test_cancel_while_processing_discards_objects(start, bus):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    requested = await dispatched(bus, job_id)
+    await bus.reply(requested, started(requested))
+    await wait_status(service, job_id, "processing")
+
+    await bus.publish(request.follow(JobCancelRequested(reason="changed my mind")), GATEWAY)
+    await bus.wait_for(job_id, "JobCancelled")
+    await bus.reply(requested, succeeded(requested))
+
+    async def result_ignored() -> bool:
+        return (
+            metric(
+                service,
+                "canvas_orchestrator_messages_total",
+                type="GenerationSucceeded",
+                outcome="ignored",
+            )
+            == 1
+        )
+
+    await eventually(result_ignored, what="the late result to be ignored")
+    row = await wait_status(service, job_id, "cancelled")
+    assert row["completed_at"] is not None
+    assert (await stream_types(service, job_id))[-2:] == ["JobCancelRequested", "JobCancelled"]
+    count = await service.database.pool.fetchval(
+        "SELECT count(*) FROM canvas_objects WHERE job_id = $1", job_id
+    )
+    assert count == 0
+
+
+async def test_cancel_from_someone_else_changes_nothing(start, bus):
+    service = await start()
+    request = await bus.request(user_id="alice")
+    job_id = request.job_id
+    assert job_id is not None
+    await dispatched(bus, job_id)
+
+    await bus.publish(request.follow(JobCancelRequested(), user_id="mallory"), GATEWAY)
+
+    async def ignored() -> bool:
+        return (
+            metric(
+                service,
+                "canvas_orchestrator_messages_total",
+                type="JobCancelRequested",
+                outcome="ignored",
+            )
+            == 1
+        )
+
+    await eventually(ignored, what="the foreign cancel to be ignored")
+    row = await job_row(service, job_id)
+    assert row is not None
+    assert row["status"] == "queued"
+
+
+# -- several orchestrators ----------------------------------------------------------
+
+
+async def test_two_orchestrators_share_the_work_and_the_survivor_takes_over_the_relay(start, bus):
+    first = await start()
+    await eventually(lambda: _true(first.relay.active), what="the first relay to be active")
+    second = await start()
+    requests = [await bus.request() for _ in range(6)]
+    for request in requests:
+        assert request.job_id is not None
+        await bus.wait_for(request.job_id, "GenerationRequested")
+    assert not second.relay.active
+
+    await first.stop()
+
+    await eventually(lambda: _true(second.relay.active), what="the survivor to take over")
+    late = await bus.request()
+    assert late.job_id is not None
+    requested = await dispatched(bus, late.job_id)
+    await bus.reply(requested, started(requested))
+    await bus.reply(requested, succeeded(requested))
+    await wait_status(second, late.job_id, "completed")
+    for request in [*requests, late]:
+        assert request.job_id is not None
+        assert len(bus.of(request.job_id, "JobRequested")) >= 1
+        assert len(await stream_types(second, request.job_id)) >= 3
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# -- read models ----------------------------------------------------------------------
+
+
+async def _read_models(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
+    return {
+        "jobs": [dict(row) for row in await pool.fetch("SELECT * FROM jobs ORDER BY id")],
+        "canvases": [dict(row) for row in await pool.fetch("SELECT * FROM canvases ORDER BY id")],
+        "canvas_objects": [
+            dict(row) for row in await pool.fetch("SELECT * FROM canvas_objects ORDER BY id")
+        ],
+    }
+
+
+async def test_rebuild_projections_reproduces_the_read_models_exactly(start, bus):
+    service = await start(retry_backoff_unit_seconds=3600)
+    jobs = [await bus.request(user_id=user) for user in ("alice", "alice", "bob", "bob", "carol")]
+    ids = [job.job_id for job in jobs]
+    assert all(job_id is not None for job_id in ids)
+    requested = [await dispatched(bus, job_id) for job_id in ids]
+    completed, failed_job, _cancelled, retrying, _queued = requested
+    for attempt in (completed, failed_job, retrying):
+        await bus.reply(attempt, started(attempt))
+    await bus.reply(completed, succeeded(completed))
+    await bus.reply(failed_job, failed(failed_job, retryable=False))
+    await bus.reply(retrying, failed(retrying, retryable=True))
+    await bus.publish(jobs[2].follow(JobCancelRequested()), GATEWAY)
+    await bus.request(user_id="dave", canvas_id=jobs[0].canvas_id)  # someone else's canvas
+    for job_id, status in zip(
+        ids, ("completed", "failed", "cancelled", "retry_scheduled", "queued"), strict=True
+    ):
+        await wait_status(service, job_id, status)
+    await eventually(
+        lambda: service.database.pool.fetchval("SELECT count(*) = 6 FROM jobs"),
+        what="every job in the read model",
+    )
+    pool = service.database.pool
+    before = await _read_models(pool)
+    assert len(before["canvas_objects"]) == len(OBJECTS)
+
+    replayed = await rebuild(pool)
+
+    assert replayed == await pool.fetchval("SELECT count(*) FROM events")
+    assert await _read_models(pool) == before

@@ -1,0 +1,193 @@
+"""The outbox relay on the real Postgres and RabbitMQ: order, positions, one active
+relay at a time, and nothing lost while the database or the broker is away."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from uuid import UUID, uuid4
+
+import pytest
+
+from canvas_events.broker import Broker
+from canvas_events.envelope import Envelope, utcnow
+from canvas_events.events import GenerationRequested, JobQueued
+from canvas_orchestrator.event_store import RecordedEvent, append
+from canvas_orchestrator.metrics import Metrics
+from canvas_orchestrator.outbox import APPLICATION_NAME, CHECKPOINT, RELAY_LOCK_KEY, Relay
+from tests.orchestrator.harness import eventually
+
+
+@dataclass
+class Made:
+    relay: Relay
+    broker: Broker
+    metrics: Metrics
+
+
+MakeRelay = Callable[[], Made]
+
+
+@pytest.fixture
+async def make_relay(database_url, amqp_url, topology) -> AsyncIterator[MakeRelay]:
+    """Relays made by the test, each with a broker of its own (not started); all stopped
+    afterwards."""
+    made: list[Made] = []
+
+    def make() -> Made:
+        broker = Broker(amqp_url, topology, connection_name=f"relay-test-{uuid4().hex[:6]}")
+        metrics = Metrics()
+        made.append(Made(Relay(database_url, broker, metrics, poll_interval=0.1), broker, metrics))
+        return made[-1]
+
+    yield make
+    for item in made:
+        await item.relay.stop()
+        await item.broker.stop()
+
+
+async def record(pool, stream_id: UUID | None = None, count: int = 1) -> list[RecordedEvent]:
+    stream_id = stream_id or uuid4()
+    envelopes = [
+        Envelope.wrap(
+            JobQueued(priority=5, retry_count=n),
+            correlation_id="corr",
+            job_id=stream_id,
+            user_id="alice",
+        )
+        for n in range(count)
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        return await append(conn, stream_id, 0, envelopes)
+
+
+async def started(made: Made) -> Relay:
+    await made.broker.start()
+    await made.broker.wait_connected(15)
+    await made.relay.start()
+    return made.relay
+
+
+async def checkpoint(pool) -> int:
+    value = await pool.fetchval(
+        "SELECT COALESCE((SELECT position FROM relay_checkpoints WHERE name = $1), 0)", CHECKPOINT
+    )
+    return int(value)
+
+
+async def test_relay_publishes_every_event_in_position_order_with_its_position(
+    pool, bus, make_relay
+):
+    recorded = []
+    for _ in range(3):
+        recorded += await record(pool, count=3)
+    relay = await started(make_relay())
+
+    async def all_seen() -> bool:
+        return len(bus.seen) >= len(recorded)
+
+    await eventually(all_seen, what="every event published")
+    assert [seen.envelope.position for seen in bus.seen] == [item.position for item in recorded]
+    assert [seen.envelope.event_id for seen in bus.seen] == [
+        item.envelope.event_id for item in recorded
+    ]
+    assert {seen.routing_key for seen in bus.seen} == {"job.JobQueued"}
+
+    async def caught_up() -> bool:
+        return await checkpoint(pool) == recorded[-1].position
+
+    await eventually(caught_up, what="the checkpoint to reach the last event")
+    assert relay.active
+
+
+async def test_generation_requested_is_published_with_the_jobs_priority(pool, bus, make_relay):
+    stream_id = uuid4()
+    envelope = Envelope.wrap(
+        GenerationRequested(
+            attempt_id=uuid4(), attempt=1, query="q", priority=9, lease_expires_at=utcnow()
+        ),
+        correlation_id="corr",
+        job_id=stream_id,
+        user_id="alice",
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await append(conn, stream_id, 0, [envelope])
+    await started(make_relay())
+
+    seen = (await bus.wait_for(stream_id, "GenerationRequested"))[0]
+
+    assert seen.priority == 9
+    assert seen.routing_key == "job.GenerationRequested"
+
+
+async def test_only_one_relay_is_active_and_a_standby_takes_over_when_it_stops(
+    pool, bus, make_relay
+):
+    first = await started(make_relay())
+    await eventually(lambda: _true(first.active), what="the first relay to be active")
+    second = await started(make_relay())
+
+    async def both_connected() -> bool:
+        count = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+            "AND datname = current_database()",
+            APPLICATION_NAME,
+        )
+        return bool(count == 2)
+
+    await eventually(both_connected, what="both relays connected")
+    assert first.active and not second.active
+    holders = await pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND ((classid::bigint << 32) | objid::bigint) = $1",
+        RELAY_LOCK_KEY,
+    )
+    assert holders == 1
+
+    await first.stop()
+    await eventually(lambda: _true(second.active), what="the standby to take over")
+    recorded = await record(pool)
+    seen = await bus.wait_for(recorded[0].stream_id, "JobQueued")
+    assert seen[0].envelope.position == recorded[0].position
+
+
+async def test_relay_comes_back_after_its_database_connection_is_killed(pool, bus, make_relay):
+    relay = await started(make_relay())
+    await eventually(lambda: _true(relay.active), what="the relay to be active")
+
+    killed = await pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = $1 AND datname = current_database()",
+        APPLICATION_NAME,
+    )
+    assert killed == 1
+    recorded = await record(pool)
+
+    await bus.wait_for(recorded[0].stream_id, "JobQueued")
+
+
+async def test_events_wait_in_the_store_until_the_broker_confirms_them(pool, bus, make_relay):
+    made = make_relay()
+    await made.relay.start()  # its broker is not connected: every publish fails
+    recorded = await record(pool, count=4)
+    metrics = made.metrics
+
+    async def lag_measured() -> bool:
+        return bool(metrics.registry.get_sample_value("canvas_outbox_lag_events") == 4)
+
+    await eventually(lag_measured, what="the lag to show the waiting events")
+    assert await checkpoint(pool) == 0
+
+    await made.broker.start()
+
+    seen = await bus.wait_for(recorded[0].stream_id, "JobQueued", 4)
+    assert [item.envelope.position for item in seen] == [item.position for item in recorded]
+
+    async def caught_up() -> bool:
+        return await checkpoint(pool) == recorded[-1].position
+
+    await eventually(caught_up, what="the checkpoint to move")
+
+
+async def _true(value: bool) -> bool:
+    return value
