@@ -1,0 +1,73 @@
+"""Wiring of one ai-generator process: broker, model client, worker, HTTP app."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from canvas_events.broker import Broker
+from canvas_events.ops import Readiness
+from canvas_events.runtime import instance_id, serve_http
+from canvas_generator.app import create_app
+from canvas_generator.client import ModelClient
+from canvas_generator.settings import Settings
+from canvas_generator.worker import Worker
+
+log = structlog.get_logger("canvas_generator.service")
+
+
+class Service:
+    """Everything one process runs; ``start()`` needs neither the broker nor the model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.generator_id = instance_id("ai-generator")
+        self.broker = Broker(
+            settings.amqp_url.get_secret_value(),
+            settings.topology,
+            connection_name=self.generator_id,
+        )
+        self.client = ModelClient.from_settings(settings)
+        self.worker = Worker(
+            self.broker,
+            self.client,
+            generator_id=self.generator_id,
+            prefetch=settings.max_concurrent_jobs,
+        )
+        self.broker.add_consumer(self.worker.consumer())
+        self.readiness = Readiness()
+        self.readiness.add_broker(self.broker)
+        self.app = create_app(self.readiness)
+
+    async def start(self) -> None:
+        """Connect to the broker in the background and start taking work."""
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        """Take no new work, let the attempts in flight finish, close the connections."""
+        await self.broker.stop(drain_timeout=self.settings.shutdown_grace_seconds)
+        await self.client.aclose()
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then drain: /health keeps answering meanwhile."""
+    service = Service(settings)
+    await service.start()
+    http_stop = asyncio.Event()
+    http = asyncio.create_task(serve_http(service.app, settings.generator_port, http_stop))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({http, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("ai-generator stopping; finishing the attempts in flight")
+    finally:
+        stopper.cancel()
+        await service.stop()
+        http_stop.set()
+    try:
+        await http
+    except Exception as exc:
+        # Most likely the port is taken: say so in the log, and exit non-zero.
+        log.error("http server failed", port=settings.generator_port, error=repr(exc))
+        raise SystemExit(1) from None
+    log.info("ai-generator stopped")

@@ -1,0 +1,37 @@
+"""The ai-generator's configuration, from the environment (ARCHITECTURE.md 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+
+from canvas_events.settings import CommonSettings, Port
+
+
+class Settings(CommonSettings):
+    """What the ai-generator reads from the environment."""
+
+    openai_api_key: SecretStr | None = None
+    # Any OpenAI-compatible server (the stand-in, a proxy); None means api.openai.com.
+    openai_base_url: str | None = None
+    openai_model: str = Field(default="gpt-4o-mini", min_length=1, max_length=200)
+    # RabbitMQ closes a channel whose delivery stays unacked for 30 minutes
+    # (consumer_timeout): one call must end well before that.
+    openai_timeout_seconds: float = Field(default=60.0, gt=0, le=1200)
+    # Per process: the work queue's prefetch, so also the number of calls in flight.
+    max_concurrent_jobs: int = Field(default=10, ge=1, le=1000)
+    generator_port: Port = 8003
+
+    @field_validator("openai_api_key", "openai_base_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `OPENAI_API_KEY=` in a .env or compose file means "no key", not an empty key.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def api_key(self) -> str | None:
+        """The API key in clear, for the client only."""
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else None

@@ -1,0 +1,193 @@
+"""The OpenAI-compatible stand-in: its drawings, directives and knobs, and the real
+``openai`` client talking to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from canvas_events.objects import validate_object
+from canvas_generator.fake_openai import (
+    FakeConfig,
+    FakeModel,
+    create_app,
+    draw,
+    parse_directives,
+    reply_text,
+)
+from canvas_generator.parsing import ObjectStream, parse_reply
+from tests.generator.conftest import API_KEY, wait_until
+
+
+def test_same_prompt_gives_the_same_drawing():
+    assert draw("a flowchart of a login process") == draw("a flowchart of a login process")
+    assert draw("a flowchart of a login process") != draw("an org chart of a small company")
+
+
+@pytest.mark.parametrize("topic", ["a flowchart of a login process", "", "日本語の図", "x" * 500])
+def test_drawings_are_plausible_and_valid(topic):
+    objects = draw(topic)
+    assert 3 <= len(objects) <= 12
+    assert all(validate_object(obj) is not None for obj in objects)
+    assert objects[0]["type"] == "text"
+    assert {obj["type"] for obj in objects} & {"rectangle", "sticky_note", "circle"}
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 40])
+def test_objects_directive_gives_exactly_that_many(count):
+    objects = draw("a pipeline", count)
+    assert len(objects) == count
+    assert all(validate_object(obj) is not None for obj in objects)
+
+
+def test_directives_are_read_and_removed_from_the_topic():
+    directives, topic = parse_directives(
+        "a [[fake:status=429,retry_after=2]] flow [[fake:fence]] [[fake:bogus=1]][[fake:objects=x]]"
+    )
+    assert (directives.status, directives.retry_after, directives.fence) == (429, 2.0, True)
+    assert directives.objects is None
+    assert topic == "a flow"
+
+
+def test_reply_directives_shape_what_the_parser_sees():
+    def reply(directive):
+        return reply_text("a flow", parse_directives(directive)[0])
+
+    assert parse_reply(reply("[[fake:invalid=3,objects=4]]")).dropped == 3
+    assert reply("[[fake:fence]]").startswith("```json\n")
+    assert parse_reply(reply("[[fake:fence]]")).objects == draw("a flow")
+    for broken in ("[[fake:empty]]", "[[fake:garbage]]"):
+        with pytest.raises(ValueError):
+            parse_reply(reply(broken))
+
+
+def _client(model: FakeModel) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(model)), base_url="http://fake"
+    )
+
+
+def _chat_body(content: str) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+
+
+async def test_wrong_key_gets_401_in_openai_error_shape():
+    model = FakeModel(FakeConfig(require_key="sk-right-key-123456"))
+    async with _client(model) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json=_chat_body("x"),
+            headers={"Authorization": "Bearer sk-wrong-key-654321"},
+        )
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "sk-wrong-key-654321" not in error["message"]
+    assert model.stats.failures["401"] == 1
+
+
+async def test_together_directive_holds_calls_until_enough_are_in_flight():
+    model = FakeModel(FakeConfig())
+    async with _client(model) as client:
+        calls = [
+            asyncio.create_task(
+                client.post("/v1/chat/completions", json=_chat_body("x [[fake:together=3]]"))
+            )
+            for _ in range(2)
+        ]
+        await wait_until(lambda: model.stats.in_flight == 2, what="2 calls held")
+        assert not any(call.done() for call in calls)
+        third = await client.post("/v1/chat/completions", json=_chat_body("x [[fake:together=3]]"))
+        responses = [third, *await asyncio.gather(*calls)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert model.stats.max_in_flight == 3
+    assert model.stats.in_flight == 0
+
+
+async def test_failure_knobs_change_at_runtime_and_show_in_stats():
+    model = FakeModel(FakeConfig())
+    async with _client(model) as client:
+        config = await client.put(
+            "/_fake/config", json={"failure_rate": 1.0, "failure_modes": "503"}
+        )
+        assert config.json()["failure_modes"] == ["503"]
+        failed = await client.post("/v1/chat/completions", json=_chat_body("x"))
+        assert failed.status_code == 503
+        assert failed.headers["retry-after"] == "1"
+        await client.put("/_fake/config", json={"failure_rate": 0})
+        assert (await client.post("/v1/chat/completions", json=_chat_body("x"))).is_success
+        stats = (await client.get("/_fake/stats")).json()
+    assert stats["calls"] == 2
+    assert stats["failures"] == {"503": 1}
+
+
+async def test_unknown_knob_or_failure_mode_is_refused():
+    async with _client(FakeModel(FakeConfig())) as client:
+        assert (await client.put("/_fake/config", json={"speed": 3})).status_code == 422
+        bad_mode = await client.put("/_fake/config", json={"failure_modes": "explode"})
+        assert bad_mode.status_code == 422
+
+
+async def test_malformed_request_gets_400_in_openai_error_shape():
+    async with _client(FakeModel(FakeConfig())) as client:
+        response = await client.post("/v1/chat/completions", json={"messages": []})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_openai_client_streams_from_the_stand_in(fake_openai):
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "a flowchart of a login process"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, usage, finish_reasons = [], None, []
+        progress = ObjectStream()
+        seen = []
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    pieces.append(choice.delta.content)
+                    seen.extend(progress.feed(choice.delta.content))
+                if choice.finish_reason:
+                    finish_reasons.append(choice.finish_reason)
+    text = "".join(pieces)
+    assert len(pieces) > 5
+    assert finish_reasons == ["stop"]
+    assert usage is not None
+    assert usage.completion_tokens > 0
+    assert parse_reply(text).objects == draw("a flowchart of a login process")
+    assert [obj for _, obj in seen] == parse_reply(text).objects
+
+
+async def test_cut_stream_ends_midway_without_a_finish(fake_openai):
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "a flow [[fake:cut]]"}],
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert not any(c.choices and c.choices[0].finish_reason for c in chunks)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+async def test_openai_client_lists_the_stand_in_models(fake_openai):
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        models = [model.id async for model in client.models.list()]
+    assert "gpt-4o-mini" in models
