@@ -1,0 +1,92 @@
+"""What endpoints ask for, as ``Annotated`` aliases: the settings, the store, the
+broker, the metrics, the caller (``CurrentUser``, ``AdminUser``) and the request's
+correlation id. Resources live on ``app.state``, set by create_app."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+import structlog
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from canvas_events.auth import Principal, decode_token
+from canvas_events.broker import Broker
+from canvas_events.errors import AuthError
+from canvas_events.ops import Readiness
+from canvas_gateway.metrics import Metrics
+from canvas_gateway.settings import Settings
+from canvas_gateway.store import Store
+
+
+async def get_settings(request: Request) -> Settings:
+    return cast(Settings, request.app.state.settings)
+
+
+async def get_store(request: Request) -> Store:
+    return cast(Store, request.app.state.store)
+
+
+async def get_broker(request: Request) -> Broker:
+    return cast(Broker, request.app.state.broker)
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return cast(Metrics, request.app.state.metrics)
+
+
+async def get_readiness(request: Request) -> Readiness:
+    return cast(Readiness, request.app.state.readiness)
+
+
+async def get_correlation_id(request: Request) -> str:
+    """The request's correlation id, chosen by RequestMiddleware."""
+    return cast(str, request.state.correlation_id)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+CorrelationId = Annotated[str, Depends(get_correlation_id)]
+
+# auto_error=False: the 401 below says what is wrong and carries WWW-Authenticate.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A JWT signed HS256 with JWT_SECRET (`canvas-gateway token --user NAME`).",
+)
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+async def get_current_user(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The caller named by a valid bearer token, else 401."""
+    if credentials is None:
+        raise _unauthorized("missing bearer token: send Authorization: Bearer <token>")
+    try:
+        principal = decode_token(credentials.credentials, settings.jwt_secret.get_secret_value())
+    except AuthError as exc:
+        raise _unauthorized(str(exc)) from None
+    structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+
+
+async def get_admin_user(user: CurrentUser) -> Principal:
+    """The caller, who must carry the admin role, else 403."""
+    if not user.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="admin role required")
+    return user
+
+
+AdminUser = Annotated[Principal, Depends(get_admin_user)]

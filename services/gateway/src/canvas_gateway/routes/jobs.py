@@ -1,0 +1,295 @@
+"""Jobs: create one, read its status and its events, list them, cancel one."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID, uuid4, uuid5
+
+import structlog
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+
+from canvas_events.envelope import Envelope
+from canvas_events.errors import PublishError
+from canvas_events.events import JobCancelRequested, JobRequested
+from canvas_events.topology import GATEWAY, routing_key
+from canvas_gateway.deps import (
+    BrokerDep,
+    CorrelationId,
+    CurrentUser,
+    MetricsDep,
+    SettingsDep,
+    StoreDep,
+)
+from canvas_gateway.errors import CanvasNotFound, LimitReached, StoreUnavailable
+from canvas_gateway.routes import error_responses
+from canvas_gateway.schemas import (
+    FINAL_STATUSES,
+    IDEMPOTENCY_KEY_PATTERN,
+    CancelAccepted,
+    JobAccepted,
+    JobCreate,
+    JobEventPublic,
+    JobEventsPublic,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+)
+
+log = structlog.get_logger("canvas_gateway.jobs")
+router = APIRouter(prefix="/api/ai-agent", tags=["jobs"])
+
+# Fixed forever: job ids of keyed requests are uuid5(IDEMPOTENCY_NAMESPACE, "user:key"),
+# so a retry through any gateway replica lands on the same job.
+IDEMPOTENCY_NAMESPACE = UUID("6f0f5c2e-3c1b-4f0e-9b7a-5a8d2c4e1f30")
+# Seconds a client should wait before trying again after a 429 or a 503.
+LIMIT_RETRY_AFTER = "10"
+UNAVAILABLE_RETRY_AFTER = "5"
+
+
+def job_id_for(user_id: str, idempotency_key: str | None) -> UUID:
+    """The job id of a request: derived from the key when there is one, else random."""
+    if idempotency_key is None:
+        return uuid4()
+    return uuid5(IDEMPOTENCY_NAMESPACE, f"{user_id}:{idempotency_key}")
+
+
+def _not_found() -> HTTPException:
+    # The same answer for a job that does not exist and one that is someone else's.
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail="job not found")
+
+
+def _unavailable() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail="the job queue is unavailable; nothing was queued, try again later",
+        headers={"Retry-After": UNAVAILABLE_RETRY_AFTER},
+    )
+
+
+@router.post(
+    "/create-canvas",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Ask for a drawing",
+    description="Queues a job that draws `query` on a canvas. Answers 202 only once the "
+    "broker confirmed the request. The same `Idempotency-Key` from the same user always "
+    "answers with the same job and never makes a second one.",
+    responses=error_responses(401, 404, 422, 429, 503),
+)
+async def create_canvas(
+    body: JobCreate,
+    user: CurrentUser,
+    store: StoreDep,
+    broker: BrokerDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    correlation_id: CorrelationId,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="Any 1..200 printable characters; a retry with the same key gets "
+            "the same job.",
+        ),
+    ] = None,
+) -> JobAccepted:
+    try:
+        admission = await store.admit(
+            job_id=job_id_for(user.user_id, idempotency_key),
+            user_id=user.user_id,
+            canvas_id=body.canvas_id or str(uuid4()),
+            canvas_given=body.canvas_id is not None,
+            priority=body.priority,
+            query=body.query,
+            options=body.options,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id,
+            limit=settings.max_active_jobs_per_user,
+            in_flight_seconds=settings.publish_timeout_seconds * 2,
+        )
+    except LimitReached as exc:
+        metrics.jobs_rejected.labels("limit").inc()
+        log.info("job refused: user over the limit", active=exc.active, limit=exc.limit)
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"too many unfinished jobs ({exc.active}, limit {exc.limit}); "
+            "wait for one to finish",
+            headers={"Retry-After": LIMIT_RETRY_AFTER},
+        ) from None
+    except CanvasNotFound:
+        metrics.jobs_rejected.labels("canvas").inc()
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="canvas not found") from None
+
+    job = admission.request
+    # Bound only now: a refused request has no job to trace.
+    structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
+    request.state.job_id = str(job.job_id)
+    event = JobRequested(
+        query=job.query,
+        canvas_id=job.canvas_id,
+        priority=job.priority,
+        options=job.options,
+        idempotency_key=job.idempotency_key,
+    )
+    envelope = Envelope.wrap(
+        event,
+        correlation_id=correlation_id,
+        job_id=job.job_id,
+        user_id=user.user_id,
+        canvas_id=job.canvas_id,
+    ).model_copy(update={"occurred_at": job.created_at})  # the job's created_at, everywhere
+    try:
+        # A duplicate publishes again: its first publish may have failed, and the
+        # orchestrator ignores a JobRequested for a stream that exists.
+        await broker.publish(envelope, routing_key(GATEWAY, "JobRequested"))
+    except PublishError as exc:
+        metrics.publish_failures.inc()
+        metrics.jobs_rejected.labels("publish").inc()
+        log.warning("job not accepted: broker did not confirm", error=str(exc))
+        # A keyed row stays: its retry must find the same job id and publish again.
+        if job.idempotency_key is None:
+            with contextlib.suppress(StoreUnavailable):
+                await store.discard(job.job_id)
+        raise _unavailable() from None
+    try:
+        await store.confirm(job.job_id)
+    except StoreUnavailable as exc:
+        # The job is queued whatever happens here; only the ledger lags behind.
+        log.warning("job queued but not marked confirmed", error=str(exc))
+    if not admission.duplicate:
+        metrics.jobs_accepted.inc()
+    log.info(
+        "job accepted",
+        canvas_id=job.canvas_id,
+        priority=job.priority,
+        duplicate=admission.duplicate,
+    )
+    return JobAccepted(
+        job_id=job.job_id,
+        canvas_id=job.canvas_id,
+        status_url=f"/api/ai-agent/job/{job.job_id}/status",
+        events_url=f"/api/ai-agent/job/{job.job_id}/events",
+    )
+
+
+@router.get(
+    "/job/{job_id}/status",
+    summary="A job's status",
+    description="Answers 200 from the moment the create call answered 202.",
+    responses=error_responses(401, 404, 422, 503),
+)
+async def job_status(job_id: UUID, user: CurrentUser, store: StoreDep) -> JobPublic:
+    job = await store.job(user.user_id, job_id)
+    if job is None:
+        raise _not_found()
+    return JobPublic.model_validate(job)
+
+
+@router.get(
+    "/job/{job_id}/events",
+    summary="A job's event stream",
+    description="Every recorded event of the job, in order (empty until the orchestrator "
+    "recorded its first).",
+    responses=error_responses(401, 404, 422, 503),
+)
+async def job_events(job_id: UUID, user: CurrentUser, store: StoreDep) -> JobEventsPublic:
+    events = await store.events(user.user_id, job_id)
+    if events is None:
+        raise _not_found()
+    return JobEventsPublic(
+        job_id=job_id, events=[JobEventPublic.model_validate(event) for event in events]
+    )
+
+
+@router.get(
+    "/jobs",
+    summary="The caller's jobs, newest first",
+    responses=error_responses(401, 422, 503),
+)
+async def list_jobs(
+    user: CurrentUser,
+    store: StoreDep,
+    status_: Annotated[
+        JobStatus | None, Query(alias="status", description="Only jobs in this status.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> JobsPublic:
+    after = decode_cursor(cursor) if cursor is not None else None
+    rows = await store.jobs(user.user_id, status=status_, after=after, limit=limit)
+    next_cursor = (
+        encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
+    )
+    return JobsPublic(jobs=[JobPublic.model_validate(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.post(
+    "/job/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Cancel a job",
+    description="The job ends `cancelled` and none of its objects reach the canvas.",
+    responses=error_responses(401, 404, 409, 422, 503),
+)
+async def cancel_job(
+    job_id: UUID,
+    user: CurrentUser,
+    store: StoreDep,
+    broker: BrokerDep,
+    metrics: MetricsDep,
+    correlation_id: CorrelationId,
+) -> CancelAccepted:
+    job = await store.job(user.user_id, job_id)
+    if job is None:
+        raise _not_found()
+    if job["status"] in FINAL_STATUSES:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job is already {job['status']}")
+    envelope = Envelope.wrap(
+        JobCancelRequested(reason="cancelled by the user"),
+        correlation_id=correlation_id,
+        job_id=job_id,
+        user_id=user.user_id,
+        canvas_id=job["canvas_id"],
+    )
+    try:
+        await broker.publish(envelope, routing_key(GATEWAY, "JobCancelRequested"))
+    except PublishError as exc:
+        metrics.publish_failures.inc()
+        log.warning("cancel not sent: broker did not confirm", error=str(exc))
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="the job queue is unavailable; the job was not cancelled, try again later",
+            headers={"Retry-After": UNAVAILABLE_RETRY_AFTER},
+        ) from None
+    log.info("job cancel requested")
+    return CancelAccepted(job_id=job_id)
+
+
+def encode_cursor(created_at: datetime, job_id: UUID) -> str:
+    """An opaque cursor: where the page ended."""
+    raw = f"{created_at.isoformat()}|{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position an :func:`encode_cursor` cursor names; 422 for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, job_id = raw.partition("|")
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return at, UUID(job_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        issue: dict[str, Any] = {
+            "loc": ("query", "cursor"),
+            "msg": "not a cursor this API returned",
+            "type": "value_error",
+        }
+        raise RequestValidationError([issue]) from None

@@ -1,0 +1,305 @@
+"""Request and response bodies of the REST API (ARCHITECTURE.md 4), with the examples
+that /docs shows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from canvas_events.events import MAX_QUERY_LENGTH
+
+CANVAS_ID_PATTERN = r"^[A-Za-z0-9_\-.:]{1,128}$"
+# Printable ASCII: the key is echoed into logs and hashed into the job id.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
+# Options travel inside every GenerationRequested message: keep them small.
+MAX_OPTIONS_BYTES = 4_096
+
+_JOB_ID = "3f1c9a52-8d7e-4b1a-9c33-2f5d6e7a8b90"
+_CANVAS_ID = "team-board-42"
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life (ARCHITECTURE.md 7)."""
+
+    queued = "queued"  # waiting for a generator: first attempt, or again after a retry's delay
+    processing = "processing"  # a generator holds an attempt and is calling the model
+    retry_scheduled = "retry_scheduled"  # an attempt failed; the next waits for next_attempt_at
+    completed = "completed"  # final: the objects are on the canvas
+    failed = "failed"  # final: no objects; error_message says why
+    cancelled = "cancelled"  # final: the user cancelled; none of its objects reach the canvas
+
+
+ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.processing, JobStatus.retry_scheduled})
+FINAL_STATUSES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
+
+
+class JobCreate(BaseModel):
+    """What to draw, and where."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"query": "a flowchart of a login process"},
+                {
+                    "query": "a kanban board with three columns",
+                    "canvas_id": _CANVAS_ID,
+                    "priority": 7,
+                    "options": {"style": "minimal"},
+                },
+            ]
+        },
+    )
+
+    query: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_LENGTH)
+    ] = Field(description="What to draw, in plain words (surrounding blanks are stripped).")
+    canvas_id: Annotated[str, Field(pattern=CANVAS_ID_PATTERN)] | None = Field(
+        default=None,
+        description="The canvas to draw on; a new one when omitted. Letters, digits, `_-.:`.",
+    )
+    priority: Annotated[int, Field(ge=0, le=9, strict=True)] = Field(
+        default=5, description="0..9, higher first."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Passed to the generator; at most {MAX_OPTIONS_BYTES} bytes as JSON.",
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _small_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(orjson.dumps(value))
+        if size > MAX_OPTIONS_BYTES:
+            raise ValueError(
+                f"options must be at most {MAX_OPTIONS_BYTES} bytes as JSON, not {size}"
+            )
+        return value
+
+
+class JobAccepted(BaseModel):
+    """The broker confirmed the request: the job exists and waits for a generator."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": _JOB_ID,
+                    "status": "queued",
+                    "canvas_id": _CANVAS_ID,
+                    "status_url": f"/api/ai-agent/job/{_JOB_ID}/status",
+                    "events_url": f"/api/ai-agent/job/{_JOB_ID}/events",
+                }
+            ]
+        }
+    )
+
+    job_id: UUID
+    status: Literal["queued"] = "queued"
+    canvas_id: str
+    status_url: str
+    events_url: str
+
+
+class JobPublic(BaseModel):
+    """One job as its read model shows it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _JOB_ID,
+                    "status": "completed",
+                    "canvas_id": _CANVAS_ID,
+                    "priority": 5,
+                    "created_at": "2025-01-01T12:00:00Z",
+                    "started_at": "2025-01-01T12:00:01Z",
+                    "completed_at": "2025-01-01T12:00:04Z",
+                    "error_message": None,
+                    "retry_count": 0,
+                    "next_attempt_at": None,
+                    "result": {
+                        "object_count": 2,
+                        "object_ids": ["5d0c...", "9a1e..."],
+                        "dropped_objects": 0,
+                        "model": "gpt-4o-mini",
+                        "usage": {"prompt_tokens": 120, "completion_tokens": 80},
+                        "latency_ms": 2900,
+                    },
+                }
+            ]
+        }
+    )
+
+    id: UUID
+    status: JobStatus
+    canvas_id: str
+    priority: int
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_message: str | None = None
+    retry_count: int = Field(
+        default=0, description="Retries scheduled so far (0 on the first attempt)."
+    )
+    next_attempt_at: datetime | None = None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="Of a completed job: object_count, object_ids, dropped_objects, model, "
+        "usage, latency_ms.",
+    )
+
+
+class JobsPublic(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    jobs: list[JobPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
+
+
+class JobEventPublic(BaseModel):
+    """One recorded event of a job's stream."""
+
+    type: str
+    version: int = Field(description="1, 2, 3… within the job's stream.")
+    position: int = Field(description="Global position in the event store, increasing.")
+    occurred_at: datetime
+    data: dict[str, Any]
+
+
+class JobEventsPublic(BaseModel):
+    """A job's whole stream, in order."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": _JOB_ID,
+                    "events": [
+                        {
+                            "type": "JobRequested",
+                            "version": 1,
+                            "position": 101,
+                            "occurred_at": "2025-01-01T12:00:00Z",
+                            "data": {"query": "a flowchart", "canvas_id": _CANVAS_ID},
+                        },
+                        {
+                            "type": "JobQueued",
+                            "version": 2,
+                            "position": 102,
+                            "occurred_at": "2025-01-01T12:00:00Z",
+                            "data": {"priority": 5, "retry_count": 0},
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
+    job_id: UUID
+    events: list[JobEventPublic]
+
+
+class CancelAccepted(BaseModel):
+    """The cancellation is on its way; the job ends ``cancelled``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"job_id": _JOB_ID, "status": "cancelling"}]}
+    )
+
+    job_id: UUID
+    status: Literal["cancelling"] = "cancelling"
+
+
+class CanvasObjectsPublic(BaseModel):
+    """The objects that completed jobs put on a canvas, oldest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "canvas_id": _CANVAS_ID,
+                    "objects": [
+                        {
+                            "id": "5d0c2f9e-...",
+                            "job_id": _JOB_ID,
+                            "type": "rectangle",
+                            "x": 100,
+                            "y": 80,
+                            "width": 200,
+                            "height": 60,
+                            "text": "Login",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    canvas_id: str
+    objects: list[dict[str, Any]]
+
+
+class JobProcessor(BaseModel):
+    """Whether anything takes the work off the queues."""
+
+    work_queue: str
+    queued_messages: int | None
+    generator_consumers: int | None
+    orchestrator_consumers: int | None
+
+
+class HealthPublic(BaseModel):
+    """The system as the gateway sees it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "healthy",
+                    "database": "ok",
+                    "broker": "ok",
+                    "job_processor": {
+                        "work_queue": "canvas.ai-generator.work",
+                        "queued_messages": 0,
+                        "generator_consumers": 2,
+                        "orchestrator_consumers": 1,
+                    },
+                    "issues": [],
+                }
+            ]
+        }
+    )
+
+    status: Literal["healthy", "degraded", "unhealthy"]
+    database: str
+    broker: str
+    job_processor: JobProcessor
+    issues: list[str]
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    """One thing wrong with a request."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorPublic(BaseModel):
+    """A 422: every problem found, where, and why; the offending values are not echoed."""
+
+    detail: list[ValidationIssue]

@@ -1,0 +1,387 @@
+"""Every SQL statement of the gateway.
+
+The gateway's only state is one table, ``gateway_job_requests``: a ledger of the job
+requests it accepted. It exists for three things the orchestrator's read models cannot
+do in the instant between the broker's confirm and the orchestrator's projection:
+
+- read-your-writes: right after a 202, the status of a job the orchestrator has not
+  projected yet is answered from the ledger row (``queued``), never 404;
+- idempotency: ``UNIQUE (user_id, idempotency_key)``, and a job id derived from them,
+  give a retried request the same job and no second one;
+- the per-user limit: it counts the requests confirmed (or still being published) but
+  not yet projected, so a burst cannot slip past the limit.
+
+A row is inserted before the publish and gets ``confirmed_at`` once the broker
+confirmed it; only confirmed rows are ever shown. The gateway creates the table itself
+when its pool connects (``CREATE TABLE IF NOT EXISTS`` under an advisory lock, so
+several gateways may start at once) and writes no other table. Everything else it
+reads (jobs, canvases, canvas_objects, events) belongs to the job-orchestrator
+(its migrations/0001_event_store.sql); until those exist, reads raise
+:class:`StoreNotReady`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from canvas_events.logging import redact
+from canvas_events.postgres import Database, DatabaseUnavailable
+from canvas_gateway.errors import CanvasNotFound, LimitReached, StoreNotReady, StoreUnavailable
+from canvas_gateway.schemas import ACTIVE_STATUSES, JobStatus
+
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS gateway_job_requests (
+    job_id          uuid        PRIMARY KEY,
+    user_id         text        NOT NULL,
+    canvas_id       text        NOT NULL,
+    priority        smallint    NOT NULL,
+    query           text        NOT NULL,
+    options         jsonb       NOT NULL DEFAULT '{}',
+    idempotency_key text,
+    correlation_id  text        NOT NULL,
+    created_at      timestamptz NOT NULL,
+    confirmed_at    timestamptz,
+    UNIQUE (user_id, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS gateway_job_requests_user
+    ON gateway_job_requests (user_id, created_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS gateway_job_requests_canvas
+    ON gateway_job_requests (canvas_id);
+"""
+
+# The columns of the status answer (ARCHITECTURE.md 4), from the jobs read model...
+_JOB_COLUMNS = (
+    "id, status, canvas_id, priority, created_at, started_at, completed_at, "
+    "error_message, retry_count, next_attempt_at, result"
+)
+# ...and the same shape for a ledger row the orchestrator has not projected yet.
+_PENDING_COLUMNS = (
+    "r.job_id AS id, 'queued' AS status, r.canvas_id, r.priority::smallint AS priority, "
+    "r.created_at, NULL::timestamptz AS started_at, NULL::timestamptz AS completed_at, "
+    "NULL::text AS error_message, 0 AS retry_count, NULL::timestamptz AS next_attempt_at, "
+    "NULL::jsonb AS result"
+)
+_UNPROJECTED = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id)"
+_ACTIVE = [status.value for status in ACTIVE_STATUSES]
+# Queries are built from these constants only (hence the noqa: S608); values are always
+# bound parameters.
+
+# asyncpg raises these when the server is away or restarting: the request's fault is none.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.OperatorInterventionError,
+    OSError,
+    TimeoutError,
+)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """jsonb in and out as Python objects."""
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_ledger(pool: asyncpg.Pool) -> None:
+    """Create the ledger table (idempotent; safe when several gateways start at once)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('canvas-gateway:ledger'))")
+        await conn.execute(LEDGER_DDL)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One ledger row: a request the gateway accepted (or is accepting)."""
+
+    job_id: UUID
+    user_id: str
+    canvas_id: str
+    priority: int
+    query: str
+    options: dict[str, Any]
+    idempotency_key: str | None
+    created_at: datetime
+    confirmed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The ledger row a request is answered with; ``duplicate`` when an earlier request
+    with the same idempotency key made it."""
+
+    request: JobRequest
+    duplicate: bool
+
+
+class Store:
+    """The gateway's view of Postgres."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.database.pool.acquire(timeout=5) as conn:
+                yield conn
+        except asyncpg.UndefinedTableError:
+            raise StoreNotReady(
+                "not ready: the job store does not exist yet (has the job-orchestrator started?)"
+            ) from None
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(redact(f"database unavailable: {type(exc).__name__}")) from None
+
+    async def check(self) -> str | None:
+        """None when the database answers, else why not."""
+        return await self.database.check()
+
+    # -- the ledger --------------------------------------------------------------------
+
+    async def admit(
+        self,
+        *,
+        job_id: UUID,
+        user_id: str,
+        canvas_id: str,
+        canvas_given: bool,
+        priority: int,
+        query: str,
+        options: dict[str, Any],
+        idempotency_key: str | None,
+        correlation_id: str,
+        limit: int,
+        in_flight_seconds: float,
+    ) -> Admission:
+        """Record a request in the ledger, or find the earlier one with the same key.
+
+        Raises :class:`CanvasNotFound` when ``canvas_id`` is someone else's and
+        :class:`LimitReached` when the user already has ``limit`` unfinished jobs.
+        Requests still being published (inserted less than ``in_flight_seconds`` ago,
+        unconfirmed) count towards the limit, so that a burst cannot pass it.
+        """
+        async with self._connection() as conn, conn.transaction():
+            # One user's submissions go one at a time: the limit check and the key
+            # lookup then see every earlier insert.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('canvas-gateway:user:' || $1, 0))",
+                user_id,
+            )
+            if idempotency_key is not None:
+                row = await conn.fetchrow(
+                    "SELECT * FROM gateway_job_requests "
+                    "WHERE user_id = $1 AND idempotency_key = $2",
+                    user_id,
+                    idempotency_key,
+                )
+                if row is not None:
+                    return Admission(_request(row), duplicate=True)
+            if canvas_given and await _canvas_taken(conn, canvas_id, user_id):
+                raise CanvasNotFound(canvas_id)
+            active = await conn.fetchval(
+                f"""
+                SELECT (SELECT count(*) FROM jobs
+                         WHERE user_id = $1 AND status = ANY($2::text[]))
+                     + (SELECT count(*) FROM gateway_job_requests r
+                         WHERE r.user_id = $1
+                           AND (r.confirmed_at IS NOT NULL
+                                OR r.created_at > now() - make_interval(secs => $3))
+                           AND {_UNPROJECTED})
+                """,  # noqa: S608
+                user_id,
+                _ACTIVE,
+                in_flight_seconds,
+            )
+            if active >= limit:
+                raise LimitReached(active, limit)
+            row = await conn.fetchrow(
+                """
+                INSERT INTO gateway_job_requests (job_id, user_id, canvas_id, priority, query,
+                                                  options, idempotency_key, correlation_id,
+                                                  created_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+                ON CONFLICT DO NOTHING
+                RETURNING *
+                """,
+                job_id,
+                user_id,
+                canvas_id,
+                priority,
+                query,
+                options,
+                idempotency_key,
+                correlation_id,
+            )
+            if row is None:  # the same key, inserted before the lock was taken
+                row = await conn.fetchrow(
+                    "SELECT * FROM gateway_job_requests WHERE job_id = $1", job_id
+                )
+                assert row is not None
+                return Admission(_request(row), duplicate=True)
+            return Admission(_request(row), duplicate=False)
+
+    async def confirm(self, job_id: UUID) -> None:
+        """The broker confirmed the JobRequested message: the row may now be shown."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE gateway_job_requests SET confirmed_at = now() "
+                "WHERE job_id = $1 AND confirmed_at IS NULL",
+                job_id,
+            )
+
+    async def discard(self, job_id: UUID) -> None:
+        """Forget a request whose publish failed (never confirmed, so never shown)."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "DELETE FROM gateway_job_requests WHERE job_id = $1 AND confirmed_at IS NULL",
+                job_id,
+            )
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def job(self, user_id: str, job_id: UUID) -> dict[str, Any] | None:
+        """The user's job in the status answer's shape, projected or still pending."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"""
+                SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2
+                UNION ALL
+                SELECT {_PENDING_COLUMNS} FROM gateway_job_requests r
+                 WHERE r.job_id = $1 AND r.user_id = $2 AND r.confirmed_at IS NOT NULL
+                   AND {_UNPROJECTED}
+                LIMIT 1
+                """,  # noqa: S608
+                job_id,
+                user_id,
+            )
+        return dict(row) if row is not None else None
+
+    async def jobs(
+        self,
+        user_id: str,
+        *,
+        status: JobStatus | None,
+        after: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """A page of the user's jobs, newest first, after the cursor ``(created_at, id)``."""
+        after_at, after_id = after if after is not None else (None, None)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"""
+                SELECT * FROM (
+                    SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1
+                    UNION ALL
+                    SELECT {_PENDING_COLUMNS} FROM gateway_job_requests r
+                     WHERE r.user_id = $1 AND r.confirmed_at IS NOT NULL AND {_UNPROJECTED}
+                ) mine
+                WHERE ($2::text IS NULL OR status = $2)
+                  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+                ORDER BY created_at DESC, id DESC
+                LIMIT $5
+                """,  # noqa: S608
+                user_id,
+                status.value if status is not None else None,
+                after_at,
+                after_id,
+                limit,
+            )
+        return [dict(row) for row in rows]
+
+    async def events(self, user_id: str, job_id: UUID) -> list[dict[str, Any]] | None:
+        """The user's job's stream in version order; None when it is not the user's job."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT type, version, position, occurred_at, data, user_id FROM events "
+                "WHERE stream_id = $1 ORDER BY version",
+                job_id,
+            )
+            if rows:
+                if rows[0]["user_id"] != user_id:
+                    return None
+                return [{k: v for k, v in row.items() if k != "user_id"} for row in rows]
+        # Accepted but not recorded yet: an empty stream, not a 404.
+        return [] if await self.job(user_id, job_id) is not None else None
+
+    async def canvas_objects(self, user_id: str, canvas_id: str) -> list[dict[str, Any]] | None:
+        """The objects on the user's canvas in drawing order; None when it is not theirs."""
+        async with self._connection() as conn:
+            owner = await conn.fetchval("SELECT user_id FROM canvases WHERE id = $1", canvas_id)
+            if owner is None:
+                pending = await conn.fetchval(
+                    "SELECT 1 FROM gateway_job_requests WHERE canvas_id = $1 AND user_id = $2 "
+                    "AND confirmed_at IS NOT NULL LIMIT 1",
+                    canvas_id,
+                    user_id,
+                )
+                return [] if pending else None
+            if owner != user_id:
+                return None
+            rows = await conn.fetch(
+                "SELECT id, job_id, object FROM canvas_objects WHERE canvas_id = $1 "
+                "ORDER BY created_at, job_id, index",
+                canvas_id,
+            )
+        objects = []
+        for row in rows:
+            fields = {k: v for k, v in row["object"].items() if k not in ("id", "job_id")}
+            objects.append({"id": row["id"], "job_id": str(row["job_id"]), **fields})
+        return objects
+
+    async def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest jobs across all users (operators only)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, user_id, status, created_at, retry_count, error_message FROM jobs "
+                "ORDER BY created_at DESC, id DESC LIMIT $1",
+                limit,
+            )
+        return [dict(row) for row in rows]
+
+    async def job_counts(self) -> dict[str, int]:
+        """How many jobs are in each status (operators only)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+
+async def _canvas_taken(conn: asyncpg.Connection, canvas_id: str, user_id: str) -> bool:
+    """Whether another user drew on the canvas, or has a confirmed request for it."""
+    owner = await conn.fetchval("SELECT user_id FROM canvases WHERE id = $1", canvas_id)
+    if owner is not None:
+        return bool(owner != user_id)
+    other = await conn.fetchval(
+        "SELECT 1 FROM gateway_job_requests WHERE canvas_id = $1 AND user_id <> $2 "
+        "AND confirmed_at IS NOT NULL LIMIT 1",
+        canvas_id,
+        user_id,
+    )
+    return other is not None
+
+
+def _request(row: asyncpg.Record) -> JobRequest:
+    return JobRequest(
+        job_id=row["job_id"],
+        user_id=row["user_id"],
+        canvas_id=row["canvas_id"],
+        priority=row["priority"],
+        query=row["query"],
+        options=row["options"],
+        idempotency_key=row["idempotency_key"],
+        created_at=row["created_at"],
+        confirmed_at=row["confirmed_at"],
+    )
