@@ -1,0 +1,94 @@
+"""The whole system as real processes: the four services and the stand-in model, each
+started with its console script, on free ports, against one database and one topology
+prefix of its own."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from canvas_events.auth import mint_token
+from tests.support.processes import ServiceProcess, free_port
+
+JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
+OPENAI_KEY = "sk-e2e-test-key-0123456789"
+
+
+@dataclass
+class System:
+    """Ports, URLs and processes of one running canvas-jobs."""
+
+    database_url: str
+    amqp_url: str
+    prefix: str
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ports = {
+            "gateway": free_port(),
+            "notifier": free_port(),
+            "orchestrator": free_port(),
+            "generator": free_port(),
+            "fake-openai": free_port(),
+        }
+        env = {
+            "DATABASE_URL": self.database_url,
+            "AMQP_URL": self.amqp_url,
+            "AMQP_TOPOLOGY_PREFIX": self.prefix,
+            "JWT_SECRET": JWT_SECRET,
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{self.ports['fake-openai']}/v1",
+            "OPENAI_MODEL": "fake-canvas-1",
+            "OPENAI_TIMEOUT_SECONDS": "10",
+            "MAX_JOB_RETRIES": "0",
+            "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
+            "GATEWAY_PORT": str(self.ports["gateway"]),
+            "NOTIFIER_PORT": str(self.ports["notifier"]),
+            "ORCHESTRATOR_PORT": str(self.ports["orchestrator"]),
+            "GENERATOR_PORT": str(self.ports["generator"]),
+            "FAKE_OPENAI_PORT": str(self.ports["fake-openai"]),
+            "FAKE_OPENAI_REQUIRE_KEY": OPENAI_KEY,
+            "LOG_LEVEL": "INFO",
+            "LOG_FORMAT": "json",
+            **self.extra_env,
+        }
+        self.env = env
+
+        def add(name: str, command: str, port_name: str, ready_path: str = "/ready") -> None:
+            url = f"http://127.0.0.1:{self.ports[port_name]}{ready_path}"
+            self.processes[name] = ServiceProcess(name, [command], env, self.log_dir, url)
+
+        add("fake-openai", "canvas-fake-openai", "fake-openai", "/health")
+        add("orchestrator", "canvas-orchestrator", "orchestrator")
+        add("generator", "canvas-generator", "generator")
+        add("notifier", "canvas-notifier", "notifier")
+        add("gateway", "canvas-gateway", "gateway")
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    @property
+    def fake_openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['fake-openai']}"
+
+    def websocket_url(self, token: str, after: int | None = None) -> str:
+        url = f"ws://127.0.0.1:{self.ports['notifier']}/ws?token={token}"
+        return url if after is None else f"{url}&after={after}"
+
+    def token(self, user_id: str, *, admin: bool = False) -> str:
+        return mint_token(user_id, JWT_SECRET, admin=admin)
+
+    async def start(self) -> None:
+        """Start every process and wait until each is ready."""
+        for process in self.processes.values():
+            process.start()
+        await asyncio.gather(*(p.wait_ready() for p in self.processes.values()))
+
+    def stop(self) -> None:
+        """SIGTERM every process (SIGKILL what does not stop)."""
+        for process in reversed(self.processes.values()):
+            process.stop()
