@@ -107,7 +107,7 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Chatty libraries: their INFO lines say nothing an operator needs.
-    for name in ("aio_pika", "aiormq", "uvicorn.access", "httpx", "openai", "httpcore"):
+    for name in ("aio_pika", "aiormq", "uvicorn.access", "httpx", "httpx2", "openai", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
