@@ -10,7 +10,7 @@ MEMBERS := libs/events services/gateway services/job-orchestrator services/ai-ge
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test lint format dev token clean
+.PHONY: help install lock test lint format dev bench token clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ format: install ## apply ruff's formatting and safe fixes
 
 dev: install ## run the four services (and the stand-in model without OPENAI_API_KEY) in the foreground
 	$(BIN)/python tools/dev.py
+
+bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|all, JOBS=N)
+	$(BIN)/python -m bench.e2e --scenario $(or $(SCENARIO),all) $(if $(JOBS),--jobs $(JOBS),)
 
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
 	@$(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)

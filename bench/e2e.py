@@ -1,0 +1,349 @@
+"""`make bench`: the whole system as real processes, driven through its public API.
+
+Starts the four services and the stand-in model (at a set latency) against a scratch
+database and topology prefix, submits N jobs from concurrent HTTP clients spread over
+several users, each user listening on one WebSocket, and reports throughput, latency
+percentiles and each service's memory and CPU. In the same run it measures a reference,
+raw aio-pika publish-with-confirm → consume-with-ack on the same broker, so that jobs/s
+can be compared across machines as a ratio to it.
+
+    .venv/bin/python -m bench.e2e                        # every scenario
+    .venv/bin/python -m bench.e2e --scenario 0ms --jobs 300
+
+Results: a table on stdout and JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import websockets
+
+from canvas_events.topology import Topology
+from tests.conftest import delete_topology
+from tests.support.env import amqp_url, database_url
+from tests.support.system import System
+
+RESULTS = Path(__file__).parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Scenario:
+    name: str
+    jobs: int
+    model_latency_ms: int
+    max_concurrent_jobs: int
+    clients: int = 32
+    users: int = 8
+
+
+@dataclass
+class JobTimes:
+    posted: float
+    accepted: float | None = None
+    started: float | None = None
+    completed: float | None = None
+    failed: bool = False
+
+
+@dataclass
+class ProcessSample:
+    rss_idle_kb: int
+    cpu_ticks_before: int
+    rss_peak_kb: int = 0
+    cpu_ticks_after: int = 0
+
+
+@dataclass
+class Run:
+    scenario: Scenario
+    times: dict[str, JobTimes] = field(default_factory=dict)
+    processes: dict[str, ProcessSample] = field(default_factory=dict)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def reference_throughput(url: str, messages: int = 20_000, window: int = 100) -> float:
+    """Raw aio-pika: publish with confirms (``window`` in flight) and consume with acks on
+    a throwaway queue; messages per second end to end."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        publish_channel = await connection.channel(publisher_confirms=True)
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=window)
+        queue = await consume_channel.declare_queue(
+            f"bench.reference.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
+        )
+        received = 0
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            if received == messages:
+                done.set()
+
+        await queue.consume(on_message)
+        body = b'{"type": "reference", "data": {}}' * 4
+        semaphore = asyncio.Semaphore(window)
+
+        async def publish_one() -> None:
+            async with semaphore:
+                await publish_channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    queue.name,
+                )
+
+        start = time.perf_counter()
+        await asyncio.gather(*(publish_one() for _ in range(messages)))
+        await asyncio.wait_for(done.wait(), 120)
+        return messages / (time.perf_counter() - start)
+
+
+async def _listen(system: System, user: str, run: Run, stop: asyncio.Event) -> None:
+    token = system.token(user)
+    async with websockets.connect(system.websocket_url(token), max_size=None) as ws:
+        while not stop.is_set():
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            now = time.perf_counter()
+            frame = json.loads(raw)
+            times = run.times.get(frame.get("job_id", ""))
+            if times is None:
+                continue
+            kind = frame["type"]
+            if kind == "ai_generation_started" and times.started is None:
+                times.started = now
+            elif kind == "ai_generation_completed":
+                times.completed = now
+            elif kind == "ai_job_error" and frame["data"].get("final"):
+                times.failed = True
+                times.completed = now
+
+
+async def drive(system: System, scenario: Scenario, run: Run) -> None:
+    users = [f"bench-user-{i}" for i in range(scenario.users)]
+    stop = asyncio.Event()
+    listeners = [asyncio.create_task(_listen(system, user, run, stop)) for user in users]
+    await asyncio.sleep(0.5)  # let every WebSocket register before the first job
+    pending: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(scenario.jobs):
+        pending.put_nowait(index)
+    tokens = {user: system.token(user) for user in users}
+    limits = httpx.Limits(max_connections=scenario.clients)
+    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30, limits=limits) as http:
+
+        async def client() -> None:
+            while True:
+                try:
+                    index = pending.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                user = users[index % len(users)]
+                posted = time.perf_counter()
+                answer = await http.post(
+                    "/api/ai-agent/create-canvas",
+                    json={"query": f"bench job {index}: a flowchart of a login flow"},
+                    headers={"Authorization": f"Bearer {tokens[user]}"},
+                )
+                if answer.status_code != 202:
+                    raise RuntimeError(f"POST answered {answer.status_code}: {answer.text}")
+                job_id = answer.json()["job_id"]
+                # The WebSocket may see the job's first frames before the POST returns.
+                times = run.times.setdefault(job_id, JobTimes(posted))
+                times.posted, times.accepted = posted, time.perf_counter()
+
+        await asyncio.gather(*(client() for _ in range(scenario.clients)))
+    deadline = time.perf_counter() + 60 + scenario.jobs * scenario.model_latency_ms / 1000
+    while time.perf_counter() < deadline:
+        if len(run.times) == scenario.jobs and all(t.completed for t in run.times.values()):
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*listeners, return_exceptions=True)
+
+
+def summarise(run: Run, reference: float) -> dict[str, Any]:
+    times = list(run.times.values())
+    done = [t for t in times if t.completed and not t.failed]
+    first_post = min(t.posted for t in times)
+    last_accept = max(t.accepted or 0 for t in times)
+    last_done = max((t.completed or 0) for t in times)
+    completed_per_s = len(done) / (last_done - first_post) if done else 0.0
+    pickup = [(t.started - t.posted) * 1000 for t in times if t.started]
+    total = [(t.completed - t.posted) * 1000 for t in done if t.completed]
+    processes = {
+        name: {
+            "rss_idle_mb": round(sample.rss_idle_kb / 1024, 1),
+            "rss_peak_mb": round(sample.rss_peak_kb / 1024, 1),
+            "cpu_ms_per_job": round(
+                (sample.cpu_ticks_after - sample.cpu_ticks_before)
+                / CLK_TCK
+                * 1000
+                / max(1, len(times)),
+                3,
+            ),
+        }
+        for name, sample in run.processes.items()
+    }
+    return {
+        "scenario": run.scenario.__dict__,
+        "submitted": run.scenario.jobs,
+        "accepted": sum(1 for t in times if t.accepted),
+        "completed": len(done),
+        "failed": sum(1 for t in times if t.failed),
+        "lost": run.scenario.jobs - sum(1 for t in times if t.completed),
+        "accepted_jobs_per_s": round(len(times) / (last_accept - first_post), 1),
+        "completed_jobs_per_s": round(completed_per_s, 1),
+        "pickup_ms": {q: round(_pct(pickup, q), 1) for q in (50, 95, 99)},
+        "completion_ms": {q: round(_pct(total, q), 1) for q in (50, 95, 99)},
+        "reference_msgs_per_s": round(reference, 0),
+        "completed_per_reference": round(completed_per_s / reference, 4) if reference else None,
+        "processes": processes,
+    }
+
+
+async def run_scenario(scenario: Scenario, log_dir: Path) -> dict[str, Any]:
+    name = f"cj_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(database_url("postgres"))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    prefix = f"b{uuid.uuid4().hex[:10]}"
+    system = System(
+        database_url(name),
+        amqp_url(),
+        prefix,
+        log_dir,
+        extra_env={
+            "FAKE_OPENAI_DELAY_MS": str(scenario.model_latency_ms),
+            "MAX_CONCURRENT_JOBS": str(scenario.max_concurrent_jobs),
+            "MAX_ACTIVE_JOBS_PER_USER": str(scenario.jobs + 10),
+            "OPENAI_TIMEOUT_SECONDS": "60",
+        },
+    )
+    run = Run(scenario)
+    try:
+        await system.start()
+        await asyncio.sleep(1.0)  # settle: idle memory after start-up
+        for pname, proc in system.processes.items():
+            assert proc.process is not None
+            pid = proc.process.pid
+            run.processes[pname] = ProcessSample(_status_kb(pid, "VmRSS"), _cpu_ticks(pid))
+        reference = await reference_throughput(amqp_url())
+        # The reference ran on the same cores: take CPU baselines again after it.
+        for pname, proc in system.processes.items():
+            assert proc.process is not None
+            run.processes[pname].cpu_ticks_before = _cpu_ticks(proc.process.pid)
+        await drive(system, scenario, run)
+        for pname, proc in system.processes.items():
+            assert proc.process is not None
+            pid = proc.process.pid
+            run.processes[pname].rss_peak_kb = _status_kb(pid, "VmHWM")
+            run.processes[pname].cpu_ticks_after = _cpu_ticks(pid)
+        return summarise(run, reference)
+    finally:
+        system.stop()
+        with contextlib.suppress(Exception):
+            await delete_topology(amqp_url(), Topology(prefix))
+        admin = await asyncpg.connect(database_url("postgres"))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'scenario':<10}{'jobs':>6}{'lost':>5}{'fail':>5}{'acc/s':>8}{'done/s':>8}"
+        f"{'pick p50':>9}{'p95':>7}{'p99':>7}{'done p50':>9}{'p95':>8}{'p99':>8}{'ratio':>8}"
+    )
+    print(header)
+    for r in results:
+        s, p, c = r["scenario"], r["pickup_ms"], r["completion_ms"]
+        print(
+            f"{s['name']:<10}{r['submitted']:>6}{r['lost']:>5}{r['failed']:>5}"
+            f"{r['accepted_jobs_per_s']:>8}{r['completed_jobs_per_s']:>8}"
+            f"{p[50]:>9}{p[95]:>7}{p[99]:>7}{c[50]:>9}{c[95]:>8}{c[99]:>8}"
+            f"{r['completed_per_reference']:>8}"
+        )
+    print()
+    print(f"{'process':<14}{'idle MB':>9}{'peak MB':>9}{'CPU ms/job':>12}   (per scenario)")
+    for r in results:
+        print(f"-- {r['scenario']['name']} (reference {r['reference_msgs_per_s']:.0f} msg/s)")
+        for name, proc in r["processes"].items():
+            print(
+                f"{name:<14}{proc['rss_idle_mb']:>9}{proc['rss_peak_mb']:>9}"
+                f"{proc['cpu_ms_per_job']:>12}"
+            )
+
+
+SCENARIOS = {
+    "idle": Scenario(
+        "idle", jobs=20, model_latency_ms=0, max_concurrent_jobs=10, clients=1, users=1
+    ),
+    "0ms": Scenario("0ms", jobs=1000, model_latency_ms=0, max_concurrent_jobs=50),
+    "1000ms": Scenario("1000ms", jobs=1000, model_latency_ms=1000, max_concurrent_jobs=100),
+}
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument("--jobs", type=int, help="override the number of jobs")
+    args = parser.parse_args(argv)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="canvas-bench-") as tmp:
+        for name in names:
+            scenario = SCENARIOS[name]
+            if args.jobs and name != "idle":
+                scenario.jobs = args.jobs
+            print(f"bench: running {name} ({scenario.jobs} jobs)...", file=sys.stderr, flush=True)
+            results.append(await run_scenario(scenario, Path(tmp)))
+    print_table(results)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = {"machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"\nbench: results in {out}", file=sys.stderr)
+    lost = sum(r["lost"] + r["failed"] for r in results)
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main(sys.argv[1:])))
