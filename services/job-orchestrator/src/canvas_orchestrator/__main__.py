@@ -1,4 +1,4 @@
-"""``canvas-orchestrator``: serve (the default), or ``rebuild-projections``."""
+"""``canvas-orchestrator``: serve (the default), ``rebuild-projections``, or ``dlq``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import structlog
 from canvas_events.logging import configure_logging, redact, register_secret
 from canvas_events.runtime import run
 from canvas_events.settings import load_settings
+from canvas_orchestrator import dlq
 from canvas_orchestrator.app import SERVICE_NAME, serve
 from canvas_orchestrator.db import create_pool
 from canvas_orchestrator.migrations import migrate_pool
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         "rebuild-projections",
         help="empty the read models (jobs, canvases, canvas_objects) and replay the event store",
     )
+    dlq.add_parser(commands)
     args = parser.parse_args(argv)
 
     settings = load_settings(Settings, PROGRAM)
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "rebuild-projections":
         raise SystemExit(asyncio.run(rebuild_projections(settings)))
+    if args.command == "dlq":
+        raise SystemExit(asyncio.run(dlq.run(args, settings)))
     run(functools.partial(serve, settings))
 
 
