@@ -1,4 +1,5 @@
-"""Fixtures of the ai-generator tests: one stand-in model process for the session, and
+"""Fixtures of the ai-generator tests: one stand-in model process for the session, a
+stand-in for the orchestrator's attempt check (a real HTTP server in this process), and
 an in-process generator on a test's own topology."""
 
 from __future__ import annotations
@@ -7,20 +8,30 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import REGISTRY
 
 from canvas_events.envelope import Envelope, utcnow
-from canvas_events.events import GenerationRequested
+from canvas_events.events import GenerationRequested, JobCancelled, JobCancelRequested
+from canvas_events.runtime import serve_http
 from canvas_events.topology import Topology
 from canvas_generator.service import Service
 from canvas_generator.settings import Settings
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.processes import free_port
 
 API_KEY = "sk-generator-tests-0123456789abcdef"
+# Nothing listens on port 1 (binding it needs root): connection refused at once, so the
+# attempt check fails open. Tests of the check itself use the `orchestrator` fixture.
+NO_ORCHESTRATOR = "http://127.0.0.1:1"
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +53,7 @@ def generator_settings(
         "openai_timeout_seconds": 10,
         "max_concurrent_jobs": 4,
         "shutdown_grace_seconds": 10,
+        "orchestrator_url": NO_ORCHESTRATOR,
     }
     values.update(overrides)
     return Settings(**values)
@@ -59,14 +71,16 @@ async def running_generator(settings: Settings) -> AsyncIterator[Service]:
         await service.stop()
 
 
-def generation_request(query: str, *, attempt: int = 1) -> Envelope:
+def generation_request(
+    query: str, *, attempt: int = 1, lease: timedelta = timedelta(minutes=5)
+) -> Envelope:
     """A GenerationRequested envelope as the orchestrator's relay publishes it."""
     event = GenerationRequested(
         attempt_id=uuid.uuid4(),
         attempt=attempt,
         query=query,
         priority=5,
-        lease_expires_at=utcnow() + timedelta(minutes=5),
+        lease_expires_at=utcnow() + lease,
     )
     return Envelope.wrap(
         event,
@@ -161,3 +175,95 @@ async def wait_until(condition: Any, timeout: float = 20.0, what: str = "conditi
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout} s")
         await asyncio.sleep(0.02)
+
+
+def cancel_message(request: Envelope, *, requested: bool = False) -> Envelope:
+    """The JobCancelled (or JobCancelRequested) the relay publishes for ``request``'s job."""
+    event = JobCancelRequested(reason="test") if requested else JobCancelled(reason="test")
+    return Envelope.wrap(
+        event,
+        correlation_id=request.correlation_id,
+        job_id=request.job_id,
+        user_id=request.user_id,
+        canvas_id=request.canvas_id,
+    )
+
+
+def metric(name: str, **labels: str) -> float:
+    """A sample of this process's default Prometheus registry (0 when absent)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@dataclass
+class Answer:
+    """What the stand-in orchestrator answers for one attempt."""
+
+    status_code: int = 200
+    current: bool = True
+    status: str = "queued"
+    delay: float = 0.0
+    body: Any = None  # sent as is instead of the usual answer, when given
+
+
+class StubOrchestrator:
+    """``GET /internal/attempts/{attempt_id}`` as the orchestrator serves it, answering
+    what a test set in ``answers`` (current and queued when not set); ``asked`` records
+    each question as (attempt_id, job_id)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.answers: dict[str, Answer] = {}
+        self.asked: list[tuple[str, str | None]] = []
+        self.app = FastAPI()
+
+        @self.app.get("/internal/attempts/{attempt_id}")
+        async def attempt(attempt_id: str, job_id: str | None = None) -> Response:
+            self.asked.append((attempt_id, job_id))
+            answer = self.answers.get(attempt_id, Answer())
+            if answer.delay:
+                await asyncio.sleep(answer.delay)
+            body = answer.body
+            if body is None:
+                body = {
+                    "attempt_id": attempt_id,
+                    "job_id": job_id,
+                    "current": answer.current,
+                    "status": answer.status,
+                }
+                if answer.status_code != 200:
+                    body = {"detail": "stub says no"}
+            return JSONResponse(body, status_code=answer.status_code)
+
+        @self.app.get("/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def attempts_asked(self) -> set[str]:
+        return {attempt_id for attempt_id, _ in self.asked}
+
+
+@pytest.fixture(scope="session")
+async def orchestrator() -> AsyncIterator[StubOrchestrator]:
+    """The stand-in orchestrator, serving on a free port for the session."""
+    stub = StubOrchestrator()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_http(stub.app, stub.port, stop, host="127.0.0.1"))
+
+    async def up() -> bool:
+        if server.done():
+            server.result()  # raises what stopped it
+        async with httpx.AsyncClient(timeout=1) as client:
+            with contextlib.suppress(httpx.HTTPError):
+                return (await client.get(f"{stub.url}/health")).status_code == 200
+        return False
+
+    await wait_until(up, what="the stand-in orchestrator up")
+    try:
+        yield stub
+    finally:
+        stop.set()
+        await server

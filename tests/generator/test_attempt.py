@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
+
+import pytest
 
 from canvas_events.broker import Broker
 from canvas_events.events import GenerationFailed, GenerationRequested, GenerationSucceeded
 from canvas_events.topology import Topology
 from canvas_generator.client import Completion
 from canvas_generator.worker import Worker
-from tests.generator.conftest import generation_request
+from tests.generator.conftest import cancel_message, generation_request
 
 
 class StubClient:
@@ -73,3 +76,52 @@ async def test_empty_query_fails_permanently_without_a_model_call():
     assert isinstance(result, GenerationFailed)
     assert (result.kind, result.retryable) == ("bad_request", False)
     assert client.calls == []
+
+
+class BlockingClient:
+    """A model call that lasts until cancelled."""
+
+    model = "stub-model"
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.aborted = False
+
+    async def complete(self, messages: Any) -> Completion:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.aborted = True
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_job_cancel_aborts_the_model_call_and_yields_no_result():
+    client = BlockingClient()
+    worker = _worker(client)  # type: ignore[arg-type]
+    envelope = generation_request("a flow")
+    request = GenerationRequested.model_validate(envelope.data)
+    assert envelope.job_id is not None
+    running = asyncio.create_task(worker._attempt_unless_cancelled(envelope.job_id, request))
+    await client.entered.wait()
+    await worker.cancellations.handle(cancel_message(envelope), None)  # type: ignore[arg-type]
+    assert await running is None
+    assert client.aborted
+
+
+async def test_cancelling_the_handler_itself_is_not_taken_for_a_job_cancel():
+    # At shutdown the broker cancels its handlers: that must stay a cancellation (the
+    # message is not acked, another generator gets it), not become "job cancelled".
+    client = BlockingClient()
+    envelope = generation_request("a flow")
+    request = GenerationRequested.model_validate(envelope.data)
+    assert envelope.job_id is not None
+    running = asyncio.create_task(
+        _worker(client)._attempt_unless_cancelled(envelope.job_id, request)  # type: ignore[arg-type]
+    )
+    await client.entered.wait()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert client.aborted

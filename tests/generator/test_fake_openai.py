@@ -191,3 +191,32 @@ async def test_openai_client_lists_the_stand_in_models(fake_openai):
     async with client:
         models = [model.id async for model in client.models.list()]
     assert "gpt-4o-mini" in models
+
+
+@pytest.mark.parametrize("directive", ["delay_ms=60000", "together=99", "timeout"])
+async def test_a_waiting_call_ends_when_its_client_hangs_up_and_counts_as_abandoned(
+    fake_openai, directive
+):
+    before = fake_openai.stats()
+    client = openai.AsyncOpenAI(
+        api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0, timeout=120
+    )
+    async with client:
+        call = asyncio.create_task(
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": f"x [[fake:{directive}]]"}],
+            )
+        )
+        await wait_until(
+            lambda: fake_openai.stats()["in_flight"] == before["in_flight"] + 1,
+            what="the call held",
+        )
+        call.cancel()  # closes the connection, as an aborted attempt does
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await wait_until(
+        lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
+        what="the stand-in to let the call go",
+    )
+    assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1

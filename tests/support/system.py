@@ -1,6 +1,7 @@
 """The whole system as real processes: the four services and the stand-in model, each
 started with its console script, on free ports, against one database and one topology
-prefix of its own."""
+prefix of its own. Fault tests add replicas (a second orchestrator or generator, each a
+process of its own on its own port) with :meth:`System.add_replica`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from tests.support.processes import ServiceProcess, free_port
 
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
 OPENAI_KEY = "sk-e2e-test-key-0123456789"
+# Console script and port variable of each kind of service that can run as several
+# processes (System.add_replica).
+REPLICA_COMMANDS = {
+    "orchestrator": ("canvas-orchestrator", "ORCHESTRATOR_PORT"),
+    "generator": ("canvas-generator", "GENERATOR_PORT"),
+    "notifier": ("canvas-notifier", "NOTIFIER_PORT"),
+    "gateway": ("canvas-gateway", "GATEWAY_PORT"),
+}
 
 
 @dataclass
@@ -49,6 +58,9 @@ class System:
             "NOTIFIER_PORT": str(self.ports["notifier"]),
             "ORCHESTRATOR_PORT": str(self.ports["orchestrator"]),
             "GENERATOR_PORT": str(self.ports["generator"]),
+            # The generator asks the orchestrator whether an attempt is still current;
+            # this system's, not whatever listens on the default port.
+            "ORCHESTRATOR_URL": f"http://127.0.0.1:{self.ports['orchestrator']}",
             "FAKE_OPENAI_PORT": str(self.ports["fake-openai"]),
             "FAKE_OPENAI_REQUIRE_KEY": OPENAI_KEY,
             "LOG_LEVEL": "INFO",
@@ -66,6 +78,22 @@ class System:
         add("generator", "canvas-generator", "generator")
         add("notifier", "canvas-notifier", "notifier")
         add("gateway", "canvas-gateway", "gateway")
+
+    def add_replica(self, kind: str, name: str) -> ServiceProcess:
+        """One more process of ``kind`` (``orchestrator``, ``generator``, ...) named
+        ``name``, on a port of its own; started by :meth:`start` like the others (or by
+        hand when the system already runs)."""
+        command, port_variable = REPLICA_COMMANDS[kind]
+        assert name not in self.processes, f"{name} exists already"
+        self.ports[name] = free_port()
+        env = {**self.env, port_variable: str(self.ports[name])}
+        url = f"http://127.0.0.1:{self.ports[name]}/ready"
+        self.processes[name] = ServiceProcess(name, [command], env, self.log_dir, url)
+        return self.processes[name]
+
+    def url(self, name: str) -> str:
+        """Where process ``name`` serves HTTP."""
+        return f"http://127.0.0.1:{self.ports[name]}"
 
     @property
     def gateway_url(self) -> str:

@@ -6,8 +6,9 @@ crash redelivers it and handlers must be idempotent. What happens to a message:
 
 - the handler returns None or :data:`ACK`: acked.
 - it returns :class:`DeadLetter` or raises :class:`~canvas_events.errors.PoisonMessage`
-  (also raised for a body that is not a valid envelope): published to the
-  dead-letter queue with the reason in the ``x-canvas-error`` header, logged, acked.
+  (also raised, before the handler runs, for a body that is not a valid envelope, an
+  unknown event type or a newer schema version): published to the dead-letter queue
+  with the reason in the ``x-canvas-error`` header, logged, acked.
 - it raises a connection-type error (database or broker away): requeued after a pause,
   as often as it takes; such an error says nothing about the message.
 - it raises anything else, or returns :class:`Retry`: tried again after a pause, and
@@ -42,6 +43,7 @@ from aio_pika.abc import (
 
 from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage, PublishError
+from canvas_events.events import event_class
 from canvas_events.logging import redact
 from canvas_events.topology import QueueSpec, Topology
 
@@ -137,6 +139,8 @@ class Broker:
         self._supervisor: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._subscriptions: list[tuple[AbstractQueue, str]] = []
+        # Set when the current connection is gone, whoever closed it.
+        self._lost = asyncio.Event()
         self.last_error: str | None = "not connected yet"
         self.connect_count = 0
 
@@ -184,8 +188,7 @@ class Broker:
                 await self._connect()
                 delay = 0.2
                 log.info("broker connected", connection=self._connection_name)
-                assert self._connection is not None
-                await self._connection.closed()
+                await self._lost.wait()
                 if not self._stopping:
                     self.last_error = "connection lost"
                     log.warning("broker connection lost; reconnecting")
@@ -210,8 +213,16 @@ class Broker:
             heartbeat=self._heartbeat,
         )
         self._connection = connection
+        # aio-pika resolves connection.closed() only when *we* call close(): a connection
+        # the broker closed (a restart: CONNECTION_FORCED) or that dropped only runs the
+        # close callbacks. Waiting on closed() left a service without consumers (the
+        # gateway, the relay's publisher) on a dead connection for good, /ready still 200.
+        lost = self._lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
         channel = await connection.channel(publisher_confirms=True)
         self._publish_channel = channel
+        # A publishing channel the broker closed would fail every publish from then on.
+        channel.close_callbacks.add(self._on_channel_close(connection, "publishing"))
         self._subscriptions = []
         self._exchange, self._dead_letter_exchange = await declare_topology(channel, self.topology)
         for consumer in self._consumers:
@@ -241,15 +252,18 @@ class Broker:
 
         tag = await queue.consume(on_message)
         self._subscriptions.append((queue, tag))
-
         # A channel closed under us (e.g. a delivery acked twice) would silently stop this
         # consumer; close the whole connection so that the supervisor starts everything again.
+        channel.close_callbacks.add(self._on_channel_close(connection, consumer.queue.name))
+
+    def _on_channel_close(self, connection: AbstractConnection, what: str) -> Callable[..., None]:
         def on_channel_close(_: Any, exc: BaseException | None = None) -> None:
             if not self._stopping and self._connection is connection:
-                log.warning("consumer channel closed; reconnecting", queue=consumer.queue.name)
+                log.warning("channel closed; reconnecting", channel=what)
                 asyncio.get_running_loop().create_task(connection.close())
+                self._lost.set()
 
-        channel.close_callbacks.add(on_channel_close)
+        return on_channel_close
 
     async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -321,6 +335,10 @@ class Broker:
         structlog.contextvars.clear_contextvars()
         try:
             envelope = Envelope.from_json(message.body)
+            # Unknown types and newer schemas are poison for every consumer, also for one
+            # whose handler would skip the event unread (the notifier skips what it does
+            # not show): otherwise a message this build cannot read vanishes unseen.
+            event_class(envelope)
         except PoisonMessage as exc:
             await self._dead_letter(consumer, message, str(exc))
             return

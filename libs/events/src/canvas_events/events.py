@@ -180,6 +180,25 @@ def register_upcaster(type_name: str, from_version: int) -> Callable[[Upcaster],
     return register
 
 
+def event_class(envelope: Envelope) -> type[Event]:
+    """The event class of an envelope's ``type``, for a schema version this build reads.
+
+    Raises :class:`UnknownEventType` for a type this build does not know and
+    :class:`PoisonMessage` for a schema version from the future. The broker checks this
+    for every consumer before its handler runs (docs/events.md), whether or not the
+    handler reads the event's data.
+    """
+    cls = EVENT_TYPES.get(envelope.type)
+    if cls is None:
+        raise UnknownEventType(f"unknown event type {envelope.type!r}")
+    if envelope.schema_version > cls.SCHEMA_VERSION:
+        raise PoisonMessage(
+            f"{envelope.type} schema_version {envelope.schema_version} is newer than this "
+            f"build's {cls.SCHEMA_VERSION}"
+        )
+    return cls
+
+
 def parse_event(envelope: Envelope) -> Event:
     """The typed event inside an envelope, upcast to the current schema.
 
@@ -187,15 +206,8 @@ def parse_event(envelope: Envelope) -> Event:
     :class:`PoisonMessage` for a schema version from the future, or data that does not
     fit the schema: neither can succeed on a retry.
     """
-    cls = EVENT_TYPES.get(envelope.type)
-    if cls is None:
-        raise UnknownEventType(f"unknown event type {envelope.type!r}")
+    cls = event_class(envelope)
     version, data = envelope.schema_version, dict(envelope.data)
-    if version > cls.SCHEMA_VERSION:
-        raise PoisonMessage(
-            f"{envelope.type} schema_version {version} is newer than this build's "
-            f"{cls.SCHEMA_VERSION}"
-        )
     while version < cls.SCHEMA_VERSION:
         upcast = _UPCASTERS.get((envelope.type, version))
         if upcast is None:

@@ -23,6 +23,7 @@ def main() -> None:
         settings.amqp_url.get_secret_value(),
         settings.database_url.get_secret_value(),
         settings.openai_base_url or "",
+        settings.orchestrator_url,
     ):
         register_secret(urlsplit(url).password)
     log = structlog.get_logger("canvas_generator")
@@ -36,6 +37,7 @@ def main() -> None:
         model=settings.openai_model,
         base_url=redact(settings.openai_base_url or "https://api.openai.com/v1"),
         max_concurrent_jobs=settings.max_concurrent_jobs,
+        orchestrator_url=redact(settings.orchestrator_url),
         port=settings.generator_port,
         topology_prefix=settings.amqp_topology_prefix,
     )

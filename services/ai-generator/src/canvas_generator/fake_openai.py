@@ -17,8 +17,13 @@ Endpoints:
   without the prefix, e.g. ``{"failure_rate": 0.5, "failure_modes": "500,timeout"}``;
   only the keys given change). ``GET /_fake/config`` shows them.
 - ``GET /_fake/stats``: ``calls``, ``streams``, ``failures`` (by mode), ``in_flight``,
-  ``max_in_flight`` (most chat calls served at once). ``DELETE /_fake/stats`` resets
-  them. ``GET /_fake/requests``: the last 50 request bodies received.
+  ``max_in_flight`` (most chat calls served at once), ``abandoned`` (calls whose client
+  hung up before the answer: an aborted call shows here). ``DELETE /_fake/stats``
+  resets them. ``GET /_fake/requests``: the last 50 request bodies received.
+
+Every wait of a call (``delay_ms``, ``together``, ``timeout``) ends as soon as the
+client hangs up, as a real server stops generating then: ``in_flight`` drops at once,
+so a test can tell a call that was aborted from one that ran to its end.
 
 Knobs, from the environment at start:
 
@@ -70,7 +75,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -218,6 +223,7 @@ class Stats:
     failures: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
+    abandoned: int = 0
 
     def enter(self) -> None:
         """A chat call begins."""
@@ -237,6 +243,7 @@ class Stats:
             "failures": dict(self.failures),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "abandoned": self.abandoned,
         }
 
 
@@ -626,13 +633,22 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
     model.draw_failure(directives)
     config = model.config
     delay_ms = config.delay_ms if directives.delay_ms is None else directives.delay_ms
-    if directives.together:
-        await model.wait_together(ticket, directives.together)
-    if delay_ms:
-        await asyncio.sleep(delay_ms / 1000)
     if directives.timeout:
         model.stats.failures["timeout"] += 1
-        await _hold(request)
+    waits: list[Awaitable[None]] = []
+    if directives.together:
+        waits.append(model.wait_together(ticket, directives.together))
+    if delay_ms:
+        waits.append(asyncio.sleep(delay_ms / 1000))
+    if directives.timeout:
+        waits.append(_hold())
+    for wait in waits:
+        if not await _unless_client_gone(request, wait):
+            model.stats.abandoned += 1
+            log.info("chat call abandoned by the client")
+            # Nobody reads this answer: the client is gone.
+            return Response(status_code=499)
+    if directives.timeout:
         return error_response(504)
     if directives.status is not None and directives.status >= 400:
         model.stats.failures[str(directives.status)] += 1
@@ -696,13 +712,29 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
     )
 
 
-async def _hold(request: Request) -> None:
-    """Answer nothing until the client hangs up (or MAX_HOLD_SECONDS pass)."""
+async def _hold() -> None:
+    """Answer nothing for MAX_HOLD_SECONDS (the client hangs up long before)."""
+    await asyncio.sleep(MAX_HOLD_SECONDS)
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the client hangs up."""
     # The body was read already: the next ASGI message is the client's disconnect.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(MAX_HOLD_SECONDS):
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_gone(request: Request, wait: Awaitable[None]) -> bool:
+    """Run ``wait``; False (and ``wait`` cancelled) if the client hung up first."""
+    waiting = asyncio.ensure_future(wait)
+    watching = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, watching):
+            task.cancel()
+        await asyncio.gather(waiting, watching, return_exceptions=True)
+    return not (watching.done() and not watching.cancelled())
 
 
 async def _stream(

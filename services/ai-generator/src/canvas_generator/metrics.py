@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from canvas_generator.checks import SkipReason
 from canvas_generator.errors import FailureKind
 
 # Model calls take from a fraction of a second to about a minute.
@@ -29,6 +30,15 @@ GENERATIONS_IN_FLIGHT = Gauge(
     "canvas_generations_in_flight",
     "Attempts this process is working on right now.",
 )
+GENERATIONS_CANCELLED = Counter(
+    "canvas_generation_cancelled_total",
+    "Attempts aborted during their model call because their job was cancelled.",
+)
+GENERATIONS_SKIPPED = Counter(
+    "canvas_generation_skipped_total",
+    "Attempts taken from the work queue and dropped before any model call, by reason.",
+    ["reason"],
+)
 GENERATED_OBJECTS = Counter(
     "canvas_generated_objects_total",
     "Objects in model replies: valid ones kept, invalid ones dropped.",
@@ -39,7 +49,9 @@ GENERATED_OBJECTS = Counter(
 # first failure.
 for _kind in FailureKind:
     OPENAI_ERRORS.labels(kind=_kind.value)
-for _outcome in ("succeeded", "failed"):
+for _outcome in ("succeeded", "failed", "cancelled"):
     GENERATION_ATTEMPT_SECONDS.labels(outcome=_outcome)
+for _reason in SkipReason:
+    GENERATIONS_SKIPPED.labels(reason=_reason.value)
 for _result in ("kept", "dropped"):
     GENERATED_OBJECTS.labels(result=_result)

@@ -1,8 +1,10 @@
-"""Wiring of one ai-generator process: broker, model client, worker, HTTP app."""
+"""Wiring of one ai-generator process: broker (work and control queues), model client,
+orchestrator check, worker, HTTP app."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import structlog
 
@@ -10,7 +12,9 @@ from canvas_events.broker import Broker
 from canvas_events.ops import Readiness
 from canvas_events.runtime import instance_id, serve_http
 from canvas_generator.app import create_app
+from canvas_generator.checks import AttemptChecker
 from canvas_generator.client import ModelClient
+from canvas_generator.control import Cancellations
 from canvas_generator.settings import Settings
 from canvas_generator.worker import Worker
 
@@ -29,12 +33,25 @@ class Service:
             connection_name=self.generator_id,
         )
         self.client = ModelClient.from_settings(settings)
+        self.checker = AttemptChecker(
+            settings.orchestrator_url, timeout=settings.orchestrator_timeout_seconds
+        )
+        # The suffix keeps two generators in one process (tests) off each other's
+        # exclusive control queue.
+        self.cancellations = Cancellations(
+            settings.topology, f"{self.generator_id}-{secrets.token_hex(3)}"
+        )
         self.worker = Worker(
             self.broker,
             self.client,
             generator_id=self.generator_id,
             prefetch=settings.max_concurrent_jobs,
+            cancellations=self.cancellations,
+            checker=self.checker,
         )
+        # Control first: on every (re)connect the control queue is consumed before any
+        # work is taken, so no attempt starts unable to hear its job's cancel.
+        self.broker.add_consumer(self.cancellations.consumer())
         self.broker.add_consumer(self.worker.consumer())
         self.readiness = Readiness()
         self.readiness.add_broker(self.broker)
@@ -48,6 +65,7 @@ class Service:
         """Take no new work, let the attempts in flight finish, close the connections."""
         await self.broker.stop(drain_timeout=self.settings.shutdown_grace_seconds)
         await self.client.aclose()
+        await self.checker.aclose()
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -22,6 +23,19 @@ class Settings(CommonSettings):
     # Per process: the work queue's prefetch, so also the number of calls in flight.
     max_concurrent_jobs: int = Field(default=10, ge=1, le=1000)
     generator_port: Port = 8003
+    # The orchestrator's internal HTTP API: asked, before each model call, whether the
+    # attempt is still the one its job waits for (a cancelled job's is not).
+    orchestrator_url: str = "http://127.0.0.1:8002"
+    # Short: when the orchestrator cannot answer in time, the attempt goes ahead anyway.
+    orchestrator_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+    @field_validator("orchestrator_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
 
     @field_validator("openai_api_key", "openai_base_url", mode="before")
     @classmethod

@@ -1,15 +1,37 @@
 """The work loop: one GenerationRequested in, GenerationStarted and a result out.
 
+For each attempt taken from the work queue:
+
+1. checks (:mod:`canvas_generator.checks`): an attempt past its lease, of a job this
+   process heard cancelled, or that the orchestrator says is no longer current, is
+   acked and dropped with an "attempt skipped" log line; nothing is published;
+2. GenerationStarted is published, then the model is called in a task of its own that
+   a cancel of the job aborts (:mod:`canvas_generator.control`): an aborted attempt
+   logs "attempt cancelled" and publishes nothing;
+3. the result (GenerationSucceeded or GenerationFailed) is published.
+
 A work message is acked only after its result was confirmed by the broker; if a
 publish fails the handler raises (a ConnectionError), and the broker hands the work
 out again. A second run of the same attempt is harmless: the orchestrator records an
 attempt's result once.
+
+Priority: the work queue is a classic queue with ``x-max-priority`` and the relay
+publishes each GenerationRequested with the job's priority, so the broker hands out the
+highest priority first. The consumer's prefetch is MAX_CONCURRENT_JOBS, and each
+message is worked as soon as it is delivered, so a generator holds only the attempts it
+is working on: at most MAX_CONCURRENT_JOBS messages per process are taken ahead of a
+higher-priority one published after them. A larger prefetch would let more messages
+wait inside the process, out of the broker's priority order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
+from uuid import UUID
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -24,12 +46,16 @@ from canvas_events.events import (
     parse_event,
 )
 from canvas_events.topology import GENERATOR, routing_key
+from canvas_generator.checks import AttemptChecker, SkipReason, Verdict, lease_expired
 from canvas_generator.client import ModelClient
+from canvas_generator.control import Cancellations
 from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, classify
 from canvas_generator.metrics import (
     GENERATED_OBJECTS,
     GENERATION_ATTEMPT_SECONDS,
+    GENERATIONS_CANCELLED,
     GENERATIONS_IN_FLIGHT,
+    GENERATIONS_SKIPPED,
     OPENAI_ERRORS,
 )
 from canvas_generator.parsing import parse_reply
@@ -44,15 +70,32 @@ class Worker:
     """Takes attempts from the work queue and publishes what became of them."""
 
     def __init__(
-        self, broker: Broker, client: ModelClient, *, generator_id: str, prefetch: int
+        self,
+        broker: Broker,
+        client: ModelClient,
+        *,
+        generator_id: str,
+        prefetch: int,
+        cancellations: Cancellations | None = None,
+        checker: AttemptChecker | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._broker = broker
         self._client = client
         self.generator_id = generator_id
         self._prefetch = prefetch
+        self.cancellations = (
+            cancellations
+            if cancellations is not None
+            else Cancellations(broker.topology, generator_id)
+        )
+        # None: no orchestrator to ask (the other checks still apply).
+        self._checker = checker
+        self._clock = clock
 
     def consumer(self) -> Consumer:
-        """The work queue's consumer: ``prefetch`` attempts at once, each in its own task."""
+        """The work queue's consumer: ``prefetch`` attempts at once, each in its own task
+        (so prefetch = MAX_CONCURRENT_JOBS keeps the broker's priority order, see above)."""
         return Consumer(
             queue=self._broker.topology.generator_work,
             handler=self.handle,
@@ -68,6 +111,37 @@ class Worker:
             log.warning("not a generation request; ignored", event_type=envelope.type)
             return ACK
         structlog.contextvars.bind_contextvars(attempt_id=str(event.attempt_id))
+        try:
+            if await self._skipped(envelope.job_id, event):
+                return ACK
+            await self._run(envelope, event)
+        finally:
+            structlog.contextvars.unbind_contextvars("attempt_id")
+        return ACK
+
+    async def _skipped(self, job_id: UUID | None, event: GenerationRequested) -> bool:
+        """Whether the attempt is not worth a model call (logged and counted if so)."""
+        details: dict[str, Any] = {}
+        reason: SkipReason | None = None
+        if lease_expired(event.lease_expires_at, self._clock()):
+            reason = SkipReason.LEASE_EXPIRED
+            details["lease_expires_at"] = event.lease_expires_at.isoformat()
+        elif job_id is not None and self.cancellations.is_cancelled(job_id):
+            reason = SkipReason.CANCELLED
+        elif job_id is not None and self._checker is not None:
+            check = await self._checker.check(job_id, event.attempt_id)
+            if check.verdict is Verdict.NOT_CURRENT:
+                reason = SkipReason.NOT_CURRENT
+                details["status"] = check.status
+            elif check.verdict is Verdict.UNKNOWN:
+                log.warning("attempt check failed; proceeding", error=check.detail)
+        if reason is None:
+            return False
+        GENERATIONS_SKIPPED.labels(reason=reason.value).inc()
+        log.info("attempt skipped", reason=reason.value, attempt=event.attempt, **details)
+        return True
+
+    async def _run(self, envelope: Envelope, event: GenerationRequested) -> None:
         GENERATIONS_IN_FLIGHT.inc()
         started = time.perf_counter()
         outcome = "failed"
@@ -87,9 +161,15 @@ class Worker:
                 model=self._client.model,
                 generator_id=self.generator_id,
                 lease_expires_at=event.lease_expires_at.isoformat(),
-                lease_expired=_expired(event.lease_expires_at),
             )
-            result = await self.attempt(event)
+            result = await self._attempt_unless_cancelled(envelope.job_id, event)
+            if result is None:
+                outcome = "cancelled"
+                GENERATIONS_CANCELLED.inc()
+                # Nothing to publish: the job is cancelled, and the orchestrator would
+                # ignore a result anyway.
+                log.info("attempt cancelled", attempt=event.attempt)
+                return
             await self._publish(envelope.follow(result))
             outcome = "succeeded" if isinstance(result, GenerationSucceeded) else "failed"
         finally:
@@ -97,8 +177,27 @@ class Worker:
             GENERATION_ATTEMPT_SECONDS.labels(outcome=outcome).observe(
                 time.perf_counter() - started
             )
-            structlog.contextvars.unbind_contextvars("attempt_id")
-        return ACK
+
+    async def _attempt_unless_cancelled(
+        self, job_id: UUID | None, request: GenerationRequested
+    ) -> Result | None:
+        """The attempt's result, or None when a cancel of its job came first or aborted
+        its model call."""
+        if job_id is None:
+            return await self.attempt(request)
+        # No await between this check and track(): a cancel that arrives later finds the
+        # task, one that came earlier is in the set (asyncio runs one thing at a time).
+        if self.cancellations.is_cancelled(job_id):
+            return None
+        task = asyncio.create_task(self.attempt(request), name=f"attempt-{request.attempt_id}")
+        with self.cancellations.track(job_id, task):
+            try:
+                return await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this handler itself is cancelled (shutdown), not the job
+                return None
 
     async def attempt(self, request: GenerationRequested) -> Result:
         """Call the model and read its reply: the event that says how it went."""
@@ -157,8 +256,3 @@ def _failed(request: GenerationRequested, failure: AttemptFailed) -> GenerationF
         retryable=failure.retryable,
         retry_after_seconds=failure.retry_after_seconds,
     )
-
-
-def _expired(lease_expires_at: datetime) -> bool:
-    # Still worth running: the orchestrator decides whether a late result counts.
-    return lease_expires_at <= utcnow()

@@ -8,12 +8,13 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from canvas_events.broker import Broker
 from canvas_events.ops import Readiness, metrics_payload
 from canvas_events.postgres import Database, DatabaseUnavailable
+from canvas_orchestrator.domain import JobStatus
 from canvas_orchestrator.event_store import load
 from canvas_orchestrator.metrics import Metrics
 
@@ -22,6 +23,9 @@ JOB_COLUMNS = (
     "updated_at, started_at, completed_at, error_message, retry_count, next_attempt_at, "
     "attempt, attempt_id, lease_expires_at, result, version, last_position"
 )
+
+# The statuses in which a job waits for the result of its current attempt.
+_WAITING_FOR_ATTEMPT = frozenset({JobStatus.QUEUED.value, JobStatus.PROCESSING.value})
 
 
 async def _connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
@@ -75,6 +79,34 @@ def create_app(
         if row is None:
             raise HTTPException(404, detail="job not found")
         return dict(row)
+
+    @app.get("/internal/attempts/{attempt_id}")
+    async def attempt(
+        attempt_id: UUID,
+        conn: Conn,
+        job_id: Annotated[UUID | None, Query(description="The attempt's job (faster).")] = None,
+    ) -> dict[str, Any]:
+        """Whether an attempt is still the one its job waits for. Generators ask just
+        before they call the model, so that an attempt of a job cancelled (or of one that
+        moved on) while it waited in the work queue costs no model call."""
+        if job_id is not None:
+            row = await conn.fetchrow(
+                "SELECT id, status, attempt_id FROM jobs WHERE id = $1", job_id
+            )
+        else:
+            # Without the job, only a current attempt can be found (no index: a scan).
+            row = await conn.fetchrow(
+                "SELECT id, status, attempt_id FROM jobs WHERE attempt_id = $1", attempt_id
+            )
+        if row is None:
+            raise HTTPException(404, detail="attempt not found")
+        current = row["attempt_id"] == attempt_id and row["status"] in _WAITING_FOR_ATTEMPT
+        return {
+            "attempt_id": attempt_id,
+            "job_id": row["id"],
+            "current": current,
+            "status": row["status"],
+        }
 
     @app.get("/internal/jobs/{job_id}/events")
     async def job_events(job_id: UUID, conn: Conn) -> dict[str, Any]:

@@ -1,0 +1,509 @@
+"""A job's whole lifecycle on the whole system as real processes: cancellation that
+reaches the generator, priority when the generator is saturated, retries and their
+backoff, permanent failures, Idempotency-Key under concurrent duplicates, and the job
+list's pagination.
+
+One system for the module, with one generator that runs one attempt at a time
+(MAX_CONCURRENT_JOBS=1), so that a test can keep it busy with a "blocker": a job whose
+model call never answers on its own ([[fake:timeout]], with a 120 s model timeout), and
+that the test releases by cancelling it. Every test leaves the generator idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+import websockets
+
+from canvas_events.topology import Topology
+from tests.conftest import delete_topology
+from tests.support.env import amqp_url, database_url
+from tests.support.system import System
+
+pytestmark = pytest.mark.e2e
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    name = f"cj_life_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url("postgres"))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    prefix = f"l{uuid.uuid4().hex[:10]}"
+    log_dir: Path = tmp_path_factory.mktemp("lifecycle-logs")
+    running = System(
+        database_url(name),
+        amqp_url(),
+        prefix,
+        log_dir,
+        extra_env={
+            "MAX_CONCURRENT_JOBS": "1",
+            "MAX_JOB_RETRIES": "2",
+            "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
+            # A blocker's call is held until it is cancelled, far beyond any deadline
+            # here; the lease (180 s by default) must outlast it.
+            "OPENAI_TIMEOUT_SECONDS": "120",
+        },
+    )
+    try:
+        await running.start()
+        yield running
+    finally:
+        running.stop()
+        await delete_topology(amqp_url(), Topology(prefix))
+        admin = await asyncpg.connect(database_url("postgres"))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def eventually(
+    condition: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` (sync or async) until it returns a truthy value; return it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+class Client:
+    """One user's REST client and WebSocket on the running system."""
+
+    def __init__(self, system: System, http: httpx.AsyncClient, ws: Any, user: str) -> None:
+        self.system = system
+        self.http = http
+        self.ws = ws
+        self.user = user
+        self.frames: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+
+    async def post(
+        self, query: str, *, priority: int = 5, key: str | None = None
+    ) -> httpx.Response:
+        headers = {"Idempotency-Key": key} if key else {}
+        return await self.http.post(
+            "/api/ai-agent/create-canvas",
+            json={"query": query, "priority": priority},
+            headers=headers,
+        )
+
+    async def submit(self, query: str, *, priority: int = 5) -> str:
+        answer = await self.post(query, priority=priority)
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["job_id"])
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/status")
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    async def events(self, job_id: str) -> list[dict[str, Any]]:
+        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/events")
+        assert answer.status_code == 200, answer.text
+        return list(answer.json()["events"])
+
+    async def cancel(self, job_id: str) -> httpx.Response:
+        return await self.http.post(f"/api/ai-agent/job/{job_id}/cancel")
+
+    async def until_status(
+        self, job_id: str, *statuses: str, timeout: float = 30
+    ) -> dict[str, Any]:
+        async def reached() -> dict[str, Any] | None:
+            status = await self.status(job_id)
+            return status if status["status"] in statuses else None
+
+        return dict(await eventually(reached, timeout=timeout, what=f"{job_id} in {statuses}"))
+
+    async def until_frame(
+        self, job_id: str, frame_type: str, timeout: float = 30
+    ) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next(
+                (f for f in self.frames if f["job_id"] == job_id and f["type"] == frame_type),
+                None,
+            )
+
+        return dict(await eventually(found, timeout=timeout, what=f"{frame_type} of {job_id}"))
+
+    def frames_of(self, job_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["job_id"] == job_id]
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@contextlib.asynccontextmanager
+async def client(system: System) -> AsyncIterator[Client]:
+    """A new user, with a WebSocket open before any of their jobs exists."""
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    token = system.token(user)
+    async with (
+        websockets.connect(system.websocket_url(token)) as ws,
+        httpx.AsyncClient(
+            base_url=system.gateway_url,
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as http,
+    ):
+        user_client = Client(system, http, ws, user)
+        try:
+            yield user_client
+        finally:
+            await user_client.close()
+
+
+def stand_in(system: System, path: str) -> Any:
+    return httpx.get(f"{system.fake_openai_url}{path}", timeout=5).json()
+
+
+def stand_in_saw(system: System, marker: str) -> bool:
+    """Whether any request the stand-in received mentions ``marker``."""
+    return any(marker in json.dumps(body) for body in stand_in(system, "/_fake/requests"))
+
+
+async def work_queue_ready(system: System) -> int:
+    """Messages waiting in the work queue (not those a generator holds)."""
+    connection = await aio_pika.connect(system.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            Topology(system.prefix).generator_work.name, passive=True
+        )
+        return queue.declaration_result.message_count or 0
+
+
+def generator_lines(system: System, job_id: str, event: str) -> list[dict[str, Any]]:
+    return [
+        line
+        for line in system.processes["generator"].log_lines()
+        if line.get("job_id") == job_id and line.get("event") == event
+    ]
+
+
+async def start_blocker(user: Client) -> str:
+    """A job whose model call holds the only generator slot until it is cancelled."""
+    in_flight = stand_in(user.system, "/_fake/stats")["in_flight"]
+    job_id = await user.submit(f"blocker {uuid.uuid4().hex} [[fake:timeout]]")
+    await user.until_status(job_id, "processing")
+    await eventually(
+        lambda: stand_in(user.system, "/_fake/stats")["in_flight"] == in_flight + 1,
+        what="the blocker's model call in flight",
+    )
+    return job_id
+
+
+async def release(user: Client, blocker: str) -> None:
+    """Cancel the blocker; its model call is aborted and the generator takes more work."""
+    assert (await user.cancel(blocker)).status_code == 202
+    await user.until_status(blocker, "cancelled")
+    await eventually(
+        lambda: generator_lines(user.system, blocker, "attempt cancelled"),
+        what="the blocker's attempt cancelled",
+    )
+
+
+def _at(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# -- cancellation ----------------------------------------------------------------------
+
+
+async def test_cancel_queued_job_never_calls_the_model(system: System) -> None:
+    async with client(system) as user:
+        blocker = await start_blocker(user)
+        marker = uuid.uuid4().hex
+        job_id = await user.submit(f"a drawing nobody will see {marker}")
+        await eventually(lambda: work_queue_ready(system), what="the attempt in the work queue")
+        assert (await user.status(job_id))["status"] == "queued"
+
+        assert (await user.cancel(job_id)).status_code == 202
+        await user.until_status(job_id, "cancelled")
+        await user.until_frame(job_id, "ai_job_cancelled")
+
+        # The generator now takes the cancelled job's attempt from the queue: it must
+        # drop it without a model call.
+        await release(user, blocker)
+        skipped = await eventually(
+            lambda: generator_lines(system, job_id, "attempt skipped"),
+            what="the cancelled job's attempt skipped",
+        )
+        assert skipped[0]["reason"] == "cancelled"
+        assert await work_queue_ready(system) == 0
+        assert not stand_in_saw(system, marker)
+        types = [event["type"] for event in await user.events(job_id)]
+        assert types == [
+            "JobRequested",
+            "JobQueued",
+            "GenerationRequested",
+            "JobCancelRequested",
+            "JobCancelled",
+        ]
+        assert [f["type"] for f in user.frames_of(job_id)] == ["ai_job_queued", "ai_job_cancelled"]
+
+
+async def test_cancel_while_processing_aborts_the_model_call_and_discards_objects(
+    system: System,
+) -> None:
+    async with (
+        client(system) as user,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{system.ports['orchestrator']}", timeout=10
+        ) as orchestrator,
+    ):
+        stats = stand_in(system, "/_fake/stats")
+        marker = uuid.uuid4().hex
+        accepted = await user.post(f"a drawing cut short {marker} [[fake:timeout]]")
+        job_id, canvas_id = accepted.json()["job_id"], accepted.json()["canvas_id"]
+        await user.until_status(job_id, "processing")
+        await user.until_frame(job_id, "ai_generation_started")
+        await eventually(lambda: stand_in_saw(system, marker), what="the model call made")
+        assert stand_in(system, "/_fake/stats")["in_flight"] == stats["in_flight"] + 1
+
+        (requested,) = [e for e in await user.events(job_id) if e["type"] == "GenerationRequested"]
+        attempt_url = f"/internal/attempts/{requested['data']['attempt_id']}"
+        running = (await orchestrator.get(attempt_url, params={"job_id": job_id})).json()
+        assert running == {
+            "attempt_id": requested["data"]["attempt_id"],
+            "job_id": job_id,
+            "current": True,
+            "status": "processing",
+        }
+
+        assert (await user.cancel(job_id)).status_code == 202
+        await user.until_status(job_id, "cancelled")
+        await user.until_frame(job_id, "ai_job_cancelled")
+
+        # The call was aborted, not left to run out its 120 s timeout.
+        await eventually(
+            lambda: stand_in(system, "/_fake/stats")["in_flight"] == stats["in_flight"],
+            what="the stand-in to see the call end",
+        )
+        assert stand_in(system, "/_fake/stats")["abandoned"] == stats["abandoned"] + 1
+        await eventually(
+            lambda: generator_lines(system, job_id, "attempt cancelled"),
+            what="the generator to log the abort",
+        )
+
+        objects = await user.http.get(f"/api/canvas/{canvas_id}/objects")
+        assert objects.json()["objects"] == []
+        types = [event["type"] for event in await user.events(job_id)]
+        assert "GenerationSucceeded" not in types and "GenerationFailed" not in types
+        assert types[-1] == "JobCancelled"
+        final = await user.status(job_id)
+        assert final["result"] is None
+
+        after = (await orchestrator.get(attempt_url, params={"job_id": job_id})).json()
+        assert (after["current"], after["status"]) == (False, "cancelled")
+        unknown = await orchestrator.get(f"/internal/attempts/{uuid.uuid4()}")
+        assert unknown.status_code == 404
+
+
+async def test_cancelling_a_final_job_answers_409(system: System) -> None:
+    async with client(system) as user:
+        done = await user.submit("three boxes in a row")
+        await user.until_status(done, "completed")
+        refused = await user.cancel(done)
+        assert refused.status_code == 409
+        assert "completed" in refused.json()["detail"]
+        assert (await user.status(done))["status"] == "completed"
+
+        failed = await user.submit("a bad request [[fake:status=400]]")
+        await user.until_status(failed, "failed")
+        assert (await user.cancel(failed)).status_code == 409
+
+
+# -- priority --------------------------------------------------------------------------
+
+
+async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
+    system: System,
+) -> None:
+    async with client(system) as user:
+        blocker = await start_blocker(user)
+        low = [await user.submit(f"low priority {i}", priority=1) for i in range(3)]
+        high = await user.submit("urgent", priority=9)
+
+        async def all_four_waiting() -> bool:
+            return await work_queue_ready(system) == 4
+
+        await eventually(all_four_waiting, what="all four attempts in the work queue")
+
+        await release(user, blocker)
+        for job_id in [*low, high]:
+            await user.until_status(job_id, "completed")
+        started = sorted(
+            (f for f in user.frames if f["type"] == "ai_generation_started"),
+            key=lambda f: f["position"],
+        )
+        order = [f["job_id"] for f in started if f["job_id"] != blocker]
+        assert order[0] == high, f"started in this order: {order} (high = {high})"
+        assert sorted(order[1:]) == sorted(low)
+
+
+# -- retries and permanent failures ----------------------------------------------------
+
+
+async def test_server_errors_are_retried_up_to_max_job_retries_then_fail(system: System) -> None:
+    async with client(system) as user:
+        job_id = await user.submit("always broken [[fake:status=500]]")
+        final = await user.until_status(job_id, *FINAL)
+        assert final["status"] == "failed"
+        assert final["retry_count"] == 2
+        assert "500" in final["error_message"]
+
+        events = await user.events(job_id)
+        retries = [e for e in events if e["type"] == "JobRetryScheduled"]
+        assert [r["data"]["retry_count"] for r in retries] == [1, 2]
+        for retry in retries:
+            assert _at(retry["data"]["next_attempt_at"]) > _at(retry["occurred_at"])
+        assert [e["type"] for e in events].count("GenerationFailed") == 3
+        assert [e["data"]["attempt"] for e in events if e["type"] == "GenerationRequested"] == [
+            1,
+            2,
+            3,
+        ]
+
+        def three_errors() -> list[dict[str, Any]] | None:
+            errors = [f for f in user.frames_of(job_id) if f["type"] == "ai_job_error"]
+            return errors if len(errors) == 3 else None
+
+        errors = await eventually(three_errors, what="three ai_job_error frames")
+        assert [(e["data"]["retryable"], e["data"]["final"]) for e in errors[:2]] == [
+            (True, False),
+            (True, False),
+        ]
+        assert all(e["data"]["next_attempt_at"] for e in errors[:2])
+        assert errors[2]["data"]["final"] is True
+
+
+async def test_rate_limit_retry_waits_at_least_the_retry_after(system: System) -> None:
+    async with client(system) as user:
+        job_id = await user.submit("too fast [[fake:status=429,retry_after=1]]")
+        final = await user.until_status(job_id, *FINAL)
+        assert (final["status"], final["retry_count"]) == ("failed", 2)
+        events = await user.events(job_id)
+        retries = [e for e in events if e["type"] == "JobRetryScheduled"]
+        assert len(retries) == 2
+        # Each retry is decided on the 429 just before it: measured from the moment the
+        # generator got that 429 (its GenerationFailed), the wait is at least the
+        # Retry-After of 1 s, where the backoff alone would be 0.2 s, then 0.4 s.
+        for retry in retries:
+            index = events.index(retry)
+            failed = events[index - 1]
+            assert failed["type"] == "GenerationFailed"
+            assert failed["data"]["retry_after_seconds"] == 1
+            wait = _at(retry["data"]["next_attempt_at"]) - _at(failed["occurred_at"])
+            assert wait.total_seconds() >= 1.0, wait
+        # And no attempt was dispatched before its time.
+        requested = [e for e in events if e["type"] == "GenerationRequested"]
+        for retry, next_attempt in zip(retries, requested[1:], strict=True):
+            assert _at(next_attempt["occurred_at"]) >= _at(retry["data"]["next_attempt_at"])
+
+
+async def test_bad_request_fails_at_once_without_retries(system: System) -> None:
+    async with client(system) as user:
+        job_id = await user.submit("refused [[fake:status=400]]")
+        final = await user.until_status(job_id, *FINAL)
+        assert (final["status"], final["retry_count"]) == ("failed", 0)
+        assert "400" in final["error_message"]
+        types = [e["type"] for e in await user.events(job_id)]
+        assert "JobRetryScheduled" not in types
+        assert types.count("GenerationRequested") == 1
+        assert types[-1] == "JobFailed"
+
+
+# -- Idempotency-Key and the job list --------------------------------------------------
+
+
+async def test_concurrent_duplicate_requests_make_one_job(system: System) -> None:
+    async with client(system) as user:
+        key = f"key-{uuid.uuid4().hex}"
+        answers = await asyncio.gather(
+            *(user.post("one job only, please", key=key) for _ in range(10))
+        )
+        assert [a.status_code for a in answers] == [202] * 10, [a.text for a in answers]
+        job_ids = {a.json()["job_id"] for a in answers}
+        assert len(job_ids) == 1
+        (job_id,) = job_ids
+        await user.until_status(job_id, "completed")
+
+        listed = (await user.http.get("/api/ai-agent/jobs")).json()
+        assert [job["id"] for job in listed["jobs"]] == [job_id]
+        types = [e["type"] for e in await user.events(job_id)]
+        assert types.count("JobRequested") == 1
+        assert types.count("GenerationRequested") == 1
+
+
+async def test_job_list_pages_with_a_cursor_and_filters_by_status(system: System) -> None:
+    async with client(system) as user:
+        submitted = []
+        for i in range(5):
+            directive = " [[fake:status=400]]" if i % 2 else ""
+            submitted.append(await user.submit(f"job number {i}{directive}"))
+        for job_id in submitted:
+            await user.until_status(job_id, *FINAL)
+        newest_first = list(reversed(submitted))
+
+        pages: list[list[str]] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 2}
+            if cursor:
+                params["cursor"] = cursor
+            page = (await user.http.get("/api/ai-agent/jobs", params=params)).json()
+            if page["jobs"]:
+                pages.append([job["id"] for job in page["jobs"]])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+            assert len(pages) < 10, "the cursor never ends"
+        assert [len(p) for p in pages] == [2, 2, 1]
+        assert [job_id for p in pages for job_id in p] == newest_first
+
+        failed = (await user.http.get("/api/ai-agent/jobs", params={"status": "failed"})).json()
+        assert [job["id"] for job in failed["jobs"]] == [submitted[3], submitted[1]]
+        assert all(job["status"] == "failed" for job in failed["jobs"])
+        completed = await user.http.get(
+            "/api/ai-agent/jobs", params={"status": "completed", "limit": 2}
+        )
+        first = completed.json()
+        assert [job["id"] for job in first["jobs"]] == [submitted[4], submitted[2]]
+        rest = await user.http.get(
+            "/api/ai-agent/jobs",
+            params={"status": "completed", "limit": 2, "cursor": first["next_cursor"]},
+        )
+        assert [job["id"] for job in rest.json()["jobs"]] == [submitted[0]]
+        assert rest.json()["next_cursor"] is None
+
+        bad = await user.http.get("/api/ai-agent/jobs", params={"cursor": "not-a-cursor"})
+        assert bad.status_code == 422

@@ -1,0 +1,105 @@
+"""Fixtures of the fault tests: a whole system of real processes per test (its own
+database and topology prefix, settings of the test's choosing), and private RabbitMQ and
+PostgreSQL servers for the tests that restart them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from canvas_events.topology import Topology
+from tests.conftest import delete_topology
+from tests.support.env import amqp_url, database_url
+from tests.support.servers import PrivatePostgres, PrivateRabbitMQ
+from tests.support.system import System
+
+MakeSystem = Callable[..., Awaitable[System]]
+
+# Settings every fault system starts with; a test overrides what it is about.
+DEFAULTS: dict[str, str] = {
+    # One user submits every job of a test: the per-user limit is not what is tested.
+    "MAX_ACTIVE_JOBS_PER_USER": "1000",
+    # Crashes may cost an attempt (a lease that expires), which must be retried.
+    "MAX_JOB_RETRIES": "5",
+    "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
+    "MAX_CONCURRENT_JOBS": "5",
+    # A SIGTERM at the end of a test need not wait for slow model calls.
+    "SHUTDOWN_GRACE_SECONDS": "5",
+}
+
+
+def _with_database(server_url: str, name: str) -> str:
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
+    """Starts a system: ``await make_system(database_server=..., amqp=..., replicas=[(kind,
+    name)], SETTING=value, ...)``; stops it, deletes its queues and drops its database
+    afterwards. Request it after any private server fixture, so that it is torn down
+    first (pytest tears fixtures down in the reverse order of their setup)."""
+    made: list[tuple[System, str, str]] = []
+
+    async def make(
+        *,
+        database_server: str | None = None,
+        amqp: str | None = None,
+        replicas: Sequence[tuple[str, str]] = (),
+        **settings: str | int | float,
+    ) -> System:
+        server = database_server or database_url("postgres")
+        name = f"cj_fault_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(_with_database(server, "postgres"))
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        env = DEFAULTS | {key: str(value) for key, value in settings.items()}
+        log_dir = tmp_path / f"logs-{len(made)}"
+        log_dir.mkdir()
+        system = System(
+            _with_database(server, name),
+            amqp or amqp_url(),
+            f"f{uuid.uuid4().hex[:10]}",
+            log_dir,
+            extra_env=env,
+        )
+        for kind, replica in replicas:
+            system.add_replica(kind, replica)
+        made.append((system, server, name))
+        await system.start()
+        return system
+
+    yield make
+
+    for system, server, name in reversed(made):
+        system.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(delete_topology(system.amqp_url, Topology(system.prefix)), 15)
+        with contextlib.suppress(Exception):
+            admin = await asyncpg.connect(_with_database(server, "postgres"), timeout=5)
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
+
+
+@pytest.fixture
+def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of this test's own, stopped and removed whatever happens."""
+    with PrivateRabbitMQ() as node:
+        yield node
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own, stopped and removed whatever happens."""
+    with PrivatePostgres() as cluster:
+        yield cluster

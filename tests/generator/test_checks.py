@@ -1,0 +1,164 @@
+"""Before each model call the generator asks the orchestrator whether the attempt is
+still current: not current → skipped without a model call; no usable answer → it goes
+ahead (fail-open). An attempt past its lease is skipped without asking. Real RabbitMQ,
+the stand-in model as a process, a stand-in orchestrator on real HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from canvas_generator.checks import AttemptChecker, Verdict
+from tests.generator.conftest import (
+    NO_ORCHESTRATOR,
+    Answer,
+    generation_request,
+    generator_settings,
+    metric,
+    running_generator,
+    wait_until,
+)
+
+
+async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_model_call(
+    amqp_url, topology, fake_openai, bus, orchestrator
+):
+    settings = generator_settings(
+        amqp_url, topology, fake_openai, orchestrator_url=orchestrator.url
+    )
+    marker = uuid.uuid4().hex
+    stale = generation_request(f"a drawing of a cancelled job {marker}")
+    orchestrator.answers[str(stale.data["attempt_id"])] = Answer(current=False, status="cancelled")
+    skipped_before = metric("canvas_generation_skipped_total", reason="not_current")
+    async with running_generator(settings):
+        await bus.publish(stale)
+        await wait_until(
+            lambda: (
+                metric("canvas_generation_skipped_total", reason="not_current")
+                == skipped_before + 1
+            ),
+            what="the attempt skipped",
+        )
+        current = generation_request("a drawing of a live job")
+        await bus.publish(current)
+        results = await bus.results(current)
+    assert [e.type for e in results[str(current.job_id)]] == [
+        "GenerationStarted",
+        "GenerationSucceeded",
+    ]
+    # Nothing at all was published for the skipped attempt, and the model never saw it.
+    assert set(results) == {str(current.job_id)}
+    assert bus.seen.empty()
+    assert not any(marker in str(body) for body in fake_openai.requests())
+    # Asked by attempt, with the job id (the orchestrator's primary key).
+    assert (str(stale.data["attempt_id"]), str(stale.job_id)) in orchestrator.asked
+    assert await bus.queue_depth(topology.generator_work.name) == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        None,  # nothing listens at ORCHESTRATOR_URL
+        Answer(delay=5.0),  # answers after the check's timeout
+        Answer(status_code=500),
+        Answer(status_code=404),
+        Answer(body={"unexpected": "shape"}),
+    ],
+    ids=["unreachable", "too-slow", "error-500", "unknown-job-404", "nonsense"],
+)
+async def test_attempt_goes_ahead_when_the_orchestrator_cannot_say(
+    amqp_url, topology, fake_openai, bus, orchestrator, answer
+):
+    settings = generator_settings(
+        amqp_url,
+        topology,
+        fake_openai,
+        orchestrator_url=NO_ORCHESTRATOR if answer is None else orchestrator.url,
+        orchestrator_timeout_seconds=0.5,
+    )
+    request = generation_request("a flowchart of a login process")
+    if answer is not None:
+        orchestrator.answers[str(request.data["attempt_id"])] = answer
+    async with running_generator(settings):
+        await bus.publish(request)
+        results = await bus.results(request)
+    assert [e.type for e in results[str(request.job_id)]] == [
+        "GenerationStarted",
+        "GenerationSucceeded",
+    ]
+
+
+async def test_attempt_past_its_lease_is_skipped_without_asking_anyone(
+    amqp_url, topology, fake_openai, bus, orchestrator
+):
+    settings = generator_settings(
+        amqp_url, topology, fake_openai, orchestrator_url=orchestrator.url
+    )
+    marker = uuid.uuid4().hex
+    expired = generation_request(f"too late {marker}", lease=timedelta(seconds=-1))
+    skipped_before = metric("canvas_generation_skipped_total", reason="lease_expired")
+    async with running_generator(settings):
+        await bus.publish(expired)
+        await wait_until(
+            lambda: (
+                metric("canvas_generation_skipped_total", reason="lease_expired")
+                == skipped_before + 1
+            ),
+            what="the attempt skipped",
+        )
+        later = generation_request("in time")
+        await bus.publish(later)
+        results = await bus.results(later)
+    assert set(results) == {str(later.job_id)}
+    assert str(expired.data["attempt_id"]) not in orchestrator.attempts_asked()
+    assert not any(marker in str(body) for body in fake_openai.requests())
+
+
+def _checker(handler) -> AttemptChecker:
+    return AttemptChecker(
+        "http://orchestrator.test", timeout=1, transport=httpx.MockTransport(handler)
+    )
+
+
+async def test_checker_reads_the_orchestrators_verdict_and_status():
+    job_id, attempt_id = uuid.uuid4(), uuid.uuid4()
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        current = request.url.params["job_id"] == str(job_id)
+        status = "processing" if current else "cancelled"
+        return httpx.Response(200, json={"current": current, "status": status})
+
+    checker = _checker(handler)
+    try:
+        yes = await checker.check(job_id, attempt_id)
+        no = await checker.check(uuid.uuid4(), attempt_id)
+    finally:
+        await checker.aclose()
+    assert (yes.verdict, yes.status) == (Verdict.CURRENT, "processing")
+    assert (no.verdict, no.status) == (Verdict.NOT_CURRENT, "cancelled")
+    assert seen[0].url.path == f"/internal/attempts/{attempt_id}"
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, text="not json"),
+        httpx.Response(200, json=["a", "list"]),
+        httpx.Response(200, json={"current": "yes"}),
+        httpx.Response(503, json={"detail": "database away"}),
+    ],
+    ids=["not-json", "not-an-object", "not-a-bool", "503"],
+)
+async def test_checker_says_unknown_rather_than_guess(response):
+    checker = _checker(lambda _: response)
+    try:
+        check = await checker.check(uuid.uuid4(), uuid.uuid4())
+    finally:
+        await checker.aclose()
+    assert check.verdict is Verdict.UNKNOWN
+    assert check.detail
