@@ -55,6 +55,8 @@ def main() -> int:
         "orchestrator": int(env.setdefault("ORCHESTRATOR_PORT", "8002")),
         "generator": int(env.setdefault("GENERATOR_PORT", "8003")),
     }
+    # The generator asks the orchestrator whether an attempt is still wanted.
+    env.setdefault("ORCHESTRATOR_URL", f"http://127.0.0.1:{ports['orchestrator']}")
     asyncio.run(ensure_database(env["DATABASE_URL"]))
 
     services: list[tuple[str, list[str], str]] = []

@@ -129,6 +129,8 @@ async def test_handler_that_keeps_failing_is_dead_lettered_after_max_attempts(
         assert "failed 3 times" in str(dead.headers[ERROR_HEADER])
         assert "bug in handler" in str(dead.headers[ERROR_HEADER])
         assert calls == 3
+        # Retries republish through the default exchange; the original key is kept.
+        assert dead.headers["x-canvas-routing-key"] == "gateway.JobRequested"
     finally:
         await broker.stop()
 

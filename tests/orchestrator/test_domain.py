@@ -29,7 +29,13 @@ from canvas_orchestrator.errors import UnexpectedEvent
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 JOB_ID = UUID("00000000-0000-4000-8000-000000000001")
-POLICY = Policy(max_retries=3, backoff_base=2, backoff_unit_seconds=60, lease_seconds=180)
+POLICY = Policy(
+    max_retries=3,
+    backoff_base=2,
+    backoff_unit_seconds=60,
+    lease_seconds=180,
+    start_timeout_seconds=3600,
+)
 REQUEST = JobRequested(query="a login flowchart", canvas_id="canvas-1", priority=7)
 OBJECTS = [
     {"type": "rectangle", "x": 0, "y": 0, "width": 10, "height": 10},
@@ -106,7 +112,7 @@ def failed_retryably(state: JobState, times: int) -> JobState:
 # -- a new job ----------------------------------------------------------------------
 
 
-def test_new_job_is_queued_and_its_first_attempt_dispatched_with_a_lease():
+def test_new_job_is_queued_and_its_first_attempt_dispatched_with_a_start_deadline():
     events = decide(JobState(job_id=JOB_ID), REQUEST, new_id=lambda: UUID(int=9))
 
     assert [type(event) for event in events] == [JobRequested, JobQueued, GenerationRequested]
@@ -118,7 +124,8 @@ def test_new_job_is_queued_and_its_first_attempt_dispatched_with_a_lease():
     assert dispatched.attempt_id == UUID(int=9)
     assert dispatched.query == REQUEST.query
     assert dispatched.priority == 7
-    assert dispatched.lease_expires_at == NOW + timedelta(seconds=180)
+    # Waiting in the queue is not running: a backlog gets the long start deadline.
+    assert dispatched.lease_expires_at == NOW + timedelta(seconds=3600)
 
 
 def test_new_job_state_is_queued_with_the_attempt_it_waits_for():
@@ -146,12 +153,19 @@ def test_job_on_someone_elses_canvas_fails_with_canvas_not_found():
 # -- an attempt runs -----------------------------------------------------------------
 
 
-def test_start_of_the_current_attempt_moves_the_job_to_processing():
+def test_start_of_the_current_attempt_moves_the_job_to_processing_with_a_running_lease():
     state = requested()
     event = _started(state)
+    later = NOW + timedelta(minutes=30)
 
-    assert decide(state, event) == [event]
-    assert domain.evolve(state, event).status is JobStatus.PROCESSING
+    recorded = decide(state, event, now=later)
+
+    assert recorded == [
+        event.model_copy(update={"lease_expires_at": later + timedelta(seconds=180)})
+    ]
+    after = apply(state, recorded)
+    assert after.status is JobStatus.PROCESSING
+    assert after.lease_expires_at == later + timedelta(seconds=180)
 
 
 def test_duplicate_start_records_nothing():
@@ -316,7 +330,7 @@ def test_retry_timer_queues_the_job_again_with_a_new_attempt():
     assert isinstance(dispatched, GenerationRequested)
     assert dispatched.attempt == 2
     assert dispatched.attempt_id == UUID(int=77)
-    assert dispatched.lease_expires_at == due + timedelta(seconds=180)
+    assert dispatched.lease_expires_at == due + timedelta(seconds=3600)
     after = apply(state, events)
     assert after.status is JobStatus.QUEUED
     assert after.next_attempt_at is None
@@ -356,10 +370,18 @@ def test_expired_lease_fails_the_attempt_as_retryable_and_schedules_a_retry():
     ]
 
 
-def test_expired_lease_of_a_queued_attempt_is_retried_too():
-    events = domain.lease_expired(requested(), now=NOW + timedelta(seconds=181), policy=POLICY)
+def test_queued_attempt_is_not_expired_by_the_running_lease():
+    # A backlog longer than the running lease must not burn retries.
+    assert domain.lease_expired(requested(), now=NOW + timedelta(seconds=181), policy=POLICY) == []
+
+
+def test_queued_attempt_past_its_start_deadline_is_retried_with_its_own_message():
+    events = domain.lease_expired(requested(), now=NOW + timedelta(seconds=3601), policy=POLICY)
 
     assert [type(event) for event in events] == [GenerationFailed, JobRetryScheduled]
+    failed = events[0]
+    assert isinstance(failed, GenerationFailed)
+    assert failed.error == "attempt not started in time: no generator took it from the queue"
 
 
 def test_lease_not_yet_expired_does_nothing():
@@ -374,8 +396,9 @@ def test_expired_lease_with_every_retry_used_fails_the_job():
         state, now=state.lease_expires_at + timedelta(seconds=1), policy=POLICY
     )
 
+    # The last attempt was dispatched but never started: its start deadline ran out.
     assert events[1] == JobFailed(
-        error="attempt lease expired: no generator finished it in time", retry_count=3
+        error="attempt not started in time: no generator took it from the queue", retry_count=3
     )
 
 

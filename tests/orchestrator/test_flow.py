@@ -324,17 +324,23 @@ async def test_retryable_failure_is_retried_after_the_backoff_and_then_completes
 
 async def test_an_attempt_no_generator_finishes_is_retried_and_never_left_processing(start, bus):
     service = await start(
-        generation_lease_seconds=0.3, retry_backoff_unit_seconds=0.05, max_job_retries=1
+        generation_lease_seconds=0.3,
+        generation_start_timeout_seconds=0.3,
+        retry_backoff_unit_seconds=0.05,
+        max_job_retries=1,
     )
     request = await bus.request()
     job_id = request.job_id
     assert job_id is not None
     first = await dispatched(bus, job_id)
-    await bus.reply(first, started(first))  # then the generator dies
+    await bus.reply(first, started(first))  # then the generator dies; no other takes over
 
     row = await wait_status(service, job_id, "failed")
     assert row["retry_count"] == 1
-    assert row["error_message"] == "attempt lease expired: no generator finished it in time"
+    # The first attempt ran out of its running lease, the second of its start deadline.
+    assert row["error_message"] == (
+        "attempt not started in time: no generator took it from the queue"
+    )
     assert await stream_types(service, job_id) == [
         "JobRequested",
         "JobQueued",

@@ -51,6 +51,7 @@ log = structlog.get_logger("canvas_events.broker")
 
 ATTEMPTS_HEADER: Final = "x-canvas-attempts"
 ERROR_HEADER: Final = "x-canvas-error"
+ROUTING_KEY_HEADER: Final = "x-canvas-routing-key"
 
 
 @dataclass(frozen=True)
@@ -387,7 +388,11 @@ class Broker:
         if channel is None:
             await _settle(message.nack(requeue=True))
             return
-        copy = _copy(message, {ATTEMPTS_HEADER: attempts})
+        # The copy goes through the default exchange, which would lose the routing key the
+        # message was published with: keep it for the dead-letter record and replays.
+        copy = _copy(
+            message, {ATTEMPTS_HEADER: attempts, ROUTING_KEY_HEADER: _routing_key(message)}
+        )
         try:
             # Back onto the same queue through the default exchange, with the count.
             await channel.default_exchange.publish(
@@ -417,7 +422,7 @@ class Broker:
                 {
                     ERROR_HEADER: reason,
                     "x-canvas-queue": consumer.queue.name,
-                    "x-canvas-routing-key": message.routing_key or "",
+                    ROUTING_KEY_HEADER: _routing_key(message),
                     "x-canvas-dead-lettered-at": datetime.now(UTC).isoformat(),
                 },
             )
@@ -432,6 +437,12 @@ class Broker:
             await _settle(message.ack())
         else:
             await _settle(message.reject(requeue=False))
+
+
+def _routing_key(message: AbstractIncomingMessage) -> str:
+    """The key the message was first published with, also after a retry's republish."""
+    kept = (message.headers or {}).get(ROUTING_KEY_HEADER)
+    return kept if isinstance(kept, str) and kept else message.routing_key or ""
 
 
 def _attempts(message: AbstractIncomingMessage) -> int:

@@ -57,8 +57,10 @@ class Envelope(BaseModel):
         job_id: UUID | None = None,
         user_id: str | None = None,
         canvas_id: str | None = None,
+        occurred_at: datetime | None = None,
     ) -> Envelope:
-        """Put a domain event into a new envelope with a fresh event_id."""
+        """Put a domain event into a new envelope with a fresh event_id (``occurred_at``
+        defaults to now)."""
         return cls(
             type=event.type_name(),
             schema_version=event.SCHEMA_VERSION,
@@ -67,6 +69,7 @@ class Envelope(BaseModel):
             job_id=job_id,
             user_id=user_id,
             canvas_id=canvas_id,
+            occurred_at=occurred_at or utcnow(),
             data=event.model_dump(mode="json"),
         )
 

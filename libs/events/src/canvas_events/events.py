@@ -63,7 +63,8 @@ class JobQueued(Event):
 
 
 class GenerationRequested(Event):
-    """One attempt handed to the generators; it must finish before its lease expires."""
+    """One attempt handed to the generators; a generator must start it before
+    ``lease_expires_at`` (then GenerationStarted gives it a running lease)."""
 
     attempt_id: UUID
     attempt: int = Field(ge=1)
@@ -74,11 +75,16 @@ class GenerationRequested(Event):
 
 
 class GenerationStarted(Event):
-    """A generator took the attempt and is calling the model."""
+    """A generator took the attempt and is calling the model.
+
+    ``lease_expires_at`` is None as the generator publishes it; the orchestrator's
+    recorded copy sets it: the running attempt must end by then.
+    """
 
     attempt_id: UUID
     model: str
     generator_id: str
+    lease_expires_at: datetime | None = None
 
 
 class GenerationProgressed(Event):

@@ -32,10 +32,15 @@ async def _connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
     database: Database = request.app.state.database
     try:
         pool = database.pool
-    except DatabaseUnavailable as exc:
-        raise HTTPException(503, detail=str(exc)) from None
-    async with pool.acquire() as conn:
+        conn = await pool.acquire()
+    except (DatabaseUnavailable, OSError, asyncpg.PostgresConnectionError) as exc:
+        # A restarting database is "not now", not a server error (ConnectionError is an
+        # OSError; asyncpg's own connection errors are separate).
+        raise HTTPException(503, detail=f"database unavailable: {type(exc).__name__}") from None
+    try:
         yield conn
+    finally:
+        await pool.release(conn)
 
 
 Conn = Annotated[asyncpg.Connection, Depends(_connection)]

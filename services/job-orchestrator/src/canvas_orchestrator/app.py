@@ -39,6 +39,7 @@ def policy_of(settings: Settings) -> Policy:
         backoff_base=settings.retry_backoff_base,
         backoff_unit_seconds=settings.retry_backoff_unit_seconds,
         lease_seconds=settings.generation_lease_seconds,
+        start_timeout_seconds=settings.generation_start_timeout_seconds,
     )
 
 

@@ -41,6 +41,7 @@ from canvas_orchestrator.errors import UnexpectedEvent
 
 LEASE_EXPIRED_KIND = "lease_expired"
 LEASE_EXPIRED_ERROR = "attempt lease expired: no generator finished it in time"
+NOT_STARTED_ERROR = "attempt not started in time: no generator took it from the queue"
 CANVAS_NOT_FOUND_ERROR = "canvas not found"
 
 
@@ -79,14 +80,22 @@ class Policy:
     backoff_base: float = 2.0
     backoff_unit_seconds: float = 60.0
     lease_seconds: float = 180.0
+    # A queued attempt waits in a durable queue and is not lost while it waits: it only
+    # needs a deadline for the case where its message is (dead-lettered, purged). A
+    # backlog must not expire attempts, so this is much longer than the running lease.
+    start_timeout_seconds: float = 3600.0
 
     def backoff(self, retry_count: int) -> timedelta:
         """The wait before retry number ``retry_count + 1`` (the seed's 2^n minutes)."""
         return timedelta(seconds=self.backoff_unit_seconds * self.backoff_base**retry_count)
 
     def lease(self, now: datetime) -> datetime:
-        """When an attempt dispatched at ``now`` is given up on."""
+        """When an attempt a generator started at ``now`` is given up on."""
         return now + timedelta(seconds=self.lease_seconds)
+
+    def start_deadline(self, now: datetime) -> datetime:
+        """When an attempt dispatched at ``now`` and not started yet is given up on."""
+        return now + timedelta(seconds=self.start_timeout_seconds)
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,11 @@ def evolve(state: JobState, event: Event) -> JobState:
                 progressed=frozenset(),
             )
         case GenerationStarted():
-            return replace(state, status=JobStatus.PROCESSING)
+            return replace(
+                state,
+                status=JobStatus.PROCESSING,
+                lease_expires_at=event.lease_expires_at or state.lease_expires_at,
+            )
         case GenerationProgressed():
             return replace(state, progressed=state.progressed | {event.index})
         case JobRetryScheduled():
@@ -240,7 +253,7 @@ def decide(
                 canvas_available=canvas_available,
             )
         case GenerationStarted():
-            return start(state, event)
+            return start(state, event, now=now, policy=policy)
         case GenerationProgressed():
             return progress(state, event)
         case GenerationSucceeded():
@@ -272,10 +285,12 @@ def request(
     return [event, *_dispatch(requested, now=now, policy=policy, new_id=new_id)]
 
 
-def start(state: JobState, event: GenerationStarted) -> list[Event]:
-    """A generator took the current attempt."""
+def start(
+    state: JobState, event: GenerationStarted, *, now: datetime, policy: Policy
+) -> list[Event]:
+    """A generator took the current attempt: from now on it has the running lease."""
     if state.status is JobStatus.QUEUED and state.is_current(event.attempt_id):
-        return [event]
+        return [event.model_copy(update={"lease_expires_at": policy.lease(now)})]
     return []
 
 
@@ -342,7 +357,8 @@ def retry_due(
 
 
 def lease_expired(state: JobState, *, now: datetime, policy: Policy) -> list[Event]:
-    """No generator finished the current attempt in time: fail it as a retryable error."""
+    """No generator started (queued) or finished (processing) the current attempt in
+    time: fail it as a retryable error."""
     if (
         state.status not in _RUNNING
         or state.attempt_id is None
@@ -352,7 +368,7 @@ def lease_expired(state: JobState, *, now: datetime, policy: Policy) -> list[Eve
         return []
     expired = GenerationFailed(
         attempt_id=state.attempt_id,
-        error=LEASE_EXPIRED_ERROR,
+        error=LEASE_EXPIRED_ERROR if state.status is JobStatus.PROCESSING else NOT_STARTED_ERROR,
         kind=LEASE_EXPIRED_KIND,
         retryable=True,
     )
@@ -383,6 +399,6 @@ def _dispatch(state: JobState, *, now: datetime, policy: Policy, new_id: NewId) 
         query=state.query,
         options=dict(state.options),
         priority=state.priority,
-        lease_expires_at=policy.lease(now),
+        lease_expires_at=policy.start_deadline(now),
     )
     return [queued, requested]

@@ -200,10 +200,17 @@ class Handler:
             canvas_id = state.canvas_id if state.exists else getattr(event, "canvas_id", None)
             envelopes = []
             for item in new:
-                followed = envelope.follow(item, job_id=job_id, user_id=owner, canvas_id=canvas_id)
-                if item is event:
-                    # The recorded copy keeps the time the fact happened at its source.
-                    followed = followed.model_copy(update={"occurred_at": envelope.occurred_at})
+                # The recorded copy of the incoming event keeps the time it happened at its
+                # source; what the orchestrator decides happened at the ``now`` it decided
+                # with (so next_attempt_at - occurred_at is exactly the backoff).
+                source = type(item) is type(event)
+                followed = envelope.follow(
+                    item,
+                    job_id=job_id,
+                    user_id=owner,
+                    canvas_id=canvas_id,
+                    occurred_at=envelope.occurred_at if source else now,
+                )
                 envelopes.append(followed)
             recorded = await append(conn, job_id, state.version, envelopes)
             await project(conn, recorded)

@@ -79,6 +79,8 @@ def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
             }
         case GenerationStarted():
             changes |= {"status": JobStatus.PROCESSING.value, "started_at": at}
+            if event.lease_expires_at is not None:
+                changes["lease_expires_at"] = event.lease_expires_at
         case JobRetryScheduled():
             changes |= {
                 "status": JobStatus.RETRY_SCHEDULED.value,

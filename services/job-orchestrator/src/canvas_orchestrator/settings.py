@@ -17,6 +17,9 @@ class Settings(CommonSettings):
     # Read only to check the lease against it: the generator's model call must fit in it.
     openai_timeout_seconds: float | None = Field(default=None, gt=0)
     generation_lease_seconds: float = Field(default=180.0, gt=0, le=86_400)
+    # How long a dispatched attempt may wait in the work queue before it is given up and
+    # retried: long, so that a backlog never burns retries (a queued message is durable).
+    generation_start_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     # Messages handled at once by this process (each one short transaction).
     orchestrator_prefetch: int = Field(default=64, ge=1, le=1_000)
     # How often the timers look for due retries and expired leases.

@@ -140,7 +140,9 @@ class Timers:
                         )
                         return None
                     last = history[-1].envelope
-                    envelopes = [last.follow(event, job_id=job_id) for event in new]
+                    envelopes = [
+                        last.follow(event, job_id=job_id, occurred_at=now) for event in new
+                    ]
                     recorded = await append(conn, job_id, state.version, envelopes)
                     await project(conn, recorded)
             except CONFLICTS as exc:

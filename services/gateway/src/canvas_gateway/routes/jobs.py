@@ -248,6 +248,7 @@ async def cancel_job(
     job = await store.job(user.user_id, job_id)
     if job is None:
         raise _not_found()
+    structlog.contextvars.bind_contextvars(job_id=str(job_id))
     if job["status"] in FINAL_STATUSES:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job is already {job['status']}")
     envelope = Envelope.wrap(
