@@ -1,0 +1,1 @@
+"""canvas-jobs command line client (`canvas-jobs`)."""
