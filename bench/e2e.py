@@ -60,6 +60,8 @@ class JobTimes:
     started: float | None = None
     completed: float | None = None
     failed: bool = False
+    user: str = ""
+    error: str | None = None
 
 
 @dataclass
@@ -189,6 +191,7 @@ async def drive(system: System, scenario: Scenario, run: Run) -> None:
                 # The WebSocket may see the job's first frames before the POST returns.
                 times = run.times.setdefault(job_id, JobTimes(posted))
                 times.posted, times.accepted = posted, time.perf_counter()
+                times.user = user
 
         await asyncio.gather(*(client() for _ in range(scenario.clients)))
     deadline = time.perf_counter() + 60 + scenario.jobs * scenario.model_latency_ms / 1000
@@ -198,6 +201,16 @@ async def drive(system: System, scenario: Scenario, run: Run) -> None:
         await asyncio.sleep(0.1)
     stop.set()
     await asyncio.gather(*listeners, return_exceptions=True)
+    # Say why: a benchmark that loses or fails jobs is a bug report, not a figure.
+    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30) as http:
+        for job_id, times in run.times.items():
+            if times.failed or not times.completed:
+                answer = await http.get(
+                    f"/api/ai-agent/job/{job_id}/status",
+                    headers={"Authorization": f"Bearer {tokens[times.user]}"},
+                )
+                body = answer.json()
+                times.error = f"{body.get('status')}: {body.get('error_message')}"
 
 
 def summarise(run: Run, reference: float) -> dict[str, Any]:
@@ -237,10 +250,50 @@ def summarise(run: Run, reference: float) -> dict[str, Any]:
         "reference_msgs_per_s": round(reference, 0),
         "completed_per_reference": round(completed_per_s / reference, 4) if reference else None,
         "processes": processes,
+        "errors": sorted({t.error for t in times if t.error}),
     }
 
 
-async def run_scenario(scenario: Scenario, log_dir: Path) -> dict[str, Any]:
+def start_profilers(system: System, names: list[str], scenario: str) -> list[Any]:
+    """py-spy (when installed: `.venv/bin/pip install py-spy`) samples the named services
+    during the run; collapsed stacks land in bench/results/profile-<service>-<scenario>.txt."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("bench: --profile needs py-spy (.venv/bin/pip install py-spy)")
+    RESULTS.mkdir(exist_ok=True)
+    procs = []
+    for name in names:
+        proc = system.processes[name].process
+        assert proc is not None
+        out = RESULTS / f"profile-{name}-{scenario}.txt"
+        procs.append(
+            subprocess.Popen(  # noqa: S603 (our own profiler on our own process)
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    return procs
+
+
+async def run_scenario(
+    scenario: Scenario, log_dir: Path, profile: list[str] | None = None
+) -> dict[str, Any]:
     name = f"cj_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(database_url("postgres"))
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -256,6 +309,7 @@ async def run_scenario(scenario: Scenario, log_dir: Path) -> dict[str, Any]:
             "MAX_CONCURRENT_JOBS": str(scenario.max_concurrent_jobs),
             "MAX_ACTIVE_JOBS_PER_USER": str(scenario.jobs + 10),
             "OPENAI_TIMEOUT_SECONDS": "60",
+            "MAX_JOB_RETRIES": "3",
         },
     )
     run = Run(scenario)
@@ -271,7 +325,11 @@ async def run_scenario(scenario: Scenario, log_dir: Path) -> dict[str, Any]:
         for pname, proc in system.processes.items():
             assert proc.process is not None
             run.processes[pname].cpu_ticks_before = _cpu_ticks(proc.process.pid)
+        profilers = start_profilers(system, profile, scenario.name) if profile else []
         await drive(system, scenario, run)
+        for profiler in profilers:
+            profiler.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            profiler.wait(30)
         for pname, proc in system.processes.items():
             assert proc.process is not None
             pid = proc.process.pid
@@ -325,6 +383,11 @@ async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     parser.add_argument("--jobs", type=int, help="override the number of jobs")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated services to sample with py-spy (e.g. orchestrator,generator)",
+    )
     args = parser.parse_args(argv)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
@@ -334,8 +397,12 @@ async def main(argv: list[str]) -> int:
             if args.jobs and name != "idle":
                 scenario.jobs = args.jobs
             print(f"bench: running {name} ({scenario.jobs} jobs)...", file=sys.stderr, flush=True)
-            results.append(await run_scenario(scenario, Path(tmp)))
+            profile = [name for name in args.profile.split(",") if name]
+            results.append(await run_scenario(scenario, Path(tmp), profile))
     print_table(results)
+    for result in results:
+        for error in result["errors"]:
+            print(f"bench: {result['scenario']['name']}: job ended {error}", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = {"machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}

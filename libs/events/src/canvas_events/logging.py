@@ -36,9 +36,15 @@ def redact(text: str) -> str:
     for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, _MASK)
-    text = _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{_MASK}@", text)
-    text = _BEARER.sub(rf"\g<1>{_MASK}", text)
-    return _TOKEN_PARAM.sub(rf"\g<1>{_MASK}", text)
+    # Every log line passes here: run a pattern only when its anchor is in the text.
+    if "@" in text:
+        text = _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{_MASK}@", text)
+    lowered = text.lower()
+    if "bearer" in lowered:
+        text = _BEARER.sub(rf"\g<1>{_MASK}", text)
+    if "token=" in lowered:
+        text = _TOKEN_PARAM.sub(rf"\g<1>{_MASK}", text)
+    return text
 
 
 def _redact_value(value: Any) -> Any:

@@ -21,6 +21,14 @@ from canvas_events.logging import redact
 log = structlog.get_logger("canvas_events.postgres")
 
 
+async def _no_session_reset(_: asyncpg.Connection) -> None:
+    """Released connections skip asyncpg's default reset (``pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL``: one more round trip per release). The services
+    keep no session state on pooled connections: their advisory locks are per
+    transaction, and LISTEN and session locks use connections of their own. asyncpg
+    still rolls back a transaction left open."""
+
+
 class DatabaseUnavailable(ConnectionError):
     """The pool is not up (yet)."""
 
@@ -82,6 +90,7 @@ class Database:
                     min_size=self._min_size,
                     max_size=self._max_size,
                     init=self._init,
+                    reset=_no_session_reset,
                     timeout=5,
                     command_timeout=30,
                 )

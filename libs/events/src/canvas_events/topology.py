@@ -6,9 +6,10 @@ Routing keys say who published what:
 
 - ``gateway.<Type>``: JobRequested, JobCancelRequested, from the gateway
 - ``generator.<Type>``: Generation* results, from the ai-generator
-- ``job.<Type>``: every event recorded in a job's stream, republished by the
-  orchestrator's relay with its global position (generators take GenerationRequested,
-  notifiers take the status events)
+- ``job.<Type>``: the events recorded in a job's stream that some service consumes
+  (:data:`RELAYED_EVENT_TYPES`), republished by the orchestrator's relay with their
+  global position (generators take GenerationRequested and the cancellations,
+  notifiers take the status events); the whole stream stays readable in the store
 
 Every name starts with a prefix (``AMQP_TOPOLOGY_PREFIX``, default ``canvas``) so that
 tests and side-by-side installations can share one broker without touching each other.
@@ -22,6 +23,23 @@ from typing import Any
 GATEWAY = "gateway"
 GENERATOR = "generator"
 JOB = "job"
+
+# What the relay republishes: every type a queue is bound to. JobRequested,
+# GenerationSucceeded (it carries every object) and GenerationFailed have no consumer on
+# the bus, so publishing them would only cost the broker and every notifier.
+RELAYED_EVENT_TYPES = frozenset(
+    {
+        "JobQueued",
+        "GenerationRequested",
+        "GenerationStarted",
+        "GenerationProgressed",
+        "JobRetryScheduled",
+        "JobCompleted",
+        "JobFailed",
+        "JobCancelRequested",
+        "JobCancelled",
+    }
+)
 
 # A classic queue with message priorities: quorum queues only get priorities in 4.x
 # (FIELD-NOTES), and job priority is 0..9.

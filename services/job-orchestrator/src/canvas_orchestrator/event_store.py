@@ -62,18 +62,21 @@ async def append(
     if any(user_id is None for user_id in user_ids):
         raise ValueError("every recorded event needs a user_id")
     versions = list(range(expected_version + 1, expected_version + 1 + len(envelopes)))
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock($1), pg_notify($2, '')", APPEND_LOCK_KEY, NOTIFY_CHANNEL
-    )
     try:
+        # One round trip: the lock CTE is joined into the rows, so it is taken before any
+        # row (and its identity position) is produced, and held until commit.
         rows = await conn.fetch(
             """
+            WITH append_lock AS (
+                SELECT pg_advisory_xact_lock($12), pg_notify($13, '')
+            )
             INSERT INTO events (stream_id, version, event_id, type, schema_version,
                                 occurred_at, correlation_id, causation_id, user_id,
                                 canvas_id, data)
             SELECT $1, e.version, e.event_id, e.type, e.schema_version, e.occurred_at,
                    e.correlation_id, e.causation_id, e.user_id, e.canvas_id, e.data
-            FROM unnest($2::int[], $3::uuid[], $4::text[], $5::int[], $6::timestamptz[],
+            FROM append_lock,
+                 unnest($2::int[], $3::uuid[], $4::text[], $5::int[], $6::timestamptz[],
                         $7::text[], $8::uuid[], $9::text[], $10::text[], $11::jsonb[])
                  AS e(version, event_id, type, schema_version, occurred_at,
                       correlation_id, causation_id, user_id, canvas_id, data)
@@ -91,6 +94,8 @@ async def append(
             user_ids,
             [envelope.canvas_id for envelope in envelopes],
             [envelope.data for envelope in envelopes],
+            APPEND_LOCK_KEY,
+            NOTIFY_CHANNEL,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_pkey":

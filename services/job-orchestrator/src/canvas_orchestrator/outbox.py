@@ -23,7 +23,7 @@ import structlog
 from canvas_events.broker import Broker
 from canvas_events.events import GenerationRequested
 from canvas_events.logging import redact
-from canvas_events.topology import JOB, routing_key
+from canvas_events.topology import JOB, RELAYED_EVENT_TYPES, routing_key
 from canvas_orchestrator.background import unless_stopped
 from canvas_orchestrator.db import connect
 from canvas_orchestrator.event_store import NOTIFY_CHANNEL, RecordedEvent, read_after
@@ -166,21 +166,30 @@ class Relay:
                 await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
 
     async def _publish(self, batch: list[RecordedEvent]) -> list[RecordedEvent]:
-        """Publish ``batch``; return its longest prefix that the broker confirmed."""
+        """Publish ``batch`` (the types some queue consumes); return its longest prefix
+        that the broker confirmed."""
         results = await asyncio.gather(
-            *(self._publish_one(item) for item in batch), return_exceptions=True
+            *(
+                self._publish_one(item)
+                for item in batch
+                if item.envelope.type in RELAYED_EVENT_TYPES
+            ),
+            return_exceptions=True,
         )
+        outcomes = iter(results)
         confirmed = 0
-        for result in results:
-            if isinstance(result, BaseException):
-                log.warning(
-                    "relay publish failed; will publish again",
-                    error=redact(str(result)),
-                    position=batch[confirmed].position,
-                )
-                break
+        for item in batch:
+            if item.envelope.type in RELAYED_EVENT_TYPES:
+                result = next(outcomes)
+                if isinstance(result, BaseException):
+                    log.warning(
+                        "relay publish failed; will publish again",
+                        error=redact(str(result)),
+                        position=item.position,
+                    )
+                    break
+                self._metrics.outbox_published.inc()
             confirmed += 1
-        self._metrics.outbox_published.inc(confirmed)
         return batch[:confirmed]
 
     async def _publish_one(self, item: RecordedEvent) -> None:
