@@ -138,7 +138,10 @@ async def test_only_one_relay_is_active_and_a_standby_takes_over_when_it_stops(
     await eventually(both_connected, what="both relays connected")
     assert first.active and not second.active
     holders = await pool.fetchval(
+        # Advisory locks are per database: count this test's database only (other
+        # orchestrators may run on the same server).
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "AND ((classid::bigint << 32) | objid::bigint) = $1",
         RELAY_LOCK_KEY,
     )
