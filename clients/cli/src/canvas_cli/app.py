@@ -1,0 +1,372 @@
+"""The ``canvas-jobs`` commands (typer): each one call or two to the gateway, and for
+``watch`` the notifier's WebSocket. Errors are raised as
+:class:`~canvas_cli.errors.CliError` and printed by :mod:`canvas_cli.__main__`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+from uuid import UUID
+
+import typer
+from rich.console import Console
+
+from canvas_cli.api import MAX_PAGE, Gateway
+from canvas_cli.config import DEFAULT_GATEWAY_URL, DEFAULT_NOTIFIER_URL, Config
+from canvas_cli.errors import ExitCode
+from canvas_cli.render import events_table, jobs_table, status_table
+from canvas_cli.view import JobView
+from canvas_cli.watch import Follower, JsonSink, LinesSink, LiveSink, Sink
+
+PROGRAM = "canvas-jobs"
+# Width of tables when stdout is not a terminal (and COLUMNS is unset): wide enough
+# for a job id and its outcome on one line, so that pipes and greps see whole rows.
+PIPE_WIDTH = 160
+
+app = typer.Typer(
+    name=PROGRAM,
+    help="Draw on a canvas from the terminal: submit prompts to canvas-jobs and watch "
+    "them run.\n\nExit codes: 0 done (a watched job completed), 1 the job failed, "
+    "2 it was cancelled, 3 a usage, authentication, HTTP or connection error.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Locals in a traceback could show the token.
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+T = TypeVar("T")
+
+
+class JobStatus(StrEnum):
+    """A job's status (the gateway's, ARCHITECTURE.md 4), for ``jobs --status``."""
+
+    queued = "queued"  # waiting for a generator
+    processing = "processing"  # a generator is calling the model
+    retry_scheduled = "retry_scheduled"  # an attempt failed; another follows
+    completed = "completed"  # final: its objects are on the canvas
+    failed = "failed"  # final: no objects; the error says why
+    cancelled = "cancelled"  # final: cancelled by its user
+
+
+@dataclass(frozen=True)
+class Options:
+    """The global options, as given; :func:`_config` checks them when a command needs
+    them (``token`` does not)."""
+
+    gateway_url: str
+    notifier_url: str
+    token: str | None
+
+
+def _consoles() -> tuple[Console, Console]:
+    out = Console(highlight=False, soft_wrap=True)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(highlight=False, soft_wrap=True, width=PIPE_WIDTH)
+    return out, Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _config(ctx: typer.Context) -> Config:
+    options: Options = ctx.ensure_object(Options)
+    return Config(options.gateway_url, options.notifier_url, options.token)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _job_id(value: str) -> str:
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a job id (a UUID)") from None
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _user(value: str) -> str:
+    if not 0 < len(value) <= 128:
+        raise typer.BadParameter("must be 1 to 128 characters")
+    return value
+
+
+def _ttl(value: float) -> float:
+    if not 0 < value <= 24 * 365:
+        raise typer.BadParameter("must be more than 0 and at most 8760 (a year)")
+    return value
+
+
+JobArg = Annotated[str, typer.Argument(help="The job's id.", callback=_job_id, show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    gateway_url: Annotated[
+        str,
+        typer.Option("--gateway-url", envvar="CANVAS_GATEWAY_URL", help="The gateway's base URL."),
+    ] = DEFAULT_GATEWAY_URL,
+    notifier_url: Annotated[
+        str,
+        typer.Option(
+            "--notifier-url", envvar="CANVAS_NOTIFIER_URL", help="The notifier's WebSocket URL."
+        ),
+    ] = DEFAULT_NOTIFIER_URL,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="CANVAS_TOKEN",
+            # Never shown, even when it comes from the environment.
+            show_default=False,
+            help="Bearer token (JWT) of the user to act as.",
+        ),
+    ] = None,
+) -> None:
+    """Global options come before the command: canvas-jobs --token T status JOB."""
+    ctx.obj = Options(gateway_url, notifier_url, token)
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option("--user", help="The token's user id (sub).", callback=_user)],
+    admin: Annotated[bool, typer.Option("--admin", help="Add the admin role.")] = False,
+    ttl_hours: Annotated[
+        float, typer.Option("--ttl-hours", help="Lifetime in hours.", callback=_ttl)
+    ] = 24 * 7,
+) -> None:
+    """Print a development token signed with JWT_SECRET.
+
+    The same token as canvas-gateway token prints; without JWT_SECRET it is signed
+    with the development secret, with a warning.
+    """
+    # Imported here: pydantic-settings and PyJWT cost every other command ~0.1 s of start-up.
+    from canvas_events.auth import mint_token
+    from canvas_events.settings import AuthSettings
+
+    settings = AuthSettings()
+    if settings.jwt_secret_is_default:
+        print(
+            f"{PROGRAM}: warning: JWT_SECRET is not set; signing with the development secret",
+            file=sys.stderr,
+        )
+    secret = settings.jwt_secret.get_secret_value()
+    print(mint_token(user, secret, admin=admin, ttl=timedelta(hours=ttl_hours)))
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="What to draw.", show_default=False)],
+    canvas: Annotated[
+        str | None, typer.Option("--canvas", help="The canvas to draw on (default: a new one).")
+    ] = None,
+    priority: Annotated[
+        int | None, typer.Option("--priority", min=0, max=9, help="0..9, higher first [5].")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key", help="A retry with the same key gets the same job, never two."
+        ),
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Follow the job until it ends.")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Submit a prompt and print the job's id.
+
+    With --watch, follow the job to its end: exit 0 completed, 1 failed, 2 cancelled.
+    """
+    config = _config(ctx)
+    out, err = _consoles()
+    sink = _sink(json_, out, err) if watch else None
+    submitted: list[str] = []  # the job's id once known, for the Ctrl-C message
+
+    async def go() -> JobView | None:
+        token = config.require_token()
+        async with Gateway(config.gateway_url, token) as gateway:
+            follower = None
+            ws = None
+            if sink is not None:
+                follower = Follower(gateway, config.notifier_url, token, JobView(""), sink)
+                # Before the POST: a connection without `after` starts live, so every
+                # frame of the new job reaches it.
+                ws = await follower.connect()
+            try:
+                accepted = await gateway.submit(
+                    prompt, canvas_id=canvas, priority=priority, idempotency_key=idempotency_key
+                )
+            except BaseException:
+                if ws is not None:
+                    await ws.close()
+                raise
+            submitted.append(accepted["job_id"])
+            if json_ and watch:
+                # One JSON document per line: the answer first, then the frames.
+                print(json.dumps(accepted, separators=(",", ":")), flush=True)
+            elif json_:
+                _print_json(accepted)
+            else:
+                out.print(accepted["job_id"], markup=False)
+            if follower is None:
+                return None
+            follower.view = JobView(accepted["job_id"], canvas_id=accepted.get("canvas_id"))
+            if isinstance(sink, LiveSink):
+                sink.start(follower.view)
+            return await follower.run(ws)
+
+    view = _interruptible(go(), err, job_ids=submitted)
+    if view is not None:
+        raise typer.Exit(_exit_code(view))
+
+
+@app.command()
+def watch(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
+    """Follow a job until it ends.
+
+    A finished job prints its outcome at once. Exit 0 completed, 1 failed, 2 cancelled.
+    """
+    config = _config(ctx)
+    out, err = _consoles()
+    sink = _sink(json_, out, err)
+
+    async def go() -> JobView:
+        token = config.require_token()
+        async with Gateway(config.gateway_url, token) as gateway:
+            view = JobView(job)
+            if isinstance(sink, LiveSink):
+                sink.start(view)
+            return await Follower(gateway, config.notifier_url, token, view, sink).run()
+
+    raise typer.Exit(_exit_code(_interruptible(go(), err, job_ids=[job])))
+
+
+@app.command()
+def status(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
+    """Show a job's status, result or error."""
+    config = _config(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with Gateway(config.gateway_url, config.require_token()) as gateway:
+            return await gateway.status(job)
+
+    answer = _run(go())
+    if json_:
+        _print_json(answer)
+    else:
+        _consoles()[0].print(status_table(answer))
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    status: Annotated[
+        JobStatus | None, typer.Option("--status", help="Only jobs in this status.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many jobs.")] = 20,
+    all_: Annotated[bool, typer.Option("--all", help="Every job (no limit).")] = False,
+    page_size: Annotated[
+        int, typer.Option("--page-size", min=1, max=MAX_PAGE, help="Jobs per request.")
+    ] = MAX_PAGE,
+    json_: JsonOpt = False,
+) -> None:
+    """List your jobs, newest first (following the gateway's pages)."""
+    config = _config(ctx)
+
+    async def go() -> list[dict[str, Any]]:
+        async with Gateway(config.gateway_url, config.require_token()) as gateway:
+            return [
+                job
+                async for job in gateway.jobs(
+                    status=status.value if status else None,
+                    limit=None if all_ else limit,
+                    page_size=page_size,
+                )
+            ]
+
+    found = _run(go())
+    if json_:
+        _print_json({"jobs": found})
+        return
+    out, err = _consoles()
+    if found:
+        out.print(jobs_table(found))
+    else:
+        err.print("no jobs", markup=False)
+
+
+@app.command()
+def events(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
+    """Show a job's recorded events, in order."""
+    config = _config(ctx)
+
+    async def go() -> list[dict[str, Any]]:
+        async with Gateway(config.gateway_url, config.require_token()) as gateway:
+            return await gateway.events(job)
+
+    found = _run(go())
+    if json_:
+        _print_json({"job_id": job, "events": found})
+        return
+    out, err = _consoles()
+    if found:
+        out.print(events_table(found))
+    else:
+        err.print("no events recorded yet", markup=False)
+
+
+@app.command()
+def cancel(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
+    """Cancel a job.
+
+    It ends cancelled and none of its objects reach the canvas; a job that has already
+    ended is an error (exit 3).
+    """
+    config = _config(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with Gateway(config.gateway_url, config.require_token()) as gateway:
+            return await gateway.cancel(job)
+
+    answer = _run(go())
+    if json_:
+        _print_json(answer)
+    else:
+        _consoles()[0].print(f"cancelling {job}", markup=False)
+
+
+def _sink(json_: bool, out: Console, err: Console) -> Sink:
+    if json_:
+        return JsonSink(err)
+    if out.is_terminal:
+        return LiveSink(out)
+    return LinesSink(out, err)
+
+
+def _exit_code(view: JobView) -> int:
+    return {
+        "completed": ExitCode.OK,
+        "failed": ExitCode.FAILED,
+        "cancelled": ExitCode.CANCELLED,
+    }.get(view.status, ExitCode.ERROR)
+
+
+def _interruptible(coro: Coroutine[Any, Any, T], err: Console, job_ids: list[str]) -> T:
+    try:
+        return _run(coro)
+    except KeyboardInterrupt:
+        again = f": canvas-jobs watch {job_ids[0]}" if job_ids else ""
+        err.print(f"\nstopped watching; the job goes on{again}", markup=False)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
