@@ -76,6 +76,9 @@ async def test_metrics_are_prometheus_text_and_every_name_starts_with_canvas(sta
         "canvas_queue_depth",
     ):
         assert name in response.text
+    # No generator runs here: the queued job is the oldest, and it has waited a moment.
+    age = next(line for line in samples if line.startswith("canvas_queue_oldest_age_seconds"))
+    assert float(age.split()[-1]) > 0
 
 
 async def test_internal_api_serves_a_job_row_and_its_stream(start, bus: Bus):

@@ -3,6 +3,7 @@ API (jobs and their streams, for the gateway and operators; not exposed publicly
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from uuid import UUID
@@ -72,6 +73,13 @@ def create_app(
             stats = await broker.queue_stats(spec.name)
             if stats is not None:
                 metrics.queue_depth.labels(spec.name).set(stats[0])
+        with contextlib.suppress(DatabaseUnavailable, OSError, asyncpg.PostgresError):
+            # jobs_status index; a queued job's updated_at is when it was (re)queued.
+            age = await database.pool.fetchval(
+                "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(updated_at)), 0) "
+                "FROM jobs WHERE status = 'queued'"
+            )
+            metrics.oldest_queued_age.set(max(0.0, float(age)))
         payload, content_type = metrics_payload(metrics.registry)
         return Response(payload, media_type=content_type)
 

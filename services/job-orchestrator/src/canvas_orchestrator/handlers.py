@@ -337,6 +337,13 @@ def _log_recorded(event: Event, position: int) -> None:
                 error=event.error,
             )
         case JobCompleted():
+            # Written to canvas_objects in the transaction that recorded JobCompleted.
+            log.info(
+                "objects saved",
+                position=position,
+                object_count=event.object_count,
+                dropped_objects=event.dropped_objects,
+            )
             log.info(
                 "job completed",
                 position=position,

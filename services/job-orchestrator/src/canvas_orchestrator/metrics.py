@@ -61,3 +61,8 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
+        self.oldest_queued_age = Gauge(
+            "canvas_queue_oldest_age_seconds",
+            "How long the longest-waiting queued job has waited (0 when none), at scrape.",
+            registry=self.registry,
+        )
