@@ -177,6 +177,12 @@ async def wait_until(condition: Any, timeout: float = 20.0, what: str = "conditi
         await asyncio.sleep(0.02)
 
 
+def milestones(envelopes: list[Envelope]) -> list[str]:
+    """The types of an attempt's messages, without the GenerationProgressed events that
+    a streamed reply puts between its GenerationStarted and its result."""
+    return [e.type for e in envelopes if e.type != "GenerationProgressed"]
+
+
 def cancel_message(request: Envelope, *, requested: bool = False) -> Envelope:
     """The JobCancelled (or JobCancelRequested) the relay publishes for ``request``'s job."""
     event = JobCancelRequested(reason="test") if requested else JobCancelled(reason="test")

@@ -18,6 +18,7 @@ from tests.generator.conftest import (
     generation_request,
     generator_settings,
     metric,
+    milestones,
     running_generator,
     wait_until,
 )
@@ -45,7 +46,7 @@ async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_m
         current = generation_request("a drawing of a live job")
         await bus.publish(current)
         results = await bus.results(current)
-    assert [e.type for e in results[str(current.job_id)]] == [
+    assert milestones(results[str(current.job_id)]) == [
         "GenerationStarted",
         "GenerationSucceeded",
     ]
@@ -56,6 +57,25 @@ async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_m
     # Asked by attempt, with the job id (the orchestrator's primary key).
     assert (str(stale.data["attempt_id"]), str(stale.job_id)) in orchestrator.asked
     assert await bus.queue_depth(topology.generator_work.name) == 0
+
+
+async def test_attempt_dispatched_after_the_control_queue_exists_is_not_asked_about(
+    amqp_url, topology, fake_openai, bus, orchestrator
+):
+    # A cancel of a job dispatched now reaches this generator's control queue, so the
+    # orchestrator is asked only about attempts that may predate that queue.
+    settings = generator_settings(
+        amqp_url, topology, fake_openai, orchestrator_url=orchestrator.url
+    )
+    async with running_generator(settings) as generator:
+        fresh = generation_request("a drawing dispatched while the generator runs")
+        bound = generator.broker.connected_at
+        assert bound is not None
+        fresh = fresh.model_copy(update={"occurred_at": bound + timedelta(seconds=6)})
+        await bus.publish(fresh)
+        results = await bus.results(fresh)
+    assert milestones(results[str(fresh.job_id)]) == ["GenerationStarted", "GenerationSucceeded"]
+    assert str(fresh.data["attempt_id"]) not in orchestrator.attempts_asked()
 
 
 @pytest.mark.parametrize(
@@ -85,7 +105,7 @@ async def test_attempt_goes_ahead_when_the_orchestrator_cannot_say(
     async with running_generator(settings):
         await bus.publish(request)
         results = await bus.results(request)
-    assert [e.type for e in results[str(request.job_id)]] == [
+    assert milestones(results[str(request.job_id)]) == [
         "GenerationStarted",
         "GenerationSucceeded",
     ]

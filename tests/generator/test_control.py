@@ -16,6 +16,7 @@ from tests.generator.conftest import (
     generation_request,
     generator_settings,
     metric,
+    milestones,
     running_generator,
     wait_until,
 )
@@ -124,7 +125,7 @@ async def test_cancel_of_another_job_leaves_the_attempt_in_flight_alone(
         second = generation_request("second of a pair [[fake:together=2]]")
         await bus.publish(second)
         results = await bus.results(first, second)
-    assert [e.type for e in results[str(first.job_id)]] == [
+    assert milestones(results[str(first.job_id)]) == [
         "GenerationStarted",
         "GenerationSucceeded",
     ]

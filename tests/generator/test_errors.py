@@ -10,6 +10,7 @@ from canvas_generator.errors import (
     AttemptFailed,
     FailureKind,
     MissingApiKey,
+    broke_off,
     classify,
     retry_after,
 )
@@ -126,3 +127,28 @@ def test_errors_are_also_builtin_exceptions():
     assert isinstance(MissingApiKey(), PermissionError)
     assert isinstance(MissingApiKey(), AttemptFailed)
     assert isinstance(classify(KeyError()), RuntimeError)
+
+
+def test_error_event_in_a_stream_is_a_retryable_server_error_without_the_key():
+    exc = openai.APIError(f"overloaded, key {KEY}", REQUEST, body=None)
+    failure = classify(exc, secrets=[KEY])
+    assert (failure.kind, failure.retryable) == (FailureKind.SERVER_ERROR, True)
+    assert "midway" in failure.message
+    assert KEY not in failure.message
+
+
+def test_stream_broken_off_midway_keeps_its_kind_and_says_how_far_it_got():
+    try:
+        raise openai.APIConnectionError(request=REQUEST) from httpx2.RemoteProtocolError("peer")
+    except openai.APIConnectionError as exc:
+        lost = broke_off(exc, received_chars=321)
+    assert (lost.kind, lost.retryable) == (FailureKind.CONNECTION, True)
+    assert "midway" in lost.message and "321 characters" in lost.message
+    assert "RemoteProtocolError" in lost.message
+
+    slow = broke_off(openai.APITimeoutError(request=REQUEST), received_chars=5, timeout_seconds=30)
+    assert (slow.kind, slow.retryable) == (FailureKind.TIMEOUT, True)
+    assert "within 30 s" in slow.message
+
+    refused = broke_off(status_error(openai.BadRequestError, 400, "no"), received_chars=0)
+    assert (refused.kind, refused.retryable) == (FailureKind.BAD_REQUEST, False)

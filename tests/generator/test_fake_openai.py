@@ -220,3 +220,121 @@ async def test_a_waiting_call_ends_when_its_client_hangs_up_and_counts_as_abando
         what="the stand-in to let the call go",
     )
     assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
+
+
+def test_stream_pieces_are_small_enough_for_objects_to_complete_one_by_one():
+    # Each object spans several chunks, so a reader sees them complete one at a time.
+    text = reply_text("a flowchart of a login process", parse_directives("x")[0])
+    pieces = _pieces(text)
+    assert all(4 <= len(piece) <= 16 for piece in pieces[:-1])
+    found_per_piece = [len(found) for found in map(ObjectStream().feed, pieces)]
+    assert max(found_per_piece) == 1
+    assert sum(found_per_piece) == len(draw("a flowchart of a login process"))
+
+
+def _pieces(text: str) -> list[str]:
+    """The content of each chunk the stand-in streams for ``text``."""
+
+    async def collect() -> list[str]:
+        from canvas_generator.fake_openai import _stream
+
+        chunks = _stream(
+            text,
+            completion_id="c",
+            created=0,
+            model_name="m",
+            usage=None,
+            chunk_delay=0,
+            cut=False,
+            gate=None,
+            seed="s",
+        )
+        contents = []
+        async for raw in chunks:
+            payload = raw.decode().removeprefix("data: ").strip()
+            if payload != "[DONE]":
+                for choice in json.loads(payload)["choices"]:
+                    if choice["delta"].get("content"):
+                        contents.append(choice["delta"]["content"])
+        return contents
+
+    return asyncio.run(collect())
+
+
+async def test_a_gated_stream_pauses_halfway_until_its_gate_opens(fake_openai):
+    gate = f"gate-{id(fake_openai)}-pause"
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": f"a flow [[fake:objects=10,gate={gate}]]"}],
+            stream=True,
+        )
+        objects = ObjectStream()
+        found: list[Any] = []
+        rest: list[Any] = []
+        chunks = aiter(stream)
+        while len(found) < 1:
+            chunk = await anext(chunks)
+            found.extend(objects.feed(chunk.choices[0].delta.content or ""))
+        # An object arrived before the gate opened: the reply streams up to its gate.
+        async with httpx.AsyncClient(base_url=fake_openai.url, timeout=5) as http:
+            (await http.put(f"/_fake/gates/{gate}")).raise_for_status()
+        for chunk in [c async for c in chunks]:
+            if chunk.choices:
+                found.extend(objects.feed(chunk.choices[0].delta.content or ""))
+                rest.append(chunk)
+    assert len(found) == 10
+    assert rest[-1].choices[0].finish_reason == "stop"
+
+
+async def test_a_stream_abandoned_midway_counts_as_abandoned(fake_openai):
+    gate = f"gate-{id(fake_openai)}-abandon"
+    before = fake_openai.stats()
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": f"a flow [[fake:objects=10,gate={gate}]]"}],
+            stream=True,
+        )
+        await anext(aiter(stream))
+        await stream.close()  # hangs up while the reply waits at its gate
+    await wait_until(
+        lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
+        what="the stand-in to let the stream go",
+    )
+    assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
+
+
+async def test_a_finished_stream_is_not_abandoned(fake_openai):
+    before = fake_openai.stats()
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        for directive in ("objects=3", "cut"):
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": f"a flow [[fake:{directive}]]"}],
+                stream=True,
+            )
+            _ = [chunk async for chunk in stream]
+    await wait_until(
+        lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
+        what="the streams over",
+    )
+    assert fake_openai.stats()["abandoned"] == before["abandoned"]
+
+
+async def test_first_n_makes_only_the_first_calls_of_a_message_fail(fake_openai):
+    message = f"a flow {id(object())} [[fake:status=503,first=2]]"
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError):
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": message}]
+                )
+        reply = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": message}]
+        )
+    assert parse_reply(reply.choices[0].message.content or "").objects

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from canvas_events.events import GenerationSucceeded
-from tests.generator.conftest import API_KEY, generation_request, wait_until
+from tests.generator.conftest import API_KEY, generation_request, milestones, wait_until
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.processes import ServiceProcess, free_port
 
@@ -32,7 +32,12 @@ def _run(command, env, timeout=30):
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("MAX_CONCURRENT_JOBS", "0"), ("OPENAI_TIMEOUT_SECONDS", "-1"), ("GENERATOR_PORT", "x")],
+    [
+        ("MAX_CONCURRENT_JOBS", "0"),
+        ("OPENAI_TIMEOUT_SECONDS", "-1"),
+        ("GENERATOR_PORT", "x"),
+        ("OPENAI_STREAM", "sometimes"),
+    ],
 )
 def test_bad_setting_stops_the_generator_with_exit_2_naming_it(name, value):
     done = _run("canvas-generator", {name: value, "OPENAI_API_KEY": API_KEY})
@@ -91,13 +96,17 @@ async def test_generator_process_works_a_request_and_logs_json_lines(
     finally:
         exit_code = generator.stop()
     assert exit_code == 0
-    assert [m.type for m in messages] == ["GenerationStarted", "GenerationSucceeded"]
-    GenerationSucceeded.model_validate(messages[-1].data)
+    assert milestones(messages) == ["GenerationStarted", "GenerationSucceeded"]
+    result = GenerationSucceeded.model_validate(messages[-1].data)
+    # Streamed by default: each object was published on its own before the result.
+    assert [m.data["object"] for m in messages[1:-1]] == result.objects
     for name in (
         "canvas_openai_request_seconds_count 1.0",
         'canvas_openai_errors_total{kind="invalid_api_key"} 0.0',
         'canvas_generation_attempt_seconds_count{outcome="succeeded"} 1.0',
         "canvas_generations_in_flight 0.0",
+        f"canvas_progress_publish_seconds_count {len(result.objects)}.0",
+        "canvas_generation_first_object_seconds_count 1.0",
     ):
         assert name in metrics
     lines = generator.log_lines()  # fails on any line that is not JSON

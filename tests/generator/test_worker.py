@@ -10,6 +10,7 @@ from tests.generator.conftest import (
     API_KEY,
     generation_request,
     generator_settings,
+    milestones,
     running_generator,
     wait_until,
 )
@@ -30,7 +31,7 @@ async def test_request_yields_started_then_succeeded_with_objects(
     request, messages = await _run_one(
         amqp_url, topology, fake_openai, bus, "a flowchart of a login process"
     )
-    assert [m.type for m in messages] == ["GenerationStarted", "GenerationSucceeded"]
+    assert milestones(messages) == ["GenerationStarted", "GenerationSucceeded"]
     for message in messages:
         # Envelopes follow the request: same job, user, canvas and correlation.
         assert message.causation_id == request.event_id
@@ -41,10 +42,10 @@ async def test_request_yields_started_then_succeeded_with_objects(
             request.correlation_id,
         )
     started = GenerationStarted.model_validate(messages[0].data)
-    assert started.attempt_id == GenerationSucceeded.model_validate(messages[1].data).attempt_id
+    assert started.attempt_id == GenerationSucceeded.model_validate(messages[-1].data).attempt_id
     assert started.model == "gpt-4o-mini"
     assert started.generator_id.startswith("ai-generator-")
-    result = GenerationSucceeded.model_validate(messages[1].data)
+    result = GenerationSucceeded.model_validate(messages[-1].data)
     assert 3 <= len(result.objects) <= 12
     assert all(validate_object(obj) == obj for obj in result.objects)
     assert result.dropped_objects == 0
@@ -65,6 +66,9 @@ async def test_model_is_asked_for_json_with_the_query_only_in_the_user_message(
     (sent,) = fake_openai.requests()
     assert sent["model"] == "gpt-4o-mini"
     assert sent["response_format"] == {"type": "json_object"}
+    # Streamed, with the usage in a last chunk (OPENAI_STREAM defaults to true).
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
     assert sent["messages"] == [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": "a mind map of holidays [[fake:objects=4]]"},
@@ -126,7 +130,11 @@ async def test_reply_without_valid_objects_fails_retryable(amqp_url, topology, f
 async def test_truncated_reply_fails_retryable_and_says_it_was_cut(
     amqp_url, topology, fake_openai, bus
 ):
-    _, messages = await _run_one(amqp_url, topology, fake_openai, bus, "x [[fake:cut]]")
+    # Not streamed: the reply arrives whole, cut at its length limit (finish_reason
+    # "length"). A stream cut off midway is in test_streaming.py.
+    _, messages = await _run_one(
+        amqp_url, topology, fake_openai, bus, "x [[fake:cut]]", openai_stream=False
+    )
     failed = GenerationFailed.model_validate(messages[-1].data)
     assert (failed.kind, failed.retryable) == ("bad_output", True)
     assert "cut off" in failed.error

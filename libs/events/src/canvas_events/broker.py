@@ -144,6 +144,8 @@ class Broker:
         self._lost = asyncio.Event()
         self.last_error: str | None = "not connected yet"
         self.connect_count = 0
+        # When the current connection's consumers were all started (None while down).
+        self.connected_at: datetime | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -229,6 +231,7 @@ class Broker:
         for consumer in self._consumers:
             await self._start_consumer(connection, consumer)
         self.connect_count += 1
+        self.connected_at = datetime.now(UTC)
         self.last_error = None
         self._connected.set()
 

@@ -7,9 +7,17 @@ registered check passes, else 503 with each failing check's reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+import prometheus_client
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 
 from canvas_events.broker import Broker
 from canvas_events.postgres import Database
@@ -47,6 +55,28 @@ class Readiness:
         return all(result is None for result in results), report
 
 
+_default_registry_renamed = False
+
+
+def _canvas_names_only() -> None:
+    """Every metric name starts with ``canvas_`` (ARCHITECTURE.md 9): the default
+    registry's python_*/process_* collectors give way to ``canvas_process_*``."""
+    global _default_registry_renamed
+    if _default_registry_renamed:
+        return
+    _default_registry_renamed = True
+    for collector in (
+        prometheus_client.PROCESS_COLLECTOR,
+        prometheus_client.PLATFORM_COLLECTOR,
+        prometheus_client.GC_COLLECTOR,
+    ):
+        with contextlib.suppress(KeyError):  # already gone
+            REGISTRY.unregister(collector)
+    ProcessCollector(namespace="canvas", registry=REGISTRY)
+
+
 def metrics_payload(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
     """The Prometheus text exposition of ``registry`` and its content type."""
+    if registry is REGISTRY:
+        _canvas_names_only()
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -15,18 +15,24 @@ Errors of this package::
      │    ├── APIConnectionError               connection         retryable
      │    │    └── APITimeoutError             timeout            retryable
      │    ├── APIResponseValidationError       bad_output         retryable
-     │    └── APIStatusError
-     │         ├── BadRequestError 400         bad_request        permanent
-     │         ├── AuthenticationError 401     invalid_api_key    permanent
-     │         ├── PermissionDeniedError 403   permission_denied  permanent
-     │         ├── NotFoundError 404           model_not_found    permanent
-     │         ├── RateLimitError 429          rate_limited       retryable, Retry-After
-     │         ├── InternalServerError 5xx     server_error       retryable
-     │         └── any other status            408 timeout and 409 conflict retryable,
-     │                                         the rest client_error permanent
+     │    ├── APIStatusError
+     │    │    ├── BadRequestError 400         bad_request        permanent
+     │    │    ├── AuthenticationError 401     invalid_api_key    permanent
+     │    │    ├── PermissionDeniedError 403   permission_denied  permanent
+     │    │    ├── NotFoundError 404           model_not_found    permanent
+     │    │    ├── RateLimitError 429          rate_limited       retryable, Retry-After
+     │    │    ├── InternalServerError 5xx     server_error       retryable
+     │    │    └── any other status            408 timeout and 409 conflict retryable,
+     │    │                                    the rest client_error permanent
+     │    └── APIError itself                  server_error       retryable (an error
+     │                                         event in the middle of a stream)
      └── anything else                         client_error       permanent
     TimeoutError                               timeout            retryable
     any other exception                        internal           retryable
+
+A streamed reply can also break off after it began (:func:`broke_off`): a timeout or a
+dropped connection midway keeps its kind and says how far the reply got, and a stream
+that ends without a ``finish_reason`` is ``bad_output`` (see ``client.py``).
 
 Messages end up in the job's ``error_message``: they say what to do in plain words and
 never carry the API key (a 401's server text echoes part of it, so it is never used).
@@ -139,6 +145,15 @@ def classify(
         return BadOutput("OpenAI's answer did not have the expected shape")
     if isinstance(exc, openai.APIStatusError):
         return _classify_status(exc, hidden)
+    if isinstance(exc, openai.APIError):
+        # The client raises APIError itself for an error event inside a stream: the
+        # provider gave up midway, which another attempt may not.
+        detail = _clean(exc.message, hidden)
+        return AttemptFailed(
+            FailureKind.SERVER_ERROR,
+            f"OpenAI reported an error midway through its reply: {detail}",
+            retryable=True,
+        )
     if isinstance(exc, openai.OpenAIError):
         return AttemptFailed(
             FailureKind.CLIENT_ERROR,
@@ -149,6 +164,32 @@ def classify(
         FailureKind.INTERNAL,
         f"generator error: {type(exc).__name__}: {_clean(str(exc), hidden)}",
         retryable=True,
+    )
+
+
+def broke_off(
+    exc: BaseException,
+    *,
+    received_chars: int,
+    timeout_seconds: float | None = None,
+    secrets: Iterable[str | None] = (),
+) -> AttemptFailed:
+    """The failure of a streamed reply that broke off after ``received_chars`` characters
+    of it had arrived: as :func:`classify` says, with the point it reached."""
+    failure = classify(exc, timeout_seconds=timeout_seconds, secrets=secrets)
+    if failure.kind is FailureKind.CONNECTION:
+        cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+        message = f"the connection to OpenAI broke off midway through its reply ({cause})"
+    elif failure.kind is FailureKind.TIMEOUT:
+        within = f" within {timeout_seconds:g} s" if timeout_seconds else ""
+        message = f"OpenAI did not finish its reply{within} (timeout)"
+    else:
+        return failure
+    return AttemptFailed(
+        failure.kind,
+        f"{message}, after {received_chars} characters",
+        retryable=failure.retryable,
+        retry_after_seconds=failure.retry_after_seconds,
     )
 
 

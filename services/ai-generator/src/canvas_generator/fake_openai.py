@@ -18,12 +18,18 @@ Endpoints:
   only the keys given change). ``GET /_fake/config`` shows them.
 - ``GET /_fake/stats``: ``calls``, ``streams``, ``failures`` (by mode), ``in_flight``,
   ``max_in_flight`` (most chat calls served at once), ``abandoned`` (calls whose client
-  hung up before the answer: an aborted call shows here). ``DELETE /_fake/stats``
-  resets them. ``GET /_fake/requests``: the last 50 request bodies received.
+  hung up before the answer was complete, streamed or not: an aborted call shows here).
+  ``DELETE /_fake/stats`` resets them. ``GET /_fake/requests``: the last 50 request
+  bodies received.
+- ``PUT /_fake/gates/NAME``: open gate NAME (see ``gate`` below), for the streams
+  waiting at it now and for those that reach it later.
 
-Every wait of a call (``delay_ms``, ``together``, ``timeout``) ends as soon as the
-client hangs up, as a real server stops generating then: ``in_flight`` drops at once,
-so a test can tell a call that was aborted from one that ran to its end.
+Every wait of a call (``delay_ms``, ``together``, ``timeout``, ``gate``) ends as soon as
+the client hangs up, as a real server stops generating then: ``in_flight`` drops at
+once, so a test can tell a call that was aborted from one that ran to its end.
+
+A streamed reply comes in pieces of 4 to 16 characters (one to four tokens), so that a
+drawing's objects complete one after the other, each over several chunks.
 
 Knobs, from the environment at start:
 
@@ -60,6 +66,12 @@ brackets, separated by commas: ``[[fake:status=429,retry_after=2]]``):
 - ``[[fake:timeout]]``: never answer (until the client disconnects)
 - ``[[fake:cut]]``: a stream that stops midway without ``[DONE]``; a non-streamed reply
   with its JSON cut in half (``finish_reason: "length"``)
+- ``[[fake:gate=NAME]]``: a stream that pauses halfway (some objects written, others
+  not) until ``PUT /_fake/gates/NAME`` opens the gate (at most MAX_HOLD_SECONDS):
+  proves that objects arrive before the reply ends without relying on timing
+- ``[[fake:first=N]]``: the failure directives of this message (``status``,
+  ``garbage``, ``empty``, ``cut``, ``timeout``) apply to its first N calls only; later
+  calls with the very same message succeed (a retry that works)
 """
 
 from __future__ import annotations
@@ -263,6 +275,13 @@ class Directives:
     together: int = 0
     timeout: bool = False
     cut: bool = False
+    gate: str | None = None
+    first: int | None = None
+
+    def succeed(self) -> None:
+        """Drop the failure directives (what ``first=N`` does after N calls)."""
+        self.status = None
+        self.garbage = self.empty = self.timeout = self.cut = False
 
 
 def parse_directives(text: str) -> tuple[Directives, str]:
@@ -275,8 +294,17 @@ def parse_directives(text: str) -> tuple[Directives, str]:
             with contextlib.suppress(ValueError):
                 if name in ("garbage", "empty", "fence", "timeout", "cut"):
                     setattr(found, name, True)
-                elif name in ("status", "invalid", "delay_ms", "chunk_delay_ms", "together"):
+                elif name in (
+                    "status",
+                    "invalid",
+                    "delay_ms",
+                    "chunk_delay_ms",
+                    "together",
+                    "first",
+                ):
                     setattr(found, name, max(0, int(value)))
+                elif name == "gate" and value.strip():
+                    found.gate = value.strip()
                 elif name == "objects":
                     found.objects = min(max(0, int(value)), MAX_OBJECTS)
                 elif name == "retry_after":
@@ -454,6 +482,10 @@ class FakeModel:
         # For each call in flight: the most calls in flight at once since it arrived.
         self._peaks: dict[int, int] = {}
         self._waiting: dict[int, tuple[int, asyncio.Event]] = {}
+        # Open or awaited gates, by name; calls so far of each message with ``first=N``.
+        # Both only grow, by what tests write: fine for a test double.
+        self.gates: dict[str, asyncio.Event] = {}
+        self.calls_of: Counter[str] = Counter()
 
     def update(self, change: ConfigUpdate) -> None:
         """Apply ``PUT /_fake/config``."""
@@ -509,6 +541,17 @@ class FakeModel:
                     await event.wait()
         finally:
             del self._waiting[ticket]
+
+    def gate(self, name: str) -> asyncio.Event:
+        """Gate ``name``: set once it is opened."""
+        return self.gates.setdefault(name, asyncio.Event())
+
+    def stream_ended(self, ticket: int, finished: bool) -> None:
+        """A streamed call ended; ``finished`` when it sent all it meant to send."""
+        if not finished:
+            self.stats.abandoned += 1
+            log.info("streamed chat call abandoned by the client")
+        self.left(ticket)
 
     def draw_failure(self, directives: Directives) -> None:
         """Turn a random failure (FAILURE_RATE, FAILURE_MODES) into this call's directives."""
@@ -597,6 +640,11 @@ def create_app(model: FakeModel) -> FastAPI:
         model.stats.in_flight = in_flight
         return model.stats.public()
 
+    @app.put("/_fake/gates/{name}")
+    async def open_gate(name: str) -> dict[str, Any]:
+        model.gate(name).set()
+        return {"gate": name, "open": True}
+
     @app.get("/_fake/requests")
     async def get_requests() -> list[dict[str, Any]]:
         return list(model.requests)
@@ -629,7 +677,12 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
         )
     assert isinstance(body, dict)
     model.requests.append(body)
-    directives, topic = parse_directives(_user_text(messages))
+    user_text = _user_text(messages)
+    directives, topic = parse_directives(user_text)
+    if directives.first is not None:
+        model.calls_of[user_text] += 1
+        if model.calls_of[user_text] > directives.first:
+            directives.succeed()
     model.draw_failure(directives)
     config = model.config
     delay_ms = config.delay_ms if directives.delay_ms is None else directives.delay_ms
@@ -686,9 +739,10 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
             usage=usage if include_usage else None,
             chunk_delay=chunk_delay_ms / 1000,
             cut=directives.cut,
+            gate=model.gate(directives.gate) if directives.gate else None,
             seed=topic,
         )
-        return _Stream(stream, functools.partial(model.left, ticket))
+        return _Stream(stream, functools.partial(model.stream_ended, ticket))
     finish_reason = "stop"
     if directives.cut:
         text, finish_reason = text[: len(text) // 2], "length"
@@ -746,6 +800,7 @@ async def _stream(
     usage: dict[str, int] | None,
     chunk_delay: float,
     cut: bool,
+    gate: asyncio.Event | None,
     seed: str,
 ) -> AsyncIterator[bytes]:
     """Server-sent events of chat.completion.chunk objects, OpenAI's way."""
@@ -777,6 +832,11 @@ async def _stream(
     for number, piece in enumerate(pieces):
         if cut and number >= len(pieces) // 2:
             return  # the connection drops: no finish_reason, no [DONE]
+        if gate is not None and number == len(pieces) // 2:
+            # Starlette cancels this generator if the client hangs up meanwhile.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(MAX_HOLD_SECONDS):
+                    await gate.wait()
         if chunk_delay:
             await asyncio.sleep(chunk_delay)
         yield event(delta({"content": piece}))
@@ -787,20 +847,29 @@ async def _stream(
 
 
 class _Stream(StreamingResponse):
-    """A streamed reply that tells when it is over, even when the client hung up before
-    its first chunk (a generator that never started runs no ``finally``)."""
+    """A streamed reply that tells when it is over, and whether it sent all it meant to,
+    even when the client hung up before its first chunk (a generator that never started
+    runs no ``finally``)."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_end: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], on_end: Callable[[bool], None]) -> None:
+        self._finished = False
         super().__init__(
-            content, media_type="text/event-stream", headers={"cache-control": "no-cache"}
+            self._watch(content),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
         )
         self._on_end = on_end
+
+    async def _watch(self, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in content:
+            yield chunk
+        self._finished = True
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_end()
+            self._on_end(self._finished)
 
 
 async def _serve(settings: FakeSettings, stop: asyncio.Event) -> None:

@@ -44,6 +44,17 @@ GENERATED_OBJECTS = Counter(
     "Objects in model replies: valid ones kept, invalid ones dropped.",
     ["result"],
 )
+PROGRESS_PUBLISH_SECONDS = Histogram(
+    "canvas_progress_publish_seconds",
+    "From an object complete in the model's stream to its GenerationProgressed confirmed "
+    "by the broker.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+FIRST_OBJECT_SECONDS = Histogram(
+    "canvas_generation_first_object_seconds",
+    "From the start of a streamed model call to its first valid object.",
+    buckets=_SECONDS,
+)
 
 # Every kind shows from the start (at 0), so that rate() and alerts work before the
 # first failure.

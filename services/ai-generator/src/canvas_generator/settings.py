@@ -20,6 +20,9 @@ class Settings(CommonSettings):
     # RabbitMQ closes a channel whose delivery stays unacked for 30 minutes
     # (consumer_timeout): one call must end well before that.
     openai_timeout_seconds: float = Field(default=60.0, gt=0, le=1200)
+    # Stream the reply (each object published as soon as it is written). False for
+    # OpenAI-compatible servers that cannot stream, or that send no finish_reason.
+    openai_stream: bool = True
     # Per process: the work queue's prefetch, so also the number of calls in flight.
     max_concurrent_jobs: int = Field(default=10, ge=1, le=1000)
     generator_port: Port = 8003

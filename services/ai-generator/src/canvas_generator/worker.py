@@ -7,8 +7,16 @@ For each attempt taken from the work queue:
    acked and dropped with an "attempt skipped" log line; nothing is published;
 2. GenerationStarted is published, then the model is called in a task of its own that
    a cancel of the job aborts (:mod:`canvas_generator.control`): an aborted attempt
-   logs "attempt cancelled" and publishes nothing;
-3. the result (GenerationSucceeded or GenerationFailed) is published.
+   logs "attempt cancelled" and publishes nothing more;
+3. while the reply streams in, each object is validated as soon as the model has
+   written it and published as a GenerationProgressed (:mod:`canvas_generator.progress`),
+   its index counting valid objects only, so that the indexes are the positions in the
+   final set;
+4. the result (GenerationSucceeded or GenerationFailed) is published, once every
+   progress event before it is confirmed. A GenerationSucceeded carries exactly the
+   objects that were progressed, in their order: a finished reply that reads otherwise
+   than its stream fails the attempt (retryable), and so does a stream cut off midway,
+   whatever it streamed before.
 
 A work message is acked only after its result was confirmed by the broker; if a
 publish fails the handler raises (a ConnectionError), and the broker hands the work
@@ -29,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -38,6 +46,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from canvas_events.broker import ACK, Broker, Consumer, Outcome
 from canvas_events.envelope import Envelope, utcnow
+from canvas_events.errors import PublishError
 from canvas_events.events import (
     GenerationFailed,
     GenerationRequested,
@@ -51,6 +60,7 @@ from canvas_generator.client import ModelClient
 from canvas_generator.control import Cancellations
 from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, classify
 from canvas_generator.metrics import (
+    FIRST_OBJECT_SECONDS,
     GENERATED_OBJECTS,
     GENERATION_ATTEMPT_SECONDS,
     GENERATIONS_CANCELLED,
@@ -58,10 +68,13 @@ from canvas_generator.metrics import (
     GENERATIONS_SKIPPED,
     OPENAI_ERRORS,
 )
-from canvas_generator.parsing import parse_reply
+from canvas_generator.parsing import ObjectStream, parse_reply
+from canvas_generator.progress import Progress
 from canvas_generator.prompt import build_messages
 
 log = structlog.get_logger("canvas_generator.worker")
+# How far the orchestrator's clock may run behind ours (see Worker._may_predate_control).
+CLOCK_SKEW = timedelta(seconds=5)
 
 Result = GenerationSucceeded | GenerationFailed
 
@@ -102,7 +115,7 @@ class Worker:
             prefetch=self._prefetch,
         )
 
-    async def handle(self, envelope: Envelope, _: AbstractIncomingMessage) -> Outcome:
+    async def handle(self, envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
         """Run one attempt; raises (so the work is handed out again) if a publish fails."""
         event = parse_event(envelope)
         if not isinstance(event, GenerationRequested):
@@ -112,14 +125,29 @@ class Worker:
             return ACK
         structlog.contextvars.bind_contextvars(attempt_id=str(event.attempt_id))
         try:
-            if await self._skipped(envelope.job_id, event):
+            if await self._skipped(
+                envelope.job_id, event, self._may_predate_control(envelope, message)
+            ):
                 return ACK
             await self._run(envelope, event)
         finally:
             structlog.contextvars.unbind_contextvars("attempt_id")
         return ACK
 
-    async def _skipped(self, job_id: UUID | None, event: GenerationRequested) -> bool:
+    def _may_predate_control(self, envelope: Envelope, message: AbstractIncomingMessage) -> bool:
+        """Whether a cancel of this attempt's job may have been broadcast before this
+        process's control queue existed: the attempt was dispatched before the queue was
+        bound (allowing for clocks that differ a little), or it is a redelivery. Only then
+        is the orchestrator asked; otherwise a cancel reaches the control queue, and the
+        question would cost both services a round trip per attempt for nothing."""
+        bound = self._broker.connected_at
+        if message.redelivered or bound is None:
+            return True
+        return envelope.occurred_at < bound + CLOCK_SKEW
+
+    async def _skipped(
+        self, job_id: UUID | None, event: GenerationRequested, ask_orchestrator: bool = True
+    ) -> bool:
         """Whether the attempt is not worth a model call (logged and counted if so)."""
         details: dict[str, Any] = {}
         reason: SkipReason | None = None
@@ -128,7 +156,7 @@ class Worker:
             details["lease_expires_at"] = event.lease_expires_at.isoformat()
         elif job_id is not None and self.cancellations.is_cancelled(job_id):
             reason = SkipReason.CANCELLED
-        elif job_id is not None and self._checker is not None:
+        elif job_id is not None and self._checker is not None and ask_orchestrator:
             check = await self._checker.check(job_id, event.attempt_id)
             if check.verdict is Verdict.NOT_CURRENT:
                 reason = SkipReason.NOT_CURRENT
@@ -145,6 +173,10 @@ class Worker:
         GENERATIONS_IN_FLIGHT.inc()
         started = time.perf_counter()
         outcome = "failed"
+        # Only a streamed reply has objects to show before it ends.
+        progress = (
+            Progress(self._publish, envelope, event.attempt_id) if self._client.stream else None
+        )
         try:
             await self._publish(
                 envelope.follow(
@@ -162,7 +194,7 @@ class Worker:
                 generator_id=self.generator_id,
                 lease_expires_at=event.lease_expires_at.isoformat(),
             )
-            result = await self._attempt_unless_cancelled(envelope.job_id, event)
+            result = await self._attempt_unless_cancelled(envelope.job_id, event, progress)
             if result is None:
                 outcome = "cancelled"
                 GENERATIONS_CANCELLED.inc()
@@ -170,26 +202,34 @@ class Worker:
                 # ignore a result anyway.
                 log.info("attempt cancelled", attempt=event.attempt)
                 return
+            if progress is not None:
+                # The result after every progress event of its attempt, also a failure's:
+                # the job's history then reads in the order things happened.
+                await progress.drain()
             await self._publish(envelope.follow(result))
             outcome = "succeeded" if isinstance(result, GenerationSucceeded) else "failed"
         finally:
+            if progress is not None:
+                await progress.aclose()
             GENERATIONS_IN_FLIGHT.dec()
             GENERATION_ATTEMPT_SECONDS.labels(outcome=outcome).observe(
                 time.perf_counter() - started
             )
 
     async def _attempt_unless_cancelled(
-        self, job_id: UUID | None, request: GenerationRequested
+        self, job_id: UUID | None, request: GenerationRequested, progress: Progress | None = None
     ) -> Result | None:
         """The attempt's result, or None when a cancel of its job came first or aborted
         its model call."""
         if job_id is None:
-            return await self.attempt(request)
+            return await self.attempt(request, progress)
         # No await between this check and track(): a cancel that arrives later finds the
         # task, one that came earlier is in the set (asyncio runs one thing at a time).
         if self.cancellations.is_cancelled(job_id):
             return None
-        task = asyncio.create_task(self.attempt(request), name=f"attempt-{request.attempt_id}")
+        task = asyncio.create_task(
+            self.attempt(request, progress), name=f"attempt-{request.attempt_id}"
+        )
         with self.cancellations.track(job_id, task):
             try:
                 return await task
@@ -199,16 +239,26 @@ class Worker:
                     raise  # this handler itself is cancelled (shutdown), not the job
                 return None
 
-    async def attempt(self, request: GenerationRequested) -> Result:
-        """Call the model and read its reply: the event that says how it went."""
+    async def attempt(
+        self, request: GenerationRequested, progress: Progress | None = None
+    ) -> Result:
+        """Call the model and read its reply: the event that says how it went. With
+        ``progress``, each object of a streamed reply is handed to it as soon as it is
+        complete; raises :class:`PublishError` when one of them cannot be published."""
+        began = time.perf_counter()
         try:
             messages = build_messages(request.query)
-            completion = await self._client.complete(messages)
+            reader = _Reader(progress) if progress is not None else None
+            completion = await self._client.complete(
+                messages, on_text=reader.feed if reader is not None else None
+            )
             log.info(
                 "openai call made",
                 model=completion.model,
                 latency_ms=completion.latency_ms,
                 finish_reason=completion.finish_reason,
+                streamed=reader is not None,
+                first_object_ms=reader.first_object_ms if reader is not None else None,
                 **completion.usage,
             )
             try:
@@ -219,14 +269,26 @@ class Worker:
                         f"{exc.message} (the reply was cut off at its length limit)"
                     ) from exc
                 raise
+            if progress is not None and parsed.objects != progress.objects:
+                # Clients were shown the streamed objects as this attempt's drawing; a
+                # result that differs from them must not replace them unseen.
+                raise BadOutput(
+                    f"the finished reply held {len(parsed.objects)} objects that differ from "
+                    f"the {len(progress.objects)} streamed from it"
+                )
             GENERATED_OBJECTS.labels(result="kept").inc(len(parsed.objects))
             GENERATED_OBJECTS.labels(result="dropped").inc(parsed.dropped)
             log.info("objects parsed", count=len(parsed.objects), dropped=parsed.dropped)
+        except PublishError:
+            raise  # not the model's failure: the work goes back to the queue
         except Exception as exc:
             failure = classify(exc)
             OPENAI_ERRORS.labels(kind=failure.kind.value).inc()
             log.warning(
                 "attempt failed",
+                # A failed call is an OpenAI call made too: say which model and how long.
+                model=self._client.model,
+                latency_ms=int((time.perf_counter() - began) * 1000),
                 kind=failure.kind.value,
                 retryable=failure.retryable,
                 error=failure.message,
@@ -246,6 +308,25 @@ class Worker:
 
     async def _publish(self, envelope: Envelope) -> None:
         await self._broker.publish(envelope, routing_key(GENERATOR, envelope.type))
+
+
+class _Reader:
+    """Finds the objects of a streamed reply as its text arrives and hands each to
+    ``progress``."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._objects = ObjectStream()
+        self._progress = progress
+        self._started = time.perf_counter()
+        self.first_object_ms: int | None = None
+
+    def feed(self, piece: str) -> None:
+        for index, obj in self._objects.feed(piece):
+            if self.first_object_ms is None:
+                elapsed = time.perf_counter() - self._started
+                FIRST_OBJECT_SECONDS.observe(elapsed)
+                self.first_object_ms = round(elapsed * 1000)
+            self._progress.put(index, obj)
 
 
 def _failed(request: GenerationRequested, failure: AttemptFailed) -> GenerationFailed:

@@ -1,0 +1,207 @@
+"""Streamed replies on the real RabbitMQ, from the stand-in model (a real process) with
+the real openai client: each object is published as a GenerationProgressed as soon as
+the model has written it, before the attempt's result."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+
+from canvas_events.envelope import Envelope
+from canvas_events.events import GenerationFailed, GenerationProgressed, GenerationSucceeded
+from canvas_events.objects import validate_object
+from tests.generator.conftest import (
+    Bus,
+    cancel_message,
+    generation_request,
+    generator_settings,
+    metric,
+    milestones,
+    running_generator,
+    wait_until,
+)
+from tests.support.fake_openai import FakeOpenAI
+
+FINALS = ("GenerationSucceeded", "GenerationFailed")
+
+
+def open_gate(fake: FakeOpenAI, name: str) -> None:
+    """Let the streams paused at gate ``name`` go on."""
+    httpx.put(f"{fake.url}/_fake/gates/{name}", timeout=5).raise_for_status()
+
+
+async def next_of(bus: Bus, request: Envelope, message_type: str) -> Envelope:
+    """The next ``message_type`` message of ``request``'s job; what comes before it is
+    put back in ``bus.seen`` order-preserving for later reads."""
+    skipped: list[Envelope] = []
+    try:
+        while True:
+            envelope = await bus.next()
+            if envelope.job_id == request.job_id and envelope.type == message_type:
+                return envelope
+            skipped.append(envelope)
+    finally:
+        rest = [*skipped]
+        while not bus.seen.empty():
+            rest.append(bus.seen.get_nowait())
+        for envelope in rest:
+            bus.seen.put_nowait(envelope)
+
+
+def progressed(messages: list[Envelope]) -> list[GenerationProgressed]:
+    return [
+        GenerationProgressed.model_validate(m.data)
+        for m in messages
+        if m.type == "GenerationProgressed"
+    ]
+
+
+async def _run_one(
+    amqp_url: str, topology: Any, fake: FakeOpenAI, bus: Bus, query: str, **overrides: Any
+) -> tuple[Envelope, list[Envelope]]:
+    settings = generator_settings(amqp_url, topology, fake, **overrides)
+    async with running_generator(settings):
+        request = generation_request(query)
+        await bus.publish(request)
+        return request, (await bus.results(request))[str(request.job_id)]
+
+
+async def test_each_object_is_progressed_in_order_before_the_result(
+    amqp_url, topology, fake_openai, bus
+):
+    request, messages = await _run_one(
+        amqp_url, topology, fake_openai, bus, "a flowchart of an order [[fake:objects=9]]"
+    )
+    assert messages[0].type == "GenerationStarted"
+    assert messages[-1].type == "GenerationSucceeded"
+    assert {m.type for m in messages[1:-1]} == {"GenerationProgressed"}
+    result = GenerationSucceeded.model_validate(messages[-1].data)
+    events = progressed(messages)
+    assert [e.index for e in events] == list(range(9))
+    # The result carries exactly the objects shown, in the order shown.
+    assert [e.object for e in events] == result.objects
+    assert all(validate_object(e.object) == e.object for e in events)
+    assert {e.attempt_id for e in events} == {result.attempt_id}
+    for message in messages:
+        assert message.causation_id == request.event_id
+        assert (message.job_id, message.correlation_id) == (request.job_id, request.correlation_id)
+
+
+async def test_objects_arrive_while_the_model_is_still_writing(
+    amqp_url, topology, fake_openai, bus
+):
+    # The stand-in pauses halfway through its reply until the gate opens: a progress
+    # event that arrives meanwhile was published before the model finished, whatever
+    # the machine's speed.
+    gate = uuid.uuid4().hex
+    settings = generator_settings(amqp_url, topology, fake_openai)
+    async with running_generator(settings):
+        in_flight = fake_openai.stats()["in_flight"]
+        request = generation_request(f"a long pipeline [[fake:objects=12,gate={gate}]]")
+        await bus.publish(request)
+        first = await next_of(bus, request, "GenerationProgressed")
+        assert first.data["index"] == 0
+        assert fake_openai.stats()["in_flight"] == in_flight + 1  # still writing
+        open_gate(fake_openai, gate)
+        messages = (await bus.results(request))[str(request.job_id)]
+    result = GenerationSucceeded.model_validate(messages[-1].data)
+    events = [GenerationProgressed.model_validate(first.data), *progressed(messages)]
+    assert [e.index for e in events] == list(range(12))
+    assert [e.object for e in events] == result.objects
+
+
+async def test_invalid_objects_in_the_stream_are_dropped_and_not_progressed(
+    amqp_url, topology, fake_openai, bus
+):
+    _, messages = await _run_one(
+        amqp_url, topology, fake_openai, bus, "a pipeline [[fake:objects=5,invalid=3,fence]]"
+    )
+    result = GenerationSucceeded.model_validate(messages[-1].data)
+    assert (len(result.objects), result.dropped_objects) == (5, 3)
+    events = progressed(messages)
+    assert [e.index for e in events] == [0, 1, 2, 3, 4]
+    assert [e.object for e in events] == result.objects
+
+
+async def test_stream_cut_off_midway_fails_retryable_after_its_objects(
+    amqp_url, topology, fake_openai, bus
+):
+    _, messages = await _run_one(
+        amqp_url, topology, fake_openai, bus, "a long flow [[fake:objects=12,cut]]"
+    )
+    assert milestones(messages) == ["GenerationStarted", "GenerationFailed"]
+    # Some objects were shown before the cut; they do not make a drawing.
+    assert len(progressed(messages)) >= 1
+    failed = GenerationFailed.model_validate(messages[-1].data)
+    assert (failed.kind, failed.retryable) == ("bad_output", True)
+    assert "cut off" in failed.error
+
+
+async def test_connection_lost_midway_fails_retryable_as_a_connection_failure(
+    amqp_url, topology, bus
+):
+    # A stand-in of its own, killed (kill -9) while its reply is paused halfway.
+    gate = uuid.uuid4().hex
+    with FakeOpenAI() as fake:
+        settings = generator_settings(amqp_url, topology, fake)
+        async with running_generator(settings):
+            request = generation_request(f"a flow [[fake:objects=12,gate={gate}]]")
+            await bus.publish(request)
+            await next_of(bus, request, "GenerationProgressed")
+            fake.process.kill()
+            messages = (await bus.results(request))[str(request.job_id)]
+    failed = GenerationFailed.model_validate(messages[-1].data)
+    assert (failed.kind, failed.retryable) == ("connection", True)
+    assert "midway" in failed.error
+    assert "GenerationSucceeded" not in milestones(messages)
+
+
+async def test_cancel_midway_aborts_the_stream_and_publishes_nothing_more(
+    amqp_url, topology, fake_openai, bus
+):
+    gate = uuid.uuid4().hex
+    settings = generator_settings(amqp_url, topology, fake_openai)
+    async with running_generator(settings) as generator:
+        before = fake_openai.stats()
+        cancelled_before = metric("canvas_generation_cancelled_total")
+        request = generation_request(f"a drawing cut short [[fake:objects=12,gate={gate}]]")
+        await bus.publish(request)
+        await next_of(bus, request, "GenerationProgressed")
+        await bus.publish(cancel_message(request), "job.JobCancelled")
+        await wait_until(
+            lambda: metric("canvas_generation_cancelled_total") == cancelled_before + 1,
+            what="the attempt counted as cancelled",
+        )
+        # The stand-in saw its client hang up in the middle of the stream.
+        await wait_until(
+            lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
+            what="the stand-in to see the call end",
+        )
+        assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
+        assert generator.cancellations.in_flight == 0
+        # The generator publishes on one channel, in order: whatever it published for
+        # the cancelled attempt arrives before a later attempt's result.
+        later = generation_request("a later flowchart")
+        await bus.publish(later)
+        seen: list[Envelope] = []
+        while not (seen and seen[-1].job_id == later.job_id and seen[-1].type in FINALS):
+            seen.append(await bus.next())
+    open_gate(fake_openai, gate)  # nobody waits there any more
+    # What it streamed before the cancel may be there; a result may not.
+    assert set(milestones([m for m in seen if m.job_id == request.job_id])) <= {"GenerationStarted"}
+
+
+async def test_without_streaming_the_reply_comes_whole_and_nothing_is_progressed(
+    amqp_url, topology, fake_openai, bus
+):
+    fake_openai.reset()
+    _, messages = await _run_one(
+        amqp_url, topology, fake_openai, bus, "a flowchart [[fake:objects=4]]", openai_stream=False
+    )
+    assert [m.type for m in messages] == ["GenerationStarted", "GenerationSucceeded"]
+    assert len(GenerationSucceeded.model_validate(messages[-1].data).objects) == 4
+    (sent,) = fake_openai.requests()
+    assert "stream" not in sent
+    assert fake_openai.stats()["streams"] == 0
