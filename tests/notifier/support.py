@@ -4,13 +4,16 @@ a running notifier, a publisher that plays the orchestrator's relay."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import aio_pika
@@ -300,3 +303,169 @@ async def closed_code(ws: ClientConnection, timeout: float = 15.0) -> int | None
 
 def ws_url(notifier: Notifier, query: str) -> str:
     return f"ws://127.0.0.1:{notifier.port}/ws?{query}"
+
+
+# -- a WebSocket client by hand ------------------------------------------------------------
+
+TEXT, CLOSE, PING, PONG = 0x1, 0x8, 0x9, 0xA
+
+
+class RawClient:
+    """A WebSocket client written by hand on a plain socket, for what the ``websockets``
+    client never does: leave everything unread, or read but never answer a ping."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(
+        cls, port: int, query: str, *, receive_buffer: int | None = None
+    ) -> RawClient:
+        """Open the connection and complete the handshake. With ``receive_buffer`` the
+        socket's receive buffer is that small and this side buffers at most a few KiB,
+        so that a client that stops reading fills its TCP window soon."""
+        sock = socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2048)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(10):
+            response = await reader.readuntil(b"\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 101 "), response
+        return cls(reader, writer)
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        """The next frame: (opcode, payload). Server frames are never masked."""
+        head = await self.reader.readexactly(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self.reader.readexactly(8), "big")
+        return head[0] & 0x0F, await self.reader.readexactly(length)
+
+    async def close_code(self, *, timeout: float = 15.0) -> tuple[int, list[int]]:
+        """Read (never answering a ping) until the server's close frame: its code, and
+        the opcodes of every frame before it."""
+        opcodes: list[int] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                opcode, payload = await self.read_frame()
+                if opcode == CLOSE:
+                    return int.from_bytes(payload[:2], "big"), opcodes
+                opcodes.append(opcode)
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a closing handshake."""
+        self.writer.transport.abort()
+
+
+# -- a TCP proxy -------------------------------------------------------------------------
+
+
+class Proxy:
+    """A TCP proxy in the test's process, between a service and a server: it can make
+    the server's answers late (``delay`` seconds on each chunk back), or cut every
+    connection and refuse new ones until :meth:`restore`, as an outage looks from the
+    service's side. The shared servers themselves are never touched."""
+
+    def __init__(self, host: str, port: int, *, delay: float = 0.0) -> None:
+        self.host = host
+        self.target_port = port
+        self.delay = delay
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cut = False
+        # Connections turned away while cut: proof that the service tried meanwhile.
+        self.refused = 0
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    def url(self, url: str) -> str:
+        """``url`` (postgresql://, amqp://) pointed at this proxy instead of the server."""
+        parts = urlsplit(url)
+        credentials, _, _ = parts.netloc.rpartition("@")
+        host = f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=f"{credentials}@{host}" if credentials else host))
+
+    def cut(self) -> None:
+        """Drop every connection (no goodbye on either side) and refuse new ones."""
+        self._cut = True
+        for writer in list(self._open):
+            writer.transport.abort()
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        self._cut = False
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open |= {writer, up_writer}
+        for task in (
+            asyncio.create_task(self._pipe(reader, up_writer, 0.0)),
+            asyncio.create_task(self._pipe(up_reader, writer, self.delay)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(chunk)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._open.discard(writer)
+            writer.transport.abort()
+
+
+async def open_proxy(url: str, *, delay: float = 0.0) -> Proxy:
+    """A started :class:`Proxy` to the server of ``url``; stop it when done."""
+    parts = urlsplit(url)
+    port = parts.port or {"postgresql": 5432, "postgres": 5432, "amqp": 5672}[parts.scheme]
+    return await Proxy(parts.hostname or "127.0.0.1", port, delay=delay).start()
+
+
+@asynccontextmanager
+async def proxy(url: str, *, delay: float = 0.0) -> AsyncIterator[Proxy]:
+    """A :class:`Proxy` to the server of ``url``, for the length of the block."""
+    started = await open_proxy(url, delay=delay)
+    try:
+        yield started
+    finally:
+        await started.stop()

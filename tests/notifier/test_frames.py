@@ -31,7 +31,7 @@ JOB = UUID("11111111-1111-4111-8111-111111111111")
 def frame_of(event, **kwargs) -> dict[str, Any]:
     frame = to_frame(recorded(event, position=7, user_id="alice", job_id=JOB, **kwargs))
     assert frame is not None
-    body: dict[str, Any] = orjson.loads(frame.text)
+    body: dict[str, Any] = orjson.loads(frame.data)
     return body
 
 
@@ -151,7 +151,7 @@ def test_status_types_are_the_seven_the_contract_names():
 
 
 def frame(job_id: str = "j1", canvas_id: str | None = "c1") -> Frame:
-    return Frame(position=1, type="ai_job_queued", job_id=job_id, canvas_id=canvas_id, text="{}")
+    return Frame(position=1, type="ai_job_queued", job_id=job_id, canvas_id=canvas_id, data=b"{}")
 
 
 def test_an_empty_subscription_matches_everything():

@@ -54,14 +54,20 @@ async def test_sigterm_closes_every_connection_with_1001_and_exits_cleanly(
                     except httpx.TransportError:
                         pass
                     await asyncio.sleep(0.05)
-        async with connect(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
+        url = f"ws://127.0.0.1:{port}/ws?token="
+        async with (
+            connect(url + token) as first,
+            connect(url + token) as second,
+            connect(url + mint_token("bob", SECRET)) as third,
+        ):
             async with asyncio.timeout(10):
                 while True:
-                    if await _connections(port) >= 1:
+                    if await _connections(port) >= 3:
                         break
                     await asyncio.sleep(0.05)
             process.send_signal(signal.SIGTERM)
-            assert await closed_code(ws) == 1001
+            codes = await asyncio.gather(*(closed_code(ws) for ws in (first, second, third)))
+            assert codes == [1001, 1001, 1001]
         async with asyncio.timeout(20):
             stdout, stderr = await process.communicate()
     finally:

@@ -22,13 +22,16 @@ from canvas_events.topology import Topology
 from canvas_notifier.server import Notifier
 from tests.notifier import support
 from tests.notifier.support import (
+    PING,
     SECRET,
+    RawClient,
     closed_code,
     eventually,
     insert_events,
     insert_events_in,
     insert_job,
     live,
+    proxy,
     receive,
     recorded,
     relay,
@@ -379,6 +382,107 @@ async def test_a_broker_reconnect_replays_what_the_new_queue_missed(notifier, pu
         assert [f["position"] for f in await receive(ws, 2)] == [2, 3]
         await publisher.publish(missed[1], recorded(support.completed(), position=4, user_id=ALICE))
         assert [f["position"] for f in await receive(ws, 1)] == [4]
+
+
+def resyncs() -> float:
+    return REGISTRY.get_sample_value("canvas_notifier_resyncs_total") or 0
+
+
+async def test_connections_that_replayed_under_the_current_queue_do_not_replay_on_its_first_message(
+    notifier, publisher
+):
+    # Replaying every connection at the first message after start would hold 5,000
+    # connections' events behind 5,000 queries; those that connected once the queue
+    # was bound cannot have missed anything.
+    before = resyncs()
+    async with (
+        connect(ws_url(notifier, f"token={token()}")) as alice,
+        connect(ws_url(notifier, f"token={token(BOB)}&after=0")) as bob,
+    ):
+        await live(notifier, ALICE)
+        await live(notifier, BOB)
+        await publisher.publish(
+            recorded(support.queued(), position=1, user_id=ALICE),
+            recorded(support.queued(), position=2, user_id=BOB),
+        )
+        assert [f["position"] for f in await receive(alice, 1)] == [1]
+        assert [f["position"] for f in await receive(bob, 1)] == [2]
+    assert resyncs() == before
+
+
+async def test_a_client_that_never_answers_a_ping_is_closed_with_1011_and_one_that_answers_stays(
+    schema, amqp_url, topology
+):
+    settings = settings_for(
+        schema, amqp_url, topology, ws_ping_interval_seconds=0.2, ws_ping_timeout_seconds=0.5
+    )
+    async with (
+        running(settings) as notifier,
+        relay(amqp_url, topology) as publisher,
+        connect(ws_url(notifier, f"token={token()}")) as answering,
+    ):
+        await live(notifier, ALICE)
+        # Reads every frame, pings included, and never sends a pong.
+        silent = await RawClient.connect(notifier.port, f"token={token()}")
+        try:
+            code, before_close = await silent.close_code()
+        finally:
+            silent.abort()
+        assert code == 1011
+        assert PING in before_close
+        # The websockets client answered the same pings all along: still served.
+        await eventually(lambda: len(notifier.hub) == 1)
+        await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
+        assert [f["position"] for f in await receive(answering, 1)] == [1]
+
+
+async def test_a_resync_waits_out_a_database_outage_and_then_replays_what_the_dropped_queue_missed(
+    schema, amqp_url, topology
+):
+    async with (
+        proxy(schema) as database,
+        proxy(amqp_url) as broker,
+    ):
+        settings = settings_for(database.url(schema), broker.url(amqp_url), topology)
+        async with (
+            running(settings) as notifier,
+            relay(amqp_url, topology) as publisher,
+            connect(ws_url(notifier, f"token={token()}")) as ws,
+        ):
+            await live(notifier, ALICE)
+            await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
+            assert [f["position"] for f in await receive(ws, 1)] == [1]
+
+            database.cut()
+            # The broker connection dies (no goodbye): the notifier's queue goes with it,
+            # and what is relayed meanwhile only the store has.
+            broker.cut()
+            missed = [
+                recorded(support.started(), position=2, user_id=ALICE),
+                recorded(support.progressed(0), position=3, user_id=ALICE),
+            ]
+            await insert_events(schema, missed)
+            broker.restore()
+            await eventually(
+                lambda: notifier.broker.connect_count >= 2 and notifier.broker.connected
+            )
+            # The replay cannot read the store: the next live event waits behind it.
+            await publisher.publish(recorded(support.completed(), position=4, user_id=ALICE))
+
+            def waiting() -> bool:
+                return any(c.holding and c.pending == 1 for c in notifier.hub.clients(ALICE))
+
+            await eventually(waiting)
+            # The replay really meets the outage, retries, and holds on meanwhile.
+            await eventually(lambda: database.refused >= 2)
+            assert waiting()
+
+            database.restore()
+            assert [f["position"] for f in await receive(ws, 3, timeout=30)] == [2, 3, 4]
+            await publisher.publish(
+                missed[1], recorded(support.cancelled(), position=5, user_id=ALICE)
+            )
+            assert [f["position"] for f in await receive(ws, 1)] == [5]
 
 
 async def test_health_ready_metrics_and_unknown_paths(notifier):

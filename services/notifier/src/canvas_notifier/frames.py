@@ -127,7 +127,8 @@ class Frame:
     type: str
     job_id: str
     canvas_id: str | None
-    text: str
+    # The JSON text, UTF-8 encoded once: every connection writes these same bytes.
+    data: bytes
 
 
 def to_frame(envelope: Envelope) -> Frame | None:
@@ -156,16 +157,16 @@ def to_frame(envelope: Envelope) -> Frame | None:
         type=frame_type,
         job_id=job_id,
         canvas_id=envelope.canvas_id,
-        text=orjson.dumps(body).decode(),
+        data=orjson.dumps(body),
     )
 
 
-def control(frame_type: str, **fields: Any) -> str:
+def control(frame_type: str, **fields: Any) -> bytes:
     """A control frame (no position): ``subscribed``, ``unsubscribed``, ``error``."""
-    return orjson.dumps({"type": frame_type, **fields}).decode()
+    return orjson.dumps({"type": frame_type, **fields})
 
 
-def error(detail: str, **fields: Any) -> str:
+def error(detail: str, **fields: Any) -> bytes:
     """``{"type": "error", "detail": ...}``: the connection stays open."""
     return control("error", detail=detail, **fields)
 

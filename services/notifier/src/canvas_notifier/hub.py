@@ -1,11 +1,13 @@
 """Who is connected, and what each connection still has to send; no network I/O here.
 
-Fan-out never waits for a client: :meth:`Hub.deliver` appends the frame to each of the
-user's connections' bounded outboxes and returns. One sender task per connection (in
-:mod:`canvas_notifier.server`) drains its outbox onto the socket. A connection whose
-outbox is full is told to close (4008) rather than slow anyone down or hold memory:
-unlike ``websockets.broadcast()``, which has no backpressure by design, every
-connection here is bounded.
+Fan-out never waits for a client: :meth:`Hub.deliver` offers the frame to each of the
+user's connections and returns. A connection with nothing waiting whose socket takes
+data without waiting gets the frame written at once (its *writer*, given by
+:mod:`canvas_notifier.server`); otherwise the frame goes to the connection's bounded
+outbox, which one sender task per connection drains onto the socket as it drains. A
+connection whose outbox is full is told to close (4008) rather than slow anyone down or
+hold memory: unlike ``websockets.broadcast()``, which writes whatever the socket's state
+(no backpressure, by design), every connection here is bounded.
 
 Resume without gap or duplicate: a connection is *held* while it replays from the
 event store (live frames are kept aside), then *released*: the held frames at or below
@@ -30,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -57,9 +59,15 @@ class Kick:
     reason: str
 
 
+Writer = Callable[[bytes], bool]
+"""Writes one text frame to a connection's socket now, if it takes it without waiting
+(False: not written, the frame must wait in the outbox)."""
+
+
 class Offer(enum.Enum):
     """What became of a live frame offered to a connection."""
 
+    SENT = "sent"  # written to the socket at once (or filtered out by the subscription)
     QUEUED = "queued"  # in the outbox, or held until the replay ends
     DUPLICATE = "duplicate"  # at or below the last position: already queued once
     OVERFLOW = "overflow"  # the outbox was full: the connection is told to close
@@ -69,8 +77,10 @@ class Offer(enum.Enum):
 class Client:
     """One WebSocket connection's state: outbox, position, subscription."""
 
-    def __init__(self, user_id: str, *, limit: int) -> None:
+    def __init__(self, user_id: str, *, limit: int, writer: Writer | None = None) -> None:
         self.user_id = user_id
+        # None: every frame goes through the outbox (and the sender task).
+        self.writer = writer
         self.subscription = Subscription()
         # The highest position queued for (or replayed to) this connection.
         self.last_position = 0
@@ -80,9 +90,13 @@ class Client:
         # Set when this connection must replay again (a new broker queue may have
         # missed events); the sync loop checks it before releasing.
         self.resync_needed = False
+        # The broker connection (its count) whose queue was already bound when this
+        # connection's last replay began; None when there was none. A new queue makes
+        # every connection that did not replay under it replay again.
+        self.synced_with: int | None = None
         self._limit = limit
         self._frames: deque[Frame] = deque()
-        self._control: deque[str] = deque()
+        self._control: deque[bytes] = deque()
         self._held: deque[Frame] | None = None
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
@@ -115,20 +129,29 @@ class Client:
             return Offer.QUEUED
         if frame.position <= self.last_position:
             return Offer.DUPLICATE
+        if self.writer is not None and not self._frames and not self._control:
+            # Nothing waits before this frame: straight to the socket, without a task
+            # switch, when the socket takes it now (the common case at any scale).
+            if not self.subscription.matches(frame):
+                self.last_position = frame.position
+                return Offer.SENT
+            if self.writer(frame.data):
+                self.last_position = self.last_sent = frame.position
+                return Offer.SENT
         if len(self._frames) >= self._limit:
             self._overflow()
             return Offer.OVERFLOW
         self._push(frame)
         return Offer.QUEUED
 
-    def say(self, text: str) -> None:
+    def say(self, data: bytes) -> None:
         """Queue a control frame; it goes out before any waiting event frame."""
         if self.kick is not None:
             return
         if len(self._control) >= CONTROL_LIMIT:
             self._overflow()
             return
-        self._control.append(text)
+        self._control.append(data)
         self._wakeup.set()
 
     # -- replay --------------------------------------------------------------------------
@@ -165,7 +188,7 @@ class Client:
 
     # -- the sender's side ---------------------------------------------------------------
 
-    async def next_text(self) -> str:
+    async def next_data(self) -> bytes:
         """The next frame to send: control frames first, then event frames that match
         the subscription as it is now (a subscribe takes effect at once)."""
         while True:
@@ -178,7 +201,7 @@ class Client:
                     self._drained.set()
                 if self.subscription.matches(frame):
                     self.last_sent = frame.position
-                    return frame.text
+                    return frame.data
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -213,16 +236,22 @@ class Hub:
 
     def __init__(self) -> None:
         self._by_user: dict[str, set[Client]] = {}
+        # Kept, not counted: every connect and disconnect logs it.
+        self._count = 0
 
     def add(self, client: Client) -> None:
         """Start routing ``client.user_id``'s events to ``client``."""
-        self._by_user.setdefault(client.user_id, set()).add(client)
+        clients = self._by_user.setdefault(client.user_id, set())
+        if client not in clients:
+            clients.add(client)
+            self._count += 1
 
     def remove(self, client: Client) -> None:
         """Stop routing events to ``client``."""
         clients = self._by_user.get(client.user_id)
-        if clients is not None:
-            clients.discard(client)
+        if clients is not None and client in clients:
+            clients.remove(client)
+            self._count -= 1
             if not clients:
                 del self._by_user[client.user_id]
 
@@ -234,7 +263,7 @@ class Hub:
         taken, overflowed = 0, []
         for client in self._by_user.get(user_id, ()):
             outcome = client.offer(frame)
-            if outcome is Offer.QUEUED:
+            if outcome is Offer.SENT or outcome is Offer.QUEUED:
                 taken += 1
             elif outcome is Offer.OVERFLOW:
                 overflowed.append(client)
@@ -249,4 +278,4 @@ class Hub:
             yield from list(clients)
 
     def __len__(self) -> int:
-        return sum(len(clients) for clients in self._by_user.values())
+        return self._count

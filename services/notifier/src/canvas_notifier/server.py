@@ -5,12 +5,21 @@ the WebSocket API (ARCHITECTURE.md 5) and the plain HTTP probes (/health, /ready
 Per connection three tasks run: a reader (client messages), a sender (drains the
 connection's outbox) and a sync task while it replays; the handler waits for the first
 of: the client leaving, a close the hub asked for (4008, 4009, 1013), the token's
-expiry (4401).
+expiry (4401). Live frames mostly skip the sender: the hub writes a frame straight to a
+socket that takes it (:func:`_writer`), so fan-out costs one write per connection, no
+task switch; the JSON of a frame is encoded once per event, not per connection.
 
 The notifier's queue on the broker is exclusive to this process and goes away with its
 connection: events published while it is away are never delivered to it. So whenever
 the queue is new (the first message from a new consumer, or a reconnect seen by the
-watcher), every connection replays from the event store after its last position.
+watcher), every connection whose last replay began before that queue was bound replays
+from the event store after its last position (the others cannot have missed anything:
+what commits after a replay reads reaches a queue bound before it).
+
+Logs: a line per connect and disconnect, and one per pushed event that ends an attempt
+or a job (completed, error, cancelled) at INFO; the other pushes (queued, started, each
+object drawn) only at DEBUG: at a thousand events a second the lines would cost more
+CPU than the fan-out.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import logging
 import uuid
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -33,6 +43,7 @@ from websockets.asyncio.server import serve as websocket_serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import ACK, Broker, Consumer, DeadLetter, Outcome
@@ -62,6 +73,7 @@ from canvas_notifier.hub import (
     UNAUTHORIZED,
     Client,
     Hub,
+    Writer,
 )
 from canvas_notifier.settings import Settings
 
@@ -78,6 +90,8 @@ PREFETCH: Final = 256
 MAX_CLIENT_MESSAGE: Final = 64 * 1024
 # How often the watcher looks at the broker's connect count.
 WATCH_INTERVAL: Final = 0.25
+# Frames whose push is logged at INFO: how each attempt or job ended.
+OUTCOME_FRAMES: Final = frozenset({"ai_generation_completed", "ai_job_error", "ai_job_cancelled"})
 
 # The database away or not migrated yet: retried, never the client's fault.
 _DB_ERRORS: Final = (
@@ -121,6 +135,7 @@ class Notifier:
         self._watcher: asyncio.Task[None] | None = None
         self._syncs: dict[Client, asyncio.Task[None]] = {}
         self._consumer_tag: str | None = None
+        self._log_every_event = logging.getLogger("canvas_notifier").isEnabledFor(logging.DEBUG)
 
     @property
     def port(self) -> int:
@@ -203,7 +218,9 @@ class Notifier:
             return
 
         structlog.contextvars.bind_contextvars(user_id=principal.user_id)
-        client = Client(principal.user_id, limit=self.settings.ws_send_queue_size)
+        client = Client(
+            principal.user_id, limit=self.settings.ws_send_queue_size, writer=_writer(ws)
+        )
         if after is not None:
             client.last_position = after
         # In the hub before the replay reads the store: live events are held, not lost.
@@ -257,9 +274,10 @@ class Notifier:
                 await ws.close(INTERNAL_ERROR, "internal error")
 
     async def _send(self, ws: ServerConnection, client: Client) -> None:
+        # Only what the writer could not put on the socket at once comes this way.
         while True:
-            text = await client.next_text()
-            await ws.send(text)
+            data = await client.next_data()
+            await ws.send(data, text=True)
             metrics.MESSAGES_SENT.inc()
 
     async def _read(self, ws: ServerConnection, client: Client) -> None:
@@ -347,6 +365,9 @@ class Notifier:
         while client.kick is None:
             client.hold()
             client.resync_needed = False
+            # Bound before this replay reads: whatever commits after the read reaches
+            # this queue, so a later trigger for this same queue can spare the client.
+            client.synced_with = self._queue_generation()
             cursor = client.last_position
             while True:
                 size = min(REPLAY_PAGE, limit - replayed)
@@ -383,18 +404,28 @@ class Notifier:
         log.info("replay limit reached", limit=self.settings.replay_limit)
         client.close(REPLAY_LIMIT, f"replay limit reached; reconnect with after={client.last_sent}")
 
+    def _queue_generation(self) -> int | None:
+        """Which broker connection's queue is bound and consuming now; None when it is
+        unknown (not connected, or connecting: a new queue may be taking over)."""
+        return self.broker.connect_count if self.broker.connected else None
+
     def _resync_all(self, reason: str) -> None:
-        """Every connection replays after its last position (the broker queue is new)."""
-        clients = list(self.hub.clients())
+        """The broker queue is new: every connection whose last replay began before it
+        was bound replays again after its last position (the others miss nothing)."""
+        current = self._queue_generation()
+        clients = [
+            client
+            for client in self.hub.clients()
+            if client.kick is None and (current is None or client.synced_with != current)
+        ]
         if not clients:
             return
         metrics.RESYNCS.inc()
-        log.info("replaying for every connection", reason=reason, connections=len(clients))
+        log.info("replaying for connections", reason=reason, connections=len(clients))
         for client in clients:
-            if client.kick is None:
-                client.hold()
-                client.resync_needed = True
-                self._start_sync(client, first=False)
+            client.hold()
+            client.resync_needed = True
+            self._start_sync(client, first=False)
 
     async def _watch_broker(self) -> None:
         # The consumer-tag check in _on_event catches a new queue before its first
@@ -410,7 +441,8 @@ class Notifier:
 
     async def _on_event(self, envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
         # No await before the hub has the frame: the broker runs handlers in delivery
-        # order, and the hub relies on that order.
+        # order, and the hub relies on that order. A new consumer tag is a new queue:
+        # the connections that may have missed events hold before its first frame.
         if message.consumer_tag != self._consumer_tag:
             self._consumer_tag = message.consumer_tag
             self._resync_all("new broker queue")
@@ -424,13 +456,25 @@ class Notifier:
             return ACK
         metrics.EVENTS_RECEIVED.labels(type=envelope.type).inc()
         taken, _ = self.hub.deliver(envelope.user_id, frame)
-        log.info(
-            "event pushed",
-            type=envelope.type,
-            position=envelope.position,
-            user_id=envelope.user_id,
-            connections=taken,
-        )
+        # A log line costs more CPU than the fan-out of its event (about 150 us; and
+        # structlog runs its processors even for a line the level then drops): INFO
+        # for a job's outcomes, the rest only when DEBUG is on.
+        if frame.type in OUTCOME_FRAMES:
+            log.info(
+                "event pushed",
+                type=envelope.type,
+                position=envelope.position,
+                user_id=envelope.user_id,
+                connections=taken,
+            )
+        elif self._log_every_event:
+            log.debug(
+                "event pushed",
+                type=envelope.type,
+                position=envelope.position,
+                user_id=envelope.user_id,
+                connections=taken,
+            )
         return ACK
 
 
@@ -449,6 +493,28 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def _task(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
     return asyncio.create_task(coro, name=name)
+
+
+def _writer(ws: ServerConnection) -> Writer:
+    """Write a text frame to ``ws`` now when nothing makes it wait: the connection is
+    open, its socket below the write buffer's high-water mark, no fragmented message
+    half sent. What ``websockets.broadcast()`` does, with backpressure: a frame the
+    socket cannot take now stays in the connection's bounded outbox instead."""
+
+    def write(data: bytes) -> bool:
+        if ws.protocol.state is not State.OPEN or ws.paused or ws.send_in_progress is not None:
+            return False
+        try:
+            ws.protocol.send_text(data)
+        except Exception:
+            return False  # nothing written; the sender meets the error and ends the connection
+        # A socket that fails here is broken: the connection ends, the client resumes.
+        with contextlib.suppress(Exception):
+            ws.send_data()
+        metrics.MESSAGES_SENT.inc()
+        return True
+
+    return write
 
 
 def _token(query: dict[str, list[str]], headers: Headers) -> str:
