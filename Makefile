@@ -6,11 +6,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
-MEMBERS := libs/events services/gateway services/job-orchestrator services/ai-generator services/notifier
+MEMBERS := libs/events services/gateway services/job-orchestrator services/ai-generator services/notifier clients/cli
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test lint format dev bench token clean
+.PHONY: help install lock test lint format dev bench bench-notifier token browser require-browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -29,7 +29,7 @@ install: $(VENV)/.installed ## create .venv from the pinned lock, every member e
 lock: | $(BIN)/uv ## re-pin requirements.lock from requirements.in
 	$(BIN)/uv pip compile --quiet --python-version 3.11 requirements.in -o requirements.lock
 
-test: install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
+test: require-browser install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
 	$(BIN)/python -m tests.preflight
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -48,8 +48,23 @@ dev: install ## run the four services (and the stand-in model without OPENAI_API
 bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|all, JOBS=N)
 	$(BIN)/python -m bench.e2e --scenario $(or $(SCENARIO),all) $(if $(JOBS),--jobs $(JOBS),)
 
+bench-notifier: install ## WebSocket fan-out on one notifier process (ARGS="--clients 5000 --rate 1000 --seconds 30")
+	$(BIN)/python -m bench.notifier $(ARGS)
+
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
 	@$(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
+
+browser: ## install Debian's chromium for the page's tests (apt-get, as root), unless it is there
+	@if command -v chromium >/dev/null; then echo "browser: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	else echo "make browser: chromium is missing and installing it needs root:" \
+	  "sudo apt-get install chromium" >&2; exit 1; fi
+
+# First of `make test`'s steps: the page's tests never skip, so say at once what is missing.
+require-browser:
+	@command -v chromium >/dev/null || { echo "make test: chromium is missing; the page's" \
+	  "tests (tests/e2e/test_page.py) drive Debian's chromium: run 'make browser' as root" >&2; exit 1; }
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

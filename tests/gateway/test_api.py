@@ -361,6 +361,9 @@ async def test_system_health_is_degraded_without_consumers(gateway: Gateway) -> 
         "queued_messages": 0,
         "generator_consumers": 0,
         "orchestrator_consumers": 0,
+        "oldest_queued_age_seconds": None,
+        "outbox_lag": 0,
+        "oldest_unpublished_age_seconds": None,
     }
 
 

@@ -20,7 +20,7 @@ from canvas_events.runtime import instance_id, serve_http
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.middleware import RequestMiddleware
-from canvas_gateway.routes import canvas, jobs, ops
+from canvas_gateway.routes import canvas, jobs, ops, page
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Store, create_ledger, init_connection
 
@@ -96,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(canvas.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
     return app
 
 

@@ -248,12 +248,24 @@ class CanvasObjectsPublic(BaseModel):
 
 
 class JobProcessor(BaseModel):
-    """Whether anything takes the work off the queues."""
+    """Whether anything takes the work off the queues, and how long work waits. A null
+    is a figure that could not be read (the broker or the database is away)."""
 
     work_queue: str
-    queued_messages: int | None
+    queued_messages: int | None = Field(description="Attempts ready in the work queue.")
     generator_consumers: int | None
     orchestrator_consumers: int | None
+    oldest_queued_age_seconds: float | None = Field(
+        default=None,
+        description="How long the longest-waiting queued job has waited; null when none is.",
+    )
+    outbox_lag: int | None = Field(
+        default=None, description="Events recorded but not yet published by the relay."
+    )
+    oldest_unpublished_age_seconds: float | None = Field(
+        default=None,
+        description="How long the oldest of those has waited; null when the relay is caught up.",
+    )
 
 
 class HealthPublic(BaseModel):
@@ -271,18 +283,42 @@ class HealthPublic(BaseModel):
                         "queued_messages": 0,
                         "generator_consumers": 2,
                         "orchestrator_consumers": 1,
+                        "oldest_queued_age_seconds": 0.4,
+                        "outbox_lag": 0,
+                        "oldest_unpublished_age_seconds": None,
                     },
                     "issues": [],
-                }
+                },
+                {
+                    "status": "degraded",
+                    "database": "ok",
+                    "broker": "ok",
+                    "job_processor": {
+                        "work_queue": "canvas.ai-generator.work",
+                        "queued_messages": 12,
+                        "generator_consumers": 0,
+                        "orchestrator_consumers": 1,
+                        "oldest_queued_age_seconds": 75.2,
+                        "outbox_lag": 0,
+                        "oldest_unpublished_age_seconds": None,
+                    },
+                    "issues": [
+                        "no generator consumes the work queue",
+                        "the oldest queued job has waited 75 s (threshold 60 s)",
+                    ],
+                },
             ]
         }
     )
 
-    status: Literal["healthy", "degraded", "unhealthy"]
+    status: Literal["healthy", "degraded", "unhealthy"] = Field(
+        description="`unhealthy` (503): the database or the broker is away. `degraded` "
+        "(200): jobs are accepted but may wait; `issues` says why."
+    )
     database: str
     broker: str
     job_processor: JobProcessor
-    issues: list[str]
+    issues: list[str] = Field(description="Every reason for a status other than healthy.")
 
 
 class ErrorPublic(BaseModel):

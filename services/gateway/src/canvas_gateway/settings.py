@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from canvas_events.settings import AuthSettings, CommonSettings, Port
@@ -19,3 +19,25 @@ class Settings(CommonSettings, AuthSettings):
     max_active_jobs_per_user: int = Field(default=20, ge=1, le=100_000)
     # How long a request waits for the broker's confirm before answering 503.
     publish_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # GET /api/ai-agent/health says `degraded` beyond these (docs/operations.md):
+    # seconds the oldest queued job may wait for a generator,
+    health_queued_age_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    # events recorded but not yet published by the orchestrator's relay,
+    health_outbox_lag_events: int = Field(default=1000, ge=1, le=100_000_000)
+    # and seconds the oldest of them may wait (the relay publishes within a second).
+    health_outbox_age_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    # Where browsers reach the notifier's WebSocket (the page at / reads it from
+    # /config.json). Unset: ws://<the host the browser asked for>:NOTIFIER_PORT/ws, right
+    # whenever the notifier listens beside the gateway; set it behind a proxy or ingress.
+    notifier_public_url: str | None = Field(default=None, max_length=2000)
+    # Read only to derive that default: the notifier's own variable (ARCHITECTURE.md 2).
+    notifier_port: Port = 8001
+
+    @field_validator("notifier_public_url", mode="before")
+    @classmethod
+    def _websocket_url(cls, value: object) -> object:
+        if value == "":
+            return None  # NOTIFIER_PUBLIC_URL= (empty) means unset, as in a compose file
+        if isinstance(value, str) and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value

@@ -120,6 +120,20 @@ class JobRequest:
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """What waits, as the health check reads it from the orchestrator's tables."""
+
+    # Seconds since the longest-waiting queued job was queued (or dispatched); None when
+    # no job is queued. Requests the orchestrator has not recorded yet are not counted:
+    # its queue's depth and consumers tell about those.
+    oldest_queued_age_seconds: float | None
+    # Positions recorded but not yet published by the relay (max position - checkpoint).
+    outbox_lag: int
+    # Seconds the oldest of those has waited; None when the relay is caught up.
+    oldest_unpublished_age_seconds: float | None
+
+
+@dataclass(frozen=True)
 class Admission:
     """The ledger row a request is answered with; ``duplicate`` when an earlier request
     with the same idempotency key made it."""
@@ -343,20 +357,58 @@ class Store:
         return objects
 
     async def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The newest jobs across all users (operators only)."""
+        """The newest jobs across all users (operators only). ``error_message`` is the
+        last attempt's error: kept while a retried job waits again, cleared on success."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT id, user_id, status, created_at, retry_count, error_message FROM jobs "
+                "SELECT id, user_id, canvas_id, status, created_at, updated_at, attempt, "
+                "retry_count, next_attempt_at, error_message FROM jobs "
                 "ORDER BY created_at DESC, id DESC LIMIT $1",
                 limit,
             )
         return [dict(row) for row in rows]
+
+    async def backlog(self) -> Backlog:
+        """How long work waits: for a generator, and for the orchestrator's relay."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_BACKLOG)
+        assert row is not None
+        return Backlog(
+            oldest_queued_age_seconds=_seconds(row["oldest_queued_age"]),
+            outbox_lag=max(0, int(row["outbox_lag"])),
+            oldest_unpublished_age_seconds=_seconds(row["oldest_unpublished_age"]),
+        )
 
     async def job_counts(self) -> dict[str, int]:
         """How many jobs are in each status (operators only)."""
         async with self._connection() as conn:
             rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         return {row["status"]: row["n"] for row in rows}
+
+
+# One round trip, each part an index range scan: jobs_status for the queued jobs, the
+# position index for the unpublished events. min() over relay_checkpoints rather than
+# the orchestrator's checkpoint name, which the gateway should not need to know: there
+# is one relay checkpoint, and with more the laggiest is the one that matters.
+# clock_timestamp(), not now(): the statement's own time, not its transaction's.
+_BACKLOG = """
+WITH checkpoint AS (
+    SELECT COALESCE((SELECT min(position) FROM relay_checkpoints), 0) AS position
+)
+SELECT
+    (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(updated_at))
+       FROM jobs WHERE status = 'queued') AS oldest_queued_age,
+    COALESCE((SELECT max(position) FROM events), 0)
+      - (SELECT position FROM checkpoint) AS outbox_lag,
+    (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(recorded_at))
+       FROM events WHERE position > (SELECT position FROM checkpoint)) AS oldest_unpublished_age
+"""
+
+
+def _seconds(value: Any) -> float | None:
+    """An age in seconds, rounded to 0.1 s; never negative (a service's clock may be a
+    little ahead of the database's)."""
+    return None if value is None else max(0.0, round(float(value), 1))
 
 
 async def _canvas_taken(conn: asyncpg.Connection, canvas_id: str, user_id: str) -> bool:

@@ -3,12 +3,14 @@ system's health as the gateway sees it, and a debug view for admins."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse
 
+from canvas_events.broker import Broker
 from canvas_events.ops import metrics_payload
 from canvas_events.runtime import instance_id
 from canvas_gateway.deps import (
@@ -19,10 +21,11 @@ from canvas_gateway.deps import (
     SettingsDep,
     StoreDep,
 )
-from canvas_gateway.errors import StoreUnavailable
+from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.routes import error_responses
 from canvas_gateway.schemas import HealthPublic, JobProcessor
 from canvas_gateway.settings import Settings
+from canvas_gateway.store import Backlog, Store
 
 router = APIRouter(tags=["ops"])
 
@@ -55,56 +58,132 @@ async def metrics(metrics: MetricsDep) -> Response:
     return Response(payload, media_type=content_type)
 
 
-@router.get(
-    "/api/ai-agent/health",
-    summary="The job system's health",
-    description="`unhealthy` (503) when the database or the broker is away; `degraded` "
-    "(200) when no generator or no orchestrator consumes its queue.",
-    responses={503: {"model": HealthPublic, "description": "The database or broker is away."}},
-)
-async def system_health(store: StoreDep, broker: BrokerDep) -> JSONResponse:
+# The reasons in `issues` (docs/operations.md lists what to do about each; tests and
+# alerts may match on their beginnings).
+NO_GENERATOR = "no generator consumes the work queue"
+NO_ORCHESTRATOR = "no orchestrator consumes its queue"
+QUEUED_TOO_LONG = "the oldest queued job has waited"
+OUTBOX_BEHIND = "the outbox relay is"
+OUTBOX_STALE = "the oldest unpublished event has waited"
+
+
+@dataclass(frozen=True)
+class _Health:
+    state: Literal["healthy", "degraded", "unhealthy"]
+    database: str
+    broker: str
+    work: tuple[int, int] | None  # (messages ready, consumers)
+    orchestrator: tuple[int, int] | None
+    backlog: Backlog | None
+    issues: list[str]
+
+
+async def _health(store: Store, broker: Broker, settings: Settings) -> _Health:
+    """The system as the gateway sees it: connections, consumers, and how long work waits."""
     topology = broker.topology
     database = await store.check() or "ok"
     broker_state = "ok" if broker.connected else f"broker: {broker.last_error}"
     work = await broker.queue_stats(topology.generator_work.name)
     orchestrator = await broker.queue_stats(topology.orchestrator.name)
-    issues = [reason for reason in (database, broker_state) if reason != "ok"]
+    issues: list[str] = []
+    backlog = None
+    if database == "ok":
+        try:
+            backlog = await store.backlog()
+        except StoreNotReady as exc:
+            issues.append(str(exc))
+        except StoreUnavailable as exc:
+            database = str(exc)
+    issues[:0] = [reason for reason in (database, broker_state) if reason != "ok"]
     if work is not None and work[1] == 0:
-        issues.append("no generator consumes the work queue")
+        issues.append(NO_GENERATOR)
     if orchestrator is not None and orchestrator[1] == 0:
-        issues.append("no orchestrator consumes its queue")
+        issues.append(NO_ORCHESTRATOR)
+    if backlog is not None:
+        issues += _backlog_issues(backlog, settings)
     if database != "ok" or broker_state != "ok":
-        state = "unhealthy"
+        state: Literal["healthy", "degraded", "unhealthy"] = "unhealthy"
     elif issues:
         state = "degraded"
     else:
         state = "healthy"
-    body = HealthPublic(
-        status=state,
-        database=database,
-        broker=broker_state,
-        job_processor=JobProcessor(
-            work_queue=topology.generator_work.name,
-            queued_messages=work[0] if work else None,
-            generator_consumers=work[1] if work else None,
-            orchestrator_consumers=orchestrator[1] if orchestrator else None,
+    return _Health(state, database, broker_state, work, orchestrator, backlog, issues)
+
+
+def _backlog_issues(backlog: Backlog, settings: Settings) -> list[str]:
+    issues = []
+    age = backlog.oldest_queued_age_seconds
+    if age is not None and age > settings.health_queued_age_seconds:
+        issues.append(
+            f"{QUEUED_TOO_LONG} {age:.0f} s (threshold {settings.health_queued_age_seconds:g} s)"
+        )
+    if backlog.outbox_lag > settings.health_outbox_lag_events:
+        issues.append(
+            f"{OUTBOX_BEHIND} {backlog.outbox_lag} events behind "
+            f"(threshold {settings.health_outbox_lag_events})"
+        )
+    unpublished = backlog.oldest_unpublished_age_seconds
+    if unpublished is not None and unpublished > settings.health_outbox_age_seconds:
+        issues.append(
+            f"{OUTBOX_STALE} {unpublished:.0f} s "
+            f"(threshold {settings.health_outbox_age_seconds:g} s)"
+        )
+    return issues
+
+
+def _job_processor(health: _Health, work_queue: str) -> JobProcessor:
+    backlog = health.backlog
+    return JobProcessor(
+        work_queue=work_queue,
+        queued_messages=health.work[0] if health.work else None,
+        generator_consumers=health.work[1] if health.work else None,
+        orchestrator_consumers=health.orchestrator[1] if health.orchestrator else None,
+        oldest_queued_age_seconds=backlog.oldest_queued_age_seconds if backlog else None,
+        outbox_lag=backlog.outbox_lag if backlog else None,
+        oldest_unpublished_age_seconds=(
+            backlog.oldest_unpublished_age_seconds if backlog else None
         ),
-        issues=issues,
     )
-    code = status.HTTP_503_SERVICE_UNAVAILABLE if state == "unhealthy" else status.HTTP_200_OK
+
+
+@router.get(
+    "/api/ai-agent/health",
+    summary="The job system's health",
+    description="`unhealthy` (503) when the database or the broker is away. `degraded` "
+    "(200) when no generator or no orchestrator consumes its queue, when the oldest queued "
+    "job has waited longer than HEALTH_QUEUED_AGE_SECONDS, or when the orchestrator's relay "
+    "lags (more than HEALTH_OUTBOX_LAG_EVENTS events, or one older than "
+    "HEALTH_OUTBOX_AGE_SECONDS). `issues` says why; docs/operations.md what to do.",
+    responses={503: {"model": HealthPublic, "description": "The database or broker is away."}},
+)
+async def system_health(store: StoreDep, broker: BrokerDep, settings: SettingsDep) -> JSONResponse:
+    health = await _health(store, broker, settings)
+    body = HealthPublic(
+        status=health.state,
+        database=health.database,
+        broker=health.broker,
+        job_processor=_job_processor(health, broker.topology.generator_work.name),
+        issues=health.issues,
+    )
+    code = (
+        status.HTTP_503_SERVICE_UNAVAILABLE if health.state == "unhealthy" else status.HTTP_200_OK
+    )
     return JSONResponse(body.model_dump(mode="json"), status_code=code)
 
 
 @router.get(
     "/api/ai-agent/debug/environment",
     summary="Queues, consumers, recent jobs (admins)",
-    description="Never shows a secret: no password, key or token.",
+    description="The health answer's figures, the consumers of each queue, every queue's "
+    "depth (dead-letter queues included), job counts by status and the 20 newest jobs "
+    "with their last error. Never shows a secret: no password, key or token.",
     responses=error_responses(401, 403),
 )
 async def debug_environment(
     _: AdminUser, store: StoreDep, broker: BrokerDep, settings: SettingsDep
 ) -> dict[str, Any]:
     topology = broker.topology
+    health = await _health(store, broker, settings)
     queues = []
     names = [spec.name for spec in topology.durable_queues] + list(topology.dead_letter_queues)
     for name in names:
@@ -125,8 +204,26 @@ async def debug_environment(
     return {
         "service": "gateway",
         "instance": instance_id("gateway"),
-        "database": await store.check() or "ok",
-        "broker": "ok" if broker.connected else f"broker: {broker.last_error}",
+        "status": health.state,
+        "issues": health.issues,
+        "database": health.database,
+        "broker": health.broker,
+        # Who takes work off each shared queue. Notifiers and generators' control queues
+        # are one exclusive queue per process, named by instance: AMQP cannot list them
+        # (the management UI can, under <prefix>.notifier.*).
+        "processors": {
+            "generators": {
+                "queue": topology.generator_work.name,
+                "consumers": health.work[1] if health.work else None,
+            },
+            "orchestrators": {
+                "queue": topology.orchestrator.name,
+                "consumers": health.orchestrator[1] if health.orchestrator else None,
+            },
+        },
+        "job_processor": _job_processor(health, topology.generator_work.name).model_dump(
+            mode="json"
+        ),
         "queues": queues,
         "jobs": jobs,
         "settings": safe_settings(settings),
@@ -142,6 +239,9 @@ def safe_settings(settings: Settings) -> dict[str, Any]:
         "gateway_port": settings.gateway_port,
         "max_active_jobs_per_user": settings.max_active_jobs_per_user,
         "publish_timeout_seconds": settings.publish_timeout_seconds,
+        "health_queued_age_seconds": settings.health_queued_age_seconds,
+        "health_outbox_lag_events": settings.health_outbox_lag_events,
+        "health_outbox_age_seconds": settings.health_outbox_age_seconds,
         "log_level": settings.log_level,
         "log_format": settings.log_format,
         "jwt_secret_is_default": settings.jwt_secret_is_default,
