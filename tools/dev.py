@@ -106,6 +106,7 @@ def main() -> int:
         gateway = f"http://localhost:{ports['gateway']}"
         say(BANNER)
         say("canvas-jobs is up:")
+        say(f"  open {gateway}/ and watch it draw (sign in with the token below)")
         say(f"  gateway   {gateway}  (OpenAPI: {gateway}/docs)")
         say(f"  notifier  ws://localhost:{ports['notifier']}/ws?token=$TOKEN")
         say(
