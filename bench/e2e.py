@@ -51,6 +51,9 @@ class Scenario:
     max_concurrent_jobs: int
     clients: int = 32
     users: int = 8
+    # One job at a time, each posted after the last completed: pickup on an idle system.
+    sequential: bool = False
+    stream: bool = True
 
 
 @dataclass
@@ -61,6 +64,7 @@ class JobTimes:
     completed: float | None = None
     failed: bool = False
     user: str = ""
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
 
 
@@ -155,9 +159,11 @@ async def _listen(system: System, user: str, run: Run, stop: asyncio.Event) -> N
                 times.started = now
             elif kind == "ai_generation_completed":
                 times.completed = now
+                times.finished.set()
             elif kind == "ai_job_error" and frame["data"].get("final"):
                 times.failed = True
                 times.completed = now
+                times.finished.set()
 
 
 async def drive(system: System, scenario: Scenario, run: Run) -> None:
@@ -192,6 +198,9 @@ async def drive(system: System, scenario: Scenario, run: Run) -> None:
                 times = run.times.setdefault(job_id, JobTimes(posted))
                 times.posted, times.accepted = posted, time.perf_counter()
                 times.user = user
+                if scenario.sequential:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(times.finished.wait(), 60)
 
         await asyncio.gather(*(client() for _ in range(scenario.clients)))
     deadline = time.perf_counter() + 60 + scenario.jobs * scenario.model_latency_ms / 1000
@@ -310,6 +319,7 @@ async def run_scenario(
             "MAX_ACTIVE_JOBS_PER_USER": str(scenario.jobs + 10),
             "OPENAI_TIMEOUT_SECONDS": "60",
             "MAX_JOB_RETRIES": "3",
+            "OPENAI_STREAM": "true" if scenario.stream else "false",
         },
     )
     run = Run(scenario)
@@ -372,10 +382,20 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 SCENARIOS = {
     "idle": Scenario(
-        "idle", jobs=20, model_latency_ms=0, max_concurrent_jobs=10, clients=1, users=1
+        "idle",
+        jobs=50,
+        model_latency_ms=0,
+        max_concurrent_jobs=10,
+        clients=1,
+        users=1,
+        sequential=True,
     ),
     "0ms": Scenario("0ms", jobs=1000, model_latency_ms=0, max_concurrent_jobs=50),
     "1000ms": Scenario("1000ms", jobs=1000, model_latency_ms=1000, max_concurrent_jobs=100),
+    # The same as 0ms without streaming: no progress event per object.
+    "0ms-nostream": Scenario(
+        "0ms-nostream", jobs=1000, model_latency_ms=0, max_concurrent_jobs=50, stream=False
+    ),
 }
 
 
