@@ -17,19 +17,15 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import aio_pika
-import asyncpg
 import httpx
 import pytest
 import websockets
 
 from canvas_events.topology import Topology
-from tests.conftest import delete_topology
-from tests.support.env import amqp_url, database_url
-from tests.support.system import System
+from tests.support.system import System, running_system
 
 pytestmark = pytest.mark.e2e
 
@@ -38,17 +34,9 @@ FINAL = ("completed", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
-    name = f"cj_life_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url("postgres"))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    prefix = f"l{uuid.uuid4().hex[:10]}"
-    log_dir: Path = tmp_path_factory.mktemp("lifecycle-logs")
-    running = System(
-        database_url(name),
-        amqp_url(),
-        prefix,
-        log_dir,
+    async with running_system(
+        tmp_path_factory.mktemp("lifecycle-logs"),
+        label="lifecycle",
         extra_env={
             "MAX_CONCURRENT_JOBS": "1",
             "MAX_JOB_RETRIES": "2",
@@ -57,16 +45,8 @@ async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Syst
             # here; the lease (180 s by default) must outlast it.
             "OPENAI_TIMEOUT_SECONDS": "120",
         },
-    )
-    try:
-        await running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        await delete_topology(amqp_url(), Topology(prefix))
-        admin = await asyncpg.connect(database_url("postgres"))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # -- helpers ---------------------------------------------------------------------------

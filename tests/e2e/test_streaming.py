@@ -17,18 +17,13 @@ import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import websockets
 
-from canvas_events.topology import Topology
-from tests.conftest import delete_topology
-from tests.support.env import amqp_url, database_url
-from tests.support.system import System
+from tests.support.system import System, running_system
 
 pytestmark = pytest.mark.e2e
 
@@ -38,17 +33,9 @@ COMPLETED = "ai_generation_completed"
 
 @pytest.fixture(scope="module")
 async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
-    name = f"cj_stream_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url("postgres"))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    prefix = f"s{uuid.uuid4().hex[:10]}"
-    log_dir: Path = tmp_path_factory.mktemp("streaming-logs")
-    running = System(
-        database_url(name),
-        amqp_url(),
-        prefix,
-        log_dir,
+    async with running_system(
+        tmp_path_factory.mktemp("streaming-logs"),
+        label="stream",
         extra_env={
             # Slow enough that a reply takes a second or two, object after object.
             "FAKE_OPENAI_CHUNK_DELAY_MS": "20",
@@ -57,16 +44,8 @@ async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Syst
             # A gated reply waits for the test; the call's deadline must outlast that.
             "OPENAI_TIMEOUT_SECONDS": "60",
         },
-    )
-    try:
-        await running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        await delete_topology(amqp_url(), Topology(prefix))
-        admin = await asyncpg.connect(database_url("postgres"))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -6,8 +6,13 @@ process of its own on its own port) with :meth:`System.add_replica`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import asyncpg
 
 from canvas_events.auth import mint_token
 from tests.support.processes import ServiceProcess, free_port
@@ -120,3 +125,34 @@ class System:
         """SIGTERM every process (SIGKILL what does not stop)."""
         for process in reversed(self.processes.values()):
             process.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_system(
+    log_dir: Path, *, label: str, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[System]:
+    """A whole system on a database and topology prefix of its own, started and ready;
+    stopped, and both removed, afterwards (a module fixture's body)."""
+    from canvas_events.topology import Topology
+    from tests.conftest import delete_topology
+    from tests.support.env import amqp_url, database_url
+
+    name = f"cj_{label}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url("postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    prefix = f"{label[:1]}{uuid.uuid4().hex[:10]}"
+    running = System(database_url(name), amqp_url(), prefix, log_dir, extra_env=extra_env or {})
+    try:
+        await running.start()
+        yield running
+    finally:
+        running.stop()
+        await delete_topology(amqp_url(), Topology(prefix))
+        admin = await asyncpg.connect(database_url("postgres"))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
