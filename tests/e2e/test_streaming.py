@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ import pytest
 import websockets
 
 from tests.support.system import System, running_system
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -49,22 +50,6 @@ async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Syst
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-async def eventually(
-    condition: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
-) -> Any:
-    """Poll ``condition`` (sync or async) until it returns a truthy value; return it."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 class Socket:

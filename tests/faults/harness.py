@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import json
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -22,6 +22,7 @@ import websockets
 
 from tests.support.processes import ServiceProcess
 from tests.support.system import JWT_SECRET, OPENAI_KEY, System
+from tests.support.waiting import eventually as eventually  # re-exported for the tests
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 RESULT_TYPES = frozenset({"GenerationSucceeded", "GenerationFailed"})
@@ -37,25 +38,6 @@ def query(index: int, *, delay_ms: int = 0, extra: str = "") -> str:
         directives.append(extra)
     suffix = f" [[fake:{','.join(directives)}]]" if directives else ""
     return f"fault test job {index}: a flowchart from start to finish{suffix}"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.1,
-) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@ watching what it publishes."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -19,23 +17,9 @@ from canvas_events.events import Event, JobRequested
 from canvas_events.topology import GATEWAY, GENERATOR, Topology, routing_key
 from canvas_orchestrator.app import Service
 from canvas_orchestrator.settings import Settings
+from tests.support.waiting import eventually as eventually  # re-exported for the tests
 
 T = TypeVar("T")
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], *, timeout: float = 15.0, what: str = "condition"
-) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def settings_for(
