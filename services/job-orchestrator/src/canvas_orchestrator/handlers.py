@@ -61,9 +61,6 @@ CONFLICTS: Final = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
-# The server shut down or restarted under a query (asyncpg's own connection errors are
-# ConnectionError/OSError already, which the broker requeues).
-SERVER_GOING_AWAY: Final = (asyncpg.OperatorInterventionError, asyncpg.PostgresConnectionError)
 _COMMANDS = (
     JobRequested,
     JobCancelRequested,
@@ -149,10 +146,6 @@ class Handler:
                     break
                 except CONFLICTS as exc:
                     log.info("stream changed meanwhile; deciding again", reason=type(exc).__name__)
-                except SERVER_GOING_AWAY as exc:
-                    # Postgres restarting: not the message's fault, so requeue it as long
-                    # as it takes instead of counting towards dead-lettering.
-                    raise ConnectionError(f"database went away: {type(exc).__name__}") from exc
             else:
                 self._metrics.messages.labels(envelope.type, "retried").inc()
                 return Retry(f"stream {job_id} kept changing under {MAX_CONFLICT_RETRIES} tries")
