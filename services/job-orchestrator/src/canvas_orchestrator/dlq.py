@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import logging
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPConnectionError, ChannelClosed, DeliveryError
 
 from canvas_events.broker import ATTEMPTS_HEADER, ERROR_HEADER
-from canvas_events.logging import redact
+from canvas_events.logging import configure_logging, redact
 from canvas_events.runtime import instance_id
 from canvas_events.topology import Topology
 from canvas_orchestrator.settings import Settings
@@ -464,9 +463,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``dlq list`` / ``dlq replay``: 0 when done, 1 when something was not, 2 for
     bad arguments."""
     # stdout carries the answer (a table or JSON to pipe into jq); log lines go aside.
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)
+    configure_logging(
+        "job-orchestrator", settings.log_level, settings.log_format, stream=sys.stderr
+    )
     topology = settings.topology
     try:
         queues = resolve_queues(topology, args.queue)
