@@ -4,12 +4,13 @@ as the generators and notifiers receive them."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from uuid import UUID, uuid5
 
 import asyncpg
 
-from canvas_events.broker import DeadLetter
+from canvas_events.broker import ACK, DeadLetter
 from canvas_events.envelope import Envelope
 from canvas_events.events import (
     GenerationFailed,
@@ -20,6 +21,7 @@ from canvas_events.events import (
     JobQueued,
 )
 from canvas_events.topology import GATEWAY
+from canvas_orchestrator import domain
 from canvas_orchestrator.projections import rebuild
 from tests.orchestrator.harness import (
     Bus,
@@ -260,6 +262,84 @@ async def test_generation_succeeded_completes_the_job_and_puts_its_objects_on_th
     ]
     assert metric(service, "canvas_jobs_total", status="completed") == 1
     assert metric(service, "canvas_attempt_duration_seconds_count", outcome="succeeded") == 1
+
+
+async def test_a_burst_of_one_jobs_messages_is_recorded_in_order_in_few_transactions(start, bus):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    requested = await dispatched(bus, job_id)
+    await service.handler.handle_envelope(requested.follow(started(requested)))
+    before = metric(service, "canvas_orchestrator_batch_messages_count")
+    attempt_id = requested.data["attempt_id"]
+    burst = [
+        requested.follow(
+            GenerationProgressed(attempt_id=attempt_id, index=index, object=OBJECTS[0])
+        )
+        for index in range(30)
+    ]
+    # A redelivery inside the burst: recorded once.
+    burst.insert(10, burst[4])
+
+    outcomes = await asyncio.gather(*(service.handler.handle_envelope(item) for item in burst))
+
+    assert all(outcome is ACK for outcome in outcomes)
+    stream = await service.database.pool.fetch(
+        "SELECT data FROM events WHERE stream_id = $1 AND type = 'GenerationProgressed' "
+        "ORDER BY version",
+        job_id,
+    )
+    assert [row["data"]["index"] for row in stream] == list(range(30))
+    transactions = metric(service, "canvas_orchestrator_batch_messages_count") - before
+    assert 1 <= transactions < 10, transactions
+    assert metric(service, "canvas_orchestrator_batch_messages_sum") >= 31
+    assert (
+        metric(
+            service,
+            "canvas_orchestrator_messages_total",
+            type="GenerationProgressed",
+            outcome="duplicate",
+        )
+        == 1
+    )
+
+
+async def test_a_message_that_breaks_its_batch_is_retried_alone(start, bus, monkeypatch):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    requested = await dispatched(bus, job_id)
+    await service.handler.handle_envelope(requested.follow(started(requested)))
+    attempt_id = requested.data["attempt_id"]
+    real_progress = domain.progress
+
+    def progress(state: domain.JobState, event: GenerationProgressed) -> list[Any]:
+        if event.index == 3:
+            raise RuntimeError("a bug that only object 3 meets")
+        return real_progress(state, event)
+
+    monkeypatch.setattr(domain, "progress", progress)
+    burst = [
+        requested.follow(
+            GenerationProgressed(attempt_id=attempt_id, index=index, object=OBJECTS[0])
+        )
+        for index in range(6)
+    ]
+
+    outcomes = await asyncio.gather(
+        *(service.handler.handle_envelope(item) for item in burst), return_exceptions=True
+    )
+
+    assert [outcome is ACK for outcome in outcomes] == [True, True, True, False, True, True]
+    assert isinstance(outcomes[3], RuntimeError)
+    stream = await service.database.pool.fetch(
+        "SELECT data FROM events WHERE stream_id = $1 AND type = 'GenerationProgressed' "
+        "ORDER BY version",
+        job_id,
+    )
+    assert [row["data"]["index"] for row in stream] == [0, 1, 2, 4, 5]
 
 
 async def test_permanent_generation_failure_fails_the_job_with_the_generators_error(start, bus):

@@ -2,10 +2,10 @@
 
 Each valid object found in the streamed reply becomes a GenerationProgressed, published
 with a confirm by a task of its own, in index order: reading the stream never waits for
-the broker, and the broker still sees index N before N+1 (one channel, one message at a
-time). The attempt's result waits for :meth:`Progress.drain`, so that every progress
-event of an attempt is confirmed before its GenerationSucceeded or GenerationFailed is
-published.
+the broker, and the broker still sees index N before N+1 (one channel; what was found
+while the last publish waited for its confirm goes out back to back, in order). The
+attempt's result waits for :meth:`Progress.drain`, so that every progress event of an
+attempt is confirmed before its GenerationSucceeded or GenerationFailed is published.
 """
 
 from __future__ import annotations
@@ -55,10 +55,25 @@ class Progress:
             self._task = asyncio.create_task(self._work(), name=f"progress-{self._attempt_id}")
 
     async def _work(self) -> None:
-        while (item := await self._queue.get()) is not None:
-            envelope, found_at = item
-            await self._publish(envelope)
-            PROGRESS_PUBLISH_SECONDS.observe(time.perf_counter() - found_at)
+        while True:
+            # Everything found since the last publish goes out together: back to back on
+            # the channel (in order), confirmed together. The orchestrator then receives
+            # a burst, which it records in one transaction.
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            ready = [item for item in items if item is not None]
+            results = await asyncio.gather(
+                *(self._publish(envelope) for envelope, _ in ready), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            now = time.perf_counter()
+            for _, found_at in ready:
+                PROGRESS_PUBLISH_SECONDS.observe(now - found_at)
+            if len(ready) < len(items):
+                return  # drain() asked to stop: all before it is confirmed
 
     async def drain(self) -> None:
         """Return once every object handed in is confirmed by the broker; raises what a

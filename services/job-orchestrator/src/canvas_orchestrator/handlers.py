@@ -1,18 +1,24 @@
 """The consumer of topology.orchestrator: requests from the gateway and results from
 the generators become events in the job's stream.
 
-One message is one transaction: the processed_messages row (so a redelivery changes
-nothing), the stream read, the decision, the append and the read models. Messages of
-one job are handled one at a time in delivery order within this process, and under the
-job row's lock across processes; a writer that still lost the race (a new job's first
-append) re-reads the stream and decides again.
+The messages of one job are handled in delivery order by one task of this process (and
+under the job row's lock across processes). What arrives while its transaction runs
+waits, and the next transaction takes it all: the processed_messages rows (so a
+redelivery changes nothing), the stream (read again only when the jobs row's version
+says another writer moved it since this process last recorded it), a decision per
+message on the state the earlier ones left, one append and the read models. A streamed
+reply's objects, which arrive in a burst, cost one transaction rather than one each. A
+writer that still lost the race (a new job's first append) re-reads the stream and
+decides again; a batch that fails for any other reason than the database is split, so
+that only the message at fault goes to retries.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+import contextvars
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
@@ -22,7 +28,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from canvas_events.broker import ACK, DeadLetter, Outcome, Retry
+from canvas_events.broker import ACK, TRANSIENT_ERRORS, DeadLetter, Outcome, Retry
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.errors import PoisonMessage
 from canvas_events.events import (
@@ -55,6 +61,10 @@ CONSUMER: Final = "job-orchestrator"
 # Namespace of the two-key advisory locks that serialise new jobs on one canvas.
 CANVAS_LOCK_CLASS: Final = 0x63610002
 MAX_CONFLICT_RETRIES: Final = 8
+# Messages of one job in one transaction, at most.
+MAX_BATCH: Final = 100
+# Running jobs whose state is kept between messages, at most.
+KNOWN_JOBS: Final = 2_000
 # Another writer was first; the message is fine, so decide again on a fresh read.
 CONFLICTS: Final = (
     ConcurrencyError,
@@ -84,27 +94,17 @@ class Handled:
     attempt_seconds: float | None = None
 
 
-class KeyedLocks:
-    """One FIFO asyncio lock per key, dropped when nobody holds or waits for it."""
+@dataclass
+class _Waiting:
+    """A consumed message waiting for its job's next transaction."""
 
-    def __init__(self) -> None:
-        self._locks: dict[UUID, tuple[asyncio.Lock, int]] = {}
+    envelope: Envelope
+    event: Event
+    done: asyncio.Future[Handled]
 
-    @asynccontextmanager
-    async def hold(self, key: UUID) -> AsyncIterator[None]:
-        """Hold ``key``'s lock for the duration of the block."""
-        entry = self._locks.get(key)
-        lock, users = entry if entry is not None else (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+
+class _KeptChanging(Exception):
+    """The job's stream changed under every try."""
 
 
 class Handler:
@@ -118,13 +118,19 @@ class Handler:
         *,
         clock: Clock = utcnow,
         new_id: Callable[[], UUID] = uuid4,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self._database = database
         self._policy = policy
         self._metrics = metrics
         self._clock = clock
         self._new_id = new_id
-        self._locks = KeyedLocks()
+        self._max_batch = max_batch
+        # Per job: the messages waiting for a transaction, and the task that runs them.
+        self._waiting: dict[UUID, list[_Waiting]] = {}
+        self._workers: dict[UUID, asyncio.Task[None]] = {}
+        # The state and stream of the jobs this process recorded last, newest last.
+        self._known: OrderedDict[UUID, tuple[JobState, list[RecordedEvent]]] = OrderedDict()
 
     async def handle(self, envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
         """The :data:`canvas_events.broker.Handler` for topology.orchestrator."""
@@ -139,17 +145,13 @@ class Handler:
             self._metrics.messages.labels(envelope.type, "dead_lettered").inc()
             return DeadLetter(str(exc))
 
-        async with self._locks.hold(job_id):
-            for _ in range(MAX_CONFLICT_RETRIES):
-                try:
-                    handled = await self._handle_once(envelope, event, job_id)
-                    break
-                except CONFLICTS as exc:
-                    log.info("stream changed meanwhile; deciding again", reason=type(exc).__name__)
-            else:
-                self._metrics.messages.labels(envelope.type, "retried").inc()
-                return Retry(f"stream {job_id} kept changing under {MAX_CONFLICT_RETRIES} tries")
+        try:
+            handled = await self._submit(job_id, envelope, event)
+        except _KeptChanging as exc:
+            self._metrics.messages.labels(envelope.type, "retried").inc()
+            return Retry(str(exc))
 
+        # Logged and counted here, in this message's own log context.
         self._metrics.messages.labels(envelope.type, handled.outcome).inc()
         if handled.outcome == "duplicate":
             log.info("duplicate message ignored", message_id=str(envelope.event_id))
@@ -158,58 +160,204 @@ class Handler:
         report(handled, self._metrics)
         return ACK
 
-    async def _handle_once(self, envelope: Envelope, event: Event, job_id: UUID) -> Handled:
+    async def _submit(self, job_id: UUID, envelope: Envelope, event: Event) -> Handled:
+        """Queue the message behind its job's others and wait for its transaction."""
+        done: asyncio.Future[Handled] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(job_id, []).append(_Waiting(envelope, event, done))
+        if job_id not in self._workers:
+            # A context of its own: the worker serves many messages, each logged by its
+            # own handler with its own correlation_id.
+            self._workers[job_id] = asyncio.create_task(
+                self._work(job_id), name=f"job-{job_id}", context=contextvars.Context()
+            )
+        return await done
+
+    def _take(self, job_id: UUID) -> list[_Waiting]:
+        waiting = self._waiting.get(job_id, [])
+        # A handler cancelled meanwhile (shutdown) leaves its message unacked: redelivered.
+        waiting[:] = [item for item in waiting if not item.done.done()]
+        batch = waiting[: self._max_batch]
+        del waiting[: self._max_batch]
+        if not waiting:
+            self._waiting.pop(job_id, None)
+        return batch
+
+    async def _work(self, job_id: UUID) -> None:
+        structlog.contextvars.bind_contextvars(job_id=str(job_id))
+        try:
+            # No await between the last empty take and leaving: a message queued after it
+            # finds no worker and starts one.
+            while batch := self._take(job_id):
+                try:
+                    await self._run(job_id, batch)
+                except Exception as exc:  # a bug: no handler may wait for ever
+                    log.exception("job worker failed")
+                    _settle_all(batch, exc)
+                except BaseException:
+                    for item in batch:
+                        item.done.cancel()
+                    raise
+        finally:
+            del self._workers[job_id]
+
+    async def _run(self, job_id: UUID, batch: list[_Waiting]) -> None:
+        """One transaction for ``batch``; every message's future gets its outcome."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                results = await self._handle_batch(job_id, batch)
+                break
+            except CONFLICTS as exc:
+                log.info("stream changed meanwhile; deciding again", reason=type(exc).__name__)
+            except TRANSIENT_ERRORS as exc:
+                _settle_all(batch, exc)
+                return
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle_all(batch, exc)
+                    return
+                # Not the database's fault: find the message at fault, one at a time, so
+                # that the others are recorded and only it goes to retries.
+                log.warning("batch failed; handling its messages one by one", error=repr(exc))
+                for item in batch:
+                    await self._run(job_id, [item])
+                return
+        else:
+            message = f"stream {job_id} kept changing under {MAX_CONFLICT_RETRIES} tries"
+            _settle_all(batch, _KeptChanging(message))
+            return
+        self._metrics.batch_messages.observe(len(batch))
+        for item, handled in zip(batch, results, strict=True):
+            if not item.done.done():
+                item.done.set_result(handled)
+
+    async def _handle_batch(self, job_id: UUID, batch: Sequence[_Waiting]) -> list[Handled]:
+        """Decide on each message of ``batch`` in order, and record what they decided in
+        one append, all in one transaction."""
         pool = self._database.pool
         async with pool.acquire() as conn, conn.transaction():
-            first = await conn.fetchval(
-                "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING RETURNING true",
-                CONSUMER,
-                envelope.event_id,
-            )
-            if first is None:
-                return Handled("duplicate")
-            # Timers lock the row too: whoever is second sees the other's events.
-            await conn.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job_id)
-            history = await load(conn, job_id)
-            state = state_of(history, job_id)
-            owner = history[0].envelope.user_id if history else envelope.user_id
-            if isinstance(event, JobCancelRequested) and state.exists and envelope.user_id != owner:
-                return Handled("ignored", reason="cancel from someone who does not own the job")
-            canvas_available = True
-            if isinstance(event, JobRequested) and not state.exists:
-                canvas_available = await _canvas_available(conn, event.canvas_id, owner)
-            now = self._clock()
-            new = domain.decide(
-                state,
-                event,
-                now=now,
-                policy=self._policy,
-                new_id=self._new_id,
-                canvas_available=canvas_available,
-            )
-            if not new:
-                return Handled("ignored", reason=domain.ignored_because(state, event))
-            canvas_id = state.canvas_id if state.exists else getattr(event, "canvas_id", None)
-            envelopes = []
-            for item in new:
-                # The recorded copy of the incoming event keeps the time it happened at its
-                # source; what the orchestrator decides happened at the ``now`` it decided
-                # with (so next_attempt_at - occurred_at is exactly the backoff).
-                source = type(item) is type(event)
-                followed = envelope.follow(
-                    item,
-                    job_id=job_id,
-                    user_id=owner,
-                    canvas_id=canvas_id,
-                    occurred_at=envelope.occurred_at if source else now,
+            # The processed_messages rows (a redelivery changes nothing) and the job row's
+            # lock (timers lock it too: whoever is second sees the other's events), in one
+            # round trip.
+            # The jobs row's version is the stream's (projected in every append's
+            # transaction): when it is the version this process last recorded, the
+            # stream need not be read again.
+            fresh_ids, version = await conn.fetchrow(
+                """
+                WITH fresh AS (
+                    INSERT INTO processed_messages (consumer, message_id)
+                    SELECT $1, m FROM unnest($2::uuid[]) AS m
+                    ON CONFLICT DO NOTHING RETURNING message_id
+                ), locked AS (
+                    SELECT version FROM jobs WHERE id = $3 FOR UPDATE
                 )
-                envelopes.append(followed)
-            recorded = await append(conn, job_id, state.version, envelopes)
+                SELECT ARRAY(SELECT message_id FROM fresh), (SELECT version FROM locked)
+                """,
+                CONSUMER,
+                [item.envelope.event_id for item in batch],
+                job_id,
+            )
+            fresh = set(fresh_ids)
+            if not fresh:
+                return [Handled("duplicate") for _ in batch]
+            known = self._known.get(job_id)
+            if known is not None and version is not None and known[0].version == version:
+                state, history = known
+            else:
+                history = await load(conn, job_id)
+                state = state_of(history, job_id)
+            base_version = state.version
+            owner = history[0].envelope.user_id if history else None
+            results: list[Handled] = []
+            envelopes: list[Envelope] = []
+            spans: list[tuple[int, int]] = []
+            now = self._clock()
+            for item in batch:
+                envelope, event = item.envelope, item.event
+                if envelope.event_id not in fresh:
+                    results.append(Handled("duplicate"))
+                    continue
+                fresh.discard(envelope.event_id)  # the same message twice in one batch
+                handled, new = await self._decide(conn, state, owner, envelope, event, now)
+                results.append(handled)
+                if not new:
+                    continue
+                if owner is None:
+                    owner = envelope.user_id
+                canvas_id = state.canvas_id if state.exists else getattr(event, "canvas_id", None)
+                spans.append((len(results) - 1, len(new)))
+                for decided in new:
+                    # The recorded copy of the incoming event keeps the time it happened at
+                    # its source; what the orchestrator decides happened at the ``now`` it
+                    # decided with (so next_attempt_at - occurred_at is exactly the backoff).
+                    source = type(decided) is type(event)
+                    envelopes.append(
+                        envelope.follow(
+                            decided,
+                            job_id=job_id,
+                            user_id=owner,
+                            canvas_id=canvas_id,
+                            occurred_at=envelope.occurred_at if source else now,
+                        )
+                    )
+                    state = domain.evolve(state, decided)
+            recorded = await append(conn, job_id, base_version, envelopes)
             await project(conn, recorded)
-        return Handled(
-            "recorded", recorded, attempt_seconds=attempt_seconds(history, recorded, now)
+        self._remember(job_id, state, [*history, *recorded])
+        # Each message's share of the append, in order.
+        offset = 0
+        so_far = list(history)
+        for index, count in spans:
+            mine = recorded[offset : offset + count]
+            offset += count
+            results[index] = Handled(
+                "recorded", mine, attempt_seconds=attempt_seconds(so_far, mine, now)
+            )
+            so_far.extend(mine)
+        return results
+
+    def _remember(self, job_id: UUID, state: JobState, history: list[RecordedEvent]) -> None:
+        """Keep a running job's state and stream (as committed) for its next message."""
+        if state.is_final:
+            self._known.pop(job_id, None)
+            return
+        self._known[job_id] = (state, history)
+        self._known.move_to_end(job_id)
+        while len(self._known) > KNOWN_JOBS:
+            self._known.popitem(last=False)
+
+    async def _decide(
+        self,
+        conn: asyncpg.Connection,
+        state: JobState,
+        owner: str | None,
+        envelope: Envelope,
+        event: Event,
+        now: datetime,
+    ) -> tuple[Handled, list[Event]]:
+        """What one message decides on ``state``: its outcome so far and its new events."""
+        owner = owner if owner is not None else envelope.user_id
+        if isinstance(event, JobCancelRequested) and state.exists and envelope.user_id != owner:
+            return Handled("ignored", reason="cancel from someone who does not own the job"), []
+        canvas_available = True
+        if isinstance(event, JobRequested) and not state.exists:
+            canvas_available = await _canvas_available(conn, event.canvas_id, owner)
+        new = domain.decide(
+            state,
+            event,
+            now=now,
+            policy=self._policy,
+            new_id=self._new_id,
+            canvas_available=canvas_available,
         )
+        if not new:
+            return Handled("ignored", reason=domain.ignored_because(state, event)), []
+        return Handled("recorded"), new
+
+
+def _settle_all(batch: Sequence[_Waiting], exc: BaseException) -> None:
+    for item in batch:
+        if not item.done.done():
+            item.done.set_exception(exc)
 
 
 def _check(envelope: Envelope, event: Event) -> UUID:

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Model calls take seconds; a lease is minutes.
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
 
 
 class Metrics:
@@ -25,6 +26,12 @@ class Metrics:
             "Messages consumed, by event type and outcome "
             "(recorded, ignored, duplicate, dead_lettered, retried).",
             ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.batch_messages = Histogram(
+            "canvas_orchestrator_batch_messages",
+            "Messages of one job handled in one transaction.",
+            buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.attempt_duration = Histogram(
