@@ -4,16 +4,20 @@ the envelope's ``position`` set (the transactional outbox's second half).
 Exactly one relay publishes at a time across all orchestrators: it holds a session
 advisory lock on a connection of its own, and the others wait on standby and take over
 when that connection goes. It wakes on the NOTIFY of each append, and polls besides in
-case a notification is lost. A batch is published concurrently on the confirming
-channel (one channel keeps the order), and the checkpoint moves past the longest
-confirmed prefix. Delivery is at-least-once: after a crash between publish and
-checkpoint the next relay publishes some events again, and consumers dedupe.
+case a notification is lost. What it reads goes to the broker at once, without waiting
+for the confirms of what went before (up to ``batch_size`` unconfirmed, on one channel,
+which keeps the order), and the checkpoint moves past the longest confirmed prefix: a
+new event never waits behind the broker's disk. Delivery is at-least-once: after a
+crash or a refused publish, the events after the checkpoint are published again, and
+consumers dedupe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -60,6 +64,8 @@ class Relay:
         self._schema_ready = schema_ready
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        # A NOTIFY came (or a stop): read the store again.
+        self._notified = False
         self._task: asyncio.Task[None] | None = None
         self.active = False
 
@@ -72,6 +78,7 @@ class Relay:
         """Publish what is recorded so far (within ``timeout``), then close the
         connection, which releases the lock."""
         self._stopping.set()
+        self._notified = True
         self._wake.set()
         if self._task is not None:
             try:
@@ -122,9 +129,11 @@ class Relay:
 
     async def _publish_loop(self, conn: asyncpg.Connection) -> None:
         def on_notify(*_: Any) -> None:
+            self._notified = True
             self._wake.set()
 
         await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+        in_flight: deque[tuple[RecordedEvent, asyncio.Task[None] | None]] = deque()
         try:
             await conn.execute(
                 "INSERT INTO relay_checkpoints (name, position) VALUES ($1, 0) "
@@ -134,63 +143,91 @@ class Relay:
             checkpoint: int = await conn.fetchval(
                 "SELECT position FROM relay_checkpoints WHERE name = $1", self._checkpoint
             )
+            # Handed to the broker up to here; confirmed up to ``checkpoint``.
+            read = checkpoint
+            more = True  # the store may hold events after ``read``
+            next_lag_at = 0.0
             while True:
                 # Asked to stop: publish what is recorded by now (the consumer has drained
                 # its messages), then give the lock up.
                 final = self._stopping.is_set()
                 self._wake.clear()
-                batch = await read_after(conn, checkpoint, self._batch_size)
-                published: list[RecordedEvent] = []
-                if batch:
-                    published = await self._publish(batch)
-                    if published:
-                        checkpoint = published[-1].position
-                        await conn.execute(
-                            "UPDATE relay_checkpoints SET position = $2 "
-                            "WHERE name = $1 AND position < $2",
-                            self._checkpoint,
-                            checkpoint,
-                        )
-                await self._measure_lag(conn, checkpoint)
-                broker_away = len(published) < len(batch)
-                caught_up = len(batch) < self._batch_size
-                if final and (broker_away or caught_up):
+                room = self._batch_size - len(in_flight)
+                if room > 0 and (more or self._notified):
+                    self._notified = False
+                    batch = await read_after(conn, read, room)
+                    for item in batch:
+                        in_flight.append((item, self._start_publish(item)))
+                    if batch:
+                        read = batch[-1].position
+                    more = len(batch) == room
+                confirmed, failed = self._settle_confirmed(in_flight)
+                if confirmed is not None:
+                    checkpoint = confirmed.position
+                    await conn.execute(
+                        "UPDATE relay_checkpoints SET position = $2 "
+                        "WHERE name = $1 AND position < $2",
+                        self._checkpoint,
+                        checkpoint,
+                    )
+                if failed:
+                    # What follows the refused event goes out again, from the checkpoint
+                    # on, once what is still in flight has settled.
+                    await _settled(in_flight)
+                    in_flight.clear()
+                    read, more = checkpoint, True
+                if time.monotonic() >= next_lag_at:
+                    # A gauge scraped every few seconds: once a second is plenty, and a
+                    # busy relay saves a query a batch.
+                    next_lag_at = time.monotonic() + 1.0
+                    await self._measure_lag(conn, checkpoint)
+                if final and (failed or (not more and not in_flight)):
                     return
-                if broker_away:
+                if failed:
                     await self._sleep(1.0)  # do not spin while the broker is away
-                elif caught_up:
+                elif not more or room <= 0:
+                    # Woken by a NOTIFY, a confirm, a stop, or the poll interval.
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                    more = more or not self._wake.is_set()  # a poll reads again
         finally:
+            await _settled(in_flight)
             with contextlib.suppress(Exception):
                 await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
 
-    async def _publish(self, batch: list[RecordedEvent]) -> list[RecordedEvent]:
-        """Publish ``batch`` (the types some queue consumes); return its longest prefix
-        that the broker confirmed."""
-        results = await asyncio.gather(
-            *(
-                self._publish_one(item)
-                for item in batch
-                if item.envelope.type in RELAYED_EVENT_TYPES
-            ),
-            return_exceptions=True,
-        )
-        outcomes = iter(results)
-        confirmed = 0
-        for item in batch:
-            if item.envelope.type in RELAYED_EVENT_TYPES:
-                result = next(outcomes)
-                if isinstance(result, BaseException):
+    def _start_publish(self, item: RecordedEvent) -> asyncio.Task[None] | None:
+        """Publish ``item`` in the background if some queue consumes its type (None if
+        not: it counts as confirmed). Publishes started in order reach the channel in
+        order (one channel, a FIFO lock)."""
+        if item.envelope.type not in RELAYED_EVENT_TYPES:
+            return None
+        task = asyncio.create_task(self._publish_one(item))
+        task.add_done_callback(lambda _: self._wake.set())
+        return task
+
+    def _settle_confirmed(
+        self, in_flight: deque[tuple[RecordedEvent, asyncio.Task[None] | None]]
+    ) -> tuple[RecordedEvent | None, bool]:
+        """Drop the confirmed prefix of ``in_flight``; return its last event, and whether
+        the publish after it failed."""
+        confirmed: RecordedEvent | None = None
+        while in_flight:
+            item, task = in_flight[0]
+            if task is not None:
+                if not task.done():
+                    break
+                error = task.exception()
+                if error is not None:
                     log.warning(
                         "relay publish failed; will publish again",
-                        error=redact(str(result)),
+                        error=redact(str(error)),
                         position=item.position,
                     )
-                    break
+                    return confirmed, True
                 self._metrics.outbox_published.inc()
-            confirmed += 1
-        return batch[:confirmed]
+            in_flight.popleft()
+            confirmed = item
+        return confirmed, False
 
     async def _publish_one(self, item: RecordedEvent) -> None:
         envelope = item.envelope
@@ -212,3 +249,14 @@ class Relay:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+async def _settled(in_flight: deque[tuple[RecordedEvent, asyncio.Task[None] | None]]) -> None:
+    """Wait until every publish in ``in_flight`` has its confirm or its error (each is
+    bounded by the broker's publish timeout); their errors are not this caller's."""
+    tasks = {task for _, task in in_flight if task is not None}
+    if tasks:
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()
