@@ -186,6 +186,35 @@ async def test_cut_stream_ends_midway_without_a_finish(fake_openai):
         json.loads(text)
 
 
+async def test_error_event_makes_the_openai_client_raise_midway(fake_openai):
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "a flow [[fake:error_event]]"}],
+            stream=True,
+        )
+        pieces: list[str] = []
+
+        async def read() -> None:
+            async for chunk in stream:
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+
+        with pytest.raises(openai.APIError) as caught:
+            await read()
+        # Not a status error: the answer began with 200, the error came inside it.
+        assert type(caught.value) is openai.APIError
+        assert caught.value.message == (
+            "The server had an error while processing your request (fake)."
+        )
+        assert "".join(pieces)
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "a flow [[fake:error_event]]"}],
+            )
+
+
 async def test_openai_client_lists_the_stand_in_models(fake_openai):
     client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
     async with client:

@@ -139,6 +139,22 @@ async def test_stream_cut_off_midway_fails_retryable_after_its_objects(
     assert "cut off" in failed.error
 
 
+async def test_error_event_midway_fails_retryable_with_the_server_message(
+    amqp_url, topology, fake_openai, bus
+):
+    _, messages = await _run_one(
+        amqp_url, topology, fake_openai, bus, "a long flow [[fake:objects=12,error_event]]"
+    )
+    assert milestones(messages) == ["GenerationStarted", "GenerationFailed"]
+    assert len(progressed(messages)) >= 1
+    failed = GenerationFailed.model_validate(messages[-1].data)
+    assert (failed.kind, failed.retryable) == ("server_error", True)
+    assert failed.error == (
+        "OpenAI reported an error midway through its reply: "
+        "The server had an error while processing your request (fake)."
+    )
+
+
 async def test_connection_lost_midway_fails_retryable_as_a_connection_failure(
     amqp_url, topology, bus
 ):

@@ -6,26 +6,50 @@ stopped (a ``finish_reason``): a stream that ends without one was cut off, whate
 the text holds so far, and fails retryable. The whole call, streamed or not, is
 bounded by OPENAI_TIMEOUT_SECONDS (the ``openai`` client's own timeout bounds each
 read only, and a slow stream reads often).
+
+A streamed call is sent by the ``openai`` client (key, base URL, timeout, no retries,
+an error status raised as its ``APIStatusError``), but its body is read here: the
+client would build a pydantic model of every chunk, about 100 of them a reply, and that
+was half of the generator's CPU. :mod:`canvas_generator.sse` splits the events, orjson
+parses each, and only the fields used below are read. What breaks the read is raised as
+the client raised it (``APITimeoutError``, ``APIConnectionError``, ``APIError`` for an
+error event), so :func:`~canvas_generator.errors.classify` reads it as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import httpx2
 import openai
+import orjson
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
 
 from canvas_generator.errors import BadOutput, MissingApiKey, broke_off, classify
 from canvas_generator.metrics import OPENAI_REQUEST_SECONDS
 from canvas_generator.settings import Settings
+from canvas_generator.sse import EventStream
 
 # Called with each piece of the reply's text as it arrives; what it raises ends the call
 # and reaches the caller unchanged.
 TextSink = Callable[[str], None]
+
+# A read of the body that fails with one of these is the connection breaking, as the
+# openai client's own stream takes them (TLS failures that httpx2 does not map yet
+# included); a timeout among them is a timeout.
+_CONNECTION_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
+# After [DONE], how long the rest of the body (normally only its end) may take to come:
+# read to its end, the connection goes back to the pool for the next call.
+_DRAIN_SECONDS = 0.1
+_TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 @dataclass(frozen=True)
@@ -132,65 +156,63 @@ class ModelClient:
         on_text: TextSink | None,
         started: float,
     ) -> Completion:
-        try:
-            stream = await client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                response_format={"type": "json_object"},
-                stream=True,
-                # The usage comes in a last chunk with no choices.
-                stream_options={"include_usage": True},
-            )
-        except Exception as exc:
-            raise self._classify(exc) from exc
-        pieces: list[str] = []
-        received = 0
-        model: str | None = None
-        usage: Any = None
-        finish_reason: str | None = None
+        body: CompletionCreateParamsStreaming = {
+            "model": self.model,
+            "messages": messages,
+            "response_format": {"type": "json_object"},
+            "stream": True,
+            # The usage comes in a last chunk with no choices.
+            "stream_options": {"include_usage": True},
+        }
+        reply = _Reply()
         # Leaving the block closes the HTTP response, also when this task is cancelled
         # (a job cancel): the server sees the client go and stops generating.
-        async with stream:
-            chunks = aiter(stream)
-            while True:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                # chat.completions.create(stream=True) sends this very body (test_client
+                # checks), after a pass over it against its parameter types that changes
+                # nothing in it and cost 0.45 ms a call, a tenth of a streamed call's CPU.
+                http = await client.post(
+                    "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
+                )
+            except Exception as exc:
+                raise self._classify(exc) from exc
+            stack.push_async_callback(http.aclose)
+            events = EventStream()
+            chunks = await stack.enter_async_context(contextlib.aclosing(http.aiter_bytes()))
+            while not reply.done:
                 try:
                     chunk = await anext(chunks)
+                    pieces = reply.read(events.feed(chunk), http.request)
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
+                    error = _as_openai_error(exc, http.request)
                     raise broke_off(
-                        exc,
-                        received_chars=received,
+                        error,
+                        received_chars=reply.received,
                         timeout_seconds=self.timeout_seconds,
                         secrets=(self._api_key,),
-                    ) from exc
-                model = chunk.model or model
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices:
-                    if choice.index != 0:
-                        continue  # n=1 is asked: another choice is not ours to read
-                    if choice.finish_reason is not None:
-                        finish_reason = choice.finish_reason
-                    piece = choice.delta.content if choice.delta is not None else None
-                    if piece:
-                        pieces.append(piece)
-                        received += len(piece)
-                        if on_text is not None:
-                            on_text(piece)
-        if finish_reason is None:
+                    ) from error
+                # Outside the try: what on_text raises reaches the caller unchanged.
+                if on_text is not None:
+                    for piece in pieces:
+                        on_text(piece)
+            if reply.done and http.http_version == "HTTP/1.1":
+                await _drain(chunks)
+        if reply.finish_reason is None:
             # The server closed the stream (cleanly or not) before the model said it
             # was done: whatever objects arrived, the drawing is not complete.
             raise BadOutput(
-                f"the model's reply was cut off midway: its stream ended after {received} "
+                f"the model's reply was cut off midway: its stream ended after {reply.received} "
                 "characters without a finish_reason"
             )
         return Completion(
-            text="".join(pieces),
-            model=model or self.model,
-            usage=_usage(usage),
+            text="".join(reply.pieces),
+            model=reply.model or self.model,
+            usage=reply.usage,
             latency_ms=_since(started),
-            finish_reason=finish_reason,
+            finish_reason=reply.finish_reason,
         )
 
     def _classify(self, exc: Exception) -> Exception:
@@ -201,6 +223,85 @@ class ModelClient:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+class _Reply:
+    """What a streamed reply has said so far, from the data of its events."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.received = 0  # characters of text in pieces
+        self.model: str | None = None
+        self.usage: dict[str, int] = {}
+        self.finish_reason: str | None = None
+        self.done = False  # [DONE] came: nothing after it is read
+
+    def read(self, payloads: list[bytes], request: httpx2.Request) -> list[str]:
+        """Take the data of the next events (``chat.completion.chunk`` objects); return
+        the new pieces of text. Raises :class:`openai.APIError` for an error event, as
+        the openai client does, and a ValueError for data that is not JSON."""
+        new: list[str] = []
+        for payload in payloads:
+            if payload.startswith(b"[DONE]"):
+                self.done = True
+                break
+            chunk = orjson.loads(payload)
+            error = chunk.get("error")
+            if error:
+                raise _error_event(error, request)
+            model = chunk.get("model")
+            if model and isinstance(model, str):
+                self.model = model
+            usage = chunk.get("usage")
+            if usage is not None:
+                self.usage = _token_counts(usage)
+            for choice in chunk.get("choices") or ():
+                if choice.get("index", 0) != 0:
+                    continue  # n=1 is asked: another choice is not ours to read
+                finish_reason = choice.get("finish_reason")
+                if finish_reason is not None:
+                    self.finish_reason = str(finish_reason)
+                delta = choice.get("delta")
+                piece = delta.get("content") if delta else None
+                if piece and isinstance(piece, str):
+                    new.append(piece)
+                    self.received += len(piece)
+        self.pieces.extend(new)
+        return new
+
+
+def _error_event(error: Any, request: httpx2.Request) -> openai.APIError:
+    """The error an event ``{"error": {...}}`` stands for: the provider gave up midway."""
+    message = error.get("message") if isinstance(error, Mapping) else None
+    if not message or not isinstance(message, str):
+        message = "the stream carried an error without a message"
+    return openai.APIError(message, request, body=error)
+
+
+def _as_openai_error(exc: Exception, request: httpx2.Request) -> Exception:
+    """``exc``, raised while reading the body, as the openai client would have raised it."""
+    if isinstance(exc, httpx2.TimeoutException):
+        error: openai.APIConnectionError = openai.APITimeoutError(request=request)
+    elif isinstance(exc, _CONNECTION_ERRORS):
+        error = openai.APIConnectionError(request=request)
+    else:
+        return exc
+    error.__cause__ = exc  # errors.broke_off names it: "(RemoteProtocolError)"
+    return error
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows [DONE], normally only the end of the body, so that the HTTP/1.1
+    connection can serve the next call; one that takes longer is closed instead. The
+    reply is complete: what breaks now is not its failure."""
+    with contextlib.suppress(TimeoutError, *_CONNECTION_ERRORS):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
+
+
+def _token_counts(usage: Mapping[str, Any]) -> dict[str, int]:
+    return {name: usage[name] for name in _TOKEN_COUNTS if isinstance(usage.get(name), int)}
 
 
 def _usage(usage: Any) -> dict[str, int]:

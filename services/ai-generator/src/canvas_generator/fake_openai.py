@@ -66,12 +66,15 @@ brackets, separated by commas: ``[[fake:status=429,retry_after=2]]``):
 - ``[[fake:timeout]]``: never answer (until the client disconnects)
 - ``[[fake:cut]]``: a stream that stops midway without ``[DONE]``; a non-streamed reply
   with its JSON cut in half (``finish_reason: "length"``)
+- ``[[fake:error_event]]``: a stream that sends an error event midway
+  (``data: {"error": {...}}``, as OpenAI does when it fails after it began) and ends
+  there; a non-streamed call gets a 500
 - ``[[fake:gate=NAME]]``: a stream that pauses halfway (some objects written, others
   not) until ``PUT /_fake/gates/NAME`` opens the gate (at most MAX_HOLD_SECONDS):
   proves that objects arrive before the reply ends without relying on timing
 - ``[[fake:first=N]]``: the failure directives of this message (``status``,
-  ``garbage``, ``empty``, ``cut``, ``timeout``) apply to its first N calls only; later
-  calls with the very same message succeed (a retry that works)
+  ``garbage``, ``empty``, ``cut``, ``error_event``, ``timeout``) apply to its first N
+  calls only; later calls with the very same message succeed (a retry that works)
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ _INVALID = (
     {"type": "arrow", "points": [[0, 0]]},
     {"type": "rectangle", "x": 0, "y": 0, "width": 10, "height": 10, "fill": "red"},
 )
+_SERVER_ERROR = "The server had an error while processing your request (fake)."
 _GARBAGE = (
     "I'm sorry, but I can only describe this drawing in words: a box on the left, "
     "an arrow, and another box on the right."
@@ -275,13 +279,14 @@ class Directives:
     together: int = 0
     timeout: bool = False
     cut: bool = False
+    error_event: bool = False
     gate: str | None = None
     first: int | None = None
 
     def succeed(self) -> None:
         """Drop the failure directives (what ``first=N`` does after N calls)."""
         self.status = None
-        self.garbage = self.empty = self.timeout = self.cut = False
+        self.garbage = self.empty = self.timeout = self.cut = self.error_event = False
 
 
 def parse_directives(text: str) -> tuple[Directives, str]:
@@ -292,7 +297,7 @@ def parse_directives(text: str) -> tuple[Directives, str]:
             name, _, value = item.strip().partition("=")
             name = name.strip().lower()
             with contextlib.suppress(ValueError):
-                if name in ("garbage", "empty", "fence", "timeout", "cut"):
+                if name in ("garbage", "empty", "fence", "timeout", "cut", "error_event"):
                     setattr(found, name, True)
                 elif name in (
                     "status",
@@ -452,10 +457,7 @@ def error_response(
         message, kind = "Rate limit reached (fake). Please try again shortly.", "requests"
         code = "rate_limit_exceeded"
     elif status >= 500:
-        message, kind = (
-            "The server had an error while processing your request (fake).",
-            ("server_error"),
-        )
+        message, kind = _SERVER_ERROR, "server_error"
     else:
         message = f"The stand-in answered {status} on purpose."
     headers: dict[str, str] = {}
@@ -703,6 +705,8 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
             return Response(status_code=499)
     if directives.timeout:
         return error_response(504)
+    if directives.error_event and not body.get("stream"):
+        directives.status = 500  # a whole reply has no middle to fail in
     if directives.status is not None and directives.status >= 400:
         model.stats.failures[str(directives.status)] += 1
         return error_response(
@@ -711,7 +715,7 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
             key=_bearer(request),
             retry_after=directives.retry_after,
         )
-    for mode in ("garbage", "empty", "cut"):
+    for mode in ("garbage", "empty", "cut", "error_event"):
         if getattr(directives, mode):
             model.stats.failures[mode] += 1
     text = reply_text(topic, directives)
@@ -739,6 +743,7 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
             usage=usage if include_usage else None,
             chunk_delay=chunk_delay_ms / 1000,
             cut=directives.cut,
+            error=directives.error_event,
             gate=model.gate(directives.gate) if directives.gate else None,
             seed=topic,
         )
@@ -802,6 +807,7 @@ async def _stream(
     cut: bool,
     gate: asyncio.Event | None,
     seed: str,
+    error: bool = False,
 ) -> AsyncIterator[bytes]:
     """Server-sent events of chat.completion.chunk objects, OpenAI's way."""
 
@@ -832,6 +838,16 @@ async def _stream(
     for number, piece in enumerate(pieces):
         if cut and number >= len(pieces) // 2:
             return  # the connection drops: no finish_reason, no [DONE]
+        if error and number >= len(pieces) // 2:
+            # The provider gives up midway: an error event, then the stream ends.
+            failure = {
+                "message": _SERVER_ERROR,
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+            yield f"data: {json.dumps({'error': failure})}\n\n".encode()
+            return
         if gate is not None and number == len(pieces) // 2:
             # Starlette cancels this generator if the client hangs up meanwhile.
             with contextlib.suppress(TimeoutError):
