@@ -48,9 +48,16 @@ async def append(
     stream_id: UUID,
     expected_version: int,
     envelopes: Sequence[Envelope],
+    *,
+    position_job: bool = False,
 ) -> list[RecordedEvent]:
     """Append ``envelopes`` to ``stream_id`` as versions ``expected_version + 1 ...``,
     inside the caller's transaction.
+
+    With ``position_job``, the same statement sets the ``jobs`` row's ``last_position``
+    to the last appended position: a caller that projected the events before appending
+    them (so that the append lock is held for this statement and the commit only) gets
+    the one column that needs positions filled in.
 
     Raises :class:`ConcurrencyError` when another writer got there first; the caller's
     transaction is then aborted and must be rolled back.
@@ -69,19 +76,25 @@ async def append(
             """
             WITH append_lock AS (
                 SELECT pg_advisory_xact_lock($12), pg_notify($13, '')
+            ), appended AS (
+                INSERT INTO events (stream_id, version, event_id, type, schema_version,
+                                    occurred_at, correlation_id, causation_id, user_id,
+                                    canvas_id, data)
+                SELECT $1, e.version, e.event_id, e.type, e.schema_version, e.occurred_at,
+                       e.correlation_id, e.causation_id, e.user_id, e.canvas_id, e.data
+                FROM append_lock,
+                     unnest($2::int[], $3::uuid[], $4::text[], $5::int[],
+                            $6::timestamptz[], $7::text[], $8::uuid[], $9::text[],
+                            $10::text[], $11::jsonb[])
+                     AS e(version, event_id, type, schema_version, occurred_at,
+                          correlation_id, causation_id, user_id, canvas_id, data)
+                ORDER BY e.version
+                RETURNING version, position, recorded_at
+            ), positioned AS (
+                UPDATE jobs SET last_position = (SELECT max(position) FROM appended)
+                WHERE $14::bool AND id = $1
             )
-            INSERT INTO events (stream_id, version, event_id, type, schema_version,
-                                occurred_at, correlation_id, causation_id, user_id,
-                                canvas_id, data)
-            SELECT $1, e.version, e.event_id, e.type, e.schema_version, e.occurred_at,
-                   e.correlation_id, e.causation_id, e.user_id, e.canvas_id, e.data
-            FROM append_lock,
-                 unnest($2::int[], $3::uuid[], $4::text[], $5::int[], $6::timestamptz[],
-                        $7::text[], $8::uuid[], $9::text[], $10::text[], $11::jsonb[])
-                 AS e(version, event_id, type, schema_version, occurred_at,
-                      correlation_id, causation_id, user_id, canvas_id, data)
-            ORDER BY e.version
-            RETURNING version, position, recorded_at
+            SELECT version, position, recorded_at FROM appended
             """,
             stream_id,
             versions,
@@ -96,6 +109,7 @@ async def append(
             [envelope.data for envelope in envelopes],
             APPEND_LOCK_KEY,
             NOTIFY_CHANNEL,
+            position_job,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_pkey":

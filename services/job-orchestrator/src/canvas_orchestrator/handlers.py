@@ -300,8 +300,10 @@ class Handler:
                         )
                     )
                     state = domain.evolve(state, decided)
-            recorded = await append(conn, job_id, base_version, envelopes)
-            await project(conn, recorded)
+            # Read models first: every append waits for the one before it to commit (the
+            # position lock), so only the append itself and the commit are spent there.
+            await project(conn, _unpositioned(job_id, base_version, envelopes, now))
+            recorded = await append(conn, job_id, base_version, envelopes, position_job=True)
         self._remember(job_id, state, [*history, *recorded])
         # Each message's share of the append, in order.
         offset = 0
@@ -352,6 +354,23 @@ class Handler:
         if not new:
             return Handled("ignored", reason=domain.ignored_because(state, event)), []
         return Handled("recorded"), new
+
+
+def _unpositioned(
+    job_id: UUID, base_version: int, envelopes: Sequence[Envelope], now: datetime
+) -> list[RecordedEvent]:
+    """``envelopes`` as they will be recorded, but for their positions (0 until the
+    append, which sets the jobs row's last_position itself)."""
+    return [
+        RecordedEvent(
+            stream_id=job_id,
+            version=base_version + number,
+            position=0,
+            recorded_at=now,
+            envelope=envelope,  # job_id set by follow()
+        )
+        for number, envelope in enumerate(envelopes, start=1)
+    ]
 
 
 def _settle_all(batch: Sequence[_Waiting], exc: BaseException) -> None:
