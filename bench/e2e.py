@@ -3,7 +3,8 @@
 Starts the four services and the stand-in model (at a set latency) against a scratch
 database and topology prefix, submits N jobs from concurrent HTTP clients spread over
 several users, each user listening on one WebSocket, and reports throughput, latency
-percentiles and each service's memory and CPU. In the same run it measures a reference,
+percentiles and each service's memory and CPU (and that of RabbitMQ, PostgreSQL and the
+clients themselves, and how busy the machine was). In the same run it measures a reference,
 raw aio-pika publish-with-confirm → consume-with-ack on the same broker, so that jobs/s
 can be compared across machines as a ratio to it.
 
@@ -93,6 +94,32 @@ def _status_kb(pid: int, key: str) -> int:
 def _cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _infra_ticks() -> dict[str, int]:
+    """CPU ticks so far of the machine's RabbitMQ (beam.smp) and of every PostgreSQL
+    process (its backends live as long as the services' pools, so the difference over a
+    run is what the run cost them)."""
+    ticks = {"rabbitmq": 0, "postgres": 0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            if comm.startswith("beam"):
+                ticks["rabbitmq"] += _cpu_ticks(int(entry.name))
+            elif comm.startswith("postgres"):
+                ticks["postgres"] += _cpu_ticks(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+    return ticks
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -263,6 +290,28 @@ def summarise(run: Run, reference: float) -> dict[str, Any]:
     }
 
 
+async def orchestrator_figures(system: System) -> dict[str, float]:
+    """From the orchestrator's /metrics: messages per transaction, on average."""
+    url = f"http://127.0.0.1:{system.ports['orchestrator']}/metrics"
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(url)).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (
+            "canvas_orchestrator_batch_messages_sum",
+            "canvas_orchestrator_batch_messages_count",
+        ):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    transactions = values.get("count", 0.0)
+    return {
+        "transactions": transactions,
+        "messages_per_transaction": round(values.get("sum", 0.0) / transactions, 2)
+        if transactions
+        else 0.0,
+    }
+
+
 def start_profilers(system: System, names: list[str], scenario: str) -> list[Any]:
     """py-spy (when installed: `.venv/bin/pip install py-spy`) samples the named services
     during the run; collapsed stacks land in bench/results/profile-<service>-<scenario>.txt."""
@@ -335,8 +384,12 @@ async def run_scenario(
         for pname, proc in system.processes.items():
             assert proc.process is not None
             run.processes[pname].cpu_ticks_before = _cpu_ticks(proc.process.pid)
+        infra_before, machine_before = _infra_ticks(), _machine_ticks()
+        bench_before = _cpu_ticks(os.getpid())
         profilers = start_profilers(system, profile, scenario.name) if profile else []
         await drive(system, scenario, run)
+        infra_after, machine_after = _infra_ticks(), _machine_ticks()
+        bench_after = _cpu_ticks(os.getpid())
         for profiler in profilers:
             profiler.send_signal(2)  # SIGINT: py-spy writes its output and exits
             profiler.wait(30)
@@ -345,7 +398,28 @@ async def run_scenario(
             pid = proc.process.pid
             run.processes[pname].rss_peak_kb = _status_kb(pid, "VmHWM")
             run.processes[pname].cpu_ticks_after = _cpu_ticks(pid)
-        return summarise(run, reference)
+        result = summarise(run, reference)
+        for pname, before in infra_before.items():
+            result["processes"][pname] = {
+                "rss_idle_mb": None,
+                "rss_peak_mb": None,
+                "cpu_ms_per_job": round(
+                    (infra_after[pname] - before) / CLK_TCK * 1000 / scenario.jobs, 3
+                ),
+            }
+        result["orchestrator"] = await orchestrator_figures(system)
+        busy = machine_after[0] - machine_before[0]
+        result["machine_busy_pct"] = round(
+            100 * busy / max(1, machine_after[1] - machine_before[1]), 1
+        )
+        result["processes"]["bench (clients)"] = {
+            "rss_idle_mb": None,
+            "rss_peak_mb": None,
+            "cpu_ms_per_job": round(
+                (bench_after - bench_before) / CLK_TCK * 1000 / scenario.jobs, 3
+            ),
+        }
+        return result
     finally:
         system.stop()
         with contextlib.suppress(Exception):
@@ -372,10 +446,15 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print()
     print(f"{'process':<14}{'idle MB':>9}{'peak MB':>9}{'CPU ms/job':>12}   (per scenario)")
     for r in results:
-        print(f"-- {r['scenario']['name']} (reference {r['reference_msgs_per_s']:.0f} msg/s)")
+        o = r.get("orchestrator", {})
+        print(
+            f"-- {r['scenario']['name']} (reference {r['reference_msgs_per_s']:.0f} msg/s; "
+            f"orchestrator: {o.get('messages_per_transaction')} messages per transaction; "
+            f"machine {r.get('machine_busy_pct')}% busy)"
+        )
         for name, proc in r["processes"].items():
             print(
-                f"{name:<14}{proc['rss_idle_mb']:>9}{proc['rss_peak_mb']:>9}"
+                f"{name:<14}{proc['rss_idle_mb'] or '':>9}{proc['rss_peak_mb'] or '':>9}"
                 f"{proc['cpu_ms_per_job']:>12}"
             )
 
@@ -433,4 +512,8 @@ async def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main(sys.argv[1:])))
+    import uvloop
+
+    # uvloop, as the services run: the clients share the two cores with what they measure,
+    # and every millisecond of theirs is one the system does not get.
+    raise SystemExit(uvloop.run(main(sys.argv[1:])))
