@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from uuid import UUID, uuid5
+from uuid import UUID, uuid4, uuid5
 
 import asyncpg
 
@@ -19,6 +19,7 @@ from canvas_events.events import (
     GenerationSucceeded,
     JobCancelRequested,
     JobQueued,
+    JobRequested,
 )
 from canvas_events.topology import GATEWAY
 from canvas_orchestrator import domain
@@ -307,39 +308,78 @@ async def test_a_burst_of_one_jobs_messages_is_recorded_in_order_in_few_transact
 
 async def test_a_message_that_breaks_its_batch_is_retried_alone(start, bus, monkeypatch):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
-    await service.handler.handle_envelope(requested.follow(started(requested)))
-    attempt_id = requested.data["attempt_id"]
+    dispatches = []
+    for _ in range(2):
+        request = await bus.request()
+        assert request.job_id is not None
+        requested = await dispatched(bus, request.job_id)
+        await service.handler.handle_envelope(requested.follow(started(requested)))
+        dispatches.append((request.job_id, requested))
     real_progress = domain.progress
 
     def progress(state: domain.JobState, event: GenerationProgressed) -> list[Any]:
-        if event.index == 3:
-            raise RuntimeError("a bug that only object 3 meets")
+        if state.job_id == dispatches[0][0] and event.index == 3:
+            raise RuntimeError("a bug that only object 3 of the first job meets")
         return real_progress(state, event)
 
     monkeypatch.setattr(domain, "progress", progress)
+    # The two jobs' objects interleaved, as two generators' bursts arrive.
     burst = [
         requested.follow(
-            GenerationProgressed(attempt_id=attempt_id, index=index, object=OBJECTS[0])
+            GenerationProgressed(
+                attempt_id=requested.data["attempt_id"], index=index, object=OBJECTS[0]
+            )
         )
         for index in range(6)
+        for _, requested in dispatches
     ]
 
     outcomes = await asyncio.gather(
         *(service.handler.handle_envelope(item) for item in burst), return_exceptions=True
     )
 
-    assert [outcome is ACK for outcome in outcomes] == [True, True, True, False, True, True]
-    assert isinstance(outcomes[3], RuntimeError)
-    stream = await service.database.pool.fetch(
-        "SELECT data FROM events WHERE stream_id = $1 AND type = 'GenerationProgressed' "
-        "ORDER BY version",
-        job_id,
+    failed = [index for index, outcome in enumerate(outcomes) if outcome is not ACK]
+    assert failed == [6], outcomes  # object 3 of the first job, and nothing else
+    assert isinstance(outcomes[6], RuntimeError)
+    for job_id, expected in zip(
+        (job_id for job_id, _ in dispatches), ([0, 1, 2, 4, 5], [0, 1, 2, 3, 4, 5]), strict=True
+    ):
+        stream = await service.database.pool.fetch(
+            "SELECT data FROM events WHERE stream_id = $1 AND type = 'GenerationProgressed' "
+            "ORDER BY version",
+            job_id,
+        )
+        assert [row["data"]["index"] for row in stream] == expected
+
+
+async def test_two_users_first_jobs_on_one_new_canvas_in_one_batch_give_it_to_one(start):
+    service = await start()
+    canvas_id = f"canvas-{uuid4().hex[:8]}"
+    requests = [
+        Envelope.wrap(
+            JobRequested(query="a login flowchart", canvas_id=canvas_id, priority=5),
+            correlation_id=f"req-{user}",
+            job_id=uuid4(),
+            user_id=user,
+            canvas_id=canvas_id,
+        )
+        for user in ("alice", "bob")
+    ]
+
+    outcomes = await asyncio.gather(*(service.handler.handle_envelope(r) for r in requests))
+
+    assert all(outcome is ACK for outcome in outcomes)
+    statuses = {}
+    for request in requests:
+        assert request.job_id is not None
+        row = await job_row(service, request.job_id)
+        assert row is not None
+        statuses[request.user_id] = (row["status"], row["error_message"])
+    assert statuses == {"alice": ("queued", None), "bob": ("failed", "canvas not found")}
+    owner = await service.database.pool.fetchval(
+        "SELECT user_id FROM canvases WHERE id = $1", canvas_id
     )
-    assert [row["data"]["index"] for row in stream] == [0, 1, 2, 4, 5]
+    assert owner == "alice"
 
 
 async def test_permanent_generation_failure_fails_the_job_with_the_generators_error(start, bus):

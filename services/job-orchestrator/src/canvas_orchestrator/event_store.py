@@ -52,51 +52,82 @@ async def append(
     position_job: bool = False,
 ) -> list[RecordedEvent]:
     """Append ``envelopes`` to ``stream_id`` as versions ``expected_version + 1 ...``,
-    inside the caller's transaction.
+    inside the caller's transaction (see :func:`append_streams`)."""
+    return await append_streams(
+        conn, [Append(stream_id, expected_version, envelopes)], position_job=position_job
+    )
 
-    With ``position_job``, the same statement sets the ``jobs`` row's ``last_position``
-    to the last appended position: a caller that projected the events before appending
-    them (so that the append lock is held for this statement and the commit only) gets
-    the one column that needs positions filled in.
 
-    Raises :class:`ConcurrencyError` when another writer got there first; the caller's
-    transaction is then aborted and must be rolled back.
+@dataclass(frozen=True)
+class Append:
+    """Events for one stream, which must be at ``expected_version`` when they land."""
+
+    stream_id: UUID
+    expected_version: int
+    envelopes: Sequence[Envelope]
+
+
+async def append_streams(
+    conn: asyncpg.Connection, appends: Sequence[Append], *, position_job: bool = False
+) -> list[RecordedEvent]:
+    """Append each stream's envelopes as its versions ``expected_version + 1 ...``, all in
+    one statement inside the caller's transaction; the recorded events come back in the
+    order given (positions increase in that order).
+
+    Raises :class:`ConcurrencyError` when another writer got to one of the streams first;
+    the caller's transaction is then aborted and must be rolled back.
+
+    With ``position_job``, the same statement sets each stream's ``jobs`` row's
+    ``last_position`` to its last appended position: a caller that projected the events
+    before appending them (so that the append lock is held for this statement and the
+    commit only) gets the one column that needs positions filled in.
     """
+    stream_ids: list[UUID] = []
+    versions: list[int] = []
+    envelopes: list[Envelope] = []
+    for item in appends:
+        for number, envelope in enumerate(item.envelopes, start=1):
+            stream_ids.append(item.stream_id)
+            versions.append(item.expected_version + number)
+            envelopes.append(envelope)
     if not envelopes:
         return []
     assert conn.is_in_transaction(), "append must run inside the caller's transaction"
     user_ids = [envelope.user_id for envelope in envelopes]
     if any(user_id is None for user_id in user_ids):
         raise ValueError("every recorded event needs a user_id")
-    versions = list(range(expected_version + 1, expected_version + 1 + len(envelopes)))
     try:
         # One round trip: the lock CTE is joined into the rows, so it is taken before any
         # row (and its identity position) is produced, and held until commit.
         rows = await conn.fetch(
             """
             WITH append_lock AS (
-                SELECT pg_advisory_xact_lock($12), pg_notify($13, '')
+                SELECT pg_advisory_xact_lock($13), pg_notify($14, '')
             ), appended AS (
                 INSERT INTO events (stream_id, version, event_id, type, schema_version,
                                     occurred_at, correlation_id, causation_id, user_id,
                                     canvas_id, data)
-                SELECT $1, e.version, e.event_id, e.type, e.schema_version, e.occurred_at,
-                       e.correlation_id, e.causation_id, e.user_id, e.canvas_id, e.data
+                SELECT e.stream_id, e.version, e.event_id, e.type, e.schema_version,
+                       e.occurred_at, e.correlation_id, e.causation_id, e.user_id,
+                       e.canvas_id, e.data
                 FROM append_lock,
-                     unnest($2::int[], $3::uuid[], $4::text[], $5::int[],
+                     unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::int[],
                             $6::timestamptz[], $7::text[], $8::uuid[], $9::text[],
                             $10::text[], $11::jsonb[])
-                     AS e(version, event_id, type, schema_version, occurred_at,
-                          correlation_id, causation_id, user_id, canvas_id, data)
-                ORDER BY e.version
-                RETURNING version, position, recorded_at
+                     WITH ORDINALITY
+                     AS e(stream_id, version, event_id, type, schema_version, occurred_at,
+                          correlation_id, causation_id, user_id, canvas_id, data, n)
+                ORDER BY e.n
+                RETURNING stream_id, version, position, recorded_at
             ), positioned AS (
-                UPDATE jobs SET last_position = (SELECT max(position) FROM appended)
-                WHERE $14::bool AND id = $1
+                UPDATE jobs SET last_position = a.position
+                FROM (SELECT stream_id, max(position) AS position
+                      FROM appended GROUP BY stream_id) AS a
+                WHERE $12::bool AND jobs.id = a.stream_id
             )
-            SELECT version, position, recorded_at FROM appended
+            SELECT stream_id, version, position, recorded_at FROM appended
             """,
-            stream_id,
+            stream_ids,
             versions,
             [envelope.event_id for envelope in envelopes],
             [envelope.type for envelope in envelopes],
@@ -107,20 +138,19 @@ async def append(
             user_ids,
             [envelope.canvas_id for envelope in envelopes],
             [envelope.data for envelope in envelopes],
+            position_job,
             APPEND_LOCK_KEY,
             NOTIFY_CHANNEL,
-            position_job,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_pkey":
-            raise ConcurrencyError(
-                f"stream {stream_id} moved past version {expected_version}"
-            ) from exc
+            moved = ", ".join(f"{item.stream_id}@{item.expected_version}" for item in appends)
+            raise ConcurrencyError(f"a stream moved past its expected version ({moved})") from exc
         raise
-    by_version = {row["version"]: row for row in rows}
+    by_key = {(row["stream_id"], row["version"]): row for row in rows}
     recorded = []
-    for version, envelope in zip(versions, envelopes, strict=True):
-        row = by_version[version]
+    for stream_id, version, envelope in zip(stream_ids, versions, envelopes, strict=True):
+        row = by_key[(stream_id, version)]
         recorded.append(
             RecordedEvent(
                 stream_id=stream_id,
@@ -133,6 +163,24 @@ async def append(
             )
         )
     return recorded
+
+
+async def load_streams(
+    conn: asyncpg.Connection, stream_ids: Sequence[UUID]
+) -> dict[UUID, list[RecordedEvent]]:
+    """Every event of each of ``stream_ids``, in version order (empty for an unknown
+    stream), in one query."""
+    streams: dict[UUID, list[RecordedEvent]] = {stream_id: [] for stream_id in stream_ids}
+    if not streams:
+        return streams
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE stream_id = ANY($1::uuid[]) "  # noqa: S608 (constant columns)
+        "ORDER BY stream_id, version",
+        list(streams),
+    )
+    for row in rows:
+        streams[row["stream_id"]].append(_recorded(row))
+    return streams
 
 
 async def load(conn: asyncpg.Connection, stream_id: UUID) -> list[RecordedEvent]:

@@ -1,16 +1,18 @@
 """The consumer of topology.orchestrator: requests from the gateway and results from
 the generators become events in the job's stream.
 
-The messages of one job are handled in delivery order by one task of this process (and
-under the job row's lock across processes). What arrives while its transaction runs
-waits, and the next transaction takes it all: the processed_messages rows (so a
-redelivery changes nothing), the stream (read again only when the jobs row's version
-says another writer moved it since this process last recorded it), a decision per
-message on the state the earlier ones left, one append and the read models. A streamed
-reply's objects, which arrive in a burst, cost one transaction rather than one each. A
-writer that still lost the race (a new job's first append) re-reads the stream and
-decides again; a batch that fails for any other reason than the database is split, so
-that only the message at fault goes to retries.
+Messages are recorded by one task of this process, a transaction at a time; what
+arrives while a transaction runs waits, and the next one takes it all (group commit):
+the processed_messages rows (so a redelivery changes nothing), the job rows' locks
+(across processes, in id order), the streams (read again only when a jobs row's
+version says another writer moved it since this process last recorded it), a decision
+per message on the state its job's earlier messages left, in delivery order, the read
+models, and one append for every stream. Every append holds the lock that keeps
+positions in commit order until it commits, so one append for many jobs is what lets
+the store keep up under load; idle, a transaction carries one message. A writer that
+still lost the race (a new job's first append) re-reads and decides again; a batch
+that fails for any other reason than the database is split, a job and then a message
+at a time, so that only the message at fault goes to retries.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from canvas_events.postgres import Database
 from canvas_orchestrator import domain
 from canvas_orchestrator.domain import JobState, Policy
 from canvas_orchestrator.errors import ConcurrencyError, UnexpectedEvent
-from canvas_orchestrator.event_store import RecordedEvent, append, load
+from canvas_orchestrator.event_store import Append, RecordedEvent, append_streams, load_streams
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.projections import project
 
@@ -96,15 +98,29 @@ class Handled:
 
 @dataclass
 class _Waiting:
-    """A consumed message waiting for its job's next transaction."""
+    """A consumed message waiting for the next transaction."""
 
+    job_id: UUID
     envelope: Envelope
     event: Event
     done: asyncio.Future[Handled]
 
 
+@dataclass
+class _Job:
+    """One job within a transaction: its state as its messages are decided in turn."""
+
+    state: JobState
+    history: list[RecordedEvent]
+    owner: str | None
+    base_version: int
+    envelopes: list[Envelope] = field(default_factory=list)
+    # (index in the batch, how many of ``envelopes`` that message added), in order.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
 class _KeptChanging(Exception):
-    """The job's stream changed under every try."""
+    """A job's stream changed under every try."""
 
 
 class Handler:
@@ -126,9 +142,11 @@ class Handler:
         self._clock = clock
         self._new_id = new_id
         self._max_batch = max_batch
-        # Per job: the messages waiting for a transaction, and the task that runs them.
-        self._waiting: dict[UUID, list[_Waiting]] = {}
-        self._workers: dict[UUID, asyncio.Task[None]] = {}
+        # Messages waiting for a transaction, in delivery order, and the task that runs
+        # the transactions one after another. (Several side by side, each for its share
+        # of the jobs, measured slower: smaller batches cost more per message.)
+        self._waiting: list[_Waiting] = []
+        self._committer: asyncio.Task[None] | None = None
         # The state and stream of the jobs this process recorded last, newest last.
         self._known: OrderedDict[UUID, tuple[JobState, list[RecordedEvent]]] = OrderedDict()
 
@@ -161,53 +179,48 @@ class Handler:
         return ACK
 
     async def _submit(self, job_id: UUID, envelope: Envelope, event: Event) -> Handled:
-        """Queue the message behind its job's others and wait for its transaction."""
+        """Queue the message for the next transaction and wait for its outcome."""
         done: asyncio.Future[Handled] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(job_id, []).append(_Waiting(envelope, event, done))
-        if job_id not in self._workers:
-            # A context of its own: the worker serves many messages, each logged by its
-            # own handler with its own correlation_id.
-            self._workers[job_id] = asyncio.create_task(
-                self._work(job_id), name=f"job-{job_id}", context=contextvars.Context()
+        self._waiting.append(_Waiting(job_id, envelope, event, done))
+        if self._committer is None:
+            # A context of its own: the committer serves many messages, each logged by
+            # its own handler with its own correlation_id.
+            self._committer = asyncio.create_task(
+                self._work(), name="orchestrator-committer", context=contextvars.Context()
             )
         return await done
 
-    def _take(self, job_id: UUID) -> list[_Waiting]:
-        waiting = self._waiting.get(job_id, [])
+    def _take(self) -> list[_Waiting]:
         # A handler cancelled meanwhile (shutdown) leaves its message unacked: redelivered.
-        waiting[:] = [item for item in waiting if not item.done.done()]
-        batch = waiting[: self._max_batch]
-        del waiting[: self._max_batch]
-        if not waiting:
-            self._waiting.pop(job_id, None)
+        waiting = [item for item in self._waiting if not item.done.done()]
+        batch, self._waiting = waiting[: self._max_batch], waiting[self._max_batch :]
         return batch
 
-    async def _work(self, job_id: UUID) -> None:
-        structlog.contextvars.bind_contextvars(job_id=str(job_id))
+    async def _work(self) -> None:
         try:
             # No await between the last empty take and leaving: a message queued after it
-            # finds no worker and starts one.
-            while batch := self._take(job_id):
+            # finds no committer and starts one.
+            while batch := self._take():
                 try:
-                    await self._run(job_id, batch)
+                    await self._run(batch)
                 except Exception as exc:  # a bug: no handler may wait for ever
-                    log.exception("job worker failed")
+                    log.exception("orchestrator committer failed")
                     _settle_all(batch, exc)
                 except BaseException:
                     for item in batch:
                         item.done.cancel()
                     raise
         finally:
-            del self._workers[job_id]
+            self._committer = None
 
-    async def _run(self, job_id: UUID, batch: list[_Waiting]) -> None:
+    async def _run(self, batch: list[_Waiting]) -> None:
         """One transaction for ``batch``; every message's future gets its outcome."""
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
-                results = await self._handle_batch(job_id, batch)
+                results = await self._handle_batch(batch)
                 break
             except CONFLICTS as exc:
-                log.info("stream changed meanwhile; deciding again", reason=type(exc).__name__)
+                log.info("a stream changed meanwhile; deciding again", reason=type(exc).__name__)
             except TRANSIENT_ERRORS as exc:
                 _settle_all(batch, exc)
                 return
@@ -215,14 +228,15 @@ class Handler:
                 if len(batch) == 1:
                     _settle_all(batch, exc)
                     return
-                # Not the database's fault: find the message at fault, one at a time, so
-                # that the others are recorded and only it goes to retries.
-                log.warning("batch failed; handling its messages one by one", error=repr(exc))
-                for item in batch:
-                    await self._run(job_id, [item])
+                # Not the database's fault: find the message at fault (a job at a time,
+                # then a message at a time), so that only it goes to retries.
+                log.warning("batch failed; handling its messages apart", error=repr(exc))
+                for part in _split(batch):
+                    await self._run(part)
                 return
         else:
-            message = f"stream {job_id} kept changing under {MAX_CONFLICT_RETRIES} tries"
+            jobs = ", ".join(sorted({str(item.job_id) for item in batch}))
+            message = f"streams kept changing under {MAX_CONFLICT_RETRIES} tries ({jobs})"
             _settle_all(batch, _KeptChanging(message))
             return
         self._metrics.batch_messages.observe(len(batch))
@@ -230,46 +244,44 @@ class Handler:
             if not item.done.done():
                 item.done.set_result(handled)
 
-    async def _handle_batch(self, job_id: UUID, batch: Sequence[_Waiting]) -> list[Handled]:
-        """Decide on each message of ``batch`` in order, and record what they decided in
-        one append, all in one transaction."""
+    async def _handle_batch(self, batch: Sequence[_Waiting]) -> list[Handled]:
+        """Decide on each message of ``batch`` in order (each on the state its job's
+        earlier messages left), and record what they decided in one append, all in one
+        transaction."""
+        job_ids = sorted({item.job_id for item in batch})
         pool = self._database.pool
         async with pool.acquire() as conn, conn.transaction():
-            # The processed_messages rows (a redelivery changes nothing) and the job row's
-            # lock (timers lock it too: whoever is second sees the other's events), in one
-            # round trip.
-            # The jobs row's version is the stream's (projected in every append's
-            # transaction): when it is the version this process last recorded, the
-            # stream need not be read again.
-            fresh_ids, version = await conn.fetchrow(
+            # The processed_messages rows (a redelivery changes nothing) and the job rows'
+            # locks (timers lock them too: whoever is second sees the other's events;
+            # taken in id order, as every batch does), in one round trip. A jobs row's
+            # version is its stream's (projected in every append's transaction): when it
+            # is the version this process last recorded, the stream is not read again.
+            rows = await conn.fetch(
                 """
                 WITH fresh AS (
                     INSERT INTO processed_messages (consumer, message_id)
                     SELECT $1, m FROM unnest($2::uuid[]) AS m
                     ON CONFLICT DO NOTHING RETURNING message_id
                 ), locked AS (
-                    SELECT version FROM jobs WHERE id = $3 FOR UPDATE
+                    SELECT id, version FROM jobs WHERE id = ANY($3::uuid[])
+                    ORDER BY id FOR UPDATE
                 )
-                SELECT ARRAY(SELECT message_id FROM fresh), (SELECT version FROM locked)
+                SELECT message_id AS id, NULL::int AS version FROM fresh
+                UNION ALL
+                SELECT id, version FROM locked
                 """,
                 CONSUMER,
                 [item.envelope.event_id for item in batch],
-                job_id,
+                job_ids,
             )
-            fresh = set(fresh_ids)
+            fresh = {row["id"] for row in rows if row["version"] is None}
             if not fresh:
                 return [Handled("duplicate") for _ in batch]
-            known = self._known.get(job_id)
-            if known is not None and version is not None and known[0].version == version:
-                state, history = known
-            else:
-                history = await load(conn, job_id)
-                state = state_of(history, job_id)
-            base_version = state.version
-            owner = history[0].envelope.user_id if history else None
+            versions = {row["id"]: row["version"] for row in rows if row["version"] is not None}
+            jobs = await self._jobs(conn, job_ids, versions)
             results: list[Handled] = []
-            envelopes: list[Envelope] = []
-            spans: list[tuple[int, int]] = []
+            # New canvases claimed by this batch's first jobs, not in the table yet.
+            claimed: dict[str, str] = {}
             now = self._clock()
             for item in batch:
                 envelope, event = item.envelope, item.event
@@ -277,45 +289,87 @@ class Handler:
                     results.append(Handled("duplicate"))
                     continue
                 fresh.discard(envelope.event_id)  # the same message twice in one batch
-                handled, new = await self._decide(conn, state, owner, envelope, event, now)
+                job = jobs[item.job_id]
+                handled, new = await self._decide(conn, job, envelope, event, now, claimed)
                 results.append(handled)
                 if not new:
                     continue
-                if owner is None:
-                    owner = envelope.user_id
+                if job.owner is None:
+                    job.owner = envelope.user_id
+                state = job.state
                 canvas_id = state.canvas_id if state.exists else getattr(event, "canvas_id", None)
-                spans.append((len(results) - 1, len(new)))
+                job.spans.append((len(results) - 1, len(new)))
                 for decided in new:
                     # The recorded copy of the incoming event keeps the time it happened at
                     # its source; what the orchestrator decides happened at the ``now`` it
                     # decided with (so next_attempt_at - occurred_at is exactly the backoff).
                     source = type(decided) is type(event)
-                    envelopes.append(
+                    job.envelopes.append(
                         envelope.follow(
                             decided,
-                            job_id=job_id,
-                            user_id=owner,
+                            job_id=item.job_id,
+                            user_id=job.owner,
                             canvas_id=canvas_id,
                             occurred_at=envelope.occurred_at if source else now,
                         )
                     )
                     state = domain.evolve(state, decided)
+                job.state = state
+            changed = [job_id for job_id in job_ids if jobs[job_id].envelopes]
             # Read models first: every append waits for the one before it to commit (the
             # position lock), so only the append itself and the commit are spent there.
-            await project(conn, _unpositioned(job_id, base_version, envelopes, now))
-            recorded = await append(conn, job_id, base_version, envelopes, position_job=True)
-        self._remember(job_id, state, [*history, *recorded])
-        # Each message's share of the append, in order.
-        offset = 0
-        so_far = list(history)
-        for index, count in spans:
-            mine = recorded[offset : offset + count]
-            offset += count
-            results[index] = Handled(
-                "recorded", mine, attempt_seconds=attempt_seconds(so_far, mine, now)
+            for job_id in changed:
+                job = jobs[job_id]
+                await project(conn, _unpositioned(job_id, job.base_version, job.envelopes, now))
+            recorded = await append_streams(
+                conn,
+                [
+                    Append(job_id, jobs[job_id].base_version, jobs[job_id].envelopes)
+                    for job_id in changed
+                ],
+                position_job=True,
             )
-            so_far.extend(mine)
+        # Each job's share of the append, and each message's share of its job's.
+        offset = 0
+        for job_id in changed:
+            job = jobs[job_id]
+            mine = recorded[offset : offset + len(job.envelopes)]
+            offset += len(job.envelopes)
+            self._remember(job_id, job.state, [*job.history, *mine])
+            so_far = list(job.history)
+            start = 0
+            for index, count in job.spans:
+                part = mine[start : start + count]
+                start += count
+                results[index] = Handled(
+                    "recorded", part, attempt_seconds=attempt_seconds(so_far, part, now)
+                )
+                so_far.extend(part)
         return results
+
+    async def _jobs(
+        self, conn: asyncpg.Connection, job_ids: Sequence[UUID], versions: dict[UUID, int]
+    ) -> dict[UUID, _Job]:
+        """Each job's state and stream: as this process recorded it last when the jobs
+        row says nothing moved since, else read (in one query for all)."""
+        found: dict[UUID, tuple[JobState, list[RecordedEvent]]] = {}
+        for job_id in job_ids:
+            known = self._known.get(job_id)
+            version = versions.get(job_id)
+            if known is not None and version is not None and known[0].version == version:
+                found[job_id] = known
+        streams = await load_streams(conn, [job_id for job_id in job_ids if job_id not in found])
+        for job_id, history in streams.items():
+            found[job_id] = (state_of(history, job_id), history)
+        return {
+            job_id: _Job(
+                state=state,
+                history=history,
+                owner=history[0].envelope.user_id if history else None,
+                base_version=state.version,
+            )
+            for job_id, (state, history) in found.items()
+        }
 
     def _remember(self, job_id: UUID, state: JobState, history: list[RecordedEvent]) -> None:
         """Keep a running job's state and stream (as committed) for its next message."""
@@ -330,19 +384,24 @@ class Handler:
     async def _decide(
         self,
         conn: asyncpg.Connection,
-        state: JobState,
-        owner: str | None,
+        job: _Job,
         envelope: Envelope,
         event: Event,
         now: datetime,
+        claimed: dict[str, str],
     ) -> tuple[Handled, list[Event]]:
-        """What one message decides on ``state``: its outcome so far and its new events."""
-        owner = owner if owner is not None else envelope.user_id
+        """What one message decides on its job's state: its outcome so far and its new
+        events."""
+        state = job.state
+        owner = job.owner if job.owner is not None else envelope.user_id
         if isinstance(event, JobCancelRequested) and state.exists and envelope.user_id != owner:
             return Handled("ignored", reason="cancel from someone who does not own the job"), []
         canvas_available = True
         if isinstance(event, JobRequested) and not state.exists:
-            canvas_available = await _canvas_available(conn, event.canvas_id, owner)
+            if event.canvas_id in claimed:
+                canvas_available = claimed[event.canvas_id] == owner
+            else:
+                canvas_available = await _canvas_available(conn, event.canvas_id, owner)
         new = domain.decide(
             state,
             event,
@@ -353,6 +412,8 @@ class Handler:
         )
         if not new:
             return Handled("ignored", reason=domain.ignored_because(state, event)), []
+        if isinstance(event, JobRequested) and canvas_available and owner is not None:
+            claimed.setdefault(event.canvas_id, owner)
         return Handled("recorded"), new
 
 
@@ -371,6 +432,17 @@ def _unpositioned(
         )
         for number, envelope in enumerate(envelopes, start=1)
     ]
+
+
+def _split(batch: list[_Waiting]) -> list[list[_Waiting]]:
+    """``batch`` a job at a time (in order of first message), or, for one job's, a
+    message at a time."""
+    by_job: dict[UUID, list[_Waiting]] = {}
+    for item in batch:
+        by_job.setdefault(item.job_id, []).append(item)
+    if len(by_job) > 1:
+        return list(by_job.values())
+    return [[item] for item in batch]
 
 
 def _settle_all(batch: Sequence[_Waiting], exc: BaseException) -> None:
