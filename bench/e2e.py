@@ -469,11 +469,11 @@ SCENARIOS = {
         users=1,
         sequential=True,
     ),
-    "0ms": Scenario("0ms", jobs=1000, model_latency_ms=0, max_concurrent_jobs=50),
+    "0ms": Scenario("0ms", jobs=1000, model_latency_ms=0, max_concurrent_jobs=100),
     "1000ms": Scenario("1000ms", jobs=1000, model_latency_ms=1000, max_concurrent_jobs=100),
     # The same as 0ms without streaming: no progress event per object.
     "0ms-nostream": Scenario(
-        "0ms-nostream", jobs=1000, model_latency_ms=0, max_concurrent_jobs=50, stream=False
+        "0ms-nostream", jobs=1000, model_latency_ms=0, max_concurrent_jobs=100, stream=False
     ),
 }
 
