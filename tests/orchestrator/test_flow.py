@@ -355,15 +355,18 @@ async def test_a_message_that_breaks_its_batch_is_retried_alone(start, bus, monk
 async def test_two_users_first_jobs_on_one_new_canvas_in_one_batch_give_it_to_one(start):
     service = await start()
     canvas_id = f"canvas-{uuid4().hex[:8]}"
+    # Bob's job id sorts first (the order job rows are locked in); Alice's request
+    # comes first.
+    bobs_id, alices_id = sorted([uuid4(), uuid4()])
     requests = [
         Envelope.wrap(
             JobRequested(query="a login flowchart", canvas_id=canvas_id, priority=5),
             correlation_id=f"req-{user}",
-            job_id=uuid4(),
+            job_id=job_id,
             user_id=user,
             canvas_id=canvas_id,
         )
-        for user in ("alice", "bob")
+        for user, job_id in (("alice", alices_id), ("bob", bobs_id))
     ]
 
     outcomes = await asyncio.gather(*(service.handler.handle_envelope(r) for r in requests))
@@ -376,6 +379,12 @@ async def test_two_users_first_jobs_on_one_new_canvas_in_one_batch_give_it_to_on
         assert row is not None
         statuses[request.user_id] = (row["status"], row["error_message"])
     assert statuses == {"alice": ("queued", None), "bob": ("failed", "canvas not found")}
+    owner = await service.database.pool.fetchval(
+        "SELECT user_id FROM canvases WHERE id = $1", canvas_id
+    )
+    assert owner == "alice"
+    # The store tells the same story: replayed in position order, Alice's job comes first.
+    await rebuild(service.database.pool)
     owner = await service.database.pool.fetchval(
         "SELECT user_id FROM canvases WHERE id = $1", canvas_id
     )

@@ -315,7 +315,14 @@ class Handler:
                     )
                     state = domain.evolve(state, decided)
                 job.state = state
-            changed = [job_id for job_id in job_ids if jobs[job_id].envelopes]
+            # Recorded in the order the jobs' first messages came (which is the order
+            # they were decided in), so that positions tell the same story: the first job
+            # on a new canvas is the one that owns it, on replay too.
+            changed = [
+                job_id
+                for job_id in dict.fromkeys(item.job_id for item in batch)
+                if jobs[job_id].envelopes
+            ]
             # Read models first: every append waits for the one before it to commit (the
             # position lock), so only the append itself and the commit are spent there.
             for job_id in changed:
