@@ -235,8 +235,13 @@ class Handler:
                     await self._run(part)
                 return
         else:
-            jobs = ", ".join(sorted({str(item.job_id) for item in batch}))
-            message = f"streams kept changing under {MAX_CONFLICT_RETRIES} tries ({jobs})"
+            jobs = {item.job_id for item in batch}
+            if len(jobs) > 1:
+                # Only the messages of the job whose stream keeps moving go to retries.
+                for part in _split(batch):
+                    await self._run(part)
+                return
+            message = f"stream {jobs.pop()} kept changing under {MAX_CONFLICT_RETRIES} tries"
             _settle_all(batch, _KeptChanging(message))
             return
         self._metrics.batch_messages.observe(len(batch))
