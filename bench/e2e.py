@@ -31,14 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import asyncpg
 import httpx
 import websockets
 
-from canvas_events.topology import Topology
-from tests.conftest import delete_topology
-from tests.support.env import amqp_url, database_url
-from tests.support.system import System
+from tests.support.env import amqp_url
+from tests.support.system import System, running_system
 
 RESULTS = Path(__file__).parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -349,31 +346,25 @@ def start_profilers(system: System, names: list[str], scenario: str) -> list[Any
     return procs
 
 
+def _cpu_only(ticks: int, jobs: int) -> dict[str, Any]:
+    """A process row with CPU per job only (not one of the system's own processes)."""
+    cpu_ms_per_job = round(ticks / CLK_TCK * 1000 / jobs, 3)
+    return {"rss_idle_mb": None, "rss_peak_mb": None, "cpu_ms_per_job": cpu_ms_per_job}
+
+
 async def run_scenario(
     scenario: Scenario, log_dir: Path, profile: list[str] | None = None
 ) -> dict[str, Any]:
-    name = f"cj_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(database_url("postgres"))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    prefix = f"b{uuid.uuid4().hex[:10]}"
-    system = System(
-        database_url(name),
-        amqp_url(),
-        prefix,
-        log_dir,
-        extra_env={
-            "FAKE_OPENAI_DELAY_MS": str(scenario.model_latency_ms),
-            "MAX_CONCURRENT_JOBS": str(scenario.max_concurrent_jobs),
-            "MAX_ACTIVE_JOBS_PER_USER": str(scenario.jobs + 10),
-            "OPENAI_TIMEOUT_SECONDS": "60",
-            "MAX_JOB_RETRIES": "3",
-            "OPENAI_STREAM": "true" if scenario.stream else "false",
-        },
-    )
+    env = {
+        "FAKE_OPENAI_DELAY_MS": str(scenario.model_latency_ms),
+        "MAX_CONCURRENT_JOBS": str(scenario.max_concurrent_jobs),
+        "MAX_ACTIVE_JOBS_PER_USER": str(scenario.jobs + 10),
+        "OPENAI_TIMEOUT_SECONDS": "60",
+        "MAX_JOB_RETRIES": "3",
+        "OPENAI_STREAM": "true" if scenario.stream else "false",
+    }
     run = Run(scenario)
-    try:
-        await system.start()
+    async with running_system(log_dir, label="bench", extra_env=env) as system:
         await asyncio.sleep(1.0)  # settle: idle memory after start-up
         for pname, proc in system.processes.items():
             assert proc.process is not None
@@ -400,33 +391,16 @@ async def run_scenario(
             run.processes[pname].cpu_ticks_after = _cpu_ticks(pid)
         result = summarise(run, reference)
         for pname, before in infra_before.items():
-            result["processes"][pname] = {
-                "rss_idle_mb": None,
-                "rss_peak_mb": None,
-                "cpu_ms_per_job": round(
-                    (infra_after[pname] - before) / CLK_TCK * 1000 / scenario.jobs, 3
-                ),
-            }
+            result["processes"][pname] = _cpu_only(infra_after[pname] - before, scenario.jobs)
+        result["processes"]["bench (clients)"] = _cpu_only(
+            bench_after - bench_before, scenario.jobs
+        )
         result["orchestrator"] = await orchestrator_figures(system)
         busy = machine_after[0] - machine_before[0]
         result["machine_busy_pct"] = round(
             100 * busy / max(1, machine_after[1] - machine_before[1]), 1
         )
-        result["processes"]["bench (clients)"] = {
-            "rss_idle_mb": None,
-            "rss_peak_mb": None,
-            "cpu_ms_per_job": round(
-                (bench_after - bench_before) / CLK_TCK * 1000 / scenario.jobs, 3
-            ),
-        }
         return result
-    finally:
-        system.stop()
-        with contextlib.suppress(Exception):
-            await delete_topology(amqp_url(), Topology(prefix))
-        admin = await asyncpg.connect(database_url("postgres"))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def print_table(results: list[dict[str, Any]]) -> None:

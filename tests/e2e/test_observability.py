@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,9 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from canvas_events.auth import mint_token
 from canvas_events.topology import Topology
-from tests.conftest import delete_topology
-from tests.support.env import amqp_url, database_url
-from tests.support.system import System
+from tests.support.env import database_url
+from tests.support.system import System, running_system
 
 pytestmark = pytest.mark.e2e
 
@@ -72,31 +70,6 @@ def with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{host}"))
-
-
-@contextlib.asynccontextmanager
-async def running_system(log_dir: Path, database: str, **env: str) -> AsyncIterator[System]:
-    """The four services and the stand-in model on database ``database`` (a URL; the
-    database in it is created and dropped here) and a topology prefix of their own."""
-    name = urlsplit(database).path.lstrip("/")
-    admin = await asyncpg.connect(database_url("postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    prefix = f"o{uuid.uuid4().hex[:10]}"
-    system = System(database, amqp_url(), prefix, log_dir, extra_env=env)
-    try:
-        await system.start()
-        yield system
-    finally:
-        system.stop()
-        await delete_topology(amqp_url(), Topology(prefix))
-        admin = await asyncpg.connect(database_url("postgres"))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def new_database_url() -> str:
@@ -262,7 +235,12 @@ async def run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run]:
     jobs = {name: Job(name, case, f"obs-{name}-{tag}") for name, case in CASES.items()}
     async with contextlib.AsyncExitStack() as stack:
         system = await stack.enter_async_context(
-            running_system(tmp_path_factory.mktemp("observed-logs"), base, **env)
+            running_system(
+                tmp_path_factory.mktemp("observed-logs"),
+                label="obs",
+                extra_env=env,
+                database=base,
+            )
         )
         user_token = mint_token(f"observer-{tag}", secrets.jwt_secret)
         admin_token = mint_token(f"operator-{tag}", secrets.jwt_secret, admin=True)
@@ -663,7 +641,9 @@ async def stopped(system: System, process: str) -> AsyncIterator[None]:
 @pytest.fixture(scope="class")
 async def health_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
     log_dir = tmp_path_factory.mktemp("health-logs")
-    async with running_system(log_dir, new_database_url(), HEALTH_QUEUED_AGE_SECONDS="1") as system:
+    async with running_system(
+        log_dir, label="health", extra_env={"HEALTH_QUEUED_AGE_SECONDS": "1"}
+    ) as system:
         yield system
 
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -129,22 +130,29 @@ class System:
 
 @contextlib.asynccontextmanager
 async def running_system(
-    log_dir: Path, *, label: str, extra_env: dict[str, str] | None = None
+    log_dir: Path,
+    *,
+    label: str,
+    extra_env: dict[str, str] | None = None,
+    database: str | None = None,
 ) -> AsyncIterator[System]:
     """A whole system on a database and topology prefix of its own, started and ready;
-    stopped, and both removed, afterwards (a module fixture's body)."""
+    stopped, and both removed, afterwards (a module fixture's body). ``database`` is the
+    URL the services get (its database is created and dropped here, e.g. one with a
+    password in it); by default a new one named after ``label``."""
     from canvas_events.topology import Topology
     from tests.conftest import delete_topology
     from tests.support.env import amqp_url, database_url
 
-    name = f"cj_{label}_{uuid.uuid4().hex[:12]}"
+    url = database or database_url(f"cj_{label}_{uuid.uuid4().hex[:12]}")
+    name = urlsplit(url).path.lstrip("/")
     admin = await asyncpg.connect(database_url("postgres"))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     prefix = f"{label[:1]}{uuid.uuid4().hex[:10]}"
-    running = System(database_url(name), amqp_url(), prefix, log_dir, extra_env=extra_env or {})
+    running = System(url, amqp_url(), prefix, log_dir, extra_env=extra_env or {})
     try:
         await running.start()
         yield running
