@@ -42,9 +42,10 @@ def _with_database(server_url: str, name: str) -> str:
 @pytest.fixture
 async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
     """Starts a system: ``await make_system(database_server=..., amqp=..., replicas=[(kind,
-    name)], SETTING=value, ...)``; stops it, deletes its queues and drops its database
-    afterwards. Request it after any private server fixture, so that it is torn down
-    first (pytest tears fixtures down in the reverse order of their setup)."""
+    name)], env_of={process: {SETTING: value}}, SETTING=value, ...)``; stops it, deletes
+    its queues and drops its database afterwards. Request it after any private server
+    fixture, so that it is torn down first (pytest tears fixtures down in the reverse
+    order of their setup)."""
     made: list[tuple[System, str, str]] = []
 
     async def make(
@@ -52,6 +53,7 @@ async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
         database_server: str | None = None,
         amqp: str | None = None,
         replicas: Sequence[tuple[str, str]] = (),
+        env_of: dict[str, dict[str, str]] | None = None,
         **settings: str | int | float,
     ) -> System:
         server = database_server or database_url("postgres")
@@ -73,6 +75,10 @@ async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
         )
         for kind, replica in replicas:
             system.add_replica(kind, replica)
+        # Settings of one process only (a proxy in front of one replica's broker, say).
+        for process_name, overrides in (env_of or {}).items():
+            process = system.processes[process_name]
+            process.env = {**process.env, **overrides}
         made.append((system, server, name))
         await system.start()
         return system

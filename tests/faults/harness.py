@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import aio_pika
 import asyncpg
 import httpx
 import websockets
 
+from canvas_events.topology import Topology
 from tests.support.processes import ServiceProcess
 from tests.support.system import JWT_SECRET, OPENAI_KEY, System
 from tests.support.waiting import eventually as eventually  # re-exported for the tests
@@ -151,6 +153,11 @@ class Client:
         assert answer.status_code == 200, answer.text
         return list(answer.json()["events"])
 
+    async def cancel(self, job_id: str) -> int:
+        """``POST /job/{id}/cancel``; its status code."""
+        answer = await self.http.post(f"/api/ai-agent/job/{job_id}/cancel")
+        return answer.status_code
+
     async def objects(self, canvas_id: str) -> list[dict[str, Any]]:
         """The canvas's objects, as ``GET /api/canvas/{id}/objects`` gives them."""
         answer = await self.http.get(f"/api/canvas/{canvas_id}/objects")
@@ -251,11 +258,12 @@ async def _object_rows(database_url: str) -> dict[str, tuple[int, int]]:
 def attempt_problems(events: Sequence[dict[str, Any]]) -> list[str]:
     """What breaks "one attempt at a time" in a job's history: each GenerationRequested
     numbers its attempt one above the last; a new attempt is requested only after the
-    previous one has its result; an attempt starts at most once and has at most one
-    result; results belong to an attempt that was requested."""
+    previous one has its result; each run of an attempt starts at most once (a second
+    run is recorded only when it takes the attempt over, see :func:`run_problems`), and
+    an attempt has at most one result; results belong to an attempt that was requested."""
     problems = []
     requested: dict[str, int] = {}
-    started: Counter[str] = Counter()
+    started: Counter[tuple[str, str | None]] = Counter()
     results: Counter[str] = Counter()
     current: str | None = None
     for event in events:
@@ -270,17 +278,43 @@ def attempt_problems(events: Sequence[dict[str, Any]]) -> list[str]:
             requested[attempt_id] = number
             current = attempt_id
         elif kind == "GenerationStarted":
-            started[attempt_id] += 1
+            started[(attempt_id, data.get("run_id"))] += 1
         elif kind in RESULT_TYPES:
             results[attempt_id] += 1
-    for attempt_id, count in started.items():
+    for (attempt_id, run_id), count in started.items():
         if count > 1:
-            problems.append(f"attempt {attempt_id} started {count} times")
+            problems.append(f"run {run_id} of attempt {attempt_id} started {count} times")
     for attempt_id, count in results.items():
         if count > 1:
             problems.append(f"attempt {attempt_id} has {count} results")
         if attempt_id not in requested:
             problems.append(f"result of an attempt never requested: {attempt_id}")
+    return problems
+
+
+def run_problems(events: Sequence[dict[str, Any]]) -> list[str]:
+    """What breaks "only an attempt's newest run counts" in a job's history: every
+    GenerationStarted, GenerationProgressed and result a generator sent names its run
+    (``run_id``), and each progress or result belongs to the newest run of its attempt
+    started so far. (A GenerationFailed for an expired lease is the orchestrator's own,
+    of no run.)"""
+    problems = []
+    newest: dict[str, str] = {}
+    for event in events:
+        kind, data = event["type"], event["data"]
+        if kind not in {"GenerationStarted", "GenerationProgressed", *RESULT_TYPES}:
+            continue
+        if data.get("kind") == "lease_expired":
+            continue
+        attempt_id, run_id = data.get("attempt_id"), data.get("run_id")
+        if not run_id:
+            problems.append(f"{kind} of attempt {attempt_id} names no run")
+        elif kind == "GenerationStarted":
+            newest[attempt_id] = run_id
+        elif newest.setdefault(attempt_id, run_id) != run_id:
+            problems.append(
+                f"{kind} of run {run_id} recorded after run {newest[attempt_id]} took over"
+            )
     return problems
 
 
@@ -298,6 +332,45 @@ def figures(scenario: str, outcome: Outcome, *, faults: int, **extra: object) ->
     line = f"fault {scenario}: {' '.join(parts)}"
     print(line, flush=True)
     return line
+
+
+async def model_calls(system: System) -> dict[str, int]:
+    """How often the stand-in model was called with each prompt (a job's query)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        answer = await http.get(f"{system.fake_openai_url}/_fake/calls")
+    answer.raise_for_status()
+    return dict(answer.json())
+
+
+async def model_stats(system: System) -> dict[str, Any]:
+    """The stand-in model's counters (``calls``, ``abandoned``, ``in_flight``, ...)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        answer = await http.get(f"{system.fake_openai_url}/_fake/stats")
+    answer.raise_for_status()
+    return dict(answer.json())
+
+
+def calls_of(calls: dict[str, int], text: str) -> int:
+    """The model calls whose prompt was ``text`` (a :func:`query`)."""
+    # The generator sends the query as the user message, cleaned of surrounding space.
+    return calls.get(text.strip(), 0)
+
+
+async def dead_letters(system: System) -> dict[str, int]:
+    """Messages waiting in each of the system's dead-letter queues."""
+    connection = await aio_pika.connect(system.amqp_url)
+    counts: dict[str, int] = {}
+    async with connection:
+        for name in Topology(system.prefix).dead_letter_queues:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                counts[name] = 0  # never declared: nothing was dead-lettered there
+                continue
+            counts[name] = queue.declaration_result.message_count or 0
+            await channel.close()
+    return counts
 
 
 async def wait_in_flight(system: System, *, at_least: int, timeout: float = 20) -> int:

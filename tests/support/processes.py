@@ -74,6 +74,7 @@ class ServiceProcess:
         """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
+        self.thaw()  # a frozen process would take SIGTERM only once it runs again
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout)
@@ -86,6 +87,23 @@ class ServiceProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process stops dead, its connections stay open (a paused VM, a
+        long GC pause); nothing tells its peers."""
+        assert self.process is not None and self.process.poll() is None
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: a frozen process runs on from where it stopped."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
+    @property
+    def pid(self) -> int:
+        """The running process's id."""
+        assert self.process is not None
+        return self.process.pid
 
     def log_lines(self) -> list[dict[str, Any]]:
         """Every log line so far, parsed; a line that is not JSON fails the test."""

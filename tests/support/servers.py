@@ -27,6 +27,8 @@ from tests.support.processes import free_port
 # switches to the rabbitmq user and its home, which a private node must not share.
 _RABBITMQ_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/lib/rabbitmq/bin")
 _POSTGRES_GLOB = "/usr/lib/postgresql/*/bin"
+# In rabbitmqctl's listing of a connection's client properties.
+_CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
 
 
 def _rabbitmq_bin() -> Path:
@@ -173,6 +175,39 @@ class PrivateRabbitMQ:
             if len(parts) == 3:
                 queues[parts[0]] = (int(parts[1]), int(parts[2]))
         return queues
+
+    def connections(self) -> dict[str, str]:
+        """{connection process id: the client's connection_name} of every connection."""
+        result = self.ctl(
+            "list_connections", "-q", "--no-table-headers", "pid", "client_properties"
+        )
+        assert result.returncode == 0, result.stderr
+        found = {}
+        for line in result.stdout.splitlines():
+            pid, _, properties = line.partition("\t")
+            name = _CONNECTION_NAME.search(properties)
+            found[pid] = name.group(1) if name else ""
+        return found
+
+    def close_connections(self, named: str = "", reason: str = "closed by a fault test") -> int:
+        """Close, as an operator does from the management UI ("force close"), every
+        connection whose connection_name contains ``named`` (all by default); how many."""
+        closed = 0
+        for pid, name in self.connections().items():
+            if named in name:
+                # A connection that went meanwhile is no failure.
+                self.ctl("close_connection", pid, reason)
+                closed += 1
+        return closed
+
+    def delete_queues(self) -> list[str]:
+        """Delete every queue of the node, exclusive ones included, as an operator can
+        from the management UI; the names deleted."""
+        names = list(self.queues())
+        for name in names:
+            result = self.ctl("delete_queue", name)
+            assert result.returncode == 0, result.stderr
+        return names
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.dir / "server.log"

@@ -20,7 +20,8 @@ Endpoints:
   ``max_in_flight`` (most chat calls served at once), ``abandoned`` (calls whose client
   hung up before the answer was complete, streamed or not: an aborted call shows here).
   ``DELETE /_fake/stats`` resets them. ``GET /_fake/requests``: the last 50 request
-  bodies received.
+  bodies received. ``GET /_fake/calls``: chat calls by user message since start (or the
+  last reset), so that a test can tell how often each job's prompt reached the model.
 - ``PUT /_fake/gates/NAME``: open gate NAME (see ``gate`` below), for the streams
   waiting at it now and for those that reach it later.
 
@@ -240,6 +241,8 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     abandoned: int = 0
+    # Chat calls by user message (each test job's prompt is its own).
+    by_prompt: Counter[str] = field(default_factory=Counter)
 
     def enter(self) -> None:
         """A chat call begins."""
@@ -642,6 +645,10 @@ def create_app(model: FakeModel) -> FastAPI:
         model.stats.in_flight = in_flight
         return model.stats.public()
 
+    @app.get("/_fake/calls")
+    async def get_calls() -> dict[str, int]:
+        return dict(model.stats.by_prompt)
+
     @app.put("/_fake/gates/{name}")
     async def open_gate(name: str) -> dict[str, Any]:
         model.gate(name).set()
@@ -680,6 +687,7 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
     assert isinstance(body, dict)
     model.requests.append(body)
     user_text = _user_text(messages)
+    model.stats.by_prompt[user_text] += 1
     directives, topic = parse_directives(user_text)
     if directives.first is not None:
         model.calls_of[user_text] += 1
