@@ -198,6 +198,81 @@ def test_progress_is_recorded_once_per_object_index():
     assert decide(state, second) == [second]
 
 
+# -- runs of one attempt -----------------------------------------------------------------
+
+RUN_A = UUID("00000000-0000-4000-8000-00000000000a")
+RUN_B = UUID("00000000-0000-4000-8000-00000000000b")
+
+
+def _run_started(state: JobState, run_id: UUID) -> GenerationStarted:
+    return _started(state).model_copy(update={"run_id": run_id})
+
+
+def _progress(state: JobState, index: int, run_id: UUID) -> GenerationProgressed:
+    assert state.attempt_id is not None
+    return GenerationProgressed(
+        attempt_id=state.attempt_id, index=index, object=OBJECTS[0], run_id=run_id
+    )
+
+
+def test_start_of_another_run_takes_the_running_attempt_over_with_a_new_lease():
+    state = requested()
+    state = apply(state, decide(state, _run_started(state, RUN_A)))
+    state = apply(state, decide(state, _progress(state, 0, RUN_A)))
+
+    later = NOW + timedelta(seconds=30)
+    events = decide(state, _run_started(state, RUN_B), now=later)
+
+    assert len(events) == 1
+    assert events[0].lease_expires_at == later + timedelta(seconds=180)  # type: ignore[attr-defined]
+    state = apply(state, events)
+    assert state.run_id == RUN_B
+    assert state.progressed == frozenset()  # the new run draws from index 0 again
+    # The same run starting again (a redelivered start) changes nothing.
+    assert decide(state, _run_started(state, RUN_B)) == []
+
+
+def test_progress_and_results_of_a_run_taken_over_are_not_recorded():
+    state = requested()
+    state = apply(state, decide(state, _run_started(state, RUN_A)))
+    state = apply(state, decide(state, _run_started(state, RUN_B)))
+
+    assert decide(state, _progress(state, 0, RUN_A)) == []
+    old = _succeeded(state.attempt_id).model_copy(update={"run_id": RUN_A})
+    assert decide(state, old) == []
+    assert domain.ignored_because(state, old) == (
+        "from a run of the attempt that another run took over"
+    )
+    failure = _failed(state.attempt_id, retryable=True).model_copy(update={"run_id": RUN_A})
+    assert decide(state, failure) == []
+    newest = _succeeded(state.attempt_id).model_copy(update={"run_id": RUN_B})
+    assert [e.type_name() for e in decide(state, newest)] == ["GenerationSucceeded", "JobCompleted"]
+
+
+def test_progress_before_its_start_pins_its_run_and_the_start_then_keeps_it():
+    state = requested()
+    state = apply(state, decide(state, _progress(state, 0, RUN_A)))
+    assert state.run_id == RUN_A
+
+    state = apply(state, decide(state, _run_started(state, RUN_A)))
+
+    assert state.status is JobStatus.PROCESSING
+    assert state.progressed == frozenset({0})
+    assert decide(state, _progress(state, 0, RUN_A)) == []
+
+
+def test_an_expired_lease_fails_the_attempt_whichever_run_holds_it():
+    state = requested()
+    state = apply(state, decide(state, _run_started(state, RUN_A)))
+    assert state.lease_expires_at is not None
+
+    events = domain.lease_expired(
+        state, now=state.lease_expires_at + timedelta(seconds=1), policy=POLICY
+    )
+
+    assert [e.type_name() for e in events] == ["GenerationFailed", "JobRetryScheduled"]
+
+
 def test_progress_of_a_superseded_attempt_records_nothing():
     state = started()
     event = GenerationProgressed(attempt_id=uuid4(), index=0, object=OBJECTS[0])
@@ -453,6 +528,17 @@ def test_cancel_of_a_job_that_has_not_ended_cancels_it(setup: str):
     assert after.status is JobStatus.CANCELLED
     assert after.lease_expires_at is None
     assert after.next_attempt_at is None
+
+
+def test_a_request_whose_cancel_came_first_is_recorded_cancelled_with_no_attempt():
+    cancel = JobCancelRequested(reason="changed my mind")
+
+    events = decide(JobState(job_id=JOB_ID), REQUEST, cancelled_first=cancel)
+
+    assert events == [REQUEST, cancel, JobCancelled(reason="changed my mind")]
+    state = apply(JobState(job_id=JOB_ID), events)
+    assert state.status is JobStatus.CANCELLED
+    assert state.attempt_id is None
 
 
 def test_cancel_of_an_unknown_job_records_nothing():

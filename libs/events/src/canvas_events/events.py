@@ -78,25 +78,36 @@ class GenerationStarted(Event):
     """A generator took the attempt and is calling the model.
 
     ``lease_expires_at`` is None as the generator publishes it; the orchestrator's
-    recorded copy sets it: the running attempt must end by then.
+    recorded copy sets it: the running attempt must end by then. ``run_id`` names this
+    run of the attempt: an attempt handed out again (its generator's connection dropped)
+    may run twice, and only its newest run's progress and result count. Schema 2 added
+    it; events of schema 1 name no run.
     """
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     attempt_id: UUID
     model: str
     generator_id: str
     lease_expires_at: datetime | None = None
+    run_id: UUID | None = None
 
 
 class GenerationProgressed(Event):
     """The model has written one more valid object (streamed before completion)."""
 
+    SCHEMA_VERSION: ClassVar[int] = 2
+
     attempt_id: UUID
     index: int = Field(ge=0)
     object: dict[str, Any]
+    run_id: UUID | None = None
 
 
 class GenerationSucceeded(Event):
     """The model answered with at least one valid object."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     attempt_id: UUID
     objects: list[dict[str, Any]] = Field(min_length=1)
@@ -104,16 +115,21 @@ class GenerationSucceeded(Event):
     model: str
     usage: dict[str, int] = Field(default_factory=dict)
     latency_ms: int = Field(ge=0)
+    run_id: UUID | None = None
 
 
 class GenerationFailed(Event):
-    """The attempt failed; ``retryable`` says whether another attempt may succeed."""
+    """The attempt failed; ``retryable`` says whether another attempt may succeed. The
+    orchestrator's own verdict on an expired lease names no run."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     attempt_id: UUID
     error: str
     kind: str
     retryable: bool
     retry_after_seconds: float | None = None
+    run_id: UUID | None = None
 
 
 class JobRetryScheduled(Event):
@@ -184,6 +200,20 @@ def register_upcaster(type_name: str, from_version: int) -> Callable[[Upcaster],
         return fn
 
     return register
+
+
+def _no_run(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 of the generation events named no run (``run_id`` None)."""
+    return data
+
+
+for _type in (
+    "GenerationStarted",
+    "GenerationProgressed",
+    "GenerationSucceeded",
+    "GenerationFailed",
+):
+    register_upcaster(_type, 1)(_no_run)
 
 
 def event_class(envelope: Envelope) -> type[Event]:

@@ -34,6 +34,11 @@ GENERATIONS_CANCELLED = Counter(
     "canvas_generation_cancelled_total",
     "Attempts aborted during their model call because their job was cancelled.",
 )
+GENERATIONS_ADOPTED = Counter(
+    "canvas_generation_adopted_total",
+    "Attempts handed out again (a connection blip) while this process still ran them: "
+    "the run in hand was adopted, the model not called twice.",
+)
 GENERATIONS_SKIPPED = Counter(
     "canvas_generation_skipped_total",
     "Attempts taken from the work queue and dropped before any model call, by reason.",

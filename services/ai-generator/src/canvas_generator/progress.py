@@ -30,10 +30,13 @@ class Progress:
     GenerationSucceeded must carry.
     """
 
-    def __init__(self, publish: Publish, request: Envelope, attempt_id: UUID) -> None:
+    def __init__(
+        self, publish: Publish, request: Envelope, attempt_id: UUID, run_id: UUID | None = None
+    ) -> None:
         self._publish = publish
         self._request = request
         self._attempt_id = attempt_id
+        self._run_id = run_id
         # None ends the publishing task (drain); unbounded, as a reply holds at most a
         # few hundred objects.
         self._queue: asyncio.Queue[tuple[Envelope, float] | None] = asyncio.Queue()
@@ -49,7 +52,9 @@ class Progress:
         if index != len(self.objects):
             raise ValueError(f"progress index {index} out of order: {len(self.objects)} expected")
         self.objects.append(obj)
-        event = GenerationProgressed(attempt_id=self._attempt_id, index=index, object=obj)
+        event = GenerationProgressed(
+            attempt_id=self._attempt_id, index=index, object=obj, run_id=self._run_id
+        )
         self._queue.put_nowait((self._request.follow(event), time.perf_counter()))
         if self._task is None:
             self._task = asyncio.create_task(self._work(), name=f"progress-{self._attempt_id}")

@@ -64,6 +64,7 @@ class Service:
     async def stop(self) -> None:
         """Take no new work, let the attempts in flight finish, close the connections."""
         await self.broker.stop(drain_timeout=self.settings.shutdown_grace_seconds)
+        await self.worker.stop()
         await self.client.aclose()
         await self.checker.aclose()
 

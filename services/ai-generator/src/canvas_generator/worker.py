@@ -18,10 +18,19 @@ For each attempt taken from the work queue:
    than its stream fails the attempt (retryable), and so does a stream cut off midway,
    whatever it streamed before.
 
-A work message is acked only after its result was confirmed by the broker; if a
-publish fails the handler raises (a ConnectionError), and the broker hands the work
-out again. A second run of the same attempt is harmless: the orchestrator records an
-attempt's result once.
+A work message is acked only after its result was confirmed by the broker. Each run of
+an attempt has an id of its own (``run_id``, in every event it publishes) and runs in a
+task of its own, apart from the delivery that started it:
+
+- a connection blip (the broker closed the connection, a network hiccup) costs the
+  delivery, not the run: the broker hands the attempt out again, and when it comes back
+  to this process while the run is still going, the new delivery adopts the run (waits
+  for it and is acked with it) instead of calling the model a second time;
+- the run's publishes wait for the broker to come back (up to ``publish_retry_seconds``)
+  rather than fail at the first refusal; a publish repeated after a refusal carries the
+  same event id, which the orchestrator records once;
+- when the attempt went to another process meanwhile, both run; the orchestrator counts
+  only the newest run's progress and result (the other run is fenced off by its run id).
 
 Priority: the work queue is a classic queue with ``x-max-priority`` and the relay
 publishes each GenerationRequested with the job's priority, so the broker hands out the
@@ -35,11 +44,12 @@ wait inside the process, out of the broker's priority order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -63,6 +73,7 @@ from canvas_generator.metrics import (
     FIRST_OBJECT_SECONDS,
     GENERATED_OBJECTS,
     GENERATION_ATTEMPT_SECONDS,
+    GENERATIONS_ADOPTED,
     GENERATIONS_CANCELLED,
     GENERATIONS_IN_FLIGHT,
     GENERATIONS_SKIPPED,
@@ -92,6 +103,7 @@ class Worker:
         cancellations: Cancellations | None = None,
         checker: AttemptChecker | None = None,
         clock: Callable[[], datetime] = utcnow,
+        publish_retry_seconds: float = 30.0,
     ) -> None:
         self._broker = broker
         self._client = client
@@ -105,6 +117,10 @@ class Worker:
         # None: no orchestrator to ask (the other checks still apply).
         self._checker = checker
         self._clock = clock
+        self._publish_retry_seconds = publish_retry_seconds
+        # The runs in this process, by attempt id: a delivery of an attempt that is
+        # running here already adopts its run.
+        self._runs: dict[UUID, asyncio.Task[None]] = {}
 
     def consumer(self) -> Consumer:
         """The work queue's consumer: ``prefetch`` attempts at once, each in its own task
@@ -125,14 +141,45 @@ class Worker:
             return ACK
         structlog.contextvars.bind_contextvars(attempt_id=str(event.attempt_id))
         try:
-            if await self._skipped(
+            run = self._runs.get(event.attempt_id)
+            if run is not None:
+                GENERATIONS_ADOPTED.inc()
+                log.info("attempt handed out again while it runs here; adopting the run")
+            elif await self._skipped(
                 envelope.job_id, event, self._may_predate_control(envelope, message)
             ):
                 return ACK
-            await self._run(envelope, event)
+            else:
+                run = self._start_run(envelope, event)
+            # Shielded: this delivery may be lost with its channel (the broker then hands
+            # the attempt out again), the run goes on and the next delivery adopts it.
+            await asyncio.shield(run)
         finally:
             structlog.contextvars.unbind_contextvars("attempt_id")
         return ACK
+
+    def _start_run(self, envelope: Envelope, event: GenerationRequested) -> asyncio.Task[None]:
+        run = asyncio.create_task(self._run(envelope, event), name=f"run-{event.attempt_id}")
+        self._runs[event.attempt_id] = run
+
+        def forget(task: asyncio.Task[None]) -> None:
+            if self._runs.get(event.attempt_id) is task:
+                del self._runs[event.attempt_id]
+            if not task.cancelled():
+                task.exception()  # its deliveries raise it; retrieved even when none is left
+
+        run.add_done_callback(forget)
+        return run
+
+    async def stop(self) -> None:
+        """Cancel the runs still going once the broker has stopped: no delivery waits for
+        them any more (theirs went with a connection, and the broker hands their
+        attempts to another generator), and they could publish nothing."""
+        runs = set(self._runs.values())
+        for run in runs:
+            run.cancel()
+        if runs:
+            await asyncio.wait(runs)
 
     def _may_predate_control(self, envelope: Envelope, message: AbstractIncomingMessage) -> bool:
         """Whether a cancel of this attempt's job may have been broadcast before this
@@ -173,9 +220,12 @@ class Worker:
         GENERATIONS_IN_FLIGHT.inc()
         started = time.perf_counter()
         outcome = "failed"
+        run_id = uuid4()
         # Only a streamed reply has objects to show before it ends.
         progress = (
-            Progress(self._publish, envelope, event.attempt_id) if self._client.stream else None
+            Progress(self._publish, envelope, event.attempt_id, run_id)
+            if self._client.stream
+            else None
         )
         try:
             await self._publish(
@@ -184,12 +234,14 @@ class Worker:
                         attempt_id=event.attempt_id,
                         model=self._client.model,
                         generator_id=self.generator_id,
+                        run_id=run_id,
                     )
                 )
             )
             log.info(
                 "attempt started",
                 attempt=event.attempt,
+                run_id=str(run_id),
                 model=self._client.model,
                 generator_id=self.generator_id,
                 lease_expires_at=event.lease_expires_at.isoformat(),
@@ -206,7 +258,7 @@ class Worker:
                 # The result after every progress event of its attempt, also a failure's:
                 # the job's history then reads in the order things happened.
                 await progress.drain()
-            await self._publish(envelope.follow(result))
+            await self._publish(envelope.follow(result.model_copy(update={"run_id": run_id})))
             outcome = "succeeded" if isinstance(result, GenerationSucceeded) else "failed"
         finally:
             if progress is not None:
@@ -307,7 +359,22 @@ class Worker:
         )
 
     async def _publish(self, envelope: Envelope) -> None:
-        await self._broker.publish(envelope, routing_key(GENERATOR, envelope.type))
+        """Publish with the broker's confirm; while the broker refuses (a connection
+        blip), wait for it and publish the same envelope again, for up to
+        ``publish_retry_seconds`` (then raise the :class:`PublishError`)."""
+        deadline = time.monotonic() + self._publish_retry_seconds
+        while True:
+            try:
+                await self._broker.publish(envelope, routing_key(GENERATOR, envelope.type))
+                return
+            except PublishError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            # Reconnected (or not, within the time left): try again either way.
+            with contextlib.suppress(TimeoutError):
+                await self._broker.wait_connected(min(left, 1.0))
+            await asyncio.sleep(0.05)
 
 
 class _Reader:

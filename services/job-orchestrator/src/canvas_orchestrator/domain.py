@@ -5,6 +5,12 @@ An empty decision is normal: a duplicate, the result of an attempt that was supe
 (its lease expired, or the job was cancelled), anything after a final state. Time and
 new ids come in as arguments, so every transition is a plain function call in tests.
 
+An attempt may run more than once: handed out again when its generator's connection
+dropped, it can run in two processes at a time. Each run names itself (``run_id``) in
+what it sends; a GenerationStarted of another run takes the attempt over, and from then
+on only that newest run's progress and result count (a fence, as leases with tokens
+have): two runs never mix in a job's history.
+
     queued ──▶ processing ──▶ completed
       │  ▲         │
       │  └─ retry_scheduled ◀─┤ (retryable failure, retries left; or lease expired)
@@ -114,8 +120,10 @@ class JobState:
     attempt_id: UUID | None = None
     lease_expires_at: datetime | None = None
     next_attempt_at: datetime | None = None
-    # Object indexes the current attempt has streamed, so a repeat is not recorded twice.
+    # Object indexes the current run has streamed, so a repeat is not recorded twice.
     progressed: frozenset[int] = frozenset()
+    # The run of the current attempt whose events count (None: none known yet).
+    run_id: UUID | None = None
 
     @property
     def exists(self) -> bool:
@@ -130,6 +138,12 @@ class JobState:
     def is_current(self, attempt_id: UUID) -> bool:
         """Whether ``attempt_id`` is the attempt the job waits for."""
         return self.attempt_id == attempt_id
+
+    def counts(self, run_id: UUID | None) -> bool:
+        """Whether an event of run ``run_id`` of the current attempt counts: it is the
+        newest run, or no run is known yet on either side (the first event of a run
+        pins it; the orchestrator's own verdicts name no run)."""
+        return run_id is None or self.run_id is None or run_id == self.run_id
 
 
 def evolve(state: JobState, event: Event) -> JobState:
@@ -159,15 +173,24 @@ def evolve(state: JobState, event: Event) -> JobState:
                 attempt_id=event.attempt_id,
                 lease_expires_at=event.lease_expires_at,
                 progressed=frozenset(),
+                run_id=None,
             )
         case GenerationStarted():
+            # Another run taking the attempt over starts its objects from index 0.
+            taken_over = state.run_id is not None and event.run_id != state.run_id
             return replace(
                 state,
                 status=JobStatus.PROCESSING,
                 lease_expires_at=event.lease_expires_at or state.lease_expires_at,
+                run_id=event.run_id if event.run_id is not None else state.run_id,
+                progressed=frozenset() if taken_over else state.progressed,
             )
         case GenerationProgressed():
-            return replace(state, progressed=state.progressed | {event.index})
+            return replace(
+                state,
+                progressed=state.progressed | {event.index},
+                run_id=state.run_id if state.run_id is not None else event.run_id,
+            )
         case JobRetryScheduled():
             return replace(
                 state,
@@ -237,8 +260,10 @@ def decide(
     policy: Policy,
     new_id: NewId = uuid4,
     canvas_available: bool = True,
+    cancelled_first: JobCancelRequested | None = None,
 ) -> list[Event]:
-    """The events to record for an incoming ``event`` (from the gateway or a generator).
+    """The events to record for an incoming ``event`` (from the gateway or a generator);
+    ``cancelled_first``: a cancel of a JobRequested's job received before it.
 
     Raises :class:`UnexpectedEvent` for an event that only the orchestrator records.
     """
@@ -251,6 +276,7 @@ def decide(
                 policy=policy,
                 new_id=new_id,
                 canvas_available=canvas_available,
+                cancelled_first=cancelled_first,
             )
         case GenerationStarted():
             return start(state, event, now=now, policy=policy)
@@ -274,13 +300,18 @@ def request(
     policy: Policy,
     new_id: NewId = uuid4,
     canvas_available: bool = True,
+    cancelled_first: JobCancelRequested | None = None,
 ) -> list[Event]:
-    """A new job: queue it and dispatch its first attempt. A known job: nothing (the
-    gateway publishes the same job_id again for a repeated Idempotency-Key)."""
+    """A new job: queue it and dispatch its first attempt; or, when its owner's cancel
+    was received before it (``cancelled_first``: it overtook the request), record it
+    cancelled, with no attempt. A known job: nothing (the gateway publishes the same job_id again
+    for a repeated Idempotency-Key)."""
     if state.exists:
         return []
     if not canvas_available:
         return [event, JobFailed(error=CANVAS_NOT_FOUND_ERROR, retry_count=0)]
+    if cancelled_first is not None:
+        return [event, cancelled_first, JobCancelled(reason=cancelled_first.reason)]
     requested = evolve(state, event)
     return [event, *_dispatch(requested, now=now, policy=policy, new_id=new_id)]
 
@@ -288,17 +319,27 @@ def request(
 def start(
     state: JobState, event: GenerationStarted, *, now: datetime, policy: Policy
 ) -> list[Event]:
-    """A generator took the current attempt: from now on it has the running lease."""
-    if state.status is JobStatus.QUEUED and state.is_current(event.attempt_id):
+    """A generator took the current attempt: from now on it has the running lease. A
+    start of another run of the attempt while it runs takes it over (the attempt was
+    handed out again): the newest run counts from then on, with a new lease."""
+    if not state.is_current(event.attempt_id):
+        return []
+    taking_over = (
+        state.status is JobStatus.PROCESSING
+        and event.run_id is not None
+        and event.run_id != state.run_id
+    )
+    if state.status is JobStatus.QUEUED or taking_over:
         return [event.model_copy(update={"lease_expires_at": policy.lease(now)})]
     return []
 
 
 def progress(state: JobState, event: GenerationProgressed) -> list[Event]:
-    """One more object of the current attempt, once per index."""
+    """One more object of the current attempt's newest run, once per index."""
     if (
         state.status in _RUNNING
         and state.is_current(event.attempt_id)
+        and state.counts(event.run_id)
         and event.index not in state.progressed
     ):
         return [event]
@@ -306,8 +347,12 @@ def progress(state: JobState, event: GenerationProgressed) -> list[Event]:
 
 
 def succeed(state: JobState, event: GenerationSucceeded) -> list[Event]:
-    """The current attempt produced objects: the job is complete."""
-    if state.status not in _RUNNING or not state.is_current(event.attempt_id):
+    """The current attempt's newest run produced objects: the job is complete."""
+    if (
+        state.status not in _RUNNING
+        or not state.is_current(event.attempt_id)
+        or not state.counts(event.run_id)
+    ):
         return []
     completed = JobCompleted(
         object_count=len(event.objects),
@@ -323,7 +368,11 @@ def succeed(state: JobState, event: GenerationSucceeded) -> list[Event]:
 def fail(state: JobState, event: GenerationFailed, *, now: datetime, policy: Policy) -> list[Event]:
     """The current attempt failed: retry later while retries are left and the error is
     transient, else the job fails with the generator's error."""
-    if state.status not in _RUNNING or not state.is_current(event.attempt_id):
+    if (
+        state.status not in _RUNNING
+        or not state.is_current(event.attempt_id)
+        or not state.counts(event.run_id)
+    ):
         return []
     if event.retryable and state.retry_count < policy.max_retries:
         delay = policy.backoff(state.retry_count)
@@ -386,6 +435,8 @@ def ignored_because(state: JobState, event: Event) -> str:
     attempt_id = getattr(event, "attempt_id", None)
     if attempt_id is not None and not state.is_current(attempt_id):
         return "result of a superseded attempt"
+    if not state.counts(getattr(event, "run_id", None)):
+        return "from a run of the attempt that another run took over"
     if state.status is JobStatus.RETRY_SCHEDULED:
         return "attempt already given up (retry scheduled)"
     return f"duplicate while {state.status.value if state.status else 'unknown'}"

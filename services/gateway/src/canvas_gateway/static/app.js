@@ -307,7 +307,7 @@
       case "ai_generation_started":
         job.status = "processing";
         job.error_message = null;
-        if (here) startAttempt(frame.job_id, data.attempt_id);
+        if (here) startRun(frame.job_id, runOf(data));
         break;
       case "ai_generation_progress":
         job.status = "processing";
@@ -385,15 +385,21 @@
     renderCurrentJob();
   }
 
-  function startAttempt(jobId, attemptId) {
+  // A run of an attempt: a new attempt, or the same attempt run again elsewhere (its
+  // generator's connection dropped), draws from its first object again.
+  function runOf(data) {
+    return data.run_id || data.attempt_id;
+  }
+
+  function startRun(jobId, runId) {
     const partial = state.partial.get(jobId);
-    if (partial && partial.attempt !== attemptId) dropProvisional(jobId);
-    if (!state.partial.has(jobId)) state.partial.set(jobId, { attempt: attemptId, keys: new Set() });
+    if (partial && partial.run !== runId) dropProvisional(jobId);
+    if (!state.partial.has(jobId)) state.partial.set(jobId, { run: runId, keys: new Set() });
   }
 
   function drawProvisional(jobId, data) {
     if (typeof data.index !== "number" || !data.object) return;
-    startAttempt(jobId, data.attempt_id);
+    startRun(jobId, runOf(data));
     const key = `p:${jobId}:${data.index}`;
     const old = state.drawn.get(key);
     if (old) old.remove();
