@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import aio_pika
+import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -15,6 +16,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.events import JobRequested, parse_event
 from canvas_events.topology import Topology, routing_key
+from tests.support.waiting import eventually
 
 
 def _job_requested(query: str = "draw a box") -> Envelope:
@@ -204,5 +206,88 @@ async def test_consumer_comes_back_after_its_connection_is_killed(
         sent = _job_requested()
         await broker.publish(sent, "gateway.JobRequested")
         assert (await asyncio.wait_for(seen.get(), 10)).event_id == sent.event_id
+    finally:
+        await broker.stop()
+
+
+async def test_a_message_no_queue_takes_is_an_error_unless_it_may_reach_none(
+    amqp_url: str, topology: Topology
+) -> None:
+    broker = Broker(amqp_url, topology, connection_name="test")
+    await broker.start()
+    await broker.wait_connected(10)
+    try:
+        with pytest.raises(PublishError, match="no queue took the message"):
+            await broker.publish(_job_requested(), "nobody.listens")
+        # Events for per-process queues that may all be away are published all the same.
+        await broker.publish(_job_requested(), "nobody.listens", mandatory=False)
+    finally:
+        await broker.stop()
+
+
+async def test_a_consumer_whose_queue_an_operator_deleted_declares_it_again_and_consumes(
+    amqp_url: str, topology: Topology, raw_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    seen: asyncio.Queue[Envelope] = asyncio.Queue()
+
+    async def handler(envelope: Envelope, _: AbstractIncomingMessage) -> Outcome:
+        await seen.put(envelope)
+        return ACK
+
+    broker = await _started(amqp_url, topology, handler)
+    try:
+        await raw_channel.queue_delete(topology.orchestrator.name)
+        deadline = asyncio.get_running_loop().time() + 10
+        while broker.connect_count < 2 or not broker.connected:
+            assert asyncio.get_running_loop().time() < deadline, "the consumer never came back"
+            await asyncio.sleep(0.05)
+        sent = _job_requested()
+        await broker.publish(sent, "gateway.JobRequested")
+        assert (await asyncio.wait_for(seen.get(), 10)).event_id == sent.event_id
+    finally:
+        await broker.stop()
+
+
+async def test_a_deleted_queue_nobody_consumes_is_declared_again_within_seconds(
+    amqp_url: str, topology: Topology, raw_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    broker = Broker(amqp_url, topology, connection_name="test", topology_interval=0.2)
+    await broker.start()
+    await broker.wait_connected(10)
+    try:
+        dlq = topology.orchestrator.dead_letter_queue
+        await raw_channel.queue_delete(dlq)
+
+        async def declared_again() -> bool:
+            return await broker.queue_stats(dlq) is not None
+
+        await eventually(declared_again, timeout=10, what="the dead-letter queue again")
+    finally:
+        await broker.stop()
+
+
+async def test_a_handler_meeting_a_database_outage_is_retried_past_max_attempts_never_dead_lettered(
+    amqp_url: str, topology: Topology
+) -> None:
+    calls = 0
+    done = asyncio.Event()
+
+    async def handler(envelope: Envelope, _: AbstractIncomingMessage) -> Outcome:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:  # more than the consumer's max_attempts (3)
+            raise asyncpg.ReadOnlySQLTransactionError(
+                "cannot execute INSERT in a read-only transaction"
+            )
+        done.set()
+        return ACK
+
+    broker = await _started(amqp_url, topology, handler)
+    try:
+        await broker.publish(_job_requested(), "gateway.JobRequested")
+        await asyncio.wait_for(done.wait(), 20)
+        assert calls == 6
+        stats = await broker.queue_stats(topology.orchestrator.dead_letter_queue)
+        assert stats is not None and stats[0] == 0
     finally:
         await broker.stop()

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -25,12 +24,9 @@ from canvas_events.envelope import Envelope
 from canvas_events.topology import Topology
 from canvas_gateway.app import serve
 from canvas_gateway.settings import Settings
+from canvas_orchestrator.migrations import migrate
 
 JWT_SECRET = "gateway-tests-secret-0123456789-abcdefghijklmnop"
-MIGRATION = (
-    Path(__file__).resolve().parents[2]
-    / "services/job-orchestrator/src/canvas_orchestrator/migrations/0001_event_store.sql"
-)
 DEADLINE_SECONDS = 15.0
 
 
@@ -60,7 +56,7 @@ async def eventually(probe: Callable[[], Awaitable[Any]], what: str) -> Any:
 async def apply_orchestrator_schema(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(MIGRATION.read_text())
+        await migrate(conn)  # the orchestrator's schema, as it applies it at start
     finally:
         await conn.close()
 

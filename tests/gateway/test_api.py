@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import orjson
 
 from canvas_events.envelope import Envelope
@@ -251,6 +252,32 @@ async def test_cancel_of_a_queued_job_publishes_job_cancel_requested(
         "alice",
         "c-9",
     )
+    # Written down before the 202, where the orchestrator looks before it records more.
+    [request] = await gateway.sql("SELECT envelope FROM cancel_requests")
+    assert orjson.loads(request["envelope"])["event_id"] == str(envelope.event_id)
+
+
+async def test_a_cancel_that_waits_for_a_result_being_recorded_answers_by_its_outcome(
+    gateway: Gateway,
+) -> None:
+    job_id = await gateway.insert_job("alice", status="processing")
+    conn = await asyncpg.connect(gateway.database_url)
+    try:
+        # The orchestrator holds the job's row while it records the job's result.
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+            cancel = asyncio.create_task(
+                gateway.client.post(f"/api/ai-agent/job/{job_id}/cancel", headers=token("alice"))
+            )
+            await asyncio.sleep(0.3)
+            assert not cancel.done()  # the cancel waits for the result to commit
+            await conn.execute("UPDATE jobs SET status = 'completed' WHERE id = $1", job_id)
+        response = await cancel
+    finally:
+        await conn.close()
+    assert response.status_code == 409, response.text
+    assert response.json() == {"detail": "job is already completed"}
+    assert await gateway.sql("SELECT * FROM cancel_requests") == []
 
 
 async def test_canvas_objects_of_another_user_answer_404(gateway: Gateway) -> None:

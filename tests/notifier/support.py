@@ -11,7 +11,6 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
@@ -38,12 +37,9 @@ from canvas_events.events import (
 from canvas_events.topology import JOB, Topology, routing_key
 from canvas_notifier.server import Notifier
 from canvas_notifier.settings import Settings
+from canvas_orchestrator.migrations import migrate
 
 SECRET = "notifier-tests-secret-0123456789-abcdefghijklmnop"
-MIGRATION = (
-    Path(__file__).resolve().parents[2]
-    / "services/job-orchestrator/src/canvas_orchestrator/migrations/0001_event_store.sql"
-)
 ATTEMPT = UUID("00000000-0000-4000-8000-000000000001")
 OCCURRED = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -137,7 +133,7 @@ def recorded(
 async def apply_schema(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(MIGRATION.read_text())
+        await migrate(conn)  # the orchestrator's schema, as it applies it at start
     finally:
         await conn.close()
 

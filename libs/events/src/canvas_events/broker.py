@@ -9,21 +9,32 @@ crash redelivers it and handlers must be idempotent. What happens to a message:
   (also raised, before the handler runs, for a body that is not a valid envelope, an
   unknown event type or a newer schema version): published to the dead-letter queue
   with the reason in the ``x-canvas-error`` header, logged, acked.
-- it raises a connection-type error (database or broker away): requeued after a pause,
-  as often as it takes; such an error says nothing about the message.
+- it raises an error that says the database or the broker is away (:func:`is_transient`:
+  connection lost, read-only, disk full, a timeout): requeued after a pause that grows
+  with the outage, as often as it takes; an outage says nothing about the message and
+  never dead-letters it.
 - it raises anything else, or returns :class:`Retry`: tried again after a pause, and
   dead-lettered after ``max_attempts`` (the count travels in ``x-canvas-attempts``).
 
+Publishing waits for the broker's confirm, and a message that must reach a queue is
+published ``mandatory``: one that no queue takes (an operator deleted it) comes back
+and raises :class:`PublishError`, never passes for delivered.
+
 Why a supervisor of our own rather than aio-pika's robust connection: robust
 connections restore only what is still referenced, and consumers have been reported
-not to come back after an ungraceful broker restart (FIELD-NOTES). Here every
-(re)connect declares the topology and starts every consumer again from scratch.
+not to come back after an ungraceful broker restart, nor after the broker cancelled
+them (FIELD-NOTES). Here every (re)connect declares the topology and starts every
+consumer again from scratch; a consumer the broker cancels (its queue deleted) makes
+the service reconnect; and the topology is declared again every
+``topology_interval`` seconds, and at once after a returned message, so that queues
+an operator deleted come back within seconds even where nobody consumes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +56,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.events import event_class
 from canvas_events.logging import redact
+from canvas_events.postgres import is_outage
 from canvas_events.topology import QueueSpec, Topology
 
 log = structlog.get_logger("canvas_events.broker")
@@ -78,20 +90,14 @@ ACK: Final = Ack()
 Outcome = Ack | Retry | DeadLetter
 Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[Outcome | None]]
 
-# Errors that say the database or the broker is away, not that the message is bad.
-_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, OSError, TimeoutError)
-with contextlib.suppress(ImportError):  # asyncpg is a dependency, but keep this module light
-    import asyncpg
 
-    _TRANSIENT += (
-        asyncpg.PostgresConnectionError,
-        asyncpg.InterfaceError,
-        # admin/crash shutdown and "the database system is starting up": a restart
-        asyncpg.exceptions.OperatorInterventionError,
-        asyncpg.TooManyConnectionsError,
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the database or the broker is away (an outage), not
+    that the message at hand is bad: its handler's caller waits and tries again, with
+    no limit on the tries."""
+    return is_outage(exc) or isinstance(
+        exc, aiormq.exceptions.AMQPConnectionError | aiormq.exceptions.ChannelInvalidStateError
     )
-# Errors that say nothing about the message: a handler's caller requeues on them.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = _TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class Consumer:
     prefetch: int = 32
     max_attempts: int = 5
     retry_delay: float = 1.0
+    # Longest pause before a message that met an outage is requeued.
+    max_outage_delay: float = 30.0
 
 
 class Broker:
@@ -125,6 +133,7 @@ class Broker:
         publish_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         heartbeat: int = 10,
+        topology_interval: float = 10.0,
     ) -> None:
         self._url = url
         self.topology = topology
@@ -132,6 +141,7 @@ class Broker:
         self._publish_timeout = publish_timeout
         self._connect_timeout = connect_timeout
         self._heartbeat = heartbeat
+        self._topology_interval = topology_interval
         self._consumers: list[Consumer] = []
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -144,6 +154,11 @@ class Broker:
         self._subscriptions: list[tuple[AbstractQueue, str]] = []
         # Set when the current connection is gone, whoever closed it.
         self._lost = asyncio.Event()
+        # Set to declare the topology again now (a publish came back unrouted).
+        self._redeclare = asyncio.Event()
+        # Per consumed queue: when the current outage began, and when it was last logged.
+        self._outages: dict[str, float] = {}
+        self._outage_logged: dict[str, float] = {}
         self.last_error: str | None = "not connected yet"
         self.connect_count = 0
         # When the current connection's consumers were all started (None while down).
@@ -193,7 +208,11 @@ class Broker:
                 await self._connect()
                 delay = 0.2
                 log.info("broker connected", connection=self._connection_name)
-                await self._lost.wait()
+                keeper = asyncio.create_task(self._keep_topology(), name="broker-topology")
+                try:
+                    await self._lost.wait()
+                finally:
+                    keeper.cancel()
                 if not self._stopping:
                     self.last_error = "connection lost"
                     log.warning("broker connection lost; reconnecting")
@@ -261,15 +280,60 @@ class Broker:
         # A channel closed under us (e.g. a delivery acked twice) would silently stop this
         # consumer; close the whole connection so that the supervisor starts everything again.
         channel.close_callbacks.add(self._on_channel_close(connection, consumer.queue.name))
+        # So would a consumer the broker cancelled (its queue deleted): the channel stays
+        # open, nothing arrives any more. Reconnecting declares the queue again.
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            self._on_consumer_cancel(connection, consumer.queue.name)
+        )
 
     def _on_channel_close(self, connection: AbstractConnection, what: str) -> Callable[..., None]:
         def on_channel_close(_: Any, exc: BaseException | None = None) -> None:
-            if not self._stopping and self._connection is connection:
-                log.warning("channel closed; reconnecting", channel=what)
-                asyncio.get_running_loop().create_task(connection.close())
-                self._lost.set()
+            self._reconnect(connection, "channel closed; reconnecting", channel=what)
 
         return on_channel_close
+
+    def _on_consumer_cancel(
+        self, connection: AbstractConnection, queue: str
+    ) -> Callable[..., None]:
+        def on_consumer_cancel(_: Any) -> None:
+            self._reconnect(
+                connection,
+                "consumer cancelled by the broker (queue deleted?); reconnecting",
+                queue=queue,
+            )
+
+        return on_consumer_cancel
+
+    def _reconnect(self, connection: AbstractConnection, why: str, **fields: Any) -> None:
+        """Drop ``connection`` (if still the current one): the supervisor connects again,
+        declares the topology and starts every consumer."""
+        if not self._stopping and self._connection is connection:
+            log.warning(why, **fields)
+            asyncio.get_running_loop().create_task(connection.close())
+            self._lost.set()
+
+    async def _keep_topology(self) -> None:
+        """Declare the topology again every ``topology_interval`` seconds, or at once when
+        a publish came back unrouted: queues an operator deleted come back."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._redeclare.wait(), self._topology_interval)
+            self._redeclare.clear()
+            connection = self._connection
+            if connection is None or connection.is_closed:
+                continue
+            try:
+                channel = await connection.channel(publisher_confirms=False)
+                try:
+                    await declare_topology(channel, self.topology)
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("declaring the topology again failed", error=redact(repr(exc)))
 
     async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -287,12 +351,16 @@ class Broker:
         *,
         priority: int | None = None,
         timeout: float | None = None,
+        mandatory: bool = True,
     ) -> None:
         """Publish a persistent message and wait for the broker's confirm.
 
-        Raises :class:`PublishError` when the broker is away, nacks, or does not confirm
-        within ``timeout`` (default: the broker's ``publish_timeout``): the message may
-        then not be queued, and the caller must say so (a 503) or try again.
+        Raises :class:`PublishError` when the broker is away, nacks, does not confirm
+        within ``timeout`` (default: the broker's ``publish_timeout``), or, for a
+        ``mandatory`` message, no queue takes it: the message may then not be queued,
+        and the caller must say so (a 503) or try again. Publish with
+        ``mandatory=False`` what may rightly reach no queue (events for notifiers,
+        which may all be away).
         """
         exchange, publish_channel = self._exchange, self._publish_channel
         if exchange is None or publish_channel is None or not self._connected.is_set():
@@ -312,18 +380,29 @@ class Broker:
             if publish_channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
             channel = await publish_channel.get_underlay_channel()
-            await channel.basic_publish(
+            confirmation = await channel.basic_publish(
                 envelope.to_json(),
                 exchange=exchange.name,
                 routing_key=routing_key,
                 properties=properties,
-                mandatory=True,
+                mandatory=mandatory,
                 timeout=timeout or self._publish_timeout,
             )
         except TimeoutError as exc:
             raise PublishError("broker did not confirm in time") from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishError(f"broker refused the message: {type(exc).__name__}") from exc
+        self._check_confirmation(confirmation, routing_key)
+
+    def _check_confirmation(self, confirmation: object, routing_key: str) -> None:
+        """Raise :class:`PublishError` unless ``confirmation`` is the broker's ack; a
+        message that came back unrouted also has the topology declared again."""
+        if isinstance(confirmation, aiormq.spec.Basic.Ack):
+            return
+        if isinstance(confirmation, aiormq.spec.Basic.Nack):
+            raise PublishError("broker refused the message (nack)")
+        self._redeclare.set()
+        raise PublishError(f"no queue took the message ({routing_key}); declaring queues again")
 
     async def queue_stats(self, queue_name: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of a queue, or None when it does not exist or the
@@ -371,15 +450,16 @@ class Broker:
             outcome = DeadLetter(str(exc))
         except asyncio.CancelledError:
             raise
-        except _TRANSIENT as exc:
-            # Not the message's fault: wait and requeue, as often as it takes.
-            log.warning("handler hit a transient error; requeueing", error=redact(repr(exc)))
-            await asyncio.sleep(consumer.retry_delay)
-            await _settle(message.nack(requeue=True))
-            return
         except Exception as exc:
+            if is_transient(exc):
+                # Not the message's fault: wait and requeue, as often as it takes.
+                await self._wait_out_outage(consumer, exc)
+                await _settle(message.nack(requeue=True))
+                return
             log.exception("handler failed")
             outcome = Retry(f"{type(exc).__name__}: {exc}", consumer.retry_delay)
+        else:
+            self._outages.pop(consumer.queue.name, None)
         finally:
             structlog.contextvars.unbind_contextvars("event_type")
 
@@ -389,6 +469,28 @@ class Broker:
             await self._dead_letter(consumer, message, outcome.reason)
         else:
             await self._retry(consumer, message, outcome)
+
+    async def _wait_out_outage(self, consumer: Consumer, exc: BaseException) -> None:
+        """Pause before requeueing a message whose handler met an outage: half as long
+        as the outage has lasted so far (at least ``retry_delay``, at most
+        ``max_outage_delay``, with some jitter), so that a long outage costs each message
+        in hand a try every half minute rather than a storm of them. Logged every few
+        seconds, not for every message."""
+        name = consumer.queue.name
+        now = time.monotonic()
+        since = self._outages.setdefault(name, now)
+        delay = min(consumer.max_outage_delay, max(consumer.retry_delay, (now - since) / 2))
+        delay *= random.uniform(0.8, 1.2)
+        if now - self._outage_logged.get(name, -60.0) >= 5.0:
+            self._outage_logged[name] = now
+            log.warning(
+                "handler met an outage; requeueing",
+                queue=name,
+                error=redact(repr(exc)),
+                outage_seconds=round(now - since, 1),
+                retry_in=round(delay, 1),
+            )
+        await asyncio.sleep(delay)
 
     async def _retry(
         self, consumer: Consumer, message: AbstractIncomingMessage, outcome: Retry
@@ -411,9 +513,10 @@ class Broker:
         )
         try:
             # Back onto the same queue through the default exchange, with the count.
-            await channel.default_exchange.publish(
+            confirmation = await channel.default_exchange.publish(
                 copy, consumer.queue.name, timeout=self._publish_timeout
             )
+            self._check_confirmation(confirmation, consumer.queue.name)
         except Exception:
             await _settle(message.nack(requeue=True))
             return
@@ -443,12 +546,15 @@ class Broker:
                 },
             )
             try:
-                await exchange.publish(
+                confirmation = await exchange.publish(
                     copy, consumer.queue.dead_letter_queue, timeout=self._publish_timeout
                 )
+                self._check_confirmation(confirmation, consumer.queue.dead_letter_queue)
             except Exception:
-                # The queue's own x-dead-letter-exchange still takes it (without our reason).
-                await _settle(message.reject(requeue=False))
+                # No dead-letter queue took it (deleted, or the broker away): keep the
+                # message, and try again once the queue is declared again.
+                await asyncio.sleep(consumer.retry_delay)
+                await _settle(message.nack(requeue=True))
                 return
             await _settle(message.ack())
         else:

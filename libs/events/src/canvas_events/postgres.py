@@ -1,17 +1,25 @@
-"""An asyncpg pool that a service can start before the database is up.
+"""An asyncpg pool that a service can start before the database is up, and the one
+answer to "is this error an outage?".
 
 ``Database.start()`` returns at once and keeps trying in the background; ``pool``
 raises :class:`DatabaseUnavailable` until the first connection succeeded. asyncpg
 replaces broken connections by itself afterwards (a restarted Postgres costs the
 queries in flight, which callers retry).
+
+:func:`is_outage` tells an error that says the database cannot work right now (gone,
+restarting, read-only after a failover, out of disk, a statement or lock timeout) from
+one that says something about the request or message at hand. Every caller asks it:
+an outage is answered 503 by the gateway and retried without limit by consumers, never
+dead-lettered; anything else is the request's fault (4xx) or a bounded retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import structlog
@@ -19,6 +27,26 @@ import structlog
 from canvas_events.logging import redact
 
 log = structlog.get_logger("canvas_events.postgres")
+
+
+# Namespace of the two-key advisory lock on a job that has no jobs row yet (the key's
+# second part: hashtext of the job id as text). The orchestrator holds it while it
+# records the job, the gateway while it requests the job's cancel: whichever comes
+# second sees what the first wrote (ARCHITECTURE.md 4, "a 202 always wins").
+JOB_RECORDING_LOCK_CLASS: Final = 0x63610003
+
+# Session settings of every service connection. A process that freezes (SIGSTOP, a
+# paused VM, a partition) must not hold what others wait for: a transaction it left open
+# (row locks, the event store's append lock) ends after IDLE_IN_TRANSACTION_SECONDS, and
+# TCP keepalives tell a vanished peer from an idle one within about 20 s. No service
+# transaction waits on its client for more than a moment.
+IDLE_IN_TRANSACTION_SECONDS: Final = 15
+SESSION_SETTINGS: Final = {
+    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_SECONDS * 1000),
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "3",
+    "tcp_keepalives_count": "3",
+}
 
 
 async def _no_session_reset(_: asyncpg.Connection) -> None:
@@ -31,6 +59,41 @@ async def _no_session_reset(_: asyncpg.Connection) -> None:
 
 class DatabaseUnavailable(ConnectionError):
     """The pool is not up (yet)."""
+
+
+# SQLSTATE classes that say the server cannot work now, whatever the statement:
+# 08 connection exception, 53 insufficient resources (disk full, out of memory, too many
+# connections), 57 operator intervention (shutdown, restart, statement timeout, database
+# dropped), 58 system error (I/O).
+_OUTAGE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
+# And single states: read-only transaction (a failover's old primary, a standby), idle
+# in transaction session timeout, lock timeout.
+_OUTAGE_STATES: Final = frozenset({"25006", "25P03", "55P03"})
+# OSErrors about files say nothing about the database's reachability.
+_FILE_ERRORS: Final = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the database (or the network to it) cannot work right
+    now, as opposed to something about the statement or its values."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return state[:2] in _OUTAGE_CLASSES or state in _OUTAGE_STATES
+    if isinstance(exc, asyncpg.InterfaceError):
+        # "connection is closed", "pool is closing": the connection went under us. Other
+        # interface errors (a value it cannot encode) come back on every try.
+        message = str(exc)
+        return not isinstance(exc, ValueError) and ("closed" in message or "closing" in message)
+    if isinstance(exc, TimeoutError | ConnectionError | socket.gaierror):
+        return True
+    # asyncpg reports a failed connect as a bare OSError ("Multiple exceptions: ...").
+    return isinstance(exc, OSError) and not isinstance(exc, _FILE_ERRORS)
 
 
 class Database:
@@ -93,6 +156,7 @@ class Database:
                     reset=_no_session_reset,
                     timeout=5,
                     command_timeout=30,
+                    server_settings=dict(SESSION_SETTINGS),
                 )
                 assert pool is not None
                 try:

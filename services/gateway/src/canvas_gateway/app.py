@@ -18,6 +18,7 @@ from canvas_events.ops import Readiness
 from canvas_events.postgres import Database
 from canvas_events.runtime import instance_id, serve_http
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
+from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.middleware import RequestMiddleware
 from canvas_gateway.routes import canvas, jobs, ops, page
@@ -58,6 +59,13 @@ def create_app(settings: Settings) -> FastAPI:
         connection_name=instance_id("gateway"),
         publish_timeout=settings.publish_timeout_seconds,
     )
+    store = Store(database)
+    sweep = LedgerSweep(
+        store,
+        broker,
+        resend_after=settings.ledger_resend_after_seconds,
+        max_resends=settings.ledger_max_resends,
+    )
     metrics = Metrics()
     readiness = Readiness()
     readiness.add_database(database)
@@ -73,9 +81,11 @@ def create_app(settings: Settings) -> FastAPI:
         # Both connect in the background: the gateway serves /health before they are up.
         await database.start()
         await broker.start()
+        await sweep.start()
         try:
             yield
         finally:
+            await sweep.stop()
             await broker.stop(drain_timeout=settings.shutdown_grace_seconds)
             await database.stop()
 
@@ -87,7 +97,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = Store(database)
+    app.state.store = store
+    app.state.ledger = sweep
     app.state.broker = broker
     app.state.metrics = metrics
     app.state.readiness = readiness

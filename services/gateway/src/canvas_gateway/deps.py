@@ -14,6 +14,7 @@ from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import Broker
 from canvas_events.errors import AuthError
 from canvas_events.ops import Readiness
+from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Store
@@ -29,6 +30,10 @@ async def get_store(request: Request) -> Store:
 
 async def get_broker(request: Request) -> Broker:
     return cast(Broker, request.app.state.broker)
+
+
+async def get_ledger(request: Request) -> LedgerSweep:
+    return cast(LedgerSweep, request.app.state.ledger)
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -48,6 +53,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 BrokerDep = Annotated[Broker, Depends(get_broker)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+LedgerDep = Annotated[LedgerSweep, Depends(get_ledger)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
 CorrelationId = Annotated[str, Depends(get_correlation_id)]
 

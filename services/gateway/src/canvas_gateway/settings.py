@@ -19,6 +19,11 @@ class Settings(CommonSettings, AuthSettings):
     max_active_jobs_per_user: int = Field(default=20, ge=1, le=100_000)
     # How long a request waits for the broker's confirm before answering 503.
     publish_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # An accepted job the orchestrator has not recorded this long after it was sent is
+    # sent again (twice as long after each further try), up to LEDGER_MAX_RESENDS
+    # times; then it is given up, failed with a reason (canvas_gateway.ledger).
+    ledger_resend_after_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    ledger_max_resends: int = Field(default=5, ge=0, le=100)
     # GET /api/ai-agent/health says `degraded` beyond these (docs/operations.md):
     # seconds the oldest queued job may wait for a generator,
     health_queued_age_seconds: float = Field(default=60.0, gt=0, le=86_400)

@@ -9,15 +9,21 @@ do in the instant between the broker's confirm and the orchestrator's projection
 - idempotency: ``UNIQUE (user_id, idempotency_key)``, and a job id derived from them,
   give a retried request the same job and no second one;
 - the per-user limit: it counts the requests confirmed (or still being published) but
-  not yet projected, so a burst cannot slip past the limit.
+  not yet projected, so a burst cannot slip past the limit;
+- the last line of defence: a confirmed request the orchestrator has not recorded a
+  while later (its message purged, dead-lettered or lost with a deleted queue) is sent
+  again, and given up with a reason after a few tries (:mod:`canvas_gateway.ledger`).
 
 A row is inserted before the publish and gets ``confirmed_at`` once the broker
-confirmed it; only confirmed rows are ever shown. The gateway creates the table itself
-when its pool connects (``CREATE TABLE IF NOT EXISTS`` under an advisory lock, so
-several gateways may start at once) and writes no other table. Everything else it
+confirmed it; only confirmed rows are ever shown. ``recorded_at`` marks the rows whose
+job the orchestrator has recorded (the sweep needs to look at each row only until
+then); ``given_up_at`` and ``error_message`` a request given up. The gateway creates
+the table itself when its pool connects (``CREATE TABLE IF NOT EXISTS`` under an
+advisory lock, so several gateways may start at once). Everything else it
 reads (jobs, canvases, canvas_objects, events) belongs to the job-orchestrator
 (its migrations/0001_event_store.sql); until those exist, reads raise
-:class:`StoreNotReady`.
+:class:`StoreNotReady`. The one exception is ``cancel_requests``, where a user's cancel is
+written before the 202 (:meth:`Store.request_cancel` says why and how it is locked).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from canvas_events.envelope import Envelope
 from canvas_events.logging import redact
-from canvas_events.postgres import Database, DatabaseUnavailable
+from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database, is_outage
 from canvas_gateway.errors import CanvasNotFound, LimitReached, StoreNotReady, StoreUnavailable
-from canvas_gateway.schemas import ACTIVE_STATUSES, JobStatus
+from canvas_gateway.schemas import ACTIVE_STATUSES, FINAL_STATUSES, JobStatus
 
 LEDGER_DDL = """
 CREATE TABLE IF NOT EXISTS gateway_job_requests (
@@ -55,6 +62,15 @@ CREATE INDEX IF NOT EXISTS gateway_job_requests_user
     ON gateway_job_requests (user_id, created_at DESC, job_id DESC);
 CREATE INDEX IF NOT EXISTS gateway_job_requests_canvas
     ON gateway_job_requests (canvas_id);
+ALTER TABLE gateway_job_requests
+    ADD COLUMN IF NOT EXISTS recorded_at   timestamptz,
+    ADD COLUMN IF NOT EXISTS resends       integer     NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS last_sent_at  timestamptz,
+    ADD COLUMN IF NOT EXISTS given_up_at   timestamptz,
+    ADD COLUMN IF NOT EXISTS error_message text;
+-- The sweep's rows: accepted, not known recorded yet, not given up.
+CREATE INDEX IF NOT EXISTS gateway_job_requests_unrecorded
+    ON gateway_job_requests (confirmed_at) WHERE recorded_at IS NULL AND given_up_at IS NULL;
 """
 
 # The columns of the status answer (ARCHITECTURE.md 4), from the jobs read model...
@@ -62,29 +78,28 @@ _JOB_COLUMNS = (
     "id, status, canvas_id, priority, created_at, started_at, completed_at, "
     "error_message, retry_count, next_attempt_at, result"
 )
-# ...and the same shape for a ledger row the orchestrator has not projected yet.
+# ...and the same shape for a ledger row the orchestrator has not projected yet: queued,
+# or failed once given up.
 _PENDING_COLUMNS = (
-    "r.job_id AS id, 'queued' AS status, r.canvas_id, r.priority::smallint AS priority, "
-    "r.created_at, NULL::timestamptz AS started_at, NULL::timestamptz AS completed_at, "
-    "NULL::text AS error_message, 0 AS retry_count, NULL::timestamptz AS next_attempt_at, "
+    "r.job_id AS id, CASE WHEN r.given_up_at IS NULL THEN 'queued' ELSE 'failed' END AS status, "
+    "r.canvas_id, r.priority::smallint AS priority, r.created_at, "
+    "NULL::timestamptz AS started_at, r.given_up_at AS completed_at, "
+    "r.error_message, 0 AS retry_count, NULL::timestamptz AS next_attempt_at, "
     "NULL::jsonb AS result"
 )
 _UNPROJECTED = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id)"
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
+_FINAL = frozenset(status.value for status in FINAL_STATUSES)
+# A job's owner and status, its row share-locked: the orchestrator cannot record a start
+# or a result for it until the caller's transaction ends.
+_JOB_FOR_CANCEL = "SELECT user_id, status FROM jobs WHERE id = $1 FOR SHARE"
+# The same for a request the orchestrator has not recorded yet.
+_LEDGER_JOB = (
+    "SELECT r.user_id, CASE WHEN r.given_up_at IS NULL THEN 'queued' ELSE 'failed' END "
+    "AS status FROM gateway_job_requests r WHERE r.job_id = $1 AND r.confirmed_at IS NOT NULL"
+)
 # Queries are built from these constants only (hence the noqa: S608); values are always
 # bound parameters.
-
-# asyncpg raises these when the server is away or restarting: the request's fault is none.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    DatabaseUnavailable,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.OperatorInterventionError,
-    OSError,
-    TimeoutError,
-)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -104,6 +119,11 @@ async def create_ledger(pool: asyncpg.Pool) -> None:
         await conn.execute(LEDGER_DDL)
 
 
+GIVEN_UP_ERROR = (
+    "the job was never recorded by the job-orchestrator ({tries} tries); submit it again"
+)
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """One ledger row: a request the gateway accepted (or is accepting)."""
@@ -117,6 +137,9 @@ class JobRequest:
     idempotency_key: str | None
     created_at: datetime
     confirmed_at: datetime | None
+    correlation_id: str = ""
+    resends: int = 0
+    given_up_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -157,8 +180,14 @@ class Store:
             raise StoreNotReady(
                 "not ready: the job store does not exist yet (has the job-orchestrator started?)"
             ) from None
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(redact(f"database unavailable: {type(exc).__name__}")) from None
+        except Exception as exc:
+            # Away, restarting, read-only after a failover, out of disk: not the request's
+            # fault, and nothing was written.
+            if is_outage(exc):
+                raise StoreUnavailable(
+                    redact(f"database unavailable: {type(exc).__name__}")
+                ) from None
+            raise
 
     async def check(self) -> str | None:
         """None when the database answers, else why not."""
@@ -211,7 +240,7 @@ class Store:
                 SELECT (SELECT count(*) FROM jobs
                          WHERE user_id = $1 AND status = ANY($2::text[]))
                      + (SELECT count(*) FROM gateway_job_requests r
-                         WHERE r.user_id = $1
+                         WHERE r.user_id = $1 AND r.given_up_at IS NULL
                            AND (r.confirmed_at IS NOT NULL
                                 OR r.created_at > now() - make_interval(secs => $3))
                            AND {_UNPROJECTED})
@@ -248,14 +277,57 @@ class Store:
                 return Admission(_request(row), duplicate=True)
             return Admission(_request(row), duplicate=False)
 
-    async def confirm(self, job_id: UUID) -> None:
-        """The broker confirmed the JobRequested message: the row may now be shown."""
+    async def confirm(self, *job_ids: UUID) -> None:
+        """The broker confirmed these JobRequested messages: the rows may now be shown."""
         async with self._connection() as conn:
             await conn.execute(
                 "UPDATE gateway_job_requests SET confirmed_at = now() "
-                "WHERE job_id = $1 AND confirmed_at IS NULL",
-                job_id,
+                "WHERE job_id = ANY($1::uuid[]) AND confirmed_at IS NULL",
+                list(job_ids),
             )
+
+    async def claim_unrecorded(
+        self, *, resend_after: float, max_resends: int, limit: int
+    ) -> list[JobRequest]:
+        """The accepted requests the orchestrator has not recorded, due to be sent again
+        (``resend_after`` seconds after the last send, doubling with each try), claimed
+        for this caller: their ``resends`` counted and ``last_sent_at`` set in the same
+        statement, so that another gateway does not send them too. A request past
+        ``max_resends`` comes back given up (``given_up_at`` set) instead.
+
+        First marks the rows whose job was recorded meanwhile, so that each row is
+        looked at only until its job is recorded."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE gateway_job_requests r SET recorded_at = now() FROM jobs j "
+                "WHERE j.id = r.job_id AND r.recorded_at IS NULL AND r.given_up_at IS NULL"
+            )
+            rows = await conn.fetch(
+                f"""
+                WITH due AS (
+                    SELECT r.job_id FROM gateway_job_requests r
+                    WHERE r.recorded_at IS NULL AND r.given_up_at IS NULL
+                      AND r.confirmed_at IS NOT NULL AND {_UNPROJECTED}
+                      AND COALESCE(r.last_sent_at, r.confirmed_at)
+                          < now() - make_interval(secs => $1 * power(2, r.resends))
+                    ORDER BY r.confirmed_at
+                    LIMIT $3
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE gateway_job_requests r
+                SET resends = r.resends + 1,
+                    last_sent_at = now(),
+                    given_up_at = CASE WHEN r.resends >= $2 THEN now() END,
+                    error_message = CASE WHEN r.resends >= $2 THEN $4 END
+                FROM due WHERE r.job_id = due.job_id
+                RETURNING r.*
+                """,  # noqa: S608
+                resend_after,
+                max_resends,
+                limit,
+                GIVEN_UP_ERROR.format(tries=max_resends + 1),
+            )
+        return [_request(row) for row in rows]
 
     async def discard(self, job_id: UUID) -> None:
         """Forget a request whose publish failed (never confirmed, so never shown)."""
@@ -264,6 +336,41 @@ class Store:
                 "DELETE FROM gateway_job_requests WHERE job_id = $1 AND confirmed_at IS NULL",
                 job_id,
             )
+
+    async def request_cancel(self, user_id: str, job_id: UUID, cancel: Envelope) -> str | None:
+        """Record the user's cancel of ``job_id`` so that it wins over whatever the
+        orchestrator records for the job next: None when the job is not the user's (or
+        does not exist); the job's status when it is final already (nothing recorded);
+        else ``"requested"``.
+
+        The orchestrator reads the requests of a job once it holds the job's row lock
+        (FOR UPDATE) or, before the job has a row, its recording lock, and applies them
+        before any start or result. This transaction takes a share lock on the row, or
+        the recording lock, so either it sees the job final, or the orchestrator sees the
+        request: a 202 always wins (ARCHITECTURE.md 4)."""
+        async with self._connection() as conn, conn.transaction():
+            job = await conn.fetchrow(_JOB_FOR_CANCEL, job_id)
+            if job is None:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))",
+                    JOB_RECORDING_LOCK_CLASS,
+                    job_id,
+                )
+                job = await conn.fetchrow(_JOB_FOR_CANCEL, job_id)
+            if job is None:
+                # Not recorded yet: the ledger's accepted request is the job.
+                job = await conn.fetchrow(_LEDGER_JOB, job_id)
+            if job is None or job["user_id"] != user_id:
+                return None
+            if job["status"] in _FINAL:
+                return str(job["status"])
+            await conn.execute(
+                "INSERT INTO cancel_requests (job_id, envelope) VALUES ($1, $2) "
+                "ON CONFLICT (job_id) DO NOTHING",
+                job_id,
+                cancel.model_dump(mode="json"),
+            )
+        return "requested"
 
     # -- reads -------------------------------------------------------------------------
 
@@ -436,4 +543,7 @@ def _request(row: asyncpg.Record) -> JobRequest:
         idempotency_key=row["idempotency_key"],
         created_at=row["created_at"],
         confirmed_at=row["confirmed_at"],
+        correlation_id=row["correlation_id"],
+        resends=row["resends"],
+        given_up_at=row["given_up_at"],
     )

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from canvas_events.broker import Broker
 from canvas_events.ops import Readiness, metrics_payload
-from canvas_events.postgres import Database, DatabaseUnavailable
+from canvas_events.postgres import Database, DatabaseUnavailable, is_outage
 from canvas_orchestrator.domain import JobStatus
 from canvas_orchestrator.event_store import load
 from canvas_orchestrator.metrics import Metrics
@@ -34,10 +34,11 @@ async def _connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
     try:
         pool = database.pool
         conn = await pool.acquire()
-    except (DatabaseUnavailable, OSError, asyncpg.PostgresConnectionError) as exc:
-        # A restarting database is "not now", not a server error (ConnectionError is an
-        # OSError; asyncpg's own connection errors are separate).
-        raise HTTPException(503, detail=f"database unavailable: {type(exc).__name__}") from None
+    except Exception as exc:
+        # A restarting database is "not now", not a server error.
+        if is_outage(exc):
+            raise HTTPException(503, detail=f"database unavailable: {type(exc).__name__}") from None
+        raise
     try:
         yield conn
     finally:

@@ -7,6 +7,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from canvas_events.postgres import SESSION_SETTINGS
+
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
@@ -19,10 +21,21 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def connect(
-    dsn: str, *, timeout: float = 5.0, application_name: str | None = None
+    dsn: str,
+    *,
+    timeout: float = 5.0,
+    application_name: str | None = None,
+    idle_session_seconds: float | None = None,
 ) -> asyncpg.Connection:
-    """One connection outside the pool (the relay's, the rebuild command's)."""
-    settings = {"application_name": application_name} if application_name else None
+    """One connection outside the pool (the relay's, the rebuild command's), with the
+    services' session settings; ``idle_session_seconds``: the server ends the session
+    once it has been idle that long (PostgreSQL 14 and later), which frees its session
+    locks when the client froze."""
+    settings = dict(SESSION_SETTINGS)
+    if application_name:
+        settings["application_name"] = application_name
+    if idle_session_seconds is not None:
+        settings["idle_session_timeout"] = str(int(idle_session_seconds * 1000))
     conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=timeout, server_settings=settings)
     try:
         await init_connection(conn)
@@ -35,7 +48,12 @@ async def connect(
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections have :func:`init_connection` applied."""
     pool: asyncpg.Pool | None = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=init_connection, timeout=5
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=init_connection,
+        timeout=5,
+        server_settings=dict(SESSION_SETTINGS),
     )
     assert pool is not None
     return pool

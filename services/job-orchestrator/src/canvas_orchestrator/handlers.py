@@ -4,15 +4,18 @@ the generators become events in the job's stream.
 Messages are recorded by one task of this process, a transaction at a time; what
 arrives while a transaction runs waits, and the next one takes it all (group commit):
 the processed_messages rows (so a redelivery changes nothing), the job rows' locks
-(across processes, in id order), the streams (read again only when a jobs row's
-version says another writer moved it since this process last recorded it), a decision
-per message on the state its job's earlier messages left, in delivery order, the read
-models, and one append for every stream. Every append holds the lock that keeps
-positions in commit order until it commits, so one append for many jobs is what lets
-the store keep up under load; idle, a transaction carries one message. A writer that
-still lost the race (a new job's first append) re-reads and decides again; a batch
-that fails for any other reason than the database is split, a job and then a message
-at a time, so that only the message at fault goes to retries.
+(across processes, in id order; a job not recorded yet has a lock of its own, taken
+before it is looked for again, so that two replicas recording it, or one its request
+and the other its cancel, take turns), the cancels requested for them (applied before
+a start or a result, so that a cancel answered 202 wins), the streams (read again only
+when a jobs row's version says another writer moved it since this process last
+recorded it), a decision per message on the state its job's earlier messages left, in
+delivery order, the read models, and one append for every stream. Every append holds
+the lock that keeps positions in commit order until it commits, so one append for many
+jobs is what lets the store keep up under load; idle, a transaction carries one
+message. A writer that still lost the race (a new job's first append) re-reads and
+decides again; a batch that fails for any other reason than the database is split, a
+job and then a message at a time, so that only the message at fault goes to retries.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from canvas_events.broker import ACK, TRANSIENT_ERRORS, DeadLetter, Outcome, Retry
+from canvas_events.broker import ACK, DeadLetter, Outcome, Retry, is_transient
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.errors import PoisonMessage
 from canvas_events.events import (
@@ -49,7 +52,7 @@ from canvas_events.events import (
     JobRetryScheduled,
     parse_event,
 )
-from canvas_events.postgres import Database
+from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database
 from canvas_orchestrator import domain
 from canvas_orchestrator.domain import JobState, Policy
 from canvas_orchestrator.errors import ConcurrencyError, UnexpectedEvent
@@ -73,6 +76,9 @@ CONFLICTS: Final = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+# Messages before which a cancel requested for their job is applied: whatever starts or
+# ends an attempt (and a cancel, so that its request is done with).
+_MEETS_CANCELS = (GenerationStarted, GenerationSucceeded, GenerationFailed, JobCancelRequested)
 _COMMANDS = (
     JobRequested,
     JobCancelRequested,
@@ -89,7 +95,7 @@ Clock = Callable[[], datetime]
 class Handled:
     """What one message did."""
 
-    outcome: Literal["recorded", "ignored", "duplicate"]
+    outcome: Literal["recorded", "ignored", "duplicate", "kept"]
     recorded: list[RecordedEvent] = field(default_factory=list)
     reason: str = ""
     # Seconds from the attempt's GenerationRequested to its recorded result, if any.
@@ -117,6 +123,22 @@ class _Job:
     envelopes: list[Envelope] = field(default_factory=list)
     # (index in the batch, how many of ``envelopes`` that message added), in order.
     spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """A cancel requested for a job and not applied yet (``cancel_requests``)."""
+
+    envelope: Envelope
+    # In cancel_requests already (the gateway's, or kept by an earlier batch), or new.
+    stored: bool = True
+
+    @property
+    def event(self) -> JobCancelRequested:
+        event = parse_event(self.envelope)
+        if not isinstance(event, JobCancelRequested):
+            raise PoisonMessage(f"a cancel request holds a {self.envelope.type}")
+        return event
 
 
 class _KeptChanging(Exception):
@@ -175,6 +197,8 @@ class Handler:
             log.info("duplicate message ignored", message_id=str(envelope.event_id))
         elif handled.outcome == "ignored":
             log.info("message changed nothing", reason=handled.reason)
+        elif handled.outcome == "kept":
+            log.info("cancel kept until its job is recorded")
         report(handled, self._metrics)
         return ACK
 
@@ -221,10 +245,11 @@ class Handler:
                 break
             except CONFLICTS as exc:
                 log.info("a stream changed meanwhile; deciding again", reason=type(exc).__name__)
-            except TRANSIENT_ERRORS as exc:
-                _settle_all(batch, exc)
-                return
             except Exception as exc:
+                if is_transient(exc):
+                    # The database is away: every message waits for it, none is at fault.
+                    _settle_all(batch, exc)
+                    return
                 if len(batch) == 1:
                     _settle_all(batch, exc)
                     return
@@ -283,6 +308,18 @@ class Handler:
             if not fresh:
                 return [Handled("duplicate") for _ in batch]
             versions = {row["id"]: row["version"] for row in rows if row["version"] is not None}
+            # The cancels requested for the batch's jobs, read once their locks are held:
+            # the gateway writes a request under a share lock of the job's row (or its
+            # recording lock, before it has one), so none written before is missed.
+            requests: dict[UUID, CancelRequest] = {}
+            missing = [job_id for job_id in job_ids if job_id not in versions]
+            if missing:
+                await _lock_new_jobs(conn, missing, versions, requests)
+            if asking := sorted(
+                {item.job_id for item in batch if isinstance(item.event, _MEETS_CANCELS)}
+                - set(missing)
+            ):
+                requests |= await cancel_requests(conn, asking)
             jobs = await self._jobs(conn, job_ids, versions)
             results: list[Handled] = []
             # New canvases claimed by this batch's first jobs, not in the table yet.
@@ -295,31 +332,40 @@ class Handler:
                     continue
                 fresh.discard(envelope.event_id)  # the same message twice in one batch
                 job = jobs[item.job_id]
-                handled, new = await self._decide(conn, job, envelope, event, now, claimed)
+                if isinstance(event, JobCancelRequested) and not job.state.exists:
+                    # Its request is not recorded yet (another replica has it in hand, or
+                    # it still waits in the queue): the cancel waits for it.
+                    requests.setdefault(item.job_id, CancelRequest(envelope, stored=False))
+                    results.append(Handled("kept"))
+                    continue
+                handled, made = await self._decide_with_requests(
+                    conn, job, envelope, event, requests.get(item.job_id), now, claimed
+                )
                 results.append(handled)
-                if not new:
+                if not made:
                     continue
                 if job.owner is None:
                     job.owner = envelope.user_id
                 state = job.state
                 canvas_id = state.canvas_id if state.exists else getattr(event, "canvas_id", None)
-                job.spans.append((len(results) - 1, len(new)))
-                for decided in new:
-                    # The recorded copy of the incoming event keeps the time it happened at
+                job.spans.append((len(results) - 1, len(made)))
+                for decided, cause in made:
+                    # The recorded copy of an incoming event keeps the time it happened at
                     # its source; what the orchestrator decides happened at the ``now`` it
                     # decided with (so next_attempt_at - occurred_at is exactly the backoff).
-                    source = type(decided) is type(event)
+                    source = decided.type_name() == cause.type
                     job.envelopes.append(
-                        envelope.follow(
+                        cause.follow(
                             decided,
                             job_id=item.job_id,
                             user_id=job.owner,
                             canvas_id=canvas_id,
-                            occurred_at=envelope.occurred_at if source else now,
+                            occurred_at=cause.occurred_at if source else now,
                         )
                     )
                     state = domain.evolve(state, decided)
                 job.state = state
+            await _settle_requests(conn, requests, jobs)
             # Recorded in the order the jobs' first messages came (which is the order
             # they were decided in), so that positions tell the same story: the first job
             # on a new canvas is the one that owns it, on replay too.
@@ -393,19 +439,56 @@ class Handler:
         while len(self._known) > KNOWN_JOBS:
             self._known.popitem(last=False)
 
-    async def _decide(
+    async def _decide_with_requests(
         self,
         conn: asyncpg.Connection,
         job: _Job,
         envelope: Envelope,
         event: Event,
+        request: CancelRequest | None,
         now: datetime,
         claimed: dict[str, str],
+    ) -> tuple[Handled, list[tuple[Event, Envelope]]]:
+        """What one message decides, with the cancel requested for its job (if any)
+        applied first: before a start or a result it cancels the job (the message then
+        changes nothing), with a new job's request it records the job cancelled. Each new
+        event comes with the envelope it follows: the message's, or the request's."""
+        if request is not None and request.envelope.user_id != (job.owner or envelope.user_id):
+            log.warning("a cancel requested by someone who does not own the job ignored")
+            request = None
+        made: list[tuple[Event, Envelope]] = []
+        state = job.state
+        if request is not None and isinstance(event, _MEETS_CANCELS) and state.exists:
+            for decided in domain.cancel(state, request.event):
+                made.append((decided, request.envelope))
+                state = domain.evolve(state, decided)
+        first = request.event if request is not None and isinstance(event, JobRequested) else None
+        handled, new = await self._decide(
+            conn, state, job.owner, envelope, event, now, claimed, first
+        )
+        for decided in new:
+            from_request = first is not None and isinstance(
+                decided, JobCancelRequested | JobCancelled
+            )
+            made.append((decided, request.envelope if from_request and request else envelope))
+        if made and not new:
+            handled = Handled("recorded")  # the cancel it met was recorded
+        return handled, made
+
+    async def _decide(
+        self,
+        conn: asyncpg.Connection,
+        state: JobState,
+        owner: str | None,
+        envelope: Envelope,
+        event: Event,
+        now: datetime,
+        claimed: dict[str, str],
+        cancelled_first: JobCancelRequested | None = None,
     ) -> tuple[Handled, list[Event]]:
         """What one message decides on its job's state: its outcome so far and its new
         events."""
-        state = job.state
-        owner = job.owner if job.owner is not None else envelope.user_id
+        owner = owner if owner is not None else envelope.user_id
         if isinstance(event, JobCancelRequested) and state.exists and envelope.user_id != owner:
             return Handled("ignored", reason="cancel from someone who does not own the job"), []
         canvas_available = True
@@ -421,12 +504,83 @@ class Handler:
             policy=self._policy,
             new_id=self._new_id,
             canvas_available=canvas_available,
+            cancelled_first=cancelled_first,
         )
         if not new:
             return Handled("ignored", reason=domain.ignored_because(state, event)), []
         if isinstance(event, JobRequested) and canvas_available and owner is not None:
             claimed.setdefault(event.canvas_id, owner)
         return Handled("recorded"), new
+
+
+async def _lock_new_jobs(
+    conn: asyncpg.Connection,
+    job_ids: Sequence[UUID],
+    versions: dict[UUID, int],
+    requests: dict[UUID, CancelRequest],
+) -> None:
+    """Take the recording lock of each job that had no row (in id order, as every batch
+    does), then look again: another replica may have recorded one while this transaction
+    waited. Adds the rows found to ``versions``, and the cancels requested for any of them
+    to ``requests``."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext(id::text)) FROM unnest($2::uuid[]) AS id",
+        JOB_RECORDING_LOCK_CLASS,
+        job_ids,
+    )
+    rows = await conn.fetch(
+        """
+        WITH locked AS (
+            SELECT id, version FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+        )
+        SELECT id, version, NULL::jsonb AS request FROM locked
+        UNION ALL
+        SELECT job_id, NULL, envelope FROM cancel_requests WHERE job_id = ANY($1::uuid[])
+        """,
+        job_ids,
+    )
+    for row in rows:
+        if row["version"] is not None:
+            versions[row["id"]] = row["version"]
+        else:
+            requests[row["id"]] = CancelRequest(Envelope.model_validate(row["request"]))
+
+
+async def cancel_requests(
+    conn: asyncpg.Connection, job_ids: Sequence[UUID]
+) -> dict[UUID, CancelRequest]:
+    """The cancels requested and not applied yet for ``job_ids`` (locked by the caller)."""
+    rows = await conn.fetch(
+        "SELECT job_id, envelope FROM cancel_requests WHERE job_id = ANY($1::uuid[])",
+        list(job_ids),
+    )
+    return {row["job_id"]: CancelRequest(Envelope.model_validate(row["envelope"])) for row in rows}
+
+
+async def _settle_requests(
+    conn: asyncpg.Connection, requests: dict[UUID, CancelRequest], jobs: dict[UUID, _Job]
+) -> None:
+    """Keep the cancels this batch received for jobs still unrecorded; drop the stored
+    requests of jobs that are final now (cancelled, or ended before: nothing to do)."""
+    kept = [
+        (job_id, request.envelope)
+        for job_id, request in requests.items()
+        if not request.stored and not jobs[job_id].state.exists
+    ]
+    if kept:
+        await conn.execute(
+            "INSERT INTO cancel_requests (job_id, envelope) "
+            "SELECT * FROM unnest($1::uuid[], $2::jsonb[]) ON CONFLICT (job_id) DO NOTHING",
+            [job_id for job_id, _ in kept],
+            [envelope.model_dump(mode="json") for _, envelope in kept],
+        )
+    done = [
+        job_id
+        for job_id, request in requests.items()
+        if request.stored and jobs[job_id].state.is_final
+    ]
+    if done:
+        await conn.execute("DELETE FROM cancel_requests WHERE job_id = ANY($1::uuid[])", done)
 
 
 def _unpositioned(

@@ -3,8 +3,13 @@ the envelope's ``position`` set (the transactional outbox's second half).
 
 Exactly one relay publishes at a time across all orchestrators: it holds a session
 advisory lock on a connection of its own, and the others wait on standby and take over
-when that connection goes. It wakes on the NOTIFY of each append, and polls besides in
-case a notification is lost. What it reads goes to the broker at once, without waiting
+when that connection goes. The lock is a lease the relay keeps renewing: it queries at
+least every poll interval, and the database ends its session once it has been idle for
+SESSION_SECONDS (``idle_session_timeout``), so a relay that froze (SIGSTOP, a paused VM,
+a partition) loses the lock within seconds; so does one that cannot reach the broker,
+which gives the relay up after BROKER_GRACE_SECONDS of failed publishes, and stands by
+again only with a broker connection. It wakes on the NOTIFY of each append, and polls
+besides in case a notification is lost. What it reads goes to the broker at once, without waiting
 for the confirms of what went before (up to ``batch_size`` unconfirmed, on one channel,
 which keeps the order), and the checkpoint moves past the longest confirmed prefix: a
 new event never waits behind the broker's disk. Delivery is at-least-once: after a
@@ -36,6 +41,10 @@ from canvas_orchestrator.metrics import Metrics
 log = structlog.get_logger("canvas_orchestrator.outbox")
 
 RELAY_LOCK_KEY: Final = 0x63616E7661730002
+# The relay's session ends this long after its last query: a frozen relay's lock goes.
+SESSION_SECONDS: Final = 10.0
+# A relay that could publish nothing for this long hands the relay over.
+BROKER_GRACE_SECONDS: Final = 10.0
 # Shown in pg_stat_activity, so an operator can tell which session holds the relay lock.
 APPLICATION_NAME: Final = "canvas-orchestrator-relay"
 CHECKPOINT: Final = "job-events"
@@ -96,7 +105,11 @@ class Relay:
         while not self._stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await connect(self._dsn, application_name=APPLICATION_NAME)
+                conn = await connect(
+                    self._dsn,
+                    application_name=APPLICATION_NAME,
+                    idle_session_seconds=max(SESSION_SECONDS, 5 * self._poll_interval),
+                )
                 delay = 0.5
                 await self._standby(conn)
                 if not self._stopping.is_set():
@@ -119,7 +132,11 @@ class Relay:
     async def _standby(self, conn: asyncpg.Connection) -> None:
         """Wait until this process holds the relay lock (or is asked to stop)."""
         while not self._stopping.is_set():
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY):
+            # Without a broker this process could publish nothing: leave the lock to one
+            # that can.
+            if self._broker.connected and await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY
+            ):
                 self.active = True
                 self._metrics.relay_active.set(1)
                 log.info("relay active")
@@ -147,6 +164,8 @@ class Relay:
             read = checkpoint
             more = True  # the store may hold events after ``read``
             next_lag_at = 0.0
+            # Since when every publish failed (None: the last one went through).
+            failing_since: float | None = None
             while True:
                 # Asked to stop: publish what is recorded by now (the consumer has drained
                 # its messages), then give the lock up.
@@ -163,6 +182,7 @@ class Relay:
                     more = len(batch) == room
                 confirmed, failed = self._settle_confirmed(in_flight)
                 if confirmed is not None:
+                    failing_since = None
                     checkpoint = confirmed.position
                     await conn.execute(
                         "UPDATE relay_checkpoints SET position = $2 "
@@ -176,6 +196,13 @@ class Relay:
                     await _settled(in_flight)
                     in_flight.clear()
                     read, more = checkpoint, True
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since >= BROKER_GRACE_SECONDS:
+                        log.warning(
+                            "relay cannot publish; handing the relay over",
+                            failing_seconds=round(time.monotonic() - failing_since, 1),
+                        )
+                        return
                 if time.monotonic() >= next_lag_at:
                     # A gauge scraped every few seconds: once a second is plenty, and a
                     # busy relay saves a query a batch.
@@ -232,10 +259,15 @@ class Relay:
     async def _publish_one(self, item: RecordedEvent) -> None:
         envelope = item.envelope
         priority = None
-        if envelope.type == GenerationRequested.type_name():
+        work = envelope.type == GenerationRequested.type_name()
+        if work:
             # Generators take the highest priority first from their work queue.
             priority = int(envelope.data.get("priority", 0))
-        await self._broker.publish(envelope, routing_key(JOB, envelope.type), priority=priority)
+        # Work must reach the (durable) work queue; the other events go to per-process
+        # queues of notifiers and generators, of which there may be none at the moment.
+        await self._broker.publish(
+            envelope, routing_key(JOB, envelope.type), priority=priority, mandatory=work
+        )
 
     async def _measure_lag(self, conn: asyncpg.Connection, checkpoint: int | None = None) -> None:
         lag = await conn.fetchval(

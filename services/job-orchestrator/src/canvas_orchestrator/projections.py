@@ -31,6 +31,7 @@ from canvas_events.events import (
     parse_event,
 )
 from canvas_orchestrator.domain import JobStatus
+from canvas_orchestrator.errors import ConcurrencyError
 from canvas_orchestrator.event_store import RecordedEvent, iterate
 
 log = structlog.get_logger("canvas_orchestrator.projections")
@@ -170,11 +171,18 @@ async def rebuild(pool: asyncpg.Pool, *, batch_size: int = 1_000) -> int:
 async def _insert_job(conn: asyncpg.Connection, changes: dict[str, Any]) -> None:
     columns = list(changes)
     placeholders = ", ".join(f"${number}" for number in range(1, len(columns) + 1))
-    await conn.execute(
-        # Column names come from job_changes, never from input.
-        f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})",  # noqa: S608
-        *(changes[column] for column in columns),
-    )
+    try:
+        await conn.execute(
+            # Column names come from job_changes, never from input.
+            f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})",  # noqa: S608
+            *(changes[column] for column in columns),
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "jobs_pkey":
+            raise
+        # Another writer recorded the job first (the projection runs before the append,
+        # so this is where a lost race shows): a conflict, decided again on a fresh read.
+        raise ConcurrencyError(f"job {changes['id']} was recorded meanwhile") from exc
 
 
 async def _update_job(conn: asyncpg.Connection, stream_id: Any, changes: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from canvas_gateway.deps import (
     BrokerDep,
     CorrelationId,
     CurrentUser,
+    LedgerDep,
     MetricsDep,
     SettingsDep,
     StoreDep,
@@ -87,6 +88,7 @@ async def create_canvas(
     broker: BrokerDep,
     metrics: MetricsDep,
     settings: SettingsDep,
+    ledger: LedgerDep,
     correlation_id: CorrelationId,
     request: Request,
     idempotency_key: Annotated[
@@ -159,8 +161,9 @@ async def create_canvas(
     try:
         await store.confirm(job.job_id)
     except StoreUnavailable as exc:
-        # The job is queued whatever happens here; only the ledger lags behind.
-        log.warning("job queued but not marked confirmed", error=str(exc))
+        # The job is queued whatever happens here; the ledger is told as soon as it can.
+        log.warning("job queued but not marked confirmed yet", error=str(exc))
+        ledger.confirm_later(job.job_id)
     if not admission.duplicate:
         metrics.jobs_accepted.inc()
     log.info(
@@ -258,16 +261,22 @@ async def cancel_job(
         user_id=user.user_id,
         canvas_id=job["canvas_id"],
     )
+    # Recorded before the answer, where the orchestrator looks before it records a start
+    # or a result: whichever message reaches it first, the cancel wins.
+    verdict = await store.request_cancel(user.user_id, job_id, envelope)
+    if verdict is None:
+        raise _not_found()
+    if verdict != "requested":
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job is already {verdict}")
     try:
         await broker.publish(envelope, routing_key(GATEWAY, "JobCancelRequested"))
     except PublishError as exc:
+        # The request is recorded and wins at the job's next step all the same; the
+        # message only makes it take effect (and reach a running model call) at once.
         metrics.publish_failures.inc()
-        log.warning("cancel not sent: broker did not confirm", error=str(exc))
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail="the job queue is unavailable; the job was not cancelled, try again later",
-            headers={"Retry-After": UNAVAILABLE_RETRY_AFTER},
-        ) from None
+        log.warning(
+            "cancel recorded but not sent; it applies at the job's next step", error=str(exc)
+        )
     log.info("job cancel requested")
     return CancelAccepted(job_id=job_id)
 

@@ -1,0 +1,129 @@
+"""The gateway's guarantee that an accepted job is not lost between the broker and the
+orchestrator: the ledger sweep of each gateway process.
+
+A 202 is answered once the broker confirmed the JobRequested; from there the broker
+and the orchestrator carry it. What they cannot undo is an operator's purge, a
+dead-lettered message, a deleted queue: the job would stay ``queued`` forever and count
+against its user's limit. So, every few seconds, each gateway:
+
+1. marks confirmed the requests whose confirm could not be written at the time (the
+   database refused just after the broker confirmed): read-your-writes again;
+2. claims the requests the orchestrator has not recorded LEDGER_RESEND_AFTER_SECONDS
+   after they were sent (twice as long after each further try) and publishes their
+   JobRequested again, same job id: the orchestrator records a job once, whatever the
+   copies (``job request sent again`` in the log);
+3. gives up a request after LEDGER_MAX_RESENDS tries: its status answers ``failed``
+   with the reason, it stops counting against the limit, and a JobCancelRequested is
+   sent after it, so that a copy still on its way is recorded cancelled, not run.
+
+Claims are made with ``FOR UPDATE SKIP LOCKED`` in one statement, so several gateways
+share the work without sending a request twice in one round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final
+from uuid import UUID
+
+import structlog
+
+from canvas_events.broker import Broker
+from canvas_events.envelope import Envelope
+from canvas_events.errors import PublishError
+from canvas_events.events import JobCancelRequested, JobRequested
+from canvas_events.logging import redact
+from canvas_events.topology import GATEWAY, routing_key
+from canvas_gateway.store import JobRequest, Store
+
+log = structlog.get_logger("canvas_gateway.ledger")
+
+# Requests claimed per round, at most.
+BATCH: Final = 100
+
+
+class LedgerSweep:
+    """The background loop described in the module docstring."""
+
+    def __init__(
+        self, store: Store, broker: Broker, *, resend_after: float, max_resends: int
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._resend_after = resend_after
+        self._max_resends = max_resends
+        # A sweep often enough that a request is sent again close to when it is due.
+        self._interval = max(0.2, min(10.0, resend_after / 2))
+        self._unconfirmed: set[UUID] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def confirm_later(self, job_id: UUID) -> None:
+        """The broker confirmed ``job_id``'s request but the ledger could not be told:
+        tell it as soon as the database lets us."""
+        self._unconfirmed.add(job_id)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ledger-sweep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.sweep()
+            except Exception as exc:
+                # The database or the broker away: the next round tries again.
+                log.warning("ledger sweep failed; will try again", error=redact(repr(exc)))
+
+    async def sweep(self) -> int:
+        """One round; how many requests were sent again or given up."""
+        if self._unconfirmed:
+            pending = set(self._unconfirmed)
+            await self._store.confirm(*pending)
+            self._unconfirmed -= pending
+        claimed = await self._store.claim_unrecorded(
+            resend_after=self._resend_after, max_resends=self._max_resends, limit=BATCH
+        )
+        for request in claimed:
+            with structlog.contextvars.bound_contextvars(
+                job_id=str(request.job_id), correlation_id=request.correlation_id
+            ):
+                await self._send(request)
+        return len(claimed)
+
+    async def _send(self, request: JobRequest) -> None:
+        event: JobRequested | JobCancelRequested
+        if request.given_up_at is not None:
+            event = JobCancelRequested(reason="given up: never recorded by the job-orchestrator")
+            log.error("job request given up", tries=request.resends)
+        else:
+            event = JobRequested(
+                query=request.query,
+                canvas_id=request.canvas_id,
+                priority=request.priority,
+                options=request.options,
+                idempotency_key=request.idempotency_key,
+            )
+        envelope = Envelope.wrap(
+            event,
+            correlation_id=request.correlation_id,
+            job_id=request.job_id,
+            user_id=request.user_id,
+            canvas_id=request.canvas_id,
+            occurred_at=request.created_at if isinstance(event, JobRequested) else None,
+        )
+        try:
+            await self._broker.publish(envelope, routing_key(GATEWAY, envelope.type))
+        except PublishError as exc:
+            # Claimed all the same: tried again after the next backoff.
+            log.warning("job request could not be sent again", error=str(exc))
+            return
+        if isinstance(event, JobRequested):
+            log.warning("job request sent again", tries=request.resends)

@@ -1,0 +1,127 @@
+"""The database refuses writes for a while, as it does after a failover (the old primary
+read-only, every session dropped): an outage, not a verdict on any message.
+
+While a user submits a job every 0.1 s, the test's database is made read-only
+(``default_transaction_read_only`` for new sessions, every session terminated) for
+ten seconds, then writable again (and the read-only sessions terminated once more, as
+a switch to the new primary does). What must hold:
+
+- the gateway answers 202 or 503 with ``Retry-After``, never 500, and queues nothing it
+  could not record: afterwards the user's job list holds exactly the jobs answered 202;
+- no message is dead-lettered: consumers wait and retry while the database refuses;
+- every job answered 202 completes, with its objects on its canvas once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.faults.conftest import MakeSystem
+from tests.faults.harness import (
+    Client,
+    Submitted,
+    check_outcome,
+    dead_letters,
+    figures,
+    lines,
+    log_problems,
+    query,
+)
+
+pytestmark = pytest.mark.e2e
+
+OUTAGE_SECONDS = 10.0
+
+
+async def set_read_only(database_url: str, read_only: bool) -> None:
+    """Make new sessions of the database read-only (or not), and end every session it
+    has now, as a failover does."""
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        setting = "on" if read_only else "off"
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
+        )
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+    finally:
+        await admin.close()
+
+
+async def test_a_database_that_refuses_writes_delays_jobs_and_loses_none(
+    make_system: MakeSystem,
+) -> None:
+    system = await make_system(MAX_CONCURRENT_JOBS=10)
+    accepted: list[Submitted] = []
+    refused: list[int] = []
+    wrong: list[str] = []
+    async with Client(system) as client:
+
+        async def submit_steadily(stop: asyncio.Event) -> None:
+            index = 0
+            while not stop.is_set():
+                with contextlib.suppress(httpx.TransportError):
+                    answer = await client.http.post(
+                        "/api/ai-agent/create-canvas",
+                        json={"query": query(index, delay_ms=200)},
+                    )
+                    if answer.status_code == 202:
+                        body = answer.json()
+                        accepted.append(Submitted(body["job_id"], body["canvas_id"]))
+                    elif answer.status_code == 503 and answer.headers.get("Retry-After"):
+                        refused.append(index)
+                    else:
+                        wrong.append(f"{answer.status_code}: {answer.text[:200]}")
+                index += 1
+                await asyncio.sleep(0.1)
+
+        stop = asyncio.Event()
+        submitting = asyncio.create_task(submit_steadily(stop))
+        try:
+            await asyncio.sleep(1.5)  # jobs in every stage when the database turns
+            await set_read_only(system.database_url, True)
+            await asyncio.sleep(OUTAGE_SECONDS)
+            await set_read_only(system.database_url, False)
+            await asyncio.sleep(2)
+        finally:
+            stop.set()
+            await submitting
+        statuses = await client.wait_final(accepted, timeout=60)
+        outcome = await check_outcome(client, system.database_url, accepted, statuses)
+        listed = await client.statuses()
+
+    dead = await dead_letters(system)
+    dead_lettered = [
+        line
+        for process in system.processes.values()
+        for line in lines(process, "message dead-lettered")
+    ]
+    figures(
+        "database-read-only",
+        outcome,
+        faults=1,
+        answered_503=len(refused),
+        wrong_answers=len(wrong),
+        dead_lettered=sum(dead.values()),
+    )
+    assert wrong == [], wrong[:5]
+    assert refused, "the gateway never noticed the database refusing writes"
+    assert dead_lettered == [] and sum(dead.values()) == 0, dead
+    assert outcome.completed == len(accepted), outcome.problems
+    assert outcome.lost == 0 and outcome.duplicated_objects == 0
+    assert outcome.problems == []
+    # Nothing queued that could not be recorded: the list holds the 202s, and only them.
+    assert listed is not None
+    assert set(listed) == {job.job_id for job in accepted}
+    assert log_problems(system) == []
