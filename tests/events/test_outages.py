@@ -28,6 +28,7 @@ from canvas_events.postgres import DatabaseUnavailable, is_outage
         asyncpg.IdleInTransactionSessionTimeoutError("terminating connection due to idle"),
         asyncpg.LockNotAvailableError("canceling statement due to lock timeout"),
         asyncpg.InterfaceError("cannot perform operation: connection is closed"),
+        asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),
     ],
 )
 def test_errors_that_say_the_database_cannot_work_now_are_outages(error: BaseException) -> None:

@@ -85,6 +85,11 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         return state[:2] in _OUTAGE_CLASSES or state in _OUTAGE_STATES
+    if isinstance(exc, asyncpg.InternalClientError):
+        # A connection left mid-operation by a query cut off ("cannot switch to state
+        # ...; another operation is in progress"): that connection is done for, the
+        # next one is fine.
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         # "connection is closed", "pool is closing": the connection went under us. Other
         # interface errors (a value it cannot encode) come back on every try.
