@@ -10,7 +10,7 @@ MEMBERS := libs/events services/gateway services/job-orchestrator services/ai-ge
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test lint format dev bench bench-notifier token browser require-browser clean
+.PHONY: help install lock test lint format dev bench bench-notifier chaos token browser require-browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000
 
 bench-notifier: install ## WebSocket fan-out on one notifier process (ARGS="--clients 5000 --rate 1000 --seconds 30")
 	$(BIN)/python -m bench.notifier $(ARGS)
+
+chaos: install ## soak: two of each service, a random fault every few seconds (MINUTES=10 RATE=3 SEED=n)
+	$(BIN)/python -m tests.faults.chaos --minutes $(or $(MINUTES),10) --rate $(or $(RATE),3) $(if $(SEED),--seed $(SEED),)
 
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
 	@$(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)

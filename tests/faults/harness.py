@@ -53,11 +53,13 @@ class Submitted:
 class Client:
     """One user of a running system, talking to the gateway like any client."""
 
-    def __init__(self, system: System, user: str = "fault-user") -> None:
+    def __init__(
+        self, system: System, user: str = "fault-user", *, gateway: str = "gateway"
+    ) -> None:
         self.system = system
         self.user = user
         self.http = httpx.AsyncClient(
-            base_url=system.gateway_url,
+            base_url=system.url(gateway),
             timeout=10,
             headers={"Authorization": f"Bearer {system.token(user)}"},
         )
@@ -492,9 +494,12 @@ class Watcher:
     it reconnects with ``after=`` its last position whenever the connection closes, so
     it should see every status event once, in position order, whatever the fault."""
 
-    def __init__(self, system: System, user: str = "fault-user") -> None:
+    def __init__(
+        self, system: System, user: str = "fault-user", *, notifier: str = "notifier"
+    ) -> None:
         self.system = system
         self.token = system.token(user)
+        self.notifier = notifier
         self.frames: list[dict[str, Any]] = []
         self.connects = 0
         self._task: asyncio.Task[None] | None = None
@@ -515,7 +520,8 @@ class Watcher:
         while True:
             after = self.frames[-1]["position"] if self.frames else None
             try:
-                async with websockets.connect(self.system.websocket_url(self.token, after)) as ws:
+                url = self.system.websocket_url(self.token, after, notifier=self.notifier)
+                async with websockets.connect(url) as ws:
                     self.connects += 1
                     connected.set()
                     async for raw in ws:

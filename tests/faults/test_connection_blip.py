@@ -16,7 +16,7 @@ this test's, and closing them disturbs nobody else.
 from __future__ import annotations
 
 import asyncio
-import socket
+import functools
 
 import pytest
 
@@ -79,8 +79,9 @@ async def test_an_attempt_taken_over_by_another_generator_counts_only_its_newest
         await wait_in_flight(system, at_least=JOBS)
         # Only the first generator's connections: the attempts it runs go to the other.
         first = system.processes["generator"]
-        name = f"ai-generator-{socket.gethostname()}-{first.pid}"
-        closed = await asyncio.to_thread(private_rabbitmq.close_connections, name)
+        closed = await asyncio.to_thread(
+            functools.partial(private_rabbitmq.close_connections, of_pid=first.pid)
+        )
         statuses = await client.wait_final(submitted, timeout=45)
         outcome = await check_outcome(client, system.database_url, submitted, statuses)
 

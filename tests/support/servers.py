@@ -189,12 +189,17 @@ class PrivateRabbitMQ:
             found[pid] = name.group(1) if name else ""
         return found
 
-    def close_connections(self, named: str = "", reason: str = "closed by a fault test") -> int:
+    def close_connections(
+        self, named: str = "", *, of_pid: int | None = None, reason: str = "closed by a test"
+    ) -> int:
         """Close, as an operator does from the management UI ("force close"), every
-        connection whose connection_name contains ``named`` (all by default); how many."""
+        connection whose connection_name contains ``named`` (all by default), or, with
+        ``of_pid``, every connection of that service process (canvas-jobs names its
+        connections ``<service>-<host>-<pid>[-<suffix>]``); how many."""
+        owned = re.compile(rf"-{of_pid}(-|$)") if of_pid is not None else None
         closed = 0
         for pid, name in self.connections().items():
-            if named in name:
+            if named in name and (owned is None or owned.search(name)):
                 # A connection that went meanwhile is no failure.
                 self.ctl("close_connection", pid, reason)
                 closed += 1

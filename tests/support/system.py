@@ -109,8 +109,11 @@ class System:
     def fake_openai_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['fake-openai']}"
 
-    def websocket_url(self, token: str, after: int | None = None) -> str:
-        url = f"ws://127.0.0.1:{self.ports['notifier']}/ws?token={token}"
+    def websocket_url(
+        self, token: str, after: int | None = None, *, notifier: str = "notifier"
+    ) -> str:
+        """The WebSocket address of notifier process ``notifier``."""
+        url = f"ws://127.0.0.1:{self.ports[notifier]}/ws?token={token}"
         return url if after is None else f"{url}&after={after}"
 
     def token(self, user_id: str, *, admin: bool = False) -> str:
