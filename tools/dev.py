@@ -49,6 +49,9 @@ def main() -> int:
     env.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
     env.setdefault("AMQP_URL", DEFAULT_AMQP_URL)
     env.setdefault("LOG_FORMAT", "json")
+    # Development: without JWT_SECRET the services sign with the public development
+    # secret (and say so); anywhere else they refuse to start without it.
+    env.setdefault("CANVAS_ENV", "development")
     ports = {
         "gateway": int(env.setdefault("GATEWAY_PORT", "8000")),
         "notifier": int(env.setdefault("NOTIFIER_PORT", "8001")),

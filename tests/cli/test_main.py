@@ -11,7 +11,13 @@ from canvas_events.settings import DEV_JWT_SECRET
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CANVAS_TOKEN", "CANVAS_GATEWAY_URL", "CANVAS_NOTIFIER_URL", "JWT_SECRET"):
+    for name in (
+        "CANVAS_TOKEN",
+        "CANVAS_GATEWAY_URL",
+        "CANVAS_NOTIFIER_URL",
+        "JWT_SECRET",
+        "CANVAS_ENV",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -41,9 +47,17 @@ def test_a_command_without_a_token_says_how_to_get_one(
     assert "canvas-jobs token --user NAME" in err
 
 
-def test_token_without_jwt_secret_warns_and_signs_with_the_development_secret(
-    capsys: pytest.CaptureFixture[str],
+def test_token_without_jwt_secret_says_what_to_set(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "--user", "alice"]) == 3
+    err = capsys.readouterr().err
+    assert "canvas-jobs: error: JWT_SECRET is not set" in err
+    assert "CANVAS_ENV=development" in err
+
+
+def test_token_in_development_warns_and_signs_with_the_development_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("CANVAS_ENV", "development")
     assert main(["token", "--user", "alice", "--admin", "--ttl-hours", "2"]) == 0
     captured = capsys.readouterr()
     assert "warning: JWT_SECRET is not set" in captured.err

@@ -56,7 +56,14 @@ APP_SERVICES = (
         port_var="GATEWAY_PORT",
         port=8000,
         script="canvas-gateway",
-        env=COMMON_ENV | {"DATABASE_URL", "JWT_SECRET", "GATEWAY_PORT", "MAX_ACTIVE_JOBS_PER_USER"},
+        env=COMMON_ENV
+        | {
+            "DATABASE_URL",
+            "JWT_SECRET",
+            "GATEWAY_PORT",
+            "MAX_ACTIVE_JOBS_PER_USER",
+            "MAX_REQUEST_BYTES",
+        },
     ),
     AppService(
         name="job-orchestrator",
@@ -68,6 +75,7 @@ APP_SERVICES = (
         env=COMMON_ENV
         | {
             "DATABASE_URL",
+            "JWT_SECRET",
             "ORCHESTRATOR_PORT",
             "MAX_JOB_RETRIES",
             "RETRY_BACKOFF_BASE",
@@ -81,9 +89,11 @@ APP_SERVICES = (
         port_var="GENERATOR_PORT",
         port=8003,
         script="canvas-generator",
-        # No database: the generator only talks to the broker and the model.
+        # No database: the generator only talks to the broker and the model (and signs its
+        # service credential for the orchestrator's internal API with JWT_SECRET).
         env=COMMON_ENV
         | {
+            "JWT_SECRET",
             "OPENAI_API_KEY",
             "OPENAI_BASE_URL",
             "OPENAI_MODEL",
@@ -99,7 +109,7 @@ APP_SERVICES = (
         port_var="NOTIFIER_PORT",
         port=8001,
         script="canvas-notifier",
-        env=COMMON_ENV | {"DATABASE_URL", "JWT_SECRET", "NOTIFIER_PORT"},
+        env=COMMON_ENV | {"DATABASE_URL", "JWT_SECRET", "NOTIFIER_PORT", "MAX_REQUEST_BYTES"},
     ),
 )
 
@@ -122,6 +132,7 @@ ARCHITECTURE_ENV = frozenset(
         "ORCHESTRATOR_PORT",
         "GENERATOR_PORT",
         "MAX_ACTIVE_JOBS_PER_USER",
+        "MAX_REQUEST_BYTES",
         "LOG_LEVEL",
         "LOG_FORMAT",
     }

@@ -57,11 +57,18 @@ def service(name: str) -> dict[str, Any]:
     return entry
 
 
-def environment(name: str) -> dict[str, str]:
-    """A service's environment as its process sees it with no variable set on the host."""
+# The one variable compose requires of the host.
+HOST = {"JWT_SECRET": "a-secret-the-host-sets-0123456789abcdef"}
+
+
+def environment(name: str, host: dict[str, str] | None = None) -> dict[str, str]:
+    """A service's environment as its process sees it with only JWT_SECRET set on the
+    host (or ``host``)."""
     env = service(name).get("environment", {})
     assert isinstance(env, dict), f"{name}: write environment as a mapping"
-    return {key: interpolate(str(value), {}) for key, value in env.items()}
+    return {
+        key: interpolate(str(value), HOST if host is None else host) for key, value in env.items()
+    }
 
 
 def healthcheck_command(name: str) -> list[str]:
@@ -113,7 +120,18 @@ def test_service_builds_its_dockerfile_from_the_repository_root(app: AppService)
 
 @by_name
 def test_service_publishes_its_port(app: AppService) -> None:
-    assert f"{app.port}:{app.port}" in service(app.name)["ports"]
+    if app.name == "job-orchestrator":
+        # Its internal API is for the other containers only: not on the host.
+        assert "ports" not in service(app.name)
+        assert str(app.port) in service(app.name)["expose"]
+    else:
+        assert f"{app.port}:{app.port}" in service(app.name)["ports"]
+
+
+@pytest.mark.parametrize("name", [app.name for app in APP_SERVICES if "JWT_SECRET" in app.env])
+def test_compose_refuses_to_start_without_jwt_secret(name: str) -> None:
+    with pytest.raises(AssertionError, match="JWT_SECRET is required"):
+        environment(name, host={})
 
 
 @by_name
@@ -166,8 +184,8 @@ def test_service_settings_accept_the_compose_defaults(
 
     assert getattr(settings, app.port_var.lower()) == app.port
     if "JWT_SECRET" in app.env:
-        # The library's development default, so that the service warns loudly at start.
-        assert settings.jwt_secret.get_secret_value() == DEV_JWT_SECRET
+        assert settings.secret == HOST["JWT_SECRET"]
+        assert settings.secret != DEV_JWT_SECRET
 
 
 def test_compose_defaults_leave_the_generator_without_key_or_base_url(

@@ -565,3 +565,22 @@ def test_trigger_authentication_reads_the_amqp_url_from_the_secret() -> None:
         {"parameter": "host", "name": SECRET, "key": "AMQP_URL"}
     ]
     assert set(authentication["spec"]) == {"secretTargetRef"}
+
+
+def test_only_the_systems_own_pods_and_prometheus_reach_the_orchestrators_port() -> None:
+    orchestrator = next(app for app in APP_SERVICES if app.name == "job-orchestrator")
+    policy = resource("NetworkPolicy", "job-orchestrator")["spec"]
+
+    selected = policy["podSelector"]["matchLabels"]
+    assert selected.items() <= pod_labels(orchestrator).items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "canvas-jobs"}}},
+        {"namespaceSelector": {"matchLabels": {"canvas-jobs/scrape": "true"}}},
+    ]
+    assert [container_port(orchestrator, port["port"]) for port in rule["ports"]] == [8002]
+    # Every pod of the system carries the label the policy lets in (the generators ask
+    # the orchestrator before each model call).
+    for app in APP_SERVICES:
+        assert pod_labels(app)["app.kubernetes.io/part-of"] == "canvas-jobs"

@@ -242,7 +242,9 @@ async def test_cancel_while_processing_aborts_the_model_call_and_discards_object
     async with (
         client(system) as user,
         httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{system.ports['orchestrator']}", timeout=10
+            base_url=f"http://127.0.0.1:{system.ports['orchestrator']}",
+            timeout=10,
+            headers=system.service_headers(),
         ) as orchestrator,
     ):
         stats = stand_in(system, "/_fake/stats")

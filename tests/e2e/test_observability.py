@@ -443,8 +443,9 @@ class TestARunOfJobs:
             await http.get(f"/api/ai-agent/job/{job.job_id}/status", headers=run.auth())
             await http.get(f"/api/ai-agent/job/{job.job_id}/events", headers=run.auth())
             orchestrator = system.url("orchestrator")
-            await other.get(f"{orchestrator}/internal/jobs/{job.job_id}")
-            await other.get(f"{orchestrator}/internal/jobs/{job.job_id}/events")
+            internal = system.service_headers()
+            await other.get(f"{orchestrator}/internal/jobs/{job.job_id}", headers=internal)
+            await other.get(f"{orchestrator}/internal/jobs/{job.job_id}/events", headers=internal)
         await http.get("/api/ai-agent/jobs", headers=run.auth())
         await http.get("/api/ai-agent/health")
         assert (

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from canvas_gateway.app import create_app
 from canvas_gateway.routes.page import notifier_url
 from canvas_gateway.settings import Settings
-from tests.support.system import System
+from tests.support.system import JWT_SECRET, System
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "canvas.png"
 CHROMIUM_ARGS = [
@@ -361,7 +361,7 @@ async def _config(settings: Settings, base_url: str) -> dict[str, Any]:
 
 
 async def test_config_points_at_the_notifier_on_the_host_the_browser_used() -> None:
-    settings = Settings(notifier_port=9001)
+    settings = Settings(notifier_port=9001, jwt_secret=JWT_SECRET)
     assert await _config(settings, "http://canvas.example:8000") == {
         "notifier_url": "ws://canvas.example:9001/ws"
     }
@@ -383,17 +383,17 @@ async def test_config_points_at_the_notifier_on_the_host_the_browser_used() -> N
 
 
 async def test_config_gives_notifier_public_url_when_set() -> None:
-    settings = Settings(notifier_public_url="wss://live.canvas.example/ws")
+    settings = Settings(notifier_public_url="wss://live.canvas.example/ws", jwt_secret=JWT_SECRET)
     assert await _config(settings, "http://gateway.internal:8000") == {
         "notifier_url": "wss://live.canvas.example/ws"
     }
-    assert Settings(notifier_public_url="").notifier_public_url is None
+    assert Settings(notifier_public_url="", jwt_secret=JWT_SECRET).notifier_public_url is None
     with pytest.raises(ValidationError, match="ws:// or wss://"):
-        Settings(notifier_public_url="https://live.canvas.example/ws")
+        Settings(notifier_public_url="https://live.canvas.example/ws", jwt_secret=JWT_SECRET)
 
 
 async def test_only_the_pages_own_files_are_served() -> None:
-    transport = httpx.ASGITransport(app=create_app(Settings()))
+    transport = httpx.ASGITransport(app=create_app(Settings(jwt_secret=JWT_SECRET)))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         script = await http.get("/static/app.js")
         assert script.status_code == 200

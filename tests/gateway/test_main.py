@@ -36,10 +36,29 @@ def test_token_command_warns_about_the_development_secret(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("JWT_SECRET", raising=False)
+    monkeypatch.setenv("CANVAS_ENV", "development")
     main(["token", "--user", "dave"])
     printed = capsys.readouterr()
     assert decode_token(printed.out.strip(), DEV_JWT_SECRET).user_id == "dave"
     assert "JWT_SECRET is not set" in printed.err
+
+
+@pytest.mark.parametrize("secret", [None, "", "too-short"])
+def test_without_a_usable_jwt_secret_it_refuses_to_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], secret: str | None
+) -> None:
+    monkeypatch.delenv("CANVAS_ENV", raising=False)
+    if secret is None:
+        monkeypatch.delenv("JWT_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("JWT_SECRET", secret)
+    for argv in ([], ["token", "--user", "eve"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "invalid setting JWT_SECRET" in err
+        assert DEV_JWT_SECRET not in err
 
 
 def test_bad_setting_exits_2_naming_the_variable(
@@ -68,6 +87,8 @@ async def test_gateway_process_serves_logs_json_and_stops_on_sigterm(
         "AMQP_URL": amqp_url,
         "AMQP_TOPOLOGY_PREFIX": topology.prefix,
         "GATEWAY_PORT": str(port),
+        # No JWT_SECRET: the development secret, said loudly.
+        "CANVAS_ENV": "development",
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,

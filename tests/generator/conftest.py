@@ -15,11 +15,13 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
 
+from canvas_events.auth import Principal, decode_token
 from canvas_events.envelope import Envelope, utcnow
+from canvas_events.errors import AuthError
 from canvas_events.events import GenerationRequested, JobCancelled, JobCancelRequested
 from canvas_events.runtime import serve_http
 from canvas_events.topology import Topology
@@ -29,6 +31,7 @@ from tests.support.fake_openai import FakeOpenAI
 from tests.support.processes import free_port
 
 API_KEY = "sk-generator-tests-0123456789abcdef"
+JWT_SECRET = "generator-tests-secret-0123456789-abcdefghij"
 # Nothing listens on port 1 (binding it needs root): connection refused at once, so the
 # attempt check fails open. Tests of the check itself use the `orchestrator` fixture.
 NO_ORCHESTRATOR = "http://127.0.0.1:1"
@@ -54,6 +57,7 @@ def generator_settings(
         "max_concurrent_jobs": 4,
         "shutdown_grace_seconds": 10,
         "orchestrator_url": NO_ORCHESTRATOR,
+        "jwt_secret": JWT_SECRET,
     }
     values.update(overrides)
     return Settings(**values)
@@ -214,16 +218,26 @@ class Answer:
 class StubOrchestrator:
     """``GET /internal/attempts/{attempt_id}`` as the orchestrator serves it, answering
     what a test set in ``answers`` (current and queued when not set); ``asked`` records
-    each question as (attempt_id, job_id)."""
+    each question as (attempt_id, job_id), ``callers`` the principal of each (the
+    internal API answers only a service credential signed with JWT_SECRET)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.answers: dict[str, Answer] = {}
         self.asked: list[tuple[str, str | None]] = []
+        self.callers: list[Principal] = []
         self.app = FastAPI()
 
         @self.app.get("/internal/attempts/{attempt_id}")
-        async def attempt(attempt_id: str, job_id: str | None = None) -> Response:
+        async def attempt(attempt_id: str, request: Request, job_id: str | None = None) -> Response:
+            token = request.headers.get("authorization", "").removeprefix("Bearer ")
+            try:
+                caller = decode_token(token, JWT_SECRET)
+            except AuthError:
+                return JSONResponse({"detail": "service credential required"}, status_code=401)
+            if not caller.is_service:
+                return JSONResponse({"detail": "service credential required"}, status_code=403)
+            self.callers.append(caller)
             self.asked.append((attempt_id, job_id))
             answer = self.answers.get(attempt_id, Answer())
             if answer.delay:

@@ -11,8 +11,10 @@ from datetime import timedelta
 import httpx
 import pytest
 
+from canvas_events.auth import ServiceCredential, decode_token
 from canvas_generator.checks import AttemptChecker, Verdict
 from tests.generator.conftest import (
+    JWT_SECRET,
     NO_ORCHESTRATOR,
     Answer,
     generation_request,
@@ -162,6 +164,29 @@ async def test_checker_reads_the_orchestrators_verdict_and_status():
     assert (yes.verdict, yes.status) == (Verdict.CURRENT, "processing")
     assert (no.verdict, no.status) == (Verdict.NOT_CURRENT, "cancelled")
     assert seen[0].url.path == f"/internal/attempts/{attempt_id}"
+
+
+async def test_checker_shows_a_service_credential_signed_with_jwt_secret():
+    tokens: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        tokens.append(request.headers["authorization"].removeprefix("Bearer "))
+        return httpx.Response(200, json={"current": True, "status": "queued"})
+
+    checker = AttemptChecker(
+        "http://orchestrator.test",
+        timeout=1,
+        credential=ServiceCredential("ai-generator", JWT_SECRET),
+        transport=httpx.MockTransport(handler),
+    )
+    try:
+        await checker.check(uuid.uuid4(), uuid.uuid4())
+        await checker.check(uuid.uuid4(), uuid.uuid4())
+    finally:
+        await checker.aclose()
+    caller = decode_token(tokens[0], JWT_SECRET)
+    assert caller.is_service and caller.user_id == "service:ai-generator"
+    assert tokens[1] == tokens[0]  # minted once, not per call
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,13 @@ import openai
 import pytest
 
 from canvas_events.events import GenerationSucceeded
-from tests.generator.conftest import API_KEY, generation_request, milestones, wait_until
+from tests.generator.conftest import (
+    API_KEY,
+    JWT_SECRET,
+    generation_request,
+    milestones,
+    wait_until,
+)
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.processes import ServiceProcess, free_port
 
@@ -40,10 +46,18 @@ def _run(command, env, timeout=30):
     ],
 )
 def test_bad_setting_stops_the_generator_with_exit_2_naming_it(name, value):
-    done = _run("canvas-generator", {name: value, "OPENAI_API_KEY": API_KEY})
+    done = _run(
+        "canvas-generator", {name: value, "OPENAI_API_KEY": API_KEY, "JWT_SECRET": JWT_SECRET}
+    )
     assert done.returncode == 2
     assert name in done.stderr
     assert API_KEY not in done.stderr + done.stdout
+
+
+def test_generator_without_jwt_secret_refuses_to_start_naming_it():
+    done = _run("canvas-generator", {"OPENAI_API_KEY": API_KEY})
+    assert done.returncode == 2
+    assert "invalid setting JWT_SECRET: Value error, is required" in done.stderr
 
 
 def test_bad_knob_stops_the_stand_in_with_exit_2_naming_it():
@@ -74,6 +88,7 @@ async def test_generator_process_works_a_request_and_logs_json_lines(
         "OPENAI_BASE_URL": fake_openai.base_url,
         "GENERATOR_PORT": str(port),
         "LOG_FORMAT": "json",
+        "JWT_SECRET": JWT_SECRET,
     }
     url = f"http://127.0.0.1:{port}"
     generator = ServiceProcess("generator", ["canvas-generator"], env, tmp_path, f"{url}/ready")
@@ -127,6 +142,7 @@ async def test_generator_without_broker_is_alive_but_not_ready(tmp_path):
     env = {
         "AMQP_URL": f"amqp://guest:hunter2-secret@127.0.0.1:{free_port()}/",
         "GENERATOR_PORT": str(port),
+        "JWT_SECRET": JWT_SECRET,
     }
     url = f"http://127.0.0.1:{port}"
     generator = ServiceProcess("generator", ["canvas-generator"], env, tmp_path, f"{url}/health")

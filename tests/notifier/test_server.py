@@ -39,6 +39,7 @@ from tests.notifier.support import (
     settings_for,
     ws_url,
 )
+from tests.support import tokens
 
 ALICE, BOB = "alice", "bob"
 
@@ -113,8 +114,9 @@ async def test_a_user_never_receives_another_users_events(notifier, publisher):
         "token=not.a.jwt",
         f"token={mint_token(ALICE, 'another-secret-0123456789-abcdefghijklmnopqrstu')}",
         f"token={mint_token(ALICE, SECRET, ttl=timedelta(seconds=-5))}",
+        f"token={tokens.unsigned(ALICE)}",
     ],
-    ids=["missing", "empty", "garbage", "wrong-secret", "expired"],
+    ids=["missing", "empty", "garbage", "wrong-secret", "expired", "alg-none"],
 )
 async def test_a_bad_token_closes_with_4401(notifier, query):
     async with connect(ws_url(notifier, query)) as ws:
@@ -320,6 +322,18 @@ async def test_an_unknown_client_message_gets_an_error_frame_and_the_connection_
         assert all(e["detail"] for e in errors)
         await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
         assert (await receive(ws, 1))[0]["position"] == 1
+
+
+async def test_a_client_message_over_max_request_bytes_closes_the_connection_with_1009(
+    notifier,
+):
+    async with connect(ws_url(notifier, f"token={token()}"), max_size=None) as ws:
+        await live(notifier, ALICE)
+        await ws.send("x" * (notifier.settings.max_request_bytes + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009  # message too big
 
 
 async def test_a_client_that_never_reads_is_closed_with_4008_and_others_get_every_event(

@@ -11,6 +11,7 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
+from canvas_events.auth import ServiceCredential
 from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope
 from canvas_events.events import Event, JobRequested
@@ -21,6 +22,13 @@ from tests.support.waiting import eventually as eventually  # re-exported for th
 
 T = TypeVar("T")
 
+JWT_SECRET = "orchestrator-tests-secret-0123456789-abcdefgh"
+
+
+def service_headers() -> dict[str, str]:
+    """The credential the orchestrator's internal API asks for."""
+    return ServiceCredential("tests", JWT_SECRET).headers()
+
 
 def settings_for(
     database_url: str, amqp_url: str, topology: Topology, **overrides: Any
@@ -30,6 +38,7 @@ def settings_for(
         "database_url": database_url,
         "amqp_url": amqp_url,
         "amqp_topology_prefix": topology.prefix,
+        "jwt_secret": JWT_SECRET,
         "timer_interval_seconds": 0.05,
         "openai_timeout_seconds": None,
         "shutdown_grace_seconds": 5,

@@ -8,13 +8,17 @@ from uuid import uuid4
 import httpx
 import pytest
 
+from canvas_events.auth import mint_token
 from canvas_orchestrator.app import Service
-from tests.orchestrator.harness import Bus, settings_for, wait_status
+from tests.orchestrator.harness import JWT_SECRET, Bus, service_headers, settings_for, wait_status
 
 
-def client(service: Service) -> httpx.AsyncClient:
+def client(service: Service, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """A client of the service's HTTP app; with the service credential by default."""
     return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=service.app()), base_url="http://orchestrator"
+        transport=httpx.ASGITransport(app=service.app()),
+        base_url="http://orchestrator",
+        headers=service_headers() if headers is None else headers,
     )
 
 
@@ -114,3 +118,44 @@ async def test_internal_api_serves_a_job_row_and_its_stream(start, bus: Bus):
     assert missing.status_code == 404
     assert missing.json() == {"detail": "job not found"}
     assert missing_events.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("who", "status", "detail"),
+    [
+        ("nobody", 401, "service credential required"),
+        ("a user", 403, "service credential required"),
+        ("an admin", 403, "service credential required"),
+        ("another secret", 401, "invalid token: Signature verification failed"),
+    ],
+)
+async def test_internal_api_answers_only_the_systems_own_services(
+    start, bus: Bus, who: str, status: int, detail: str
+):
+    service = await start()
+    request = await bus.request()
+    job_id = request.job_id
+    assert job_id is not None
+    await wait_status(service, job_id, "queued")
+    tokens = {
+        "nobody": None,
+        "a user": mint_token("alice", JWT_SECRET),
+        "an admin": mint_token("root", JWT_SECRET, admin=True),
+        "another secret": mint_token("svc", "x" * 40, roles=("service",)),
+    }
+    token = tokens[who]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async with client(service, headers) as http:
+        answers = [
+            await http.get(path)
+            for path in (
+                f"/internal/jobs/{job_id}",
+                f"/internal/jobs/{job_id}/events",
+                f"/internal/attempts/{uuid4()}?job_id={job_id}",
+            )
+        ]
+
+    for answer in answers:
+        assert answer.status_code == status
+        assert answer.json() == {"detail": detail}  # nothing about the job

@@ -18,7 +18,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.events import JobQueued, JobRequested
 from canvas_orchestrator.event_store import append
 from canvas_orchestrator.projections import project
-from tests.orchestrator.harness import eventually
+from tests.orchestrator.harness import JWT_SECRET, eventually
 
 COMMAND = str(Path(sys.executable).parent / "canvas-orchestrator")
 
@@ -29,6 +29,7 @@ def environment(**values: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if key not in {"OPENAI_TIMEOUT_SECONDS", "GENERATION_LEASE_SECONDS", "MAX_JOB_RETRIES"}
     }
+    env["JWT_SECRET"] = JWT_SECRET
     env.update(values)
     return env
 
@@ -64,6 +65,17 @@ async def test_a_bad_setting_stops_the_service_with_exit_2_naming_the_variable(
 
     assert code == 2
     assert variable in stderr
+
+
+async def test_without_jwt_secret_it_refuses_to_start_naming_it():
+    env = environment()
+    del env["JWT_SECRET"]
+    env.pop("CANVAS_ENV", None)
+
+    code, _, stderr = await run(env=env)
+
+    assert code == 2
+    assert "invalid setting JWT_SECRET: Value error, is required" in stderr
 
 
 async def test_rebuild_projections_command_restores_the_read_models(pool, database_url):

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from canvas_events.auth import mint_token
+from canvas_events.auth import ServiceCredential, mint_token
 from tests.support.processes import ServiceProcess, free_port
 
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
@@ -118,6 +118,10 @@ class System:
 
     def token(self, user_id: str, *, admin: bool = False) -> str:
         return mint_token(user_id, JWT_SECRET, admin=admin)
+
+    def service_headers(self) -> dict[str, str]:
+        """The credential the orchestrator's internal API asks for."""
+        return ServiceCredential("tests", JWT_SECRET).headers()
 
     async def start(self) -> None:
         """Start every process and wait until each is ready."""

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from canvas_cli.api import MAX_PAGE, Gateway
 from canvas_cli.config import DEFAULT_GATEWAY_URL, DEFAULT_NOTIFIER_URL, Config
-from canvas_cli.errors import ExitCode
+from canvas_cli.errors import CliError, ExitCode
 from canvas_cli.render import events_table, jobs_table, status_table
 from canvas_cli.view import JobView
 from canvas_cli.watch import Follower, JsonSink, LinesSink, LiveSink, Sink
@@ -151,17 +151,25 @@ def token(
     with the development secret, with a warning.
     """
     # Imported here: pydantic-settings and PyJWT cost every other command ~0.1 s of start-up.
+    from pydantic import ValidationError
+
     from canvas_events.auth import mint_token
     from canvas_events.settings import AuthSettings
 
-    settings = AuthSettings()
+    try:
+        settings = AuthSettings()
+    except ValidationError:
+        raise CliError(
+            "JWT_SECRET is not set (or shorter than 32 characters)",
+            hint="set JWT_SECRET to the services' secret, or CANVAS_ENV=development for "
+            "the development one",
+        ) from None
     if settings.jwt_secret_is_default:
         print(
             f"{PROGRAM}: warning: JWT_SECRET is not set; signing with the development secret",
             file=sys.stderr,
         )
-    secret = settings.jwt_secret.get_secret_value()
-    print(mint_token(user, secret, admin=admin, ttl=timedelta(hours=ttl_hours)))
+    print(mint_token(user, settings.secret, admin=admin, ttl=timedelta(hours=ttl_hours)))
 
 
 @app.command()

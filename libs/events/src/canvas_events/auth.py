@@ -1,5 +1,9 @@
 """Bearer JWTs (ARCHITECTURE.md 3): HS256 signed with JWT_SECRET, ``sub`` is the user,
-``exp`` is checked, ``roles`` may hold ``"admin"``."""
+``exp`` is checked, ``roles`` may hold ``"admin"``.
+
+The services' internal APIs (the orchestrator's ``/internal/*``) answer only callers
+with role ``"service"`` (ARCHITECTURE.md 1): a :class:`ServiceCredential` mints such a
+token from JWT_SECRET and mints it again before it expires."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import jwt
 from canvas_events.errors import AuthError
 
 ALGORITHM = "HS256"
+ADMIN_ROLE = "admin"
+SERVICE_ROLE = "service"
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,12 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         """Whether the token carries the admin role."""
-        return "admin" in self.roles
+        return ADMIN_ROLE in self.roles
+
+    @property
+    def is_service(self) -> bool:
+        """Whether the token speaks for one of the system's own services."""
+        return SERVICE_ROLE in self.roles
 
 
 def decode_token(token: str, secret: str) -> Principal:
@@ -47,14 +58,42 @@ def decode_token(token: str, secret: str) -> Principal:
 
 
 def mint_token(
-    user_id: str, secret: str, *, admin: bool = False, ttl: timedelta = timedelta(days=7)
+    user_id: str,
+    secret: str,
+    *,
+    admin: bool = False,
+    ttl: timedelta = timedelta(days=7),
+    roles: tuple[str, ...] = (),
 ) -> str:
-    """A signed token for ``user_id`` (development and tests)."""
+    """A signed token for ``user_id`` (development, tests, and service credentials)."""
     now = datetime.now(UTC)
     claims = {
         "sub": user_id,
         "iat": now,
         "exp": now + ttl,
-        "roles": ["admin"] if admin else [],
+        "roles": [*roles, ADMIN_ROLE] if admin else list(roles),
     }
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+class ServiceCredential:
+    """The ``Authorization`` header a service sends to another's internal API: a token
+    with role ``service`` for ``sub`` ``service:<name>``, valid for ``ttl`` and minted
+    again once less than a tenth of it is left."""
+
+    def __init__(self, service: str, secret: str, *, ttl: timedelta = timedelta(hours=1)) -> None:
+        self._subject = f"service:{service}"
+        self._secret = secret
+        self._ttl = ttl
+        self._token = ""
+        self._renew_at = datetime.min.replace(tzinfo=UTC)
+
+    def headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer <token>"}``, with a token valid for a while yet."""
+        now = datetime.now(UTC)
+        if now >= self._renew_at:
+            self._token = mint_token(
+                self._subject, self._secret, ttl=self._ttl, roles=(SERVICE_ROLE,)
+            )
+            self._renew_at = now + self._ttl * 0.9
+        return {"Authorization": f"Bearer {self._token}"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from canvas_events.topology import Topology
@@ -44,15 +44,46 @@ class CommonSettings(BaseSettings):
         return Topology(self.amqp_topology_prefix)
 
 
-class AuthSettings(BaseSettings):
-    """JWT settings, for the services that read tokens."""
+# HS256 keys shorter than the hash give less than its strength (RFC 7518, 3.2).
+MIN_JWT_SECRET_LENGTH = 32
 
-    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+
+class AuthSettings(BaseSettings):
+    """JWT settings, for the services that read or mint tokens.
+
+    JWT_SECRET is required: without it a service refuses to start, naming it, unless
+    CANVAS_ENV=development (``make dev``, the tests), where the public development secret
+    is used with a loud warning. A deployment that forgot the variable fails closed.
+    """
+
+    # Declared before jwt_secret: its validator reads it.
+    canvas_env: str = Field(default="production", max_length=40)
+    jwt_secret: SecretStr | None = Field(default=None, validate_default=True)
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _required_outside_development(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr:
+        development = info.data.get("canvas_env") == "development"
+        if value is None or not value.get_secret_value():
+            if development:
+                return SecretStr(DEV_JWT_SECRET)
+            raise ValueError("is required (CANVAS_ENV=development uses a development secret)")
+        if len(value.get_secret_value()) < MIN_JWT_SECRET_LENGTH and not development:
+            raise ValueError(f"must be at least {MIN_JWT_SECRET_LENGTH} characters")
+        return value
+
+    @property
+    def secret(self) -> str:
+        """JWT_SECRET in clear, for signing and checking tokens only."""
+        assert self.jwt_secret is not None  # set by the validator
+        return self.jwt_secret.get_secret_value()
 
     @property
     def jwt_secret_is_default(self) -> bool:
-        """True when JWT_SECRET was not set: development only, with a loud warning."""
-        return self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
+        """True when JWT_SECRET was not set (development only, with a loud warning)."""
+        return self.secret == DEV_JWT_SECRET
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -19,6 +19,7 @@ def main() -> None:
     settings = load_settings(Settings, "canvas-generator")
     configure_logging("ai-generator", settings.log_level, settings.log_format)
     register_secret(settings.api_key)
+    register_secret(settings.secret)
     for url in (
         settings.amqp_url.get_secret_value(),
         settings.database_url.get_secret_value(),
@@ -27,6 +28,12 @@ def main() -> None:
     ):
         register_secret(urlsplit(url).password)
     log = structlog.get_logger("canvas_generator")
+    if settings.jwt_secret_is_default:
+        log.warning(
+            "JWT_SECRET IS NOT SET: using the public development secret for service "
+            "credentials (CANVAS_ENV=development)",
+            setting="JWT_SECRET",
+        )
     if settings.api_key is None:
         log.warning(
             "OPENAI_API_KEY is not set: every attempt will fail until it is",

@@ -27,6 +27,8 @@ from uuid import UUID
 
 import httpx
 
+from canvas_events.auth import ServiceCredential
+
 
 class SkipReason(StrEnum):
     """Why an attempt was dropped without a model call (label of
@@ -68,16 +70,21 @@ class AttemptChecker:
         base_url: str,
         *,
         timeout: float,
+        credential: ServiceCredential | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        # The internal API answers only the system's own services (ARCHITECTURE.md 1).
+        self._credential = credential
 
     async def check(self, job_id: UUID, attempt_id: UUID) -> AttemptCheck:
         """The orchestrator's verdict on ``attempt_id`` of ``job_id``; never raises for
         an orchestrator that is away or answers nonsense (UNKNOWN says why)."""
         try:
             response = await self._client.get(
-                f"/internal/attempts/{attempt_id}", params={"job_id": str(job_id)}
+                f"/internal/attempts/{attempt_id}",
+                params={"job_id": str(job_id)},
+                headers=self._credential.headers() if self._credential else None,
             )
         except httpx.HTTPError as exc:
             return AttemptCheck(Verdict.UNKNOWN, detail=f"orchestrator unreachable: {exc!r}")

@@ -8,6 +8,7 @@ import secrets
 
 import structlog
 
+from canvas_events.auth import ServiceCredential
 from canvas_events.broker import Broker
 from canvas_events.ops import Readiness
 from canvas_events.runtime import instance_id, serve_http
@@ -34,7 +35,9 @@ class Service:
         )
         self.client = ModelClient.from_settings(settings)
         self.checker = AttemptChecker(
-            settings.orchestrator_url, timeout=settings.orchestrator_timeout_seconds
+            settings.orchestrator_url,
+            timeout=settings.orchestrator_timeout_seconds,
+            credential=ServiceCredential("ai-generator", settings.secret),
         )
         # The suffix keeps two generators in one process (tests) off each other's
         # exclusive control queue.

@@ -65,11 +65,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{PROGRAM}: warning: JWT_SECRET is not set; signing with the development secret",
                 file=sys.stderr,
             )
-        secret = settings.jwt_secret.get_secret_value()
+        secret = settings.secret
         print(mint_token(args.user, secret, admin=args.admin, ttl=timedelta(hours=args.ttl_hours)))
         return
     configure_logging("gateway", settings.log_level, settings.log_format)
-    register_secret(settings.jwt_secret.get_secret_value())
+    register_secret(settings.secret)
     register_secret(_url_password(settings.database_url.get_secret_value()))
     register_secret(_url_password(settings.amqp_url.get_secret_value()))
     run(functools.partial(serve, settings))

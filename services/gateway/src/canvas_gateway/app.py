@@ -20,7 +20,7 @@ from canvas_events.runtime import instance_id, serve_http
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
-from canvas_gateway.middleware import RequestMiddleware
+from canvas_gateway.middleware import RequestLimits, RequestMiddleware
 from canvas_gateway.routes import canvas, jobs, ops, page
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Store, create_ledger, init_connection
@@ -102,7 +102,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.broker = broker
     app.state.metrics = metrics
     app.state.readiness = readiness
-    app.add_middleware(RequestMiddleware, metrics=metrics)
+    # Added first, so inside RequestMiddleware: its 401s and 413s are logged and counted.
+    app.add_middleware(RequestLimits, secret=settings.secret, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMiddleware, metrics=metrics, routes=app.router.routes)
     _add_error_handlers(app, metrics)
     app.include_router(jobs.router)
     app.include_router(canvas.router)

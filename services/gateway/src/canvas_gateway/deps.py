@@ -16,6 +16,7 @@ from canvas_events.errors import AuthError
 from canvas_events.ops import Readiness
 from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
+from canvas_gateway.middleware import MISSING_TOKEN
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Store
 
@@ -71,14 +72,20 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 async def get_current_user(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The caller named by a valid bearer token, else 401."""
+    """The caller named by a valid bearer token, else 401 (RequestLimits checked it
+    already, before the body was read; this is for routes outside /api/, and the docs)."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+        return principal
     if credentials is None:
-        raise _unauthorized("missing bearer token: send Authorization: Bearer <token>")
+        raise _unauthorized(MISSING_TOKEN)
     try:
-        principal = decode_token(credentials.credentials, settings.jwt_secret.get_secret_value())
+        principal = decode_token(credentials.credentials, settings.secret)
     except AuthError as exc:
         raise _unauthorized(str(exc)) from None
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)

@@ -9,7 +9,14 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from canvas_events.events import MAX_QUERY_LENGTH
 
@@ -38,6 +45,31 @@ ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.processing, JobStatus.r
 FINAL_STATUSES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
 
 
+def storable(text: str) -> str:
+    """``text`` when the store can hold it: PostgreSQL's text and jsonb refuse NUL, and
+    UTF-8 (every wire on the way) has no lone surrogates. Else a ValueError (a 422)."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must not contain lone surrogates (\\ud800-\\udfff)") from None
+    return text
+
+
+def _storable_json(value: Any) -> None:
+    """Raise ValueError for a string anywhere in ``value`` the store cannot hold."""
+    if isinstance(value, str):
+        storable(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable(key)
+            _storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable_json(item)
+
+
 class JobCreate(BaseModel):
     """What to draw, and where."""
 
@@ -57,8 +89,10 @@ class JobCreate(BaseModel):
     )
 
     query: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_LENGTH)
-    ] = Field(description="What to draw, in plain words (surrounding blanks are stripped).")
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_LENGTH),
+        AfterValidator(storable),
+    ] = Field(description="What to draw, in plain words (surrounding blanks are stripped; no NUL).")
     canvas_id: Annotated[str, Field(pattern=CANVAS_ID_PATTERN)] | None = Field(
         default=None,
         description="The canvas to draw on; a new one when omitted. Letters, digits, `_-.:`.",
@@ -68,13 +102,18 @@ class JobCreate(BaseModel):
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description=f"Passed to the generator; at most {MAX_OPTIONS_BYTES} bytes as JSON.",
+        description=f"Passed to the generator; at most {MAX_OPTIONS_BYTES} bytes as JSON, "
+        "no NUL in any string, numbers within 64 bits.",
     )
 
     @field_validator("options")
     @classmethod
     def _small_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size = len(orjson.dumps(value))
+        _storable_json(value)
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits
+            raise ValueError("options must hold numbers within 64 bits") from None
         if size > MAX_OPTIONS_BYTES:
             raise ValueError(
                 f"options must be at most {MAX_OPTIONS_BYTES} bytes as JSON, not {size}"

@@ -15,6 +15,8 @@ class Settings(CommonSettings, AuthSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     gateway_port: Port = 8000
+    # A larger request body answers 413 before it is read (ARCHITECTURE.md 2).
+    max_request_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     # Unfinished jobs (queued, processing, retry_scheduled) one user may have at once.
     max_active_jobs_per_user: int = Field(default=20, ge=1, le=100_000)
     # How long a request waits for the broker's confirm before answering 503.

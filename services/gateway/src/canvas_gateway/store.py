@@ -68,9 +68,11 @@ ALTER TABLE gateway_job_requests
     ADD COLUMN IF NOT EXISTS last_sent_at  timestamptz,
     ADD COLUMN IF NOT EXISTS given_up_at   timestamptz,
     ADD COLUMN IF NOT EXISTS error_message text;
--- The sweep's rows: accepted, not known recorded yet, not given up.
+-- The sweep's rows, and the limit's: accepted, not known recorded yet, not given up.
 CREATE INDEX IF NOT EXISTS gateway_job_requests_unrecorded
     ON gateway_job_requests (confirmed_at) WHERE recorded_at IS NULL AND given_up_at IS NULL;
+CREATE INDEX IF NOT EXISTS gateway_job_requests_user_unrecorded
+    ON gateway_job_requests (user_id) WHERE recorded_at IS NULL AND given_up_at IS NULL;
 """
 
 # The columns of the status answer (ARCHITECTURE.md 4), from the jobs read model...
@@ -88,7 +90,30 @@ _PENDING_COLUMNS = (
     "NULL::jsonb AS result"
 )
 _UNPROJECTED = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id)"
+# A ledger row, and the same shape made of a recorded job (its ledger row pruned).
+_REQUEST_COLUMNS = (
+    "job_id, user_id, canvas_id, priority, query, options, idempotency_key, created_at, "
+    "confirmed_at, correlation_id, resends, given_up_at"
+)
+_RECORDED_REQUEST_COLUMNS = (
+    "id, user_id, canvas_id, priority, query, options, idempotency_key, created_at, "
+    "created_at, '', 0, NULL::timestamptz"
+)
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
+# A user's unfinished jobs: recorded ones (the jobs_user_active index: written out, the
+# statuses match its predicate), and requests confirmed or still being published that the
+# orchestrator has not recorded (the ledger's partial index on unrecorded rows). Neither
+# part touches a job that ended, however many the user has.
+_ACTIVE_JOBS = f"""
+SELECT (SELECT count(*) FROM jobs
+         WHERE user_id = $1
+           AND status IN ({", ".join(f"'{status}'" for status in sorted(_ACTIVE))}))
+     + (SELECT count(*) FROM gateway_job_requests r
+         WHERE r.user_id = $1 AND r.recorded_at IS NULL AND r.given_up_at IS NULL
+           AND (r.confirmed_at IS NOT NULL
+                OR r.created_at > now() - make_interval(secs => $2))
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id))
+"""  # noqa: S608 (constants only)
 _FINAL = frozenset(status.value for status in FINAL_STATUSES)
 # A job's owner and status, its row share-locked: the orchestrator cannot record a start
 # or a result for it until the caller's transaction ends.
@@ -225,30 +250,26 @@ class Store:
                 user_id,
             )
             if idempotency_key is not None:
+                # The ledger row of the key, or, once that row was pruned (its job long
+                # recorded), the job itself: the same answer either way.
                 row = await conn.fetchrow(
-                    "SELECT * FROM gateway_job_requests "
-                    "WHERE user_id = $1 AND idempotency_key = $2",
+                    f"""
+                    SELECT {_REQUEST_COLUMNS} FROM gateway_job_requests
+                     WHERE user_id = $1 AND idempotency_key = $2
+                    UNION ALL
+                    SELECT {_RECORDED_REQUEST_COLUMNS} FROM jobs
+                     WHERE id = $3 AND user_id = $1
+                    LIMIT 1
+                    """,  # noqa: S608
                     user_id,
                     idempotency_key,
+                    job_id,
                 )
                 if row is not None:
                     return Admission(_request(row), duplicate=True)
             if canvas_given and await _canvas_taken(conn, canvas_id, user_id):
                 raise CanvasNotFound(canvas_id)
-            active = await conn.fetchval(
-                f"""
-                SELECT (SELECT count(*) FROM jobs
-                         WHERE user_id = $1 AND status = ANY($2::text[]))
-                     + (SELECT count(*) FROM gateway_job_requests r
-                         WHERE r.user_id = $1 AND r.given_up_at IS NULL
-                           AND (r.confirmed_at IS NOT NULL
-                                OR r.created_at > now() - make_interval(secs => $3))
-                           AND {_UNPROJECTED})
-                """,  # noqa: S608
-                user_id,
-                _ACTIVE,
-                in_flight_seconds,
-            )
+            active = await conn.fetchval(_ACTIVE_JOBS, user_id, in_flight_seconds)
             if active >= limit:
                 raise LimitReached(active, limit)
             row = await conn.fetchrow(
@@ -273,7 +294,9 @@ class Store:
                 row = await conn.fetchrow(
                     "SELECT * FROM gateway_job_requests WHERE job_id = $1", job_id
                 )
+                # Job ids of keyed requests are the user's own (job_id_for).
                 assert row is not None
+                assert row["user_id"] == user_id
                 return Admission(_request(row), duplicate=True)
             return Admission(_request(row), duplicate=False)
 
@@ -408,7 +431,8 @@ class Store:
                     SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1
                     UNION ALL
                     SELECT {_PENDING_COLUMNS} FROM gateway_job_requests r
-                     WHERE r.user_id = $1 AND r.confirmed_at IS NOT NULL AND {_UNPROJECTED}
+                     WHERE r.user_id = $1 AND r.confirmed_at IS NOT NULL
+                       AND r.recorded_at IS NULL AND {_UNPROJECTED}
                 ) mine
                 WHERE ($2::text IS NULL OR status = $2)
                   AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))

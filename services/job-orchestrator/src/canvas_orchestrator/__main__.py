@@ -1,4 +1,5 @@
-"""``canvas-orchestrator``: serve (the default), ``rebuild-projections``, or ``dlq``."""
+"""``canvas-orchestrator``: serve (the default), ``rebuild-projections``, ``prune``, or
+``dlq``."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import asyncio
 import functools
 import sys
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+import asyncpg
 import structlog
 
 from canvas_events.logging import configure_logging, redact, register_secret
@@ -18,7 +21,8 @@ from canvas_orchestrator.app import SERVICE_NAME, serve
 from canvas_orchestrator.db import create_pool
 from canvas_orchestrator.migrations import migrate_pool
 from canvas_orchestrator.projections import rebuild
-from canvas_orchestrator.settings import Settings
+from canvas_orchestrator.retention import prune
+from canvas_orchestrator.settings import CommandSettings, Settings
 
 PROGRAM = "canvas-orchestrator"
 log = structlog.get_logger("canvas_orchestrator")
@@ -34,25 +38,43 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("serve", help="run the orchestrator (the default)")
     commands.add_parser(
         "rebuild-projections",
-        help="empty the read models (jobs, canvases, canvas_objects) and replay the event store",
+        help="rebuild the read models (jobs, canvases, canvas_objects) from the event store, "
+        "beside the live ones, and swap them in",
+    )
+    commands.add_parser(
+        "prune",
+        help="delete consumed message ids and ledger rows past their retention, now",
     )
     dlq.add_parser(commands)
     args = parser.parse_args(argv)
 
-    settings = load_settings(Settings, PROGRAM)
+    command = args.command or "serve"
+    settings = load_settings(Settings if command == "serve" else CommandSettings, PROGRAM)
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
+    register_secret(settings.secret)
     for url in (settings.database_url, settings.amqp_url):
         register_secret(urlsplit(url.get_secret_value()).password)
+    if command == "serve" and settings.jwt_secret_is_default:
+        log.warning(
+            "JWT_SECRET IS NOT SET: using the public development secret for service "
+            "credentials (CANVAS_ENV=development)",
+            setting="JWT_SECRET",
+        )
 
     if args.command == "rebuild-projections":
-        raise SystemExit(asyncio.run(rebuild_projections(settings)))
+        raise SystemExit(asyncio.run(with_pool(settings, rebuild_projections)))
+    if args.command == "prune":
+        raise SystemExit(asyncio.run(with_pool(settings, prune_now)))
     if args.command == "dlq":
         raise SystemExit(asyncio.run(dlq.run(args, settings)))
     run(functools.partial(serve, settings))
 
 
-async def rebuild_projections(settings: Settings) -> int:
-    """The rebuild-projections command: 0 when done, 1 when the database is unreachable."""
+async def with_pool(
+    settings: Settings, command: Callable[[Settings, asyncpg.Pool], Awaitable[None]]
+) -> int:
+    """Run a one-off ``command`` on a migrated pool: 0 when done, 1 when the database is
+    unreachable."""
     try:
         pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
     except Exception as exc:
@@ -62,11 +84,25 @@ async def rebuild_projections(settings: Settings) -> int:
         return 1
     try:
         await migrate_pool(pool)
-        events = await rebuild(pool)
+        await command(settings, pool)
     finally:
         await pool.close()
-    print(f"{PROGRAM}: read models rebuilt from {events} events")
     return 0
+
+
+async def rebuild_projections(_: Settings, pool: asyncpg.Pool) -> None:
+    """The rebuild-projections command."""
+    events = await rebuild(pool)
+    print(f"{PROGRAM}: read models rebuilt from {events} events")
+
+
+async def prune_now(settings: Settings, pool: asyncpg.Pool) -> None:
+    """The prune command."""
+    pruned = await prune(pool, settings.retention)
+    print(
+        f"{PROGRAM}: pruned {pruned.processed_messages} processed message ids, "
+        f"{pruned.ledger} ledger rows, {pruned.cancel_requests} cancel requests"
+    )
 
 
 if __name__ == "__main__":

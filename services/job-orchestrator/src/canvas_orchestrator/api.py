@@ -1,5 +1,7 @@
 """HTTP endpoints of the orchestrator: health, readiness, metrics, and the internal read
-API (jobs and their streams, for the gateway and operators; not exposed publicly)."""
+API (jobs, attempts and streams), which answers only the system's own services: a bearer
+token with role ``service`` signed with JWT_SECRET (ARCHITECTURE.md 1). Anyone else gets
+401 (no or a bad token) or 403 (a user's token), and nothing about any job."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import Broker
+from canvas_events.errors import AuthError
 from canvas_events.ops import Readiness, metrics_payload
 from canvas_events.postgres import Database, DatabaseUnavailable, is_outage
 from canvas_orchestrator.domain import JobStatus
@@ -46,17 +51,40 @@ async def _connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
 
 
 Conn = Annotated[asyncpg.Connection, Depends(_connection)]
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _service_caller(secret: str) -> Any:
+    """The dependency that lets only a service credential through."""
+
+    async def service_caller(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if credentials is None:
+            raise HTTPException(401, detail="service credential required", headers=challenge)
+        try:
+            caller = decode_token(credentials.credentials, secret)
+        except AuthError as exc:
+            raise HTTPException(401, detail=str(exc), headers=challenge) from None
+        if not caller.is_service:
+            raise HTTPException(403, detail="service credential required")
+        return caller
+
+    return Depends(service_caller)
 
 
 def create_app(
-    *, database: Database, broker: Broker, readiness: Readiness, metrics: Metrics
+    *, database: Database, broker: Broker, readiness: Readiness, metrics: Metrics, secret: str
 ) -> FastAPI:
-    """The orchestrator's FastAPI app over the service's running parts."""
+    """The orchestrator's FastAPI app over the service's running parts; ``secret`` checks
+    the service credential of the internal API."""
     app = FastAPI(
         title="canvas-jobs job-orchestrator",
         summary="Health, metrics and the internal read API of the job state machine.",
     )
     app.state.database = database
+    internal = APIRouter(prefix="/internal", dependencies=[_service_caller(secret)])
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -84,7 +112,7 @@ def create_app(
         payload, content_type = metrics_payload(metrics.registry)
         return Response(payload, media_type=content_type)
 
-    @app.get("/internal/jobs/{job_id}")
+    @internal.get("/jobs/{job_id}")
     async def job(job_id: UUID, conn: Conn) -> dict[str, Any]:
         row = await conn.fetchrow(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1",  # noqa: S608 (constant columns)
@@ -94,7 +122,7 @@ def create_app(
             raise HTTPException(404, detail="job not found")
         return dict(row)
 
-    @app.get("/internal/attempts/{attempt_id}")
+    @internal.get("/attempts/{attempt_id}")
     async def attempt(
         attempt_id: UUID,
         conn: Conn,
@@ -122,7 +150,7 @@ def create_app(
             "status": row["status"],
         }
 
-    @app.get("/internal/jobs/{job_id}/events")
+    @internal.get("/jobs/{job_id}/events")
     async def job_events(job_id: UUID, conn: Conn) -> dict[str, Any]:
         history = await load(conn, job_id)
         if not history:
@@ -146,4 +174,5 @@ def create_app(
             ],
         }
 
+    app.include_router(internal)
     return app

@@ -25,6 +25,7 @@ from canvas_orchestrator.handlers import Clock, Handler
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.migrations import migrate_pool
 from canvas_orchestrator.outbox import Relay
+from canvas_orchestrator.retention import Pruner
 from canvas_orchestrator.settings import Settings
 from canvas_orchestrator.timers import Timers
 
@@ -96,6 +97,9 @@ class Service:
             new_id=new_id,
             interval=settings.timer_interval_seconds,
         )
+        self.pruner = Pruner(
+            self.database, settings.retention, interval=settings.prune_interval_seconds
+        )
         self.readiness = Readiness()
         self.readiness.add_database(self.database)
         self.readiness.add("broker", self._brokers_connected)
@@ -114,6 +118,7 @@ class Service:
             broker=self.broker,
             readiness=self.readiness,
             metrics=self.metrics,
+            secret=self.settings.secret,
         )
 
     async def start(self) -> None:
@@ -126,11 +131,13 @@ class Service:
         await self.publisher.start()
         await self.relay.start()
         await self.timers.start()
+        await self.pruner.start()
 
     async def stop(self) -> None:
         """Stop the timers, stop consuming and let the messages in hand finish, let the
         relay publish what they recorded and release its lock, close the connections."""
         grace = self.settings.shutdown_grace_seconds
+        await self.pruner.stop()
         await self.timers.stop(grace)
         await self.broker.stop(drain_timeout=grace)
         await self.relay.stop(grace)

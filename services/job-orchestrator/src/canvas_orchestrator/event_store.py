@@ -9,7 +9,7 @@ appends leave holes in the numbering; readers ask for "after N", never for "N + 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -201,16 +201,6 @@ async def read_after(conn: asyncpg.Connection, position: int, limit: int) -> lis
         limit,
     )
     return [_recorded(row) for row in rows]
-
-
-async def iterate(
-    conn: asyncpg.Connection, *, prefetch: int = 1_000
-) -> AsyncIterator[RecordedEvent]:
-    """Every event of every stream in position order, through a cursor (which needs the
-    caller's transaction)."""
-    query = f"SELECT {_COLUMNS} FROM events ORDER BY position"  # noqa: S608 (constant columns)
-    async for row in conn.cursor(query, prefetch=prefetch):
-        yield _recorded(row)
 
 
 async def last_position(conn: asyncpg.Connection) -> int:

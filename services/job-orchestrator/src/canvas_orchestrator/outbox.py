@@ -130,13 +130,15 @@ class Relay:
             delay = min(delay * 2, 5.0)
 
     async def _standby(self, conn: asyncpg.Connection) -> None:
-        """Wait until this process holds the relay lock (or is asked to stop)."""
+        """Wait until this process holds the relay lock (or is asked to stop). Without a
+        broker it could publish nothing: it leaves the lock to one that can."""
         while not self._stopping.is_set():
-            # Without a broker this process could publish nothing: leave the lock to one
-            # that can.
-            if self._broker.connected and await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY
-            ):
+            if not self._broker.connected:
+                await self._measure_lag(conn)  # also keeps the session from going idle
+                with contextlib.suppress(TimeoutError):
+                    await self._broker.wait_connected(self._poll_interval)
+                continue
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY):
                 self.active = True
                 self._metrics.relay_active.set(1)
                 log.info("relay active")

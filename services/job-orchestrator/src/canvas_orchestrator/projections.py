@@ -5,15 +5,18 @@
 - ``canvas_objects``: written once, at JobCompleted, from the stream's GenerationSucceeded.
 
 Every value comes from the events (times are their ``occurred_at``, never ``now()``),
-so :func:`rebuild` reproduces the tables exactly. The events of one append become one
+so :func:`rebuild` reproduces the tables exactly, beside the live ones while the system
+runs. The events of one append become one
 statement per table: the changes of each event are merged in order, as applying them
 one by one would leave them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import structlog
@@ -32,13 +35,17 @@ from canvas_events.events import (
 )
 from canvas_orchestrator.domain import JobStatus
 from canvas_orchestrator.errors import ConcurrencyError
-from canvas_orchestrator.event_store import RecordedEvent, iterate
+from canvas_orchestrator.event_store import RecordedEvent, read_after
 
 log = structlog.get_logger("canvas_orchestrator.projections")
 
 # Columns that keep their first value: started_at is when the job first started.
 _KEEP_FIRST = frozenset({"started_at"})
 _READ_MODELS = ("canvas_objects", "canvases", "jobs")
+# Where rebuild() builds the read models, and where it moves the old ones to drop them.
+_SHADOW = "canvas_rebuild"
+_RETIRED = "canvas_retired"
+REBUILD_LOCK_KEY: Final = 0x63616E7661730004
 
 
 def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
@@ -155,17 +162,94 @@ async def project(conn: asyncpg.Connection, recorded: Sequence[RecordedEvent]) -
 
 
 async def rebuild(pool: asyncpg.Pool, *, batch_size: int = 1_000) -> int:
-    """Empty the read models and replay every event in position order; returns how many
-    events were replayed. Appends that run meanwhile wait for it (TRUNCATE locks the
-    read models until commit) and then apply on top of the rebuilt rows."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(f"TRUNCATE {', '.join(_READ_MODELS)}")
-        count = 0
-        async for recorded in iterate(conn, prefetch=batch_size):
-            await project(conn, [recorded])
-            count += 1
-    log.info("projections rebuilt", events=count)
-    return count
+    """Rebuild the read models from the event store beside the live ones and swap them in;
+    returns how many events were replayed.
+
+    The system keeps serving meanwhile: the new tables are built in a schema of their own
+    (``canvas_rebuild``, the same table names found first on the search path), a page of
+    events per short transaction, while reads and appends use the live tables. Then one
+    transaction takes the live tables (every append touches ``jobs`` first, so appends
+    wait for it too), replays what was appended since, and swaps the new tables in (and
+    their indexes under the live names): a pause of a moment, not an outage."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", REBUILD_LOCK_KEY)  # one at a time
+        try:
+            await _prepare_shadow(conn)
+            await conn.execute(f"SET search_path = {_SHADOW}, public")
+            count, position = await _replay(conn, 0, batch_size)
+            async with conn.transaction():
+                await conn.execute(
+                    f"LOCK TABLE {', '.join(f'public.{t}' for t in _READ_MODELS)} "
+                    "IN ACCESS EXCLUSIVE MODE"
+                )
+                caught_up, _ = await _replay(conn, position, batch_size, transaction=False)
+                await _swap(conn)
+        finally:
+            await conn.execute("RESET search_path")
+            await conn.execute(f"DROP SCHEMA IF EXISTS {_SHADOW} CASCADE")
+            await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_KEY)
+    log.info("projections rebuilt", events=count + caught_up, during_swap=caught_up)
+    return count + caught_up
+
+
+async def _prepare_shadow(conn: asyncpg.Connection) -> None:
+    """Empty copies of the live read models (columns, defaults, constraints, indexes)."""
+    await conn.execute(f"DROP SCHEMA IF EXISTS {_SHADOW} CASCADE")
+    await conn.execute(f"CREATE SCHEMA {_SHADOW}")
+    for table in _READ_MODELS:
+        await conn.execute(f"CREATE TABLE {_SHADOW}.{table} (LIKE public.{table} INCLUDING ALL)")
+
+
+async def _replay(
+    conn: asyncpg.Connection, after: int, batch_size: int, *, transaction: bool = True
+) -> tuple[int, int]:
+    """Project every event after position ``after`` into the tables the search path finds
+    first, a page at a time (each in a transaction of its own, unless the caller holds
+    one); (events replayed, last position)."""
+    count = 0
+    while True:
+        async with conn.transaction() if transaction else contextlib.nullcontext():
+            page = await read_after(conn, after, batch_size)
+            # Each stream's events projected together, the streams in the order of their
+            # first event in the page (so a new canvas still goes to the first job on it):
+            # what projecting them one by one leaves, in far fewer statements.
+            streams: dict[Any, list[RecordedEvent]] = {}
+            for recorded in page:
+                streams.setdefault(recorded.stream_id, []).append(recorded)
+            for events in streams.values():
+                await project(conn, events)
+        if not page:
+            return count, after
+        count += len(page)
+        after = page[-1].position
+
+
+async def _swap(conn: asyncpg.Connection) -> None:
+    """Move the live read models out and the rebuilt ones in, with the live index names
+    (inside the caller's transaction, which holds the live tables)."""
+    await conn.execute(f"DROP SCHEMA IF EXISTS {_RETIRED} CASCADE")
+    await conn.execute(f"CREATE SCHEMA {_RETIRED}")
+    for table in _READ_MODELS:
+        live = await _indexes(conn, "public", table)
+        await conn.execute(f"ALTER TABLE public.{table} SET SCHEMA {_RETIRED}")
+        await conn.execute(f"ALTER TABLE {_SHADOW}.{table} SET SCHEMA public")
+        for shape, name in (await _indexes(conn, "public", table)).items():
+            if live.get(shape, name) != name:
+                await conn.execute(f'ALTER INDEX public."{name}" RENAME TO "{live[shape]}"')
+    await conn.execute(f"DROP SCHEMA {_RETIRED} CASCADE")
+
+
+async def _indexes(conn: asyncpg.Connection, schema: str, table: str) -> dict[str, str]:
+    """{an index's shape (its definition without its name), its name} for a table."""
+    rows = await conn.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2",
+        schema,
+        table,
+    )
+    return {
+        re.sub(r" INDEX \S+ ON \S+ ", " INDEX ON ", row["indexdef"]): row["indexname"]
+        for row in rows
+    }
 
 
 async def _insert_job(conn: asyncpg.Connection, changes: dict[str, Any]) -> None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
+from datetime import timedelta
 
-from canvas_events.settings import CommonSettings, Port
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from canvas_events.settings import AuthSettings, CommonSettings, Port
+from canvas_orchestrator.retention import Retention
 
 
-class Settings(CommonSettings):
-    """Everything the job-orchestrator reads from the environment."""
+class Settings(CommonSettings, AuthSettings):
+    """Everything the job-orchestrator reads from the environment. JWT_SECRET checks the
+    service credential its internal API asks for."""
+
+    # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     orchestrator_port: Port = 8002
     max_job_retries: int = Field(default=3, ge=0, le=100)
@@ -24,6 +32,19 @@ class Settings(CommonSettings):
     orchestrator_prefetch: int = Field(default=64, ge=1, le=1_000)
     # How often the timers look for due retries and expired leases.
     timer_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    # Retention (canvas_orchestrator.retention): consumed message ids, and the gateway's
+    # ledger rows of recorded jobs; pruned every PRUNE_INTERVAL_SECONDS.
+    processed_messages_retention_seconds: float = Field(default=7 * 86_400, ge=3_600)
+    ledger_retention_seconds: float = Field(default=86_400, ge=600)
+    prune_interval_seconds: float = Field(default=3_600, gt=0, le=86_400)
+
+    @property
+    def retention(self) -> Retention:
+        """How long pruned rows are kept."""
+        return Retention(
+            processed_messages=timedelta(seconds=self.processed_messages_retention_seconds),
+            ledger=timedelta(seconds=self.ledger_retention_seconds),
+        )
 
     @field_validator("generation_lease_seconds")
     @classmethod
@@ -33,3 +54,15 @@ class Settings(CommonSettings):
             # A lease shorter than the call would retry every slow but healthy attempt.
             raise ValueError(f"must exceed OPENAI_TIMEOUT_SECONDS ({timeout:g})")
         return value
+
+
+class CommandSettings(Settings):
+    """The settings of the one-off commands (``dlq``, ``prune``, ``rebuild-projections``):
+    they check no token and sign none, so JWT_SECRET is not asked for."""
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _required_outside_development(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr:
+        return value or SecretStr("")

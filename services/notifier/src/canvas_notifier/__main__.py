@@ -26,7 +26,7 @@ def main() -> None:
     configure_logging("notifier", settings.log_level, settings.log_format)
     # websockets logs every probe answered over plain HTTP ("connection rejected") at INFO.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
-    register_secret(settings.jwt_secret.get_secret_value())
+    register_secret(settings.secret)
     for url in (settings.amqp_url.get_secret_value(), settings.database_url.get_secret_value()):
         register_secret(urlsplit(url).password)
     log = structlog.get_logger("canvas_notifier")

@@ -86,8 +86,6 @@ REPLAY_PAGE: Final = 500
 # Messages queued in the broker for this process at once; handing one to the hub
 # takes microseconds, so this only bounds what a crash would redeliver.
 PREFETCH: Final = 256
-# Clients only ever send small subscribe messages.
-MAX_CLIENT_MESSAGE: Final = 64 * 1024
 # How often the watcher looks at the broker's connect count.
 WATCH_INTERVAL: Final = 0.25
 # Frames whose push is logged at INFO: how each attempt or job ended.
@@ -130,7 +128,7 @@ class Notifier:
         self.readiness = Readiness()
         self.readiness.add_database(self.database)
         self.readiness.add_broker(self.broker)
-        self._secret = settings.jwt_secret.get_secret_value()
+        self._secret = settings.secret
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._syncs: dict[Client, asyncio.Task[None]] = {}
@@ -157,7 +155,8 @@ class Notifier:
             compression=None,
             ping_interval=self.settings.ws_ping_interval_seconds,
             ping_timeout=self.settings.ws_ping_timeout_seconds,
-            max_size=MAX_CLIENT_MESSAGE,
+            # Clients only ever send small subscribe messages.
+            max_size=self.settings.max_request_bytes,
             server_header=None,
         )
         self._watcher = asyncio.create_task(self._watch_broker(), name="notifier-broker-watch")

@@ -15,6 +15,9 @@ class Settings(CommonSettings, AuthSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     notifier_port: Port = 8001
+    # A client message (a WebSocket frame) over this closes the connection (1009, message
+    # too big) before it is buffered whole (ARCHITECTURE.md 2).
+    max_request_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     # Frames waiting for one connection; a client that lets more pile up is closed
     # (4008) so that it never holds memory or delays anyone else.
     ws_send_queue_size: int = Field(default=1000, ge=1, le=1_000_000)

@@ -44,8 +44,8 @@ from canvas_gateway.schemas import (
 log = structlog.get_logger("canvas_gateway.jobs")
 router = APIRouter(prefix="/api/ai-agent", tags=["jobs"])
 
-# Fixed forever: job ids of keyed requests are uuid5(IDEMPOTENCY_NAMESPACE, "user:key"),
-# so a retry through any gateway replica lands on the same job.
+# Fixed forever: job ids of keyed requests derive from the namespace, the user and the
+# key, so a retry through any gateway replica lands on the same job.
 IDEMPOTENCY_NAMESPACE = UUID("6f0f5c2e-3c1b-4f0e-9b7a-5a8d2c4e1f30")
 # Seconds a client should wait before trying again after a 429 or a 503.
 LIMIT_RETRY_AFTER = "10"
@@ -53,10 +53,14 @@ UNAVAILABLE_RETRY_AFTER = "5"
 
 
 def job_id_for(user_id: str, idempotency_key: str | None) -> UUID:
-    """The job id of a request: derived from the key when there is one, else random."""
+    """The job id of a request: derived from the key when there is one, else random.
+
+    The user's id goes in with its length, so that no user and key can be read as
+    another's: user ``x:y`` with key ``z`` and user ``x`` with key ``y:z`` get different
+    ids (a plain ``user:key`` gave them the same one)."""
     if idempotency_key is None:
         return uuid4()
-    return uuid5(IDEMPOTENCY_NAMESPACE, f"{user_id}:{idempotency_key}")
+    return uuid5(IDEMPOTENCY_NAMESPACE, f"{len(user_id)}:{user_id}:{idempotency_key}")
 
 
 def _not_found() -> HTTPException:
@@ -79,7 +83,7 @@ def _unavailable() -> HTTPException:
     description="Queues a job that draws `query` on a canvas. Answers 202 only once the "
     "broker confirmed the request. The same `Idempotency-Key` from the same user always "
     "answers with the same job and never makes a second one.",
-    responses=error_responses(401, 404, 422, 429, 503),
+    responses=error_responses(401, 404, 413, 422, 429, 503),
 )
 async def create_canvas(
     body: JobCreate,
