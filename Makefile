@@ -45,7 +45,7 @@ format: install ## apply ruff's formatting and safe fixes
 dev: install ## run the four services (and the stand-in model without OPENAI_API_KEY) in the foreground
 	$(BIN)/python tools/dev.py
 
-bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|0ms-nostream|all, JOBS=N)
+bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|0ms-nostream|history|all, JOBS=N)
 	$(BIN)/python -m bench.e2e --scenario $(or $(SCENARIO),all) $(if $(JOBS),--jobs $(JOBS),)
 
 bench-notifier: install ## WebSocket fan-out on one notifier process (ARGS="--clients 5000 --rate 1000 --seconds 30")
@@ -55,7 +55,7 @@ chaos: install ## soak: two of each service, a random fault every few seconds (M
 	$(BIN)/python -m tests.faults.chaos --minutes $(or $(MINUTES),10) --rate $(or $(RATE),3) $(if $(SEED),--seed $(SEED),)
 
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
-	@$(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
+	@CANVAS_ENV=$${CANVAS_ENV:-development} $(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
 
 browser: ## install Debian's chromium for the page's tests (apt-get, as root), unless it is there
 	@if command -v chromium >/dev/null; then echo "browser: $$(command -v chromium)"; \

@@ -34,6 +34,7 @@ import aio_pika
 import httpx
 import websockets
 
+from bench.history import print_history, run_history
 from tests.support.env import amqp_url
 from tests.support.system import System, running_system
 
@@ -454,7 +455,7 @@ SCENARIOS = {
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "history", "all"], default="all")
     parser.add_argument("--jobs", type=int, help="override the number of jobs")
     parser.add_argument(
         "--profile",
@@ -462,24 +463,32 @@ async def main(argv: list[str]) -> int:
         help="comma-separated services to sample with py-spy (e.g. orchestrator,generator)",
     )
     args = parser.parse_args(argv)
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    names = [*SCENARIOS, "history"] if args.scenario == "all" else [args.scenario]
     results = []
+    history: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="canvas-bench-") as tmp:
         for name in names:
+            if name == "history":
+                print("bench: running history (100,000 past jobs)...", file=sys.stderr, flush=True)
+                history = await run_history(Path(tmp))
+                continue
             scenario = SCENARIOS[name]
             if args.jobs and name != "idle":
                 scenario.jobs = args.jobs
             print(f"bench: running {name} ({scenario.jobs} jobs)...", file=sys.stderr, flush=True)
             profile = [name for name in args.profile.split(",") if name]
             results.append(await run_scenario(scenario, Path(tmp), profile))
-    print_table(results)
+    if results:
+        print_table(results)
+    if history is not None:
+        print_history(history)
     for result in results:
         for error in result["errors"]:
             print(f"bench: {result['scenario']['name']}: job ended {error}", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = {"machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "results": results, "history": history}, indent=2))
     print(f"\nbench: results in {out}", file=sys.stderr)
     lost = sum(r["lost"] + r["failed"] for r in results)
     return 1 if lost else 0
