@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -68,6 +67,7 @@ from tests.faults.harness import (
     model_calls,
     query,
     run_problems,
+    set_read_only,
 )
 from tests.support.servers import PrivatePostgres, PrivateRabbitMQ
 from tests.support.system import System
@@ -342,26 +342,6 @@ class Nemesis:
         await set_read_only(self._system.database_url, False)
         await self._model({"failure_rate": 0})
         await asyncio.gather(*(self._system.processes[name].wait_ready(120) for name in SERVICES))
-
-
-async def set_read_only(database_url: str, read_only: bool) -> None:
-    """New sessions of the database read-only (or not), and every session ended, as a
-    failover does."""
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=10)
-    try:
-        setting = "on" if read_only else "off"
-        await admin.execute(
-            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
-        )
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
-    finally:
-        await admin.close()
 
 
 async def soak(minutes: float, rate: float, seed: int, settle_seconds: float) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
@@ -356,6 +357,26 @@ def calls_of(calls: dict[str, int], text: str) -> int:
     """The model calls whose prompt was ``text`` (a :func:`query`)."""
     # The generator sends the query as the user message, cleaned of surrounding space.
     return calls.get(text.strip(), 0)
+
+
+async def set_read_only(database_url: str, read_only: bool) -> None:
+    """Make new sessions of the database read-only (or not), and end every session it
+    has now, as a failover does."""
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=10)
+    try:
+        setting = "on" if read_only else "off"
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
+        )
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+    finally:
+        await admin.close()
 
 
 async def dead_letters(system: System) -> dict[str, int]:

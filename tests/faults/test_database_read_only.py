@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import pytest
 
@@ -32,31 +30,12 @@ from tests.faults.harness import (
     lines,
     log_problems,
     query,
+    set_read_only,
 )
 
 pytestmark = pytest.mark.e2e
 
 OUTAGE_SECONDS = 10.0
-
-
-async def set_read_only(database_url: str, read_only: bool) -> None:
-    """Make new sessions of the database read-only (or not), and end every session it
-    has now, as a failover does."""
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        setting = "on" if read_only else "off"
-        await admin.execute(
-            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
-        )
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
-    finally:
-        await admin.close()
 
 
 async def test_a_database_that_refuses_writes_delays_jobs_and_loses_none(

@@ -17,7 +17,6 @@ been unable to publish for a few seconds, and takes it again only with a broker.
 from __future__ import annotations
 
 import time
-from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import pytest
 
@@ -31,7 +30,7 @@ from tests.faults.harness import (
 )
 from tests.support.env import amqp_url
 from tests.support.processes import ServiceProcess
-from tests.support.proxy import TcpProxy
+from tests.support.proxy import open_proxy
 
 # A freeze is noticed by timeouts (the broker's heartbeats, the database's session
 # timeouts): each case takes tens of seconds, within the test's own bound below.
@@ -108,17 +107,13 @@ async def test_a_frozen_orchestrator_loses_the_relay_and_its_work_to_the_other(
 async def test_a_relay_that_cannot_reach_the_broker_hands_the_relay_over(
     make_system: MakeSystem,
 ) -> None:
-    broker = urlsplit(amqp_url())
-    proxies = [
-        await TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672).start()
-        for _ in range(2)
-    ]
+    proxies = [await open_proxy(amqp_url()) for _ in range(2)]
     names = ("orchestrator", "orchestrator-2")
     try:
         system = await make_system(
             replicas=[("orchestrator", "orchestrator-2")],
             env_of={
-                name: {"AMQP_URL": _through(broker, proxy)}
+                name: {"AMQP_URL": proxy.url(amqp_url())}
                 for name, proxy in zip(names, proxies, strict=True)
             },
         )
@@ -137,10 +132,3 @@ async def test_a_relay_that_cannot_reach_the_broker_hands_the_relay_over(
     finally:
         for proxy in proxies:
             await proxy.stop()
-
-
-def _through(broker: SplitResult, proxy: TcpProxy) -> str:
-    """The broker's URL, but reaching it through ``proxy``."""
-    userinfo = broker.netloc.rpartition("@")[0]
-    netloc = f"127.0.0.1:{proxy.port}"
-    return urlunsplit(broker._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc))

@@ -31,7 +31,6 @@ from tests.notifier.support import (
     insert_events_in,
     insert_job,
     live,
-    proxy,
     receive,
     recorded,
     relay,
@@ -40,6 +39,7 @@ from tests.notifier.support import (
     ws_url,
 )
 from tests.support import tokens
+from tests.support.proxy import proxy
 
 ALICE, BOB = "alice", "bob"
 

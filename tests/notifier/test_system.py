@@ -22,9 +22,10 @@ from canvas_events.topology import Topology
 from canvas_notifier.frames import STATUS_TYPES
 from tests.conftest import delete_topology
 from tests.notifier import support
-from tests.notifier.support import RawClient, open_proxy, recorded
+from tests.notifier.support import RawClient, recorded
 from tests.support.env import amqp_url, database_url
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.proxy import open_proxy
 from tests.support.system import System
 
 pytestmark = pytest.mark.e2e

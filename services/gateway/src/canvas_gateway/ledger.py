@@ -30,9 +30,8 @@ from uuid import UUID
 import structlog
 
 from canvas_events.broker import Broker
-from canvas_events.envelope import Envelope
 from canvas_events.errors import PublishError
-from canvas_events.events import JobCancelRequested, JobRequested
+from canvas_events.events import JobCancelRequested
 from canvas_events.logging import redact
 from canvas_events.topology import GATEWAY, routing_key
 from canvas_gateway.store import JobRequest, Store
@@ -99,31 +98,17 @@ class LedgerSweep:
         return len(claimed)
 
     async def _send(self, request: JobRequest) -> None:
-        event: JobRequested | JobCancelRequested
+        envelope = request.requested()
         if request.given_up_at is not None:
-            event = JobCancelRequested(reason="given up: never recorded by the job-orchestrator")
             log.error("job request given up", tries=request.resends)
-        else:
-            event = JobRequested(
-                query=request.query,
-                canvas_id=request.canvas_id,
-                priority=request.priority,
-                options=request.options,
-                idempotency_key=request.idempotency_key,
+            envelope = envelope.follow(
+                JobCancelRequested(reason="given up: never recorded by the job-orchestrator")
             )
-        envelope = Envelope.wrap(
-            event,
-            correlation_id=request.correlation_id,
-            job_id=request.job_id,
-            user_id=request.user_id,
-            canvas_id=request.canvas_id,
-            occurred_at=request.created_at if isinstance(event, JobRequested) else None,
-        )
         try:
             await self._broker.publish(envelope, routing_key(GATEWAY, envelope.type))
         except PublishError as exc:
             # Claimed all the same: tried again after the next backoff.
             log.warning("job request could not be sent again", error=str(exc))
             return
-        if isinstance(event, JobRequested):
+        if request.given_up_at is None:
             log.warning("job request sent again", tries=request.resends)

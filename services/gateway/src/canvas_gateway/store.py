@@ -39,6 +39,7 @@ import asyncpg
 import orjson
 
 from canvas_events.envelope import Envelope
+from canvas_events.events import JobRequested
 from canvas_events.logging import redact
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database, is_outage
 from canvas_gateway.errors import CanvasNotFound, LimitReached, StoreNotReady, StoreUnavailable
@@ -165,6 +166,24 @@ class JobRequest:
     correlation_id: str = ""
     resends: int = 0
     given_up_at: datetime | None = None
+
+    def requested(self, correlation_id: str | None = None) -> Envelope:
+        """The JobRequested message of this request (the job's created_at everywhere),
+        in ``correlation_id``'s trace, or the request's own."""
+        return Envelope.wrap(
+            JobRequested(
+                query=self.query,
+                canvas_id=self.canvas_id,
+                priority=self.priority,
+                options=self.options,
+                idempotency_key=self.idempotency_key,
+            ),
+            correlation_id=correlation_id or self.correlation_id,
+            job_id=self.job_id,
+            user_id=self.user_id,
+            canvas_id=self.canvas_id,
+            occurred_at=self.created_at,
+        )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 
 from canvas_events.envelope import Envelope
 from canvas_events.errors import PublishError
-from canvas_events.events import JobCancelRequested, JobRequested
+from canvas_events.events import JobCancelRequested
 from canvas_events.topology import GATEWAY, routing_key
 from canvas_gateway.deps import (
     BrokerDep,
@@ -135,20 +135,7 @@ async def create_canvas(
     # Bound only now: a refused request has no job to trace.
     structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
     request.state.job_id = str(job.job_id)
-    event = JobRequested(
-        query=job.query,
-        canvas_id=job.canvas_id,
-        priority=job.priority,
-        options=job.options,
-        idempotency_key=job.idempotency_key,
-    )
-    envelope = Envelope.wrap(
-        event,
-        correlation_id=correlation_id,
-        job_id=job.job_id,
-        user_id=user.user_id,
-        canvas_id=job.canvas_id,
-    ).model_copy(update={"occurred_at": job.created_at})  # the job's created_at, everywhere
+    envelope = job.requested(correlation_id)
     try:
         # A duplicate publishes again: its first publish may have failed, and the
         # orchestrator ignores a JobRequested for a stream that exists.
