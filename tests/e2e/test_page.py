@@ -24,8 +24,9 @@ from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from canvas_gateway.app import create_app
+from canvas_gateway.api import create_app
 from canvas_gateway.routes.page import notifier_url
+from canvas_gateway.service import Service
 from canvas_gateway.settings import Settings
 from tests.support.system import JWT_SECRET, System
 
@@ -348,7 +349,7 @@ async def test_progress_frames_draw_one_by_one_and_a_failed_job_leaves_nothing(
 
 
 async def _config(settings: Settings, base_url: str) -> dict[str, Any]:
-    transport = httpx.ASGITransport(app=create_app(settings))
+    transport = httpx.ASGITransport(app=create_app(Service(settings)))
     async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
         answer = await http.get("/config.json")
         page = await http.get("/")
@@ -393,7 +394,7 @@ async def test_config_gives_notifier_public_url_when_set() -> None:
 
 
 async def test_only_the_pages_own_files_are_served() -> None:
-    transport = httpx.ASGITransport(app=create_app(Settings(jwt_secret=JWT_SECRET)))
+    transport = httpx.ASGITransport(app=create_app(Service(Settings(jwt_secret=JWT_SECRET))))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         script = await http.get("/static/app.js")
         assert script.status_code == 200

@@ -68,7 +68,7 @@ async def test_broker_restarted_mid_run_services_reconnect_and_nothing_is_lost(
             f"{prefix}.ai-generator.work",
             f"{prefix}.notifier.",
         ]
-        if importlib.util.find_spec("canvas_generator.control") is not None:
+        if importlib.util.find_spec("canvas_generator.cancellations") is not None:
             wanted.append(f"{prefix}.ai-generator.control.")
 
         async def consumers_back() -> dict[str, tuple[int, int]] | None:

@@ -144,7 +144,7 @@ def targets(system: System, topology: Topology) -> list[Target]:
             notifier_queue,
         ),
     ]
-    if importlib.util.find_spec("canvas_generator.control") is not None:
+    if importlib.util.find_spec("canvas_generator.cancellations") is not None:
         # Its name has a random part nobody logs; its binding reaches it (and every
         # notifier's queue, whose copies the notifier target does not count).
         control = topology.generator_control("x")

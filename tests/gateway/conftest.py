@@ -22,7 +22,7 @@ import pytest
 from canvas_events.auth import mint_token
 from canvas_events.envelope import Envelope
 from canvas_events.topology import Topology
-from canvas_gateway.app import serve
+from canvas_gateway.service import serve
 from canvas_gateway.settings import Settings
 from canvas_orchestrator.migrations import migrate
 

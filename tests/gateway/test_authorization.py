@@ -3,7 +3,7 @@ with an expired, a wrongly signed and an unsigned (``alg: none``) token, as anot
 and as a plain user on the admin routes. Each is denied with the right code, and no
 answer carries anything of the job, the canvas or the prompt it was denied.
 
-The WebSocket's side of the matrix is tests/notifier/test_server.py (4401 for every bad
+The WebSocket's side of the matrix is tests/notifier/test_service.py (4401 for every bad
 token); the orchestrator's internal API is tests/orchestrator/test_api.py."""
 
 from __future__ import annotations

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import httpx
 
-from canvas_gateway.app import create_app
+from canvas_gateway.api import create_app
+from canvas_gateway.service import Service
 from canvas_gateway.settings import Settings
 from tests.gateway.conftest import JWT_SECRET
 
 
 async def test_unhandled_error_answers_500_json_with_the_request_id() -> None:
-    app = create_app(Settings(jwt_secret=JWT_SECRET))
+    app = create_app(Service(Settings(jwt_secret=JWT_SECRET)))
 
     async def boom() -> None:
         raise RuntimeError("a bug")

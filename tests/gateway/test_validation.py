@@ -14,9 +14,10 @@ import jwt
 import pytest
 
 from canvas_events.auth import mint_token
-from canvas_gateway.app import create_app
+from canvas_gateway.api import create_app
 from canvas_gateway.routes.jobs import decode_cursor, encode_cursor, job_id_for
 from canvas_gateway.schemas import MAX_OPTIONS_BYTES
+from canvas_gateway.service import Service
 from canvas_gateway.settings import Settings
 from tests.gateway.conftest import JWT_SECRET, token
 
@@ -26,7 +27,7 @@ CREATE = "/api/ai-agent/create-canvas"
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(jwt_secret=JWT_SECRET, database_url="postgresql://nobody@127.0.0.1:1/x")
-    app = create_app(settings)
+    app = create_app(Service(settings))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         yield client

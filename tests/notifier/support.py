@@ -34,7 +34,7 @@ from canvas_events.events import (
     JobRetryScheduled,
 )
 from canvas_events.topology import JOB, Topology, routing_key
-from canvas_notifier.server import Notifier
+from canvas_notifier.service import Notifier
 from canvas_notifier.settings import Settings
 from canvas_orchestrator.migrations import migrate
 

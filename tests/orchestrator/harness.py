@@ -16,7 +16,7 @@ from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope
 from canvas_events.events import Event, JobRequested
 from canvas_events.topology import GATEWAY, GENERATOR, Topology, routing_key
-from canvas_orchestrator.app import Service
+from canvas_orchestrator.service import Service
 from canvas_orchestrator.settings import Settings
 from tests.support.waiting import eventually as eventually  # re-exported for the tests
 

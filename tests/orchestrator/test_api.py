@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from canvas_events.auth import mint_token
-from canvas_orchestrator.app import Service
+from canvas_orchestrator.service import Service
 from tests.orchestrator.harness import JWT_SECRET, Bus, service_headers, settings_for, wait_status
 
 

@@ -14,7 +14,7 @@ from canvas_events.envelope import Envelope, utcnow
 from canvas_events.events import GenerationRequested, JobQueued
 from canvas_orchestrator.event_store import RecordedEvent, append
 from canvas_orchestrator.metrics import Metrics
-from canvas_orchestrator.outbox import APPLICATION_NAME, CHECKPOINT, RELAY_LOCK_KEY, Relay
+from canvas_orchestrator.relay import APPLICATION_NAME, CHECKPOINT, RELAY_LOCK_KEY, Relay
 from tests.orchestrator.harness import eventually
 
 

@@ -7,7 +7,7 @@ ignores. So just before the call the worker checks, cheapest first:
 
 1. the lease: once ``lease_expires_at`` has passed, the orchestrator's lease timer
    fails the attempt and dispatches a new one (or has done so already);
-2. the cancels this process heard on its control queue (:mod:`canvas_generator.control`);
+2. the cancels this process heard on its control queue (:mod:`canvas_generator.cancellations`);
 3. the orchestrator, over HTTP (``GET /internal/attempts/{attempt_id}?job_id=``): the
    only way to learn of a cancel broadcast before this process was listening.
 

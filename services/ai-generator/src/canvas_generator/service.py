@@ -12,10 +12,10 @@ from canvas_events.auth import ServiceCredential
 from canvas_events.broker import Broker
 from canvas_events.ops import Readiness
 from canvas_events.runtime import instance_id, serve_http
-from canvas_generator.app import create_app
+from canvas_generator.api import create_app
+from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker
 from canvas_generator.client import ModelClient
-from canvas_generator.control import Cancellations
 from canvas_generator.settings import Settings
 from canvas_generator.worker import Worker
 

@@ -6,7 +6,7 @@ For each attempt taken from the work queue:
    process heard cancelled, or that the orchestrator says is no longer current, is
    acked and dropped with an "attempt skipped" log line; nothing is published;
 2. GenerationStarted is published, then the model is called in a task of its own that
-   a cancel of the job aborts (:mod:`canvas_generator.control`): an aborted attempt
+   a cancel of the job aborts (:mod:`canvas_generator.cancellations`): an aborted attempt
    logs "attempt cancelled" and publishes nothing more;
 3. while the reply streams in, each object is validated as soon as the model has
    written it and published as a GenerationProgressed (:mod:`canvas_generator.progress`),
@@ -65,9 +65,9 @@ from canvas_events.events import (
     parse_event,
 )
 from canvas_events.topology import GENERATOR, routing_key
+from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker, SkipReason, Verdict, lease_expired
 from canvas_generator.client import ModelClient
-from canvas_generator.control import Cancellations
 from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, classify
 from canvas_generator.metrics import (
     FIRST_OBJECT_SECONDS,

@@ -2,7 +2,8 @@
 
 It checks a request, records it in its ledger, publishes JobRequested and answers 202
 once the broker confirmed it; it answers reads from the orchestrator's read models.
-Layout: ``settings.py``, ``app.py`` (create_app, lifespan, serve), ``deps.py``,
+Layout: ``settings.py``, ``service.py`` (the process's parts, serve), ``api.py`` (the HTTP
+app: create_app), ``deps.py``,
 ``schemas.py``, ``store.py`` (every SQL statement, and the gateway's only state),
 ``middleware.py`` (request ids, access log, HTTP metrics), ``routes/``.
 """

@@ -14,7 +14,7 @@ from canvas_events.auth import mint_token
 from canvas_events.logging import configure_logging, register_secret
 from canvas_events.runtime import run
 from canvas_events.settings import load_settings
-from canvas_gateway.app import serve
+from canvas_gateway.service import serve
 from canvas_gateway.settings import Settings
 
 PROGRAM = "canvas-gateway"

@@ -1,4 +1,4 @@
-"""Errors raised inside the gateway; app.py turns each into its HTTP answer.
+"""Errors raised inside the gateway; api.py turns each into its HTTP answer.
 
 GatewayError
  ├── StoreUnavailable (ConnectionError)   the database is away                 → 503

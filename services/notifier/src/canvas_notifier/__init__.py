@@ -3,6 +3,6 @@
 - :mod:`canvas_notifier.frames`: the protocol, pure: events to frames, client messages,
   subscriptions.
 - :mod:`canvas_notifier.hub`: connections by user, bounded outboxes, close codes.
-- :mod:`canvas_notifier.server`: the asyncio shell: websockets server, broker consumer,
+- :mod:`canvas_notifier.service`: the asyncio shell: websockets server, broker consumer,
   replays from the event store (:mod:`canvas_notifier.store`).
 """

@@ -12,7 +12,7 @@ import structlog
 from canvas_events.logging import configure_logging, register_secret
 from canvas_events.runtime import run
 from canvas_events.settings import load_settings
-from canvas_notifier.server import serve
+from canvas_notifier.service import serve
 from canvas_notifier.settings import Settings
 
 # Allocations (net of frees) between two collections of the youngest generation;

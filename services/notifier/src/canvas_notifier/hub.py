@@ -3,7 +3,7 @@
 Fan-out never waits for a client: :meth:`Hub.deliver` offers the frame to each of the
 user's connections and returns. A connection with nothing waiting whose socket takes
 data without waiting gets the frame written at once (its *writer*, given by
-:mod:`canvas_notifier.server`); otherwise the frame goes to the connection's bounded
+:mod:`canvas_notifier.service`); otherwise the frame goes to the connection's bounded
 outbox, which one sender task per connection drains onto the socket as it drains. A
 connection whose outbox is full is told to close (4008) rather than slow anyone down or
 hold memory: unlike ``websockets.broadcast()``, which writes whatever the socket's state

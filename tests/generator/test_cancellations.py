@@ -10,7 +10,7 @@ import pytest
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import JobCancelled
-from canvas_generator.control import RecentlyCancelled
+from canvas_generator.cancellations import RecentlyCancelled
 from tests.generator.conftest import (
     cancel_message,
     generation_request,

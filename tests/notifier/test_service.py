@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from canvas_events.auth import mint_token
 from canvas_events.topology import Topology
-from canvas_notifier.server import Notifier
+from canvas_notifier.service import Notifier
 from tests.notifier import support
 from tests.notifier.support import (
     PING,

@@ -37,7 +37,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.events import JobCancelled, JobCancelRequested, parse_event
 from canvas_events.topology import Topology
 
-log = structlog.get_logger("canvas_generator.control")
+log = structlog.get_logger("canvas_generator.cancellations")
 
 # An attempt is skipped anyway once its lease (GENERATION_LEASE_SECONDS, 180 s by
 # default) has run out, so a cancel need not be remembered much longer than that.

@@ -24,13 +24,13 @@ from canvas_orchestrator.domain import Policy
 from canvas_orchestrator.handlers import Clock, Handler
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.migrations import migrate_pool
-from canvas_orchestrator.outbox import Relay
+from canvas_orchestrator.relay import Relay
 from canvas_orchestrator.retention import Pruner
 from canvas_orchestrator.settings import Settings
 from canvas_orchestrator.timers import Timers
 
 SERVICE_NAME = "job-orchestrator"
-log = structlog.get_logger("canvas_orchestrator.app")
+log = structlog.get_logger("canvas_orchestrator.service")
 
 
 def policy_of(settings: Settings) -> Policy:

@@ -1,29 +1,26 @@
-"""The gateway's ASGI app: ``create_app(settings)`` wires the resources and routes,
-its lifespan connects them, ``serve`` runs it until told to stop."""
+"""The gateway's HTTP app: ``create_app(service)`` builds it over a
+:class:`~canvas_gateway.service.Service`, whose parts its lifespan starts and stops:
+middleware, error answers and routes."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import structlog
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from canvas_events.broker import Broker
 from canvas_events.errors import PublishError
-from canvas_events.ops import Readiness
-from canvas_events.postgres import Database
-from canvas_events.runtime import instance_id, serve_http
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
-from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.middleware import RequestLimits, RequestMiddleware
 from canvas_gateway.routes import canvas, jobs, ops, page
-from canvas_gateway.settings import Settings
-from canvas_gateway.store import Store, create_ledger, init_connection
+
+if TYPE_CHECKING:
+    from canvas_gateway.service import Service
 
 log = structlog.get_logger("canvas_gateway")
 
@@ -44,50 +41,17 @@ _TAGS = [
 ]
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The gateway app; nothing connects until its lifespan starts."""
-    database = Database(
-        settings.database_url.get_secret_value(),
-        min_size=1,
-        max_size=10,
-        on_connect=create_ledger,
-        init=init_connection,
-    )
-    broker = Broker(
-        settings.amqp_url.get_secret_value(),
-        settings.topology,
-        connection_name=instance_id("gateway"),
-        publish_timeout=settings.publish_timeout_seconds,
-    )
-    store = Store(database)
-    sweep = LedgerSweep(
-        store,
-        broker,
-        resend_after=settings.ledger_resend_after_seconds,
-        max_resends=settings.ledger_max_resends,
-    )
-    metrics = Metrics()
-    readiness = Readiness()
-    readiness.add_database(database)
-    readiness.add_broker(broker)
+def create_app(service: Service) -> FastAPI:
+    """The gateway app over ``service``; nothing connects until its lifespan starts."""
+    settings = service.settings
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if settings.jwt_secret_is_default:
-            log.warning(
-                "JWT_SECRET IS NOT SET: using the public development secret; anyone can "
-                "mint tokens. Set JWT_SECRET outside development."
-            )
-        # Both connect in the background: the gateway serves /health before they are up.
-        await database.start()
-        await broker.start()
-        await sweep.start()
+        await service.start()
         try:
             yield
         finally:
-            await sweep.stop()
-            await broker.stop(drain_timeout=settings.shutdown_grace_seconds)
-            await database.stop()
+            await service.stop()
 
     app = FastAPI(
         title="canvas-jobs gateway",
@@ -97,15 +61,15 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = store
-    app.state.ledger = sweep
-    app.state.broker = broker
-    app.state.metrics = metrics
-    app.state.readiness = readiness
+    app.state.store = service.store
+    app.state.ledger = service.ledger
+    app.state.broker = service.broker
+    app.state.metrics = service.metrics
+    app.state.readiness = service.readiness
     # Added first, so inside RequestMiddleware: its 401s and 413s are logged and counted.
     app.add_middleware(RequestLimits, secret=settings.secret, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestMiddleware, metrics=metrics, routes=app.router.routes)
-    _add_error_handlers(app, metrics)
+    app.add_middleware(RequestMiddleware, metrics=service.metrics, routes=app.router.routes)
+    _add_error_handlers(app, service.metrics)
     app.include_router(jobs.router)
     app.include_router(canvas.router)
     app.include_router(ops.router)
@@ -149,15 +113,3 @@ def _service_unavailable(detail: str) -> JSONResponse:
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
     )
-
-
-async def serve(
-    settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0", port: int | None = None
-) -> None:
-    """Run the gateway until ``stop`` is set, then drain and close its connections."""
-    app = create_app(settings)
-    # serve_http runs uvicorn with lifespan="off": the service runs its own lifespan.
-    async with app.router.lifespan_context(app):
-        port = settings.gateway_port if port is None else port
-        log.info("gateway listening", host=host, port=port)
-        await serve_http(app, port, stop, host=host)

@@ -38,7 +38,7 @@ from canvas_orchestrator.db import connect
 from canvas_orchestrator.event_store import NOTIFY_CHANNEL, RecordedEvent, read_after
 from canvas_orchestrator.metrics import Metrics
 
-log = structlog.get_logger("canvas_orchestrator.outbox")
+log = structlog.get_logger("canvas_orchestrator.relay")
 
 RELAY_LOCK_KEY: Final = 0x63616E7661730002
 # The relay's session ends this long after its last query: a frozen relay's lock goes.
