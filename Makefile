@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
-MEMBERS := libs/events services/gateway services/job-orchestrator services/ai-generator services/notifier clients/cli
+MEMBERS := libs/events libs/store services/gateway services/job-orchestrator services/ai-generator services/fake-openai services/notifier clients/cli
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 

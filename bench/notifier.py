@@ -70,7 +70,7 @@ from tests.support.env import amqp_url, database_url
 from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-MIGRATIONS = ROOT / "services/job-orchestrator/src/canvas_orchestrator/migrations"
+MIGRATIONS = ROOT / "libs/store/src/canvas_store/migrations"
 RESULTS = ROOT / "bench/results"
 BIN = Path(sys.executable).parent
 

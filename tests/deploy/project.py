@@ -1,6 +1,7 @@
 """What the deploy tests know about the repository: where the files are, which service
-reads which setting (ARCHITECTURE.md 2), and small readers for the formats involved
-(compose interpolation, Dockerfile instructions, .dockerignore patterns).
+reads which setting (docs/settings.md), which images the one Dockerfile builds, and
+small readers for the formats involved (compose interpolation, Dockerfile instructions,
+stages and build arguments, .dockerignore patterns).
 
 There is no Docker engine on the machines that run the tests, so everything here reads
 the files statically; each reader follows the documented rules closely enough for the
@@ -21,6 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# The one Dockerfile: `--build-arg SERVICE=<folder under services/>` picks the image.
+DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 # Read by every service: the broker and the log format.
@@ -28,8 +31,27 @@ COMMON_ENV = frozenset({"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"})
 
 
 @dataclass(frozen=True)
+class Image:
+    """One image the Dockerfile builds: its service's folder (the SERVICE build argument),
+    the console script it runs, and the port it listens on."""
+
+    folder: str  # under services/
+    script: str
+    port_var: str
+    port: int
+
+    @property
+    def build_args(self) -> dict[str, str]:
+        return {"SERVICE": self.folder}
+
+    @property
+    def pyproject(self) -> Path:
+        return ROOT / "services" / self.folder / "pyproject.toml"
+
+
+@dataclass(frozen=True)
 class AppService:
-    """One of the four services, as compose, its Dockerfile and its package name it."""
+    """One of the four services, as compose, the Dockerfile and its package name it."""
 
     name: str  # the compose service, also the `service` field of its log lines
     folder: str  # under services/
@@ -37,84 +59,84 @@ class AppService:
     port_var: str
     port: int
     script: str  # console script the image runs
-    env: frozenset[str]  # what it reads from ARCHITECTURE.md 2
+    env: frozenset[str]  # what it reads of docs/settings.md
 
     @property
     def dockerfile(self) -> Path:
-        return ROOT / "services" / self.folder / "Dockerfile"
+        return DOCKERFILE
+
+    @property
+    def image(self) -> Image:
+        return Image(self.folder, self.script, self.port_var, self.port)
 
     @property
     def pyproject(self) -> Path:
-        return ROOT / "services" / self.folder / "pyproject.toml"
+        return self.image.pyproject
+
+
+def _app(name: str, short: str, port: int, env: set[str]) -> AppService:
+    """The service in services/<name>, which compose names the same; its import
+    package, console script and port setting are named after ``short`` (canvas_<short>,
+    canvas-<short>, <SHORT>_PORT). It reads COMMON_ENV, its port setting and ``env``."""
+    port_var = f"{short.upper()}_PORT"
+    return AppService(
+        name=name,
+        folder=name,
+        package=f"canvas_{short}",
+        port_var=port_var,
+        port=port,
+        script=f"canvas-{short}",
+        env=COMMON_ENV | {port_var} | env,
+    )
 
 
 APP_SERVICES = (
-    AppService(
-        name="gateway",
-        folder="gateway",
-        package="canvas_gateway",
-        port_var="GATEWAY_PORT",
-        port=8000,
-        script="canvas-gateway",
-        env=COMMON_ENV
-        | {
-            "DATABASE_URL",
-            "JWT_SECRET",
-            "GATEWAY_PORT",
-            "MAX_ACTIVE_JOBS_PER_USER",
-            "MAX_REQUEST_BYTES",
-        },
+    _app(
+        "gateway",
+        "gateway",
+        8000,
+        {"DATABASE_URL", "JWT_SECRET", "MAX_ACTIVE_JOBS_PER_USER", "MAX_REQUEST_BYTES"},
     ),
-    AppService(
-        name="job-orchestrator",
-        folder="job-orchestrator",
-        package="canvas_orchestrator",
-        port_var="ORCHESTRATOR_PORT",
-        port=8002,
-        script="canvas-orchestrator",
-        env=COMMON_ENV
-        | {
+    _app(
+        "job-orchestrator",
+        "orchestrator",
+        8002,
+        {
             "DATABASE_URL",
             "JWT_SECRET",
-            "ORCHESTRATOR_PORT",
             "MAX_JOB_RETRIES",
             "RETRY_BACKOFF_BASE",
             "RETRY_BACKOFF_UNIT_SECONDS",
         },
     ),
-    AppService(
-        name="ai-generator",
-        folder="ai-generator",
-        package="canvas_generator",
-        port_var="GENERATOR_PORT",
-        port=8003,
-        script="canvas-generator",
-        # No database: the generator only talks to the broker and the model (and signs its
-        # service credential for the orchestrator's internal API with JWT_SECRET).
-        env=COMMON_ENV
-        | {
+    # No database: the generator only talks to the broker and the model (and signs its
+    # service credential for the orchestrator's internal API with JWT_SECRET).
+    _app(
+        "ai-generator",
+        "generator",
+        8003,
+        {
             "JWT_SECRET",
             "OPENAI_API_KEY",
             "OPENAI_BASE_URL",
             "OPENAI_MODEL",
             "OPENAI_TIMEOUT_SECONDS",
             "MAX_CONCURRENT_JOBS",
-            "GENERATOR_PORT",
         },
     ),
-    AppService(
-        name="notifier",
-        folder="notifier",
-        package="canvas_notifier",
-        port_var="NOTIFIER_PORT",
-        port=8001,
-        script="canvas-notifier",
-        env=COMMON_ENV | {"DATABASE_URL", "JWT_SECRET", "NOTIFIER_PORT", "MAX_REQUEST_BYTES"},
-    ),
+    _app("notifier", "notifier", 8001, {"DATABASE_URL", "JWT_SECRET", "MAX_REQUEST_BYTES"}),
 )
 
-# Every name of ARCHITECTURE.md 2, to prove the table above forgets none.
-ARCHITECTURE_ENV = frozenset(
+# The offline stand-in model (services/fake-openai): compose runs it under a profile.
+STAND_IN_IMAGE = Image(
+    folder="fake-openai", script="canvas-fake-openai", port_var="FAKE_OPENAI_PORT", port=8090
+)
+
+# Every image the Dockerfile builds.
+IMAGES = (*(app.image for app in APP_SERVICES), STAND_IN_IMAGE)
+
+# Every name docs/settings.md documents, to prove the table above forgets none.
+DOCUMENTED_ENV = frozenset(
     {
         "DATABASE_URL",
         "AMQP_URL",
@@ -211,15 +233,134 @@ class Instruction:
         return [str(item) for item in parsed]
 
 
-def dockerfile_stages(path: Path) -> list[list[Instruction]]:
-    """The instructions of each build stage, in order (the last is the image)."""
-    stages: list[list[Instruction]] = []
+def dockerfile_global_args(path: Path) -> dict[str, str | None]:
+    """The ARGs declared before the first FROM, with their defaults (None: no default)."""
+    found: dict[str, str | None] = {}
     for instruction in _instructions(path.read_text()):
         if instruction.keyword == "FROM":
-            stages.append([])
-        assert stages, f"{path}: {instruction.keyword} before the first FROM"
-        stages[-1].append(instruction)
-    return stages
+            break
+        assert instruction.keyword == "ARG", f"{path}: {instruction.keyword} before FROM"
+        name, equals, default = instruction.arguments.partition("=")
+        found[name.strip()] = default if equals else None
+    return found
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One build stage as a build with given arguments sees it: its base (an image, or
+    the name of an earlier stage), its name, and its instructions after FROM with the
+    build arguments in scope substituted."""
+
+    base: str
+    name: str | None
+    instructions: list[Instruction]
+
+
+@dataclass(frozen=True)
+class Build:
+    """What ``docker build`` makes of a Dockerfile, given build arguments."""
+
+    stages: list[Stage]
+
+    def chain(self, stage: Stage) -> list[Stage]:
+        """``stage`` and the stages it is built FROM, the first one first."""
+        chain = [stage]
+        while (parent := self.stage(chain[0].base)) is not None:
+            assert parent not in chain, f"stage {parent.name} is its own base"
+            chain.insert(0, parent)
+        return chain
+
+    def stage(self, name: str) -> Stage | None:
+        """The stage named ``name`` (FROM ... AS name), if any."""
+        return next((stage for stage in self.stages if stage.name == name), None)
+
+    @property
+    def image(self) -> list[Stage]:
+        """The stages of the image built: the last stage and those it is built FROM."""
+        return self.chain(self.stages[-1])
+
+    @property
+    def base(self) -> str:
+        """What the image is built on in the end (a registry image, unless no stage has
+        the name the last FROM gives)."""
+        return self.image[0].base
+
+    @property
+    def instructions(self) -> list[Instruction]:
+        """Every instruction of the image, in the order the build runs them."""
+        return [instruction for stage in self.image for instruction in stage.instructions]
+
+    @property
+    def builders(self) -> list[list[Stage]]:
+        """The stages the image copies from (COPY --from=NAME), each with its bases."""
+        found: list[list[Stage]] = []
+        for instruction in self.instructions:
+            if instruction.keyword == "COPY" and instruction.arguments.startswith("--from="):
+                name = instruction.arguments.removeprefix("--from=").split()[0]
+                stage = self.stage(name)
+                assert stage is not None, f"COPY --from={name}: no such stage"
+                found.append(self.chain(stage))
+        return found
+
+
+# Docker substitutes build arguments in these; RUN's shell sees them as variables, which
+# comes to the same for the ${NAME} and $NAME forms read here. Exec-form commands
+# (CMD, ENTRYPOINT, HEALTHCHECK) are left as written, as Docker leaves them.
+_NOT_SUBSTITUTED = frozenset({"ARG", "CMD", "ENTRYPOINT", "HEALTHCHECK"})
+_ARG_REFERENCE = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_]\w*)\}|(?P<named>[A-Za-z_]\w*))")
+
+
+def _substitute(text: str, values: Mapping[str, str]) -> str:
+    """``text`` with ``$NAME`` and ``${NAME}`` replaced for the names in ``values``;
+    other references (ENV of the base image, like ${PATH}) are left as written."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["braced"] or match["named"]
+        return values.get(name, match[0])
+
+    return _ARG_REFERENCE.sub(replace, text)
+
+
+def dockerfile_build(path: Path, build_args: Mapping[str, str]) -> Build:
+    """The stages of ``path`` as ``docker build --build-arg NAME=VALUE ...`` sees them.
+
+    Docker's rules, as far as this repository's Dockerfile needs them: the ARGs before
+    the first FROM are substituted in FROM lines only; an ARG inside a stage makes the
+    argument visible there (with the global default when it gives none) until the
+    stage ends, not in the stages built FROM it; an argument without a value is empty.
+    """
+    defaults = dockerfile_global_args(path)
+    global_values = {
+        name: build_args.get(name, default or "") for name, default in defaults.items()
+    }
+    stages: list[Stage] = []
+    scope: dict[str, str] = {}
+    for instruction in _instructions(path.read_text()):
+        if instruction.keyword == "ARG" and not stages:
+            continue
+        if instruction.keyword == "FROM":
+            words = [
+                word
+                for word in _substitute(instruction.arguments, global_values).split()
+                if not word.startswith("--")  # --platform=...
+            ]
+            assert len(words) in (1, 3), f"FROM {instruction.arguments}"
+            assert len(words) == 1 or words[1].upper() == "AS", f"FROM {instruction.arguments}"
+            stages.append(Stage(words[0], words[2] if len(words) == 3 else None, []))
+            scope = {}
+            continue
+        if instruction.keyword == "ARG":
+            name, equals, default = instruction.arguments.partition("=")
+            name = name.strip()
+            fallback = default if equals else (defaults.get(name) or "")
+            scope[name] = build_args.get(name, fallback)
+        elif instruction.keyword not in _NOT_SUBSTITUTED:
+            instruction = Instruction(
+                instruction.keyword, _substitute(instruction.arguments, scope)
+            )
+        stages[-1].instructions.append(instruction)
+    assert stages, f"{path}: no FROM"
+    return Build(stages)
 
 
 def _instructions(text: str) -> Iterator[Instruction]:

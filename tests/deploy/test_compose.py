@@ -2,7 +2,7 @@
 against the Compose Specification's JSON schema, which check-jsonschema ships
 (check_jsonschema/builtin_schemas/vendor/compose-spec.json, pinned by the lock), and for
 what canvas-jobs needs of it: healthchecks, restart policies, start order, ports, the
-stand-in model's profile, and the settings of ARCHITECTURE.md 2 with defaults that each
+stand-in model's profile, and the settings of docs/settings.md with defaults that each
 service's own Settings class accepts."""
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import pytest
 from canvas_events.settings import DEV_JWT_SECRET
 from tests.deploy.project import (
     APP_SERVICES,
-    ARCHITECTURE_ENV,
     COMPOSE_FILE,
+    DOCKERFILE,
+    DOCUMENTED_ENV,
+    IMAGES,
     ROOT,
+    STAND_IN_IMAGE,
     AppService,
     console_scripts,
+    dockerfile_build,
     interpolate,
     load_compose,
 )
@@ -110,12 +114,24 @@ def test_only_the_stand_in_model_waits_for_a_profile() -> None:
 
 
 @by_name
-def test_service_builds_its_dockerfile_from_the_repository_root(app: AppService) -> None:
+def test_service_builds_its_image_of_the_dockerfile_from_the_repository_root(
+    app: AppService,
+) -> None:
     build = service(app.name)["build"]
 
     assert build["context"] == "."
-    assert (ROOT / build["dockerfile"]) == app.dockerfile
+    assert (ROOT / build["dockerfile"]) == app.dockerfile == DOCKERFILE
+    assert build["args"] == app.image.build_args
     assert app.dockerfile.is_file()
+
+
+def test_every_build_in_compose_names_an_image_of_the_dockerfile() -> None:
+    folders = {image.folder for image in IMAGES}
+
+    for name, entry in load_compose()["services"].items():
+        if "build" in entry:
+            assert (ROOT / entry["build"]["dockerfile"]) == DOCKERFILE, name
+            assert entry["build"]["args"]["SERVICE"] in folders, name
 
 
 @by_name
@@ -168,14 +184,14 @@ def test_service_gets_every_setting_it_reads(app: AppService) -> None:
 
 
 def test_services_cover_every_setting_of_architecture_section_2() -> None:
-    assert set().union(*(app.env for app in APP_SERVICES)) == ARCHITECTURE_ENV
+    assert set().union(*(app.env for app in APP_SERVICES)) == DOCUMENTED_ENV
 
 
 @by_name
 def test_service_settings_accept_the_compose_defaults(
     app: AppService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ARCHITECTURE_ENV:
+    for name in DOCUMENTED_ENV:
         monkeypatch.delenv(name, raising=False)
     for name, value in environment(app.name).items():
         monkeypatch.setenv(name, value)
@@ -259,15 +275,22 @@ def assert_named_volume_at(entry: dict[str, Any], target: str) -> None:
     assert sources[target] in load_compose()["volumes"]
 
 
-def test_stand_in_model_runs_from_the_generator_image_under_its_profile() -> None:
+def test_stand_in_model_runs_its_own_image_under_its_profile() -> None:
     stand_in = service(STAND_IN)
     env = environment(STAND_IN)
+    build = stand_in["build"]
+    image = dockerfile_build(ROOT / build["dockerfile"], build["args"]).instructions
+    command = [instruction for instruction in image if instruction.keyword == "CMD"][-1]
 
     assert stand_in["profiles"] == ["fake-llm"]
-    assert stand_in["build"]["dockerfile"] == "services/ai-generator/Dockerfile"
-    assert stand_in["command"] == ["canvas-fake-openai"]
+    assert build["context"] == "."
+    assert build["args"] == STAND_IN_IMAGE.build_args
+    # Its image runs the stand-in itself.
+    assert "command" not in stand_in
+    assert command.exec_form() == [STAND_IN_IMAGE.script]
     assert (env["FAKE_OPENAI_HOST"], env["FAKE_OPENAI_PORT"]) == ("0.0.0.0", "8090")
     assert "urlopen('http://127.0.0.1:8090/health'" in healthcheck_command(STAND_IN)[-1]
+    assert f"{STAND_IN_IMAGE.port}:{STAND_IN_IMAGE.port}" in stand_in["ports"]
 
 
 def test_compose_file_says_how_to_run_offline() -> None:
@@ -275,7 +298,7 @@ def test_compose_file_says_how_to_run_offline() -> None:
 
 
 def test_every_command_in_compose_is_a_declared_console_script() -> None:
-    declared = set().union(*(console_scripts(app.pyproject) for app in APP_SERVICES))
+    declared = set().union(*(console_scripts(image.pyproject) for image in IMAGES))
 
     for name, entry in load_compose()["services"].items():
         if "build" in entry and "command" in entry:

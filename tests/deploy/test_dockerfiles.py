@@ -1,7 +1,8 @@
-"""The services' Dockerfiles and .dockerignore, read statically (no Docker engine runs on
-these machines): each image builds from the repository root in two stages on
-python:3.11-slim, installs its members from the lock without the dev tools, runs as a
-non-root user, checks /health, and runs a console script its pyproject declares."""
+"""The Dockerfile and .dockerignore, read statically (no Docker engine runs on these
+machines). One Dockerfile builds every image, the SERVICE build argument naming which:
+each image builds from the repository root in stages on python:3.11-slim, installs its
+members from the lock without the dev tools, runs as a non-root user, checks /health,
+and runs a console script its pyproject declares."""
 
 from __future__ import annotations
 
@@ -12,27 +13,49 @@ import tomllib
 import pytest
 
 from tests.deploy.project import (
-    APP_SERVICES,
+    DOCKERFILE,
+    IMAGES,
     ROOT,
-    AppService,
+    STAND_IN_IMAGE,
+    Build,
+    Image,
     Instruction,
+    Stage,
     console_scripts,
-    dockerfile_stages,
+    dockerfile_build,
+    dockerfile_global_args,
     dockerignore_patterns,
     dockerignored,
 )
 
-by_name = pytest.mark.parametrize("app", APP_SERVICES, ids=lambda app: app.name)
+by_image = pytest.mark.parametrize("image", IMAGES, ids=lambda image: image.folder)
 
 DEV_TOOLS = ("pytest", "ruff", "mypy", "testcontainers", "uv")
 
 
-def final_stage(app: AppService) -> list[Instruction]:
-    return dockerfile_stages(app.dockerfile)[-1]
+def build(image: Image) -> Build:
+    """The Dockerfile as `docker build --build-arg SERVICE=<folder>` sees it."""
+    return dockerfile_build(DOCKERFILE, image.build_args)
 
 
-def builder_stages(app: AppService) -> list[list[Instruction]]:
-    return dockerfile_stages(app.dockerfile)[:-1]
+def final_stage(image: Image) -> list[Instruction]:
+    """Every instruction of the image: its stage's and those of the stages below it."""
+    return build(image).instructions
+
+
+def builder_stages(image: Image) -> list[list[Stage]]:
+    """The stages the image copies from, each with the stages it is built FROM."""
+    return build(image).builders
+
+
+def builder_instructions(image: Image, keyword: str) -> list[str]:
+    return [
+        instruction.arguments
+        for chain in builder_stages(image)
+        for stage in chain
+        for instruction in stage.instructions
+        if instruction.keyword == keyword
+    ]
 
 
 def last(stage: list[Instruction], keyword: str) -> Instruction:
@@ -57,123 +80,168 @@ def requirement_name(requirement: str) -> str:
     return match[0].lower()
 
 
-@by_name
-def test_image_builds_in_stages_on_python_3_11_slim(app: AppService) -> None:
-    stages = dockerfile_stages(app.dockerfile)
-    bases = [stage[0].arguments.split()[0] for stage in stages]
+def test_one_dockerfile_builds_every_service_under_services() -> None:
+    members = {path.parent.name for path in ROOT.glob("services/*/pyproject.toml")}
 
-    assert len(stages) >= 2
-    assert set(bases) == {"python:3.11-slim"}
+    assert DOCKERFILE.is_file()
+    assert not list(ROOT.glob("services/*/Dockerfile"))
+    assert {image.folder for image in IMAGES} == members
+
+
+def test_the_service_build_argument_has_no_default() -> None:
+    # Forgetting --build-arg SERVICE fails the build (FROM image-: no such image) rather
+    # than build some service nobody asked for.
+    assert dockerfile_global_args(DOCKERFILE)["SERVICE"] is None
+
+
+def test_each_images_stage_is_named_after_its_service() -> None:
+    stages = dockerfile_build(DOCKERFILE, {}).stages
+    named = {stage.name for stage in stages if stage.name and stage.name.startswith("image-")}
+
+    assert named == {f"image-{image.folder}" for image in IMAGES}
+
+
+@by_image
+def test_the_service_build_argument_picks_its_images_stage(image: Image) -> None:
+    names = [stage.name for stage in build(image).image]
+
+    assert f"image-{image.folder}" in names
+    assert [name for name in names if name and name.startswith("image-")] == [
+        f"image-{image.folder}"
+    ]
+
+
+@by_image
+def test_image_builds_in_stages_on_python_3_11_slim(image: Image) -> None:
+    built = build(image)
+    bases = {built.base} | {chain[0].base for chain in built.builders}
+
+    assert len(built.stages) >= 2
+    assert built.builders
+    assert bases == {"python:3.11-slim"}
     assert any(
         instruction.keyword == "COPY" and instruction.arguments.startswith("--from=")
-        for instruction in stages[-1]
+        for instruction in built.instructions
     )
 
 
-@by_name
-def test_builder_installs_the_members_non_editable_pinned_by_the_lock(app: AppService) -> None:
-    runs = " ".join(
-        instruction.arguments
-        for stage in builder_stages(app)
-        for instruction in stage
-        if instruction.keyword == "RUN"
-    )
+@by_image
+def test_builder_installs_the_members_non_editable_pinned_by_the_lock(image: Image) -> None:
+    runs = " ".join(builder_instructions(image, "RUN"))
     words = shlex.split(runs)
 
     # The lock's -e lines name the members editable; the rest of it pins everything else.
     assert "grep -v '^-e' requirements.lock > constraints.txt" in runs
     assert words[words.index("-c") + 1] == "constraints.txt"
-    assert {"./libs/events", f"./services/{app.folder}"} <= set(words)
+    assert {"./libs/events", f"./services/{image.folder}"} <= set(words)
     assert "-e" not in words
     assert "--editable" not in words
 
 
-@by_name
-def test_builder_uses_the_makefiles_uv(app: AppService) -> None:
+@by_image
+def test_builder_installs_its_service_only(image: Image) -> None:
+    words = shlex.split(" ".join(builder_instructions(image, "RUN")))
+    services = {word for word in words if word.startswith("./services/")}
+
+    assert services == {f"./services/{image.folder}"}
+
+
+@by_image
+def test_builder_uses_the_makefiles_uv(image: Image) -> None:
     makefile = (ROOT / "Makefile").read_text()
     pinned = re.search(r"^UV_VERSION := (\S+)$", makefile, re.MULTILINE)
-    args = [
-        instruction.arguments
-        for stage in builder_stages(app)
-        for instruction in stage
-        if instruction.keyword == "ARG"
-    ]
 
     assert pinned
-    assert f"UV_VERSION={pinned[1]}" in args
+    assert f"UV_VERSION={pinned[1]}" in builder_instructions(image, "ARG")
 
 
-@by_name
-def test_image_installs_nothing_in_its_final_stage(app: AppService) -> None:
+@by_image
+def test_image_installs_nothing_in_its_final_stage(image: Image) -> None:
     runs = [
-        instruction.arguments for instruction in final_stage(app) if instruction.keyword == "RUN"
+        instruction.arguments for instruction in final_stage(image) if instruction.keyword == "RUN"
     ]
 
     for run in runs:
         assert not re.search(r"\b(pip|uv|apt-get|apt)\b", run), run
 
 
-@by_name
-def test_image_dependencies_hold_no_dev_tool(app: AppService) -> None:
-    for pyproject in (ROOT / "libs/events/pyproject.toml", app.pyproject):
+@by_image
+def test_image_dependencies_hold_no_dev_tool(image: Image) -> None:
+    for pyproject in (ROOT / "libs/events/pyproject.toml", image.pyproject):
         dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
 
         assert not {requirement_name(item) for item in dependencies} & set(DEV_TOOLS)
 
 
-@by_name
-def test_image_runs_as_a_non_root_user(app: AppService) -> None:
-    user = last(final_stage(app), "USER").arguments.split(":")[0]
+@by_image
+def test_image_runs_as_a_non_root_user(image: Image) -> None:
+    user = last(final_stage(image), "USER").arguments.split(":")[0]
 
     assert user not in ("root", "0")
 
 
-@by_name
-def test_image_prints_logs_unbuffered_and_exposes_its_port(app: AppService) -> None:
-    stage = final_stage(app)
+@by_image
+def test_image_prints_logs_unbuffered_and_exposes_its_port(image: Image) -> None:
+    stage = final_stage(image)
     env = " ".join(instruction.arguments for instruction in stage if instruction.keyword == "ENV")
 
     assert re.search(r"\bPYTHONUNBUFFERED=1\b", env)
-    assert last(stage, "EXPOSE").arguments.split() == [str(app.port)]
+    assert re.search(rf"\b{image.port_var}={image.port}\b", env)
+    assert last(stage, "EXPOSE").arguments.split() == [str(image.port)]
 
 
-@by_name
-def test_image_healthcheck_asks_health_with_python(app: AppService) -> None:
-    command = last(final_stage(app), "HEALTHCHECK").exec_form()
+@by_image
+def test_image_healthcheck_asks_health_with_python(image: Image) -> None:
+    command = last(final_stage(image), "HEALTHCHECK").exec_form()
 
     # python's urllib: the slim image has no curl.
     assert command is not None
     assert command[:2] == ["python", "-c"]
     assert "urllib.request.urlopen(" in command[2]
     assert "/health" in command[2]
-    assert app.port_var in command[2]
+    assert image.port_var in command[2]
 
 
-@by_name
-def test_image_runs_its_console_script(app: AppService) -> None:
-    assert last(final_stage(app), "CMD").exec_form() == [app.script]
+@by_image
+def test_image_runs_its_console_script(image: Image) -> None:
+    assert last(final_stage(image), "CMD").exec_form() == [image.script]
 
 
-@by_name
-def test_console_script_of_the_image_is_declared_in_its_pyproject(app: AppService) -> None:
-    assert app.script in console_scripts(app.pyproject)
+@by_image
+def test_console_script_of_the_image_is_declared_in_its_pyproject(image: Image) -> None:
+    assert image.script in console_scripts(image.pyproject)
 
 
-def test_generator_image_also_carries_the_stand_in_model() -> None:
-    generator = next(app for app in APP_SERVICES if app.name == "ai-generator")
+def test_stand_in_model_listens_on_every_interface_in_its_image() -> None:
+    env = " ".join(
+        instruction.arguments
+        for instruction in final_stage(STAND_IN_IMAGE)
+        if instruction.keyword == "ENV"
+    )
 
-    assert "canvas-fake-openai" in console_scripts(generator.pyproject)
+    # Its own default, 127.0.0.1, would be out of the other containers' reach.
+    assert re.search(r"\bFAKE_OPENAI_HOST=0\.0\.0\.0\b", env)
 
 
-@by_name
-def test_every_file_the_image_copies_reaches_the_build_context(app: AppService) -> None:
+def test_only_the_stand_in_models_package_declares_its_console_script() -> None:
+    declaring = [
+        image.folder
+        for image in IMAGES
+        if STAND_IN_IMAGE.script in console_scripts(image.pyproject)
+    ]
+
+    # Two members declaring one script would remove each other's on reinstall.
+    assert declaring == [STAND_IN_IMAGE.folder]
+
+
+@by_image
+def test_every_file_the_image_copies_reaches_the_build_context(image: Image) -> None:
     patterns = dockerignore_patterns()
     sources = [
         source
-        for stage in builder_stages(app)
-        for instruction in stage
-        if instruction.keyword == "COPY" and not instruction.arguments.startswith("--")
-        for source in instruction.arguments.split()[:-1]
+        for arguments in builder_instructions(image, "COPY")
+        if not arguments.startswith("--")
+        for source in arguments.split()[:-1]
     ]
 
     assert sources
@@ -188,10 +256,23 @@ def test_every_file_the_image_copies_reaches_the_build_context(app: AppService) 
 
 
 def test_migrations_reach_the_orchestrator_image() -> None:
-    migrations = ROOT / "services/job-orchestrator/src/canvas_orchestrator/migrations"
+    orchestrator = next(image for image in IMAGES if image.folder == "job-orchestrator")
+    patterns = dockerignore_patterns()
+    copied = [
+        ROOT / source
+        for arguments in builder_instructions(orchestrator, "COPY")
+        if not arguments.startswith("--")
+        for source in arguments.split()[:-1]
+    ]
+    migrations = [
+        path
+        for source in copied
+        if source.is_dir()
+        for path in source.rglob("migrations/*.sql")
+        if not dockerignored(path.relative_to(ROOT).as_posix(), patterns)
+    ]
 
-    assert list(migrations.glob("*.sql"))
-    assert not dockerignored(migrations.relative_to(ROOT).as_posix(), dockerignore_patterns())
+    assert migrations
 
 
 @pytest.mark.parametrize(

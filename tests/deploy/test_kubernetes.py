@@ -26,11 +26,11 @@ import yaml
 from canvas_events.topology import Topology
 from tests.deploy.project import (
     APP_SERVICES,
-    ARCHITECTURE_ENV,
+    DOCUMENTED_ENV,
     ROOT,
     AppService,
     console_scripts,
-    dockerfile_stages,
+    dockerfile_build,
 )
 
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
@@ -39,7 +39,7 @@ NAMESPACE = "canvas-jobs"
 CONFIG_MAP = "canvas-jobs-config"
 SECRET = "canvas-jobs-secrets"
 SECRET_KEYS = frozenset({"JWT_SECRET", "OPENAI_API_KEY", "DATABASE_URL", "AMQP_URL"})
-# Beyond ARCHITECTURE.md 2: the topology prefix, the drain, where the orchestrator is.
+# Beyond docs/settings.md's table: the topology prefix, the drain, where the orchestrator is.
 EXTRA_CONFIG = frozenset({"AMQP_TOPOLOGY_PREFIX", "SHUTDOWN_GRACE_SECONDS", "ORCHESTRATOR_URL"})
 # Oldest Kubernetes we claim (deploy/README.md) and the newest the schemas know.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -295,7 +295,7 @@ def test_schema_check_catches_a_misspelt_field() -> None:
 def test_config_map_holds_every_non_secret_setting_and_no_secret() -> None:
     keys = set(config())
 
-    assert keys == (ARCHITECTURE_ENV - SECRET_KEYS) | EXTRA_CONFIG
+    assert keys == (DOCUMENTED_ENV - SECRET_KEYS) | EXTRA_CONFIG
     assert not keys & SECRET_KEYS
 
 
@@ -399,7 +399,9 @@ def test_generator_is_sized_for_io_and_the_notifier_for_connections() -> None:
 def test_deployment_runs_as_the_images_user_without_privilege(app: AppService) -> None:
     user = next(
         instruction.arguments
-        for instruction in reversed(dockerfile_stages(app.dockerfile)[-1])
+        for instruction in reversed(
+            dockerfile_build(app.dockerfile, app.image.build_args).instructions
+        )
         if instruction.keyword == "USER"
     )
     security = pod(app)["securityContext"]
@@ -462,7 +464,7 @@ def test_deployment_takes_settings_from_the_config_map_and_only_its_own_secrets(
 def test_service_settings_accept_the_deployment_environment(
     app: AppService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ARCHITECTURE_ENV | EXTRA_CONFIG:
+    for name in DOCUMENTED_ENV | EXTRA_CONFIG:
         monkeypatch.delenv(name, raising=False)
     for name, value in environment(app).items():
         monkeypatch.setenv(name, value)

@@ -22,137 +22,40 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-import websockets
 
 from canvas_events.topology import Topology
-from tests.support.system import System, running_system
+from tests.support.system import System
+from tests.support.users import Socket, User
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
 FINAL = ("completed", "failed", "cancelled")
 
-
-@pytest.fixture(scope="module")
-async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
-    async with running_system(
-        tmp_path_factory.mktemp("lifecycle-logs"),
-        label="lifecycle",
-        extra_env={
-            "MAX_CONCURRENT_JOBS": "1",
-            "MAX_JOB_RETRIES": "2",
-            "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
-            # A blocker's call is held until it is cancelled, far beyond any deadline
-            # here; the lease (180 s by default) must outlast it.
-            "OPENAI_TIMEOUT_SECONDS": "120",
-        },
-    ) as running:
-        yield running
+# The module's system (tests/e2e/conftest.py).
+SYSTEM_ENV = {
+    "MAX_CONCURRENT_JOBS": "1",
+    "MAX_JOB_RETRIES": "2",
+    "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
+    # A blocker's call is held until it is cancelled, far beyond any deadline here; the
+    # lease (180 s by default) must outlast it.
+    "OPENAI_TIMEOUT_SECONDS": "120",
+}
 
 
 # -- helpers ---------------------------------------------------------------------------
 
 
-class Client:
-    """One user's REST client and WebSocket on the running system."""
-
-    def __init__(self, system: System, http: httpx.AsyncClient, ws: Any, user: str) -> None:
-        self.system = system
-        self.http = http
-        self.ws = ws
-        self.user = user
-        self.frames: list[dict[str, Any]] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
-            async for raw in self.ws:
-                self.frames.append(json.loads(raw))
-
-    async def post(
-        self, query: str, *, priority: int = 5, key: str | None = None
-    ) -> httpx.Response:
-        headers = {"Idempotency-Key": key} if key else {}
-        return await self.http.post(
-            "/api/ai-agent/create-canvas",
-            json={"query": query, "priority": priority},
-            headers=headers,
-        )
-
-    async def submit(self, query: str, *, priority: int = 5) -> str:
-        answer = await self.post(query, priority=priority)
-        assert answer.status_code == 202, answer.text
-        return str(answer.json()["job_id"])
-
-    async def status(self, job_id: str) -> dict[str, Any]:
-        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/status")
-        assert answer.status_code == 200, answer.text
-        return dict(answer.json())
-
-    async def events(self, job_id: str) -> list[dict[str, Any]]:
-        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/events")
-        assert answer.status_code == 200, answer.text
-        return list(answer.json()["events"])
-
-    async def cancel(self, job_id: str) -> httpx.Response:
-        return await self.http.post(f"/api/ai-agent/job/{job_id}/cancel")
-
-    async def until_status(
-        self, job_id: str, *statuses: str, timeout: float = 30
-    ) -> dict[str, Any]:
-        async def reached() -> dict[str, Any] | None:
-            status = await self.status(job_id)
-            return status if status["status"] in statuses else None
-
-        return dict(await eventually(reached, timeout=timeout, what=f"{job_id} in {statuses}"))
-
-    async def until_frame(
-        self, job_id: str, frame_type: str, timeout: float = 30
-    ) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            return next(
-                (f for f in self.frames if f["job_id"] == job_id and f["type"] == frame_type),
-                None,
-            )
-
-        return dict(await eventually(found, timeout=timeout, what=f"{frame_type} of {job_id}"))
-
-    def frames_of(self, job_id: str) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f["job_id"] == job_id]
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-
-
 @contextlib.asynccontextmanager
-async def client(system: System) -> AsyncIterator[Client]:
+async def client(system: System) -> AsyncIterator[tuple[User, Socket]]:
     """A new user, with a WebSocket open before any of their jobs exists."""
-    user = f"user-{uuid.uuid4().hex[:8]}"
-    token = system.token(user)
-    async with (
-        websockets.connect(system.websocket_url(token)) as ws,
-        httpx.AsyncClient(
-            base_url=system.gateway_url,
-            timeout=10,
-            headers={"Authorization": f"Bearer {token}"},
-        ) as http,
-    ):
-        user_client = Client(system, http, ws, user)
-        try:
-            yield user_client
-        finally:
-            await user_client.close()
-
-
-def stand_in(system: System, path: str) -> Any:
-    return httpx.get(f"{system.fake_openai_url}{path}", timeout=5).json()
+    async with User(system) as user, user.socket() as socket:
+        yield user, socket
 
 
 def stand_in_saw(system: System, marker: str) -> bool:
     """Whether any request the stand-in received mentions ``marker``."""
-    return any(marker in json.dumps(body) for body in stand_in(system, "/_fake/requests"))
+    return any(marker in json.dumps(body) for body in system.stand_in.requests())
 
 
 async def work_queue_ready(system: System) -> int:
@@ -174,19 +77,19 @@ def generator_lines(system: System, job_id: str, event: str) -> list[dict[str, A
     ]
 
 
-async def start_blocker(user: Client) -> str:
+async def start_blocker(user: User) -> str:
     """A job whose model call holds the only generator slot until it is cancelled."""
-    in_flight = stand_in(user.system, "/_fake/stats")["in_flight"]
-    job_id = await user.submit(f"blocker {uuid.uuid4().hex} [[fake:timeout]]")
+    in_flight = user.system.stand_in.stats()["in_flight"]
+    job_id, _ = await user.submit(f"blocker {uuid.uuid4().hex} [[fake:timeout]]")
     await user.until_status(job_id, "processing")
     await eventually(
-        lambda: stand_in(user.system, "/_fake/stats")["in_flight"] == in_flight + 1,
+        lambda: user.system.stand_in.stats()["in_flight"] == in_flight + 1,
         what="the blocker's model call in flight",
     )
     return job_id
 
 
-async def release(user: Client, blocker: str) -> None:
+async def release(user: User, blocker: str) -> None:
     """Cancel the blocker; its model call is aborted and the generator takes more work."""
     assert (await user.cancel(blocker)).status_code == 202
     await user.until_status(blocker, "cancelled")
@@ -204,16 +107,16 @@ def _at(value: str) -> datetime:
 
 
 async def test_cancel_queued_job_never_calls_the_model(system: System) -> None:
-    async with client(system) as user:
+    async with client(system) as (user, socket):
         blocker = await start_blocker(user)
         marker = uuid.uuid4().hex
-        job_id = await user.submit(f"a drawing nobody will see {marker}")
+        job_id, _ = await user.submit(f"a drawing nobody will see {marker}")
         await eventually(lambda: work_queue_ready(system), what="the attempt in the work queue")
         assert (await user.status(job_id))["status"] == "queued"
 
         assert (await user.cancel(job_id)).status_code == 202
         await user.until_status(job_id, "cancelled")
-        await user.until_frame(job_id, "ai_job_cancelled")
+        await socket.until(job_id, "ai_job_cancelled")
 
         # The generator now takes the cancelled job's attempt from the queue: it must
         # drop it without a model call.
@@ -233,28 +136,27 @@ async def test_cancel_queued_job_never_calls_the_model(system: System) -> None:
             "JobCancelRequested",
             "JobCancelled",
         ]
-        assert [f["type"] for f in user.frames_of(job_id)] == ["ai_job_queued", "ai_job_cancelled"]
+        assert [f["type"] for f in socket.of(job_id)] == ["ai_job_queued", "ai_job_cancelled"]
 
 
 async def test_cancel_while_processing_aborts_the_model_call_and_discards_objects(
     system: System,
 ) -> None:
     async with (
-        client(system) as user,
+        client(system) as (user, socket),
         httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{system.ports['orchestrator']}",
             timeout=10,
             headers=system.service_headers(),
         ) as orchestrator,
     ):
-        stats = stand_in(system, "/_fake/stats")
+        stats = system.stand_in.stats()
         marker = uuid.uuid4().hex
-        accepted = await user.post(f"a drawing cut short {marker} [[fake:timeout]]")
-        job_id, canvas_id = accepted.json()["job_id"], accepted.json()["canvas_id"]
+        job_id, canvas_id = await user.submit(f"a drawing cut short {marker} [[fake:timeout]]")
         await user.until_status(job_id, "processing")
-        await user.until_frame(job_id, "ai_generation_started")
+        await socket.until(job_id, "ai_generation_started")
         await eventually(lambda: stand_in_saw(system, marker), what="the model call made")
-        assert stand_in(system, "/_fake/stats")["in_flight"] == stats["in_flight"] + 1
+        assert system.stand_in.stats()["in_flight"] == stats["in_flight"] + 1
 
         (requested,) = [e for e in await user.events(job_id) if e["type"] == "GenerationRequested"]
         attempt_url = f"/internal/attempts/{requested['data']['attempt_id']}"
@@ -268,21 +170,20 @@ async def test_cancel_while_processing_aborts_the_model_call_and_discards_object
 
         assert (await user.cancel(job_id)).status_code == 202
         await user.until_status(job_id, "cancelled")
-        await user.until_frame(job_id, "ai_job_cancelled")
+        await socket.until(job_id, "ai_job_cancelled")
 
         # The call was aborted, not left to run out its 120 s timeout.
         await eventually(
-            lambda: stand_in(system, "/_fake/stats")["in_flight"] == stats["in_flight"],
+            lambda: system.stand_in.stats()["in_flight"] == stats["in_flight"],
             what="the stand-in to see the call end",
         )
-        assert stand_in(system, "/_fake/stats")["abandoned"] == stats["abandoned"] + 1
+        assert system.stand_in.stats()["abandoned"] == stats["abandoned"] + 1
         await eventually(
             lambda: generator_lines(system, job_id, "attempt cancelled"),
             what="the generator to log the abort",
         )
 
-        objects = await user.http.get(f"/api/canvas/{canvas_id}/objects")
-        assert objects.json()["objects"] == []
+        assert await user.objects(canvas_id) == []
         types = [event["type"] for event in await user.events(job_id)]
         assert "GenerationSucceeded" not in types and "GenerationFailed" not in types
         assert types[-1] == "JobCancelled"
@@ -296,15 +197,15 @@ async def test_cancel_while_processing_aborts_the_model_call_and_discards_object
 
 
 async def test_cancelling_a_final_job_answers_409(system: System) -> None:
-    async with client(system) as user:
-        done = await user.submit("three boxes in a row")
+    async with User(system) as user:
+        done, _ = await user.submit("three boxes in a row")
         await user.until_status(done, "completed")
         refused = await user.cancel(done)
         assert refused.status_code == 409
         assert "completed" in refused.json()["detail"]
         assert (await user.status(done))["status"] == "completed"
 
-        failed = await user.submit("a bad request [[fake:status=400]]")
+        failed, _ = await user.submit("a bad request [[fake:status=400]]")
         await user.until_status(failed, "failed")
         assert (await user.cancel(failed)).status_code == 409
 
@@ -315,10 +216,10 @@ async def test_cancelling_a_final_job_answers_409(system: System) -> None:
 async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
     system: System,
 ) -> None:
-    async with client(system) as user:
+    async with client(system) as (user, socket):
         blocker = await start_blocker(user)
-        low = [await user.submit(f"low priority {i}", priority=1) for i in range(3)]
-        high = await user.submit("urgent", priority=9)
+        low = [(await user.submit(f"low priority {i}", priority=1)).job_id for i in range(3)]
+        high, _ = await user.submit("urgent", priority=9)
 
         async def all_four_waiting() -> bool:
             return await work_queue_ready(system) == 4
@@ -329,7 +230,7 @@ async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
         for job_id in [*low, high]:
             await user.until_status(job_id, "completed")
         started = sorted(
-            (f for f in user.frames if f["type"] == "ai_generation_started"),
+            (f for f in socket.frames if f["type"] == "ai_generation_started"),
             key=lambda f: f["position"],
         )
         order = [f["job_id"] for f in started if f["job_id"] != blocker]
@@ -341,8 +242,8 @@ async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
 
 
 async def test_server_errors_are_retried_up_to_max_job_retries_then_fail(system: System) -> None:
-    async with client(system) as user:
-        job_id = await user.submit("always broken [[fake:status=500]]")
+    async with client(system) as (user, socket):
+        job_id, _ = await user.submit("always broken [[fake:status=500]]")
         final = await user.until_status(job_id, *FINAL)
         assert final["status"] == "failed"
         assert final["retry_count"] == 2
@@ -361,7 +262,7 @@ async def test_server_errors_are_retried_up_to_max_job_retries_then_fail(system:
         ]
 
         def three_errors() -> list[dict[str, Any]] | None:
-            errors = [f for f in user.frames_of(job_id) if f["type"] == "ai_job_error"]
+            errors = [f for f in socket.of(job_id) if f["type"] == "ai_job_error"]
             return errors if len(errors) == 3 else None
 
         errors = await eventually(three_errors, what="three ai_job_error frames")
@@ -374,8 +275,8 @@ async def test_server_errors_are_retried_up_to_max_job_retries_then_fail(system:
 
 
 async def test_rate_limit_retry_waits_at_least_the_retry_after(system: System) -> None:
-    async with client(system) as user:
-        job_id = await user.submit("too fast [[fake:status=429,retry_after=1]]")
+    async with User(system) as user:
+        job_id, _ = await user.submit("too fast [[fake:status=429,retry_after=1]]")
         final = await user.until_status(job_id, *FINAL)
         assert (final["status"], final["retry_count"]) == ("failed", 2)
         events = await user.events(job_id)
@@ -398,8 +299,8 @@ async def test_rate_limit_retry_waits_at_least_the_retry_after(system: System) -
 
 
 async def test_bad_request_fails_at_once_without_retries(system: System) -> None:
-    async with client(system) as user:
-        job_id = await user.submit("refused [[fake:status=400]]")
+    async with User(system) as user:
+        job_id, _ = await user.submit("refused [[fake:status=400]]")
         final = await user.until_status(job_id, *FINAL)
         assert (final["status"], final["retry_count"]) == ("failed", 0)
         assert "400" in final["error_message"]
@@ -413,7 +314,7 @@ async def test_bad_request_fails_at_once_without_retries(system: System) -> None
 
 
 async def test_concurrent_duplicate_requests_make_one_job(system: System) -> None:
-    async with client(system) as user:
+    async with User(system) as user:
         key = f"key-{uuid.uuid4().hex}"
         answers = await asyncio.gather(
             *(user.post("one job only, please", key=key) for _ in range(10))
@@ -432,11 +333,11 @@ async def test_concurrent_duplicate_requests_make_one_job(system: System) -> Non
 
 
 async def test_job_list_pages_with_a_cursor_and_filters_by_status(system: System) -> None:
-    async with client(system) as user:
+    async with User(system) as user:
         submitted = []
         for i in range(5):
             directive = " [[fake:status=400]]" if i % 2 else ""
-            submitted.append(await user.submit(f"job number {i}{directive}"))
+            submitted.append((await user.submit(f"job number {i}{directive}")).job_id)
         for job_id in submitted:
             await user.until_status(job_id, *FINAL)
         newest_first = list(reversed(submitted))

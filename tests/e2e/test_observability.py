@@ -1,4 +1,4 @@
-"""What an operator sees of a running system (issue 5, ARCHITECTURE.md 9): one query
+"""What an operator sees of a running system (issue 5, docs/operations.md): one query
 follows a job through the four services' logs, no secret leaks anywhere, the metrics
 count what happened, admins get a debug view, and the health answer tells the truth.
 
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 
-# ServiceProcess name: the `service` field of its log lines (ARCHITECTURE.md 9).
+# ServiceProcess name: the `service` field of its log lines (docs/operations.md).
 SERVICES = {
     "gateway": "gateway",
     "orchestrator": "job-orchestrator",

@@ -29,6 +29,7 @@ from canvas_gateway.routes.page import notifier_url
 from canvas_gateway.service import Service
 from canvas_gateway.settings import Settings
 from tests.support.system import JWT_SECRET, System
+from tests.support.users import User
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "canvas.png"
 CHROMIUM_ARGS = [
@@ -101,8 +102,11 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     assert not problems, problems
 
 
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+@pytest.fixture
+async def user(system: System) -> AsyncIterator[User]:
+    """A new user of the system, for the page and for the API."""
+    async with User(system) as new:
+        yield new
 
 
 async def _sign_in(page: Page, system: System, token: str) -> None:
@@ -129,18 +133,10 @@ async def _submit(page: Page, query: str) -> str:
     return str(await handle.json_value())
 
 
-async def _final_status(system: System, token: str, job_id: str) -> dict[str, Any]:
+async def _final_status(user: User, job_id: str) -> dict[str, Any]:
     """The job's status once it is final, polled from the API."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_SECONDS
-    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=5) as http:
-        while True:
-            answer = await http.get(f"/api/ai-agent/job/{job_id}/status", headers=_auth(token))
-            body: dict[str, Any] = answer.json()
-            if body.get("status") in ("completed", "failed", "cancelled"):
-                return body
-            assert loop.time() < deadline, f"job {job_id} not final: {body}"
-            await asyncio.sleep(0.1)
+    final = ("completed", "failed", "cancelled")
+    return await user.until_status(job_id, *final, timeout=DEADLINE_SECONDS)
 
 
 async def _wait_drawn(page: Page, job_id: str, count: int) -> None:
@@ -172,24 +168,21 @@ async def _drawn(page: Page, job_id: str) -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 async def test_prompt_is_drawn_on_the_page_and_listed_completed(
-    system: System, page: Page, tmp_path: Path
+    system: System, user: User, page: Page, tmp_path: Path
 ) -> None:
-    token = system.token(f"page-{uuid.uuid4().hex[:8]}")
-    await _sign_in(page, system, token)
+    await _sign_in(page, system, user.token)
 
     # The stand-in draws 10 objects for this prompt, sticky notes among them.
     job_id = await _submit(
         page, "a flowchart of a login flow: email, password, two-factor code, dashboard"
     )
-    status = await _final_status(system, token, job_id)
+    status = await _final_status(user, job_id)
     assert status["status"] == "completed", status
     count = status["result"]["object_count"]
     assert count >= 3
     await _wait_drawn(page, job_id, count)
 
-    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=5) as http:
-        answer = await http.get(f"/api/canvas/{status['canvas_id']}/objects", headers=_auth(token))
-    objects = {o["id"]: o for o in answer.json()["objects"]}
+    objects = {o["id"]: o for o in await user.objects(status["canvas_id"])}
     drawn = await _drawn(page, job_id)
     assert {d["id"] for d in drawn} == set(objects) == set(status["result"]["object_ids"])
     for item in drawn:
@@ -217,15 +210,14 @@ async def test_prompt_is_drawn_on_the_page_and_listed_completed(
 
 @pytest.mark.e2e
 async def test_page_reconnects_with_after_when_the_notifier_restarts(
-    system: System, page: Page, tmp_path: Path
+    system: System, user: User, page: Page, tmp_path: Path
 ) -> None:
-    token = system.token(f"page-{uuid.uuid4().hex[:8]}")
     sockets: list[str] = []
     page.on("websocket", lambda ws: sockets.append(ws.url))
-    await _sign_in(page, system, token)
+    await _sign_in(page, system, user.token)
 
     first = await _submit(page, "a kanban board with three columns")
-    first_status = await _final_status(system, token, first)
+    first_status = await _final_status(user, first)
     await _wait_drawn(page, first, first_status["result"]["object_count"])
     # Waits for the completed frame itself: the objects may come from an earlier reload.
     await page.wait_for_function(
@@ -240,7 +232,7 @@ async def test_page_reconnects_with_after_when_the_notifier_restarts(
 
     # Submitted and finished while no notifier runs: only a replay can bring its frames.
     second = await _submit(page, "a mind map about the sea")
-    second_status = await _final_status(system, token, second)
+    second_status = await _final_status(user, second)
     assert second_status["status"] == "completed", second_status
     assert await page.locator(f'#objects g.obj[data-job-id="{second}"]').count() == 0
 
@@ -256,14 +248,13 @@ async def test_page_reconnects_with_after_when_the_notifier_restarts(
 
 
 @pytest.mark.e2e
-async def test_cancel_button_cancels_a_running_job(system: System, page: Page) -> None:
-    token = system.token(f"page-{uuid.uuid4().hex[:8]}")
-    await _sign_in(page, system, token)
+async def test_cancel_button_cancels_a_running_job(system: System, user: User, page: Page) -> None:
+    await _sign_in(page, system, user.token)
     # The stand-in holds its answer for 20 s: the job is still running when cancelled.
     job_id = await _submit(page, "a slow drawing [[fake:delay_ms=20000]]")
     await page.click('#current-job button[data-action="cancel"]')
 
-    status = await _final_status(system, token, job_id)
+    status = await _final_status(user, job_id)
     assert status["status"] == "cancelled", status
     listed = page.locator(f'#jobs li[data-job-id="{job_id}"]')
     await listed.locator('.status[data-status="cancelled"]').wait_for()
@@ -275,7 +266,7 @@ async def test_cancel_button_cancels_a_running_job(system: System, page: Page) -
 async def test_progress_frames_draw_one_by_one_and_a_failed_job_leaves_nothing(
     system: System, page: Page
 ) -> None:
-    # The notifier's side is played here: frames exactly as ARCHITECTURE.md 5 describes
+    # The notifier's side is played here: frames exactly as docs/api.md describes
     # them, including ai_generation_progress, which the generator may not stream yet.
     token = system.token(f"page-{uuid.uuid4().hex[:8]}")
     routes: list[WebSocketRoute] = []

@@ -13,40 +13,17 @@ import pytest
 import websockets
 
 from tests.support.system import JWT_SECRET, OPENAI_KEY, System
+from tests.support.users import User
 
 pytestmark = pytest.mark.e2e
 
 
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def _frames_until_final(ws: Any, job_id: str, timeout: float = 30) -> list[dict[str, Any]]:
-    """This job's frames, in arrival order, up to its final one."""
-    frames: list[dict[str, Any]] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frame = json.loads(await ws.recv())
-            if frame.get("job_id") != job_id:
-                continue
-            frames.append(frame)
-            final = frame["type"] in ("ai_generation_completed", "ai_job_cancelled") or (
-                frame["type"] == "ai_job_error" and frame["data"].get("final")
-            )
-            if final:
-                return frames
-
-
 async def test_prompt_becomes_objects_on_the_canvas_with_live_updates(system: System) -> None:
-    token = system.token("alice")
-    async with (
-        websockets.connect(system.websocket_url(token)) as ws,
-        httpx.AsyncClient(base_url=system.gateway_url, timeout=10) as http,
-    ):
-        accepted = await http.post(
+    async with User(system, "alice") as alice, alice.socket() as socket:
+        accepted = await alice.http.post(
             "/api/ai-agent/create-canvas",
             json={"query": "a flowchart of a login flow"},
-            headers={**_auth(token), "X-Request-ID": "e2e-happy-path"},
+            headers={"X-Request-ID": "e2e-happy-path"},
         )
         assert accepted.status_code == 202, accepted.text
         body = accepted.json()
@@ -54,10 +31,9 @@ async def test_prompt_becomes_objects_on_the_canvas_with_live_updates(system: Sy
         assert body["status"] == "queued"
 
         # Read-your-writes: the job is there right after the 202.
-        status = await http.get(f"/api/ai-agent/job/{job_id}/status", headers=_auth(token))
-        assert status.status_code == 200
+        await alice.status(job_id)
 
-        frames = await _frames_until_final(ws, job_id)
+        frames = await socket.until_final(job_id)
         types = [f["type"] for f in frames if f["type"] != "ai_generation_progress"]
         assert types == ["ai_job_queued", "ai_generation_started", "ai_generation_completed"]
         positions = [f["position"] for f in frames]
@@ -66,57 +42,38 @@ async def test_prompt_becomes_objects_on_the_canvas_with_live_updates(system: Sy
         completed = frames[-1]["data"]
         assert completed["object_count"] >= 1
 
-        final = (await http.get(f"/api/ai-agent/job/{job_id}/status", headers=_auth(token))).json()
+        final = await alice.status(job_id)
         assert final["status"] == "completed"
         assert final["result"]["object_count"] == completed["object_count"]
         assert final["result"]["model"]
         assert final["result"]["usage"]["total_tokens"] > 0
         assert final["started_at"] and final["completed_at"]
 
-        objects = await http.get(f"/api/canvas/{canvas_id}/objects", headers=_auth(token))
-        assert objects.status_code == 200
-        drawn = objects.json()["objects"]
+        drawn = await alice.objects(canvas_id)
         assert len(drawn) == completed["object_count"]
         assert {o["id"] for o in drawn} == set(final["result"]["object_ids"])
         assert all(o["job_id"] == job_id and o["type"] for o in drawn)
 
-        # Another user sees neither the job nor the canvas.
-        bob = system.token("bob")
-        assert (
-            await http.get(f"/api/ai-agent/job/{job_id}/status", headers=_auth(bob))
-        ).status_code == 404
-        assert (
-            await http.get(f"/api/canvas/{canvas_id}/objects", headers=_auth(bob))
-        ).status_code == 404
+    # Another user sees neither the job nor the canvas.
+    async with User(system, "bob") as bob:
+        assert (await bob.http.get(f"/api/ai-agent/job/{job_id}/status")).status_code == 404
+        assert (await bob.http.get(f"/api/canvas/{canvas_id}/objects")).status_code == 404
 
 
 async def test_rejected_api_key_fails_the_job_with_a_clear_message(system: System) -> None:
-    token = system.token("carol")
-    async with (
-        websockets.connect(system.websocket_url(token)) as ws,
-        httpx.AsyncClient(base_url=system.gateway_url, timeout=10) as http,
-    ):
-        accepted = await http.post(
-            "/api/ai-agent/create-canvas",
-            json={"query": "a mind map [[fake:status=401]]"},
-            headers=_auth(token),
-        )
-        assert accepted.status_code == 202, accepted.text
-        job_id = accepted.json()["job_id"]
-        frames = await _frames_until_final(ws, job_id)
+    async with User(system, "carol") as carol, carol.socket() as socket:
+        job_id, canvas_id = await carol.submit("a mind map [[fake:status=401]]")
+        frames = await socket.until_final(job_id)
         error = frames[-1]
         assert error["type"] == "ai_job_error"
         assert error["data"]["final"] is True
         assert error["data"]["retryable"] is False
 
-        status = (await http.get(f"/api/ai-agent/job/{job_id}/status", headers=_auth(token))).json()
+        status = await carol.status(job_id)
         assert status["status"] == "failed"
         assert "401" in status["error_message"] or "key" in status["error_message"].lower()
         assert OPENAI_KEY not in status["error_message"]
-        objects = await http.get(
-            f"/api/canvas/{accepted.json()['canvas_id']}/objects", headers=_auth(token)
-        )
-        assert objects.json()["objects"] == []
+        assert await carol.objects(canvas_id) == []
 
 
 async def test_requests_without_a_valid_token_get_401(system: System) -> None:
@@ -127,7 +84,7 @@ async def test_requests_without_a_valid_token_get_401(system: System) -> None:
         forged = await http.post(
             "/api/ai-agent/create-canvas",
             json={"query": "x"},
-            headers=_auth("not.a.jwt"),
+            headers={"Authorization": "Bearer not.a.jwt"},
         )
         assert forged.status_code == 401
     with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
@@ -148,28 +105,22 @@ async def test_requests_without_a_valid_token_get_401(system: System) -> None:
 async def test_bad_bodies_get_422_naming_the_field(
     system: System, body: dict[str, Any], field: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=10) as http:
-        answer = await http.post(
-            "/api/ai-agent/create-canvas", json=body, headers=_auth(system.token("dave"))
-        )
+    async with User(system, "dave") as dave:
+        answer = await dave.http.post("/api/ai-agent/create-canvas", json=body)
     assert answer.status_code == 422
     assert field in json.dumps(answer.json()["detail"])
 
 
 async def test_a_job_can_be_followed_across_all_four_services_by_one_query(system: System) -> None:
-    token = system.token("erin")
     correlation = f"follow-{uuid.uuid4().hex[:8]}"
-    async with (
-        websockets.connect(system.websocket_url(token)) as ws,
-        httpx.AsyncClient(base_url=system.gateway_url, timeout=10) as http,
-    ):
-        accepted = await http.post(
+    async with User(system, "erin") as erin, erin.socket() as socket:
+        accepted = await erin.http.post(
             "/api/ai-agent/create-canvas",
             json={"query": "three boxes in a row"},
-            headers={**_auth(token), "X-Request-ID": correlation},
+            headers={"X-Request-ID": correlation},
         )
         job_id = accepted.json()["job_id"]
-        await _frames_until_final(ws, job_id)
+        await socket.until_final(job_id)
 
     async def lines_for_job() -> dict[str, list[dict[str, Any]]]:
         return {

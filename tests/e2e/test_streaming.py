@@ -11,19 +11,14 @@ without timing anything, that objects arrived while the model was still writing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
-import websockets
 
-from tests.support.system import System, running_system
+from tests.support.system import System
+from tests.support.users import User
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -31,124 +26,18 @@ pytestmark = pytest.mark.e2e
 PROGRESS = "ai_generation_progress"
 COMPLETED = "ai_generation_completed"
 
-
-@pytest.fixture(scope="module")
-async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
-    async with running_system(
-        tmp_path_factory.mktemp("streaming-logs"),
-        label="stream",
-        extra_env={
-            # Slow enough that a reply takes a second or two, object after object.
-            "FAKE_OPENAI_CHUNK_DELAY_MS": "20",
-            "MAX_JOB_RETRIES": "1",
-            "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
-            # A gated reply waits for the test; the call's deadline must outlast that.
-            "OPENAI_TIMEOUT_SECONDS": "60",
-        },
-    ) as running:
-        yield running
+# The module's system (tests/e2e/conftest.py).
+SYSTEM_ENV = {
+    # Slow enough that a reply takes a second or two, object after object.
+    "FAKE_OPENAI_CHUNK_DELAY_MS": "20",
+    "MAX_JOB_RETRIES": "1",
+    "RETRY_BACKOFF_UNIT_SECONDS": "0.2",
+    # A gated reply waits for the test; the call's deadline must outlast that.
+    "OPENAI_TIMEOUT_SECONDS": "60",
+}
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-class Socket:
-    """One WebSocket connection of a user, recording every frame it receives."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
-            async for raw in self.ws:
-                self.frames.append(json.loads(raw))
-
-    def of(self, job_id: str, *types: str) -> list[dict[str, Any]]:
-        return [
-            f for f in self.frames if f["job_id"] == job_id and (not types or f["type"] in types)
-        ]
-
-    async def until(self, job_id: str, frame_type: str, count: int = 1) -> list[dict[str, Any]]:
-        """This job's frames up to and with the ``count``-th one of ``frame_type``."""
-
-        def arrived() -> list[dict[str, Any]] | None:
-            frames = self.of(job_id)
-            hits = [i for i, f in enumerate(frames) if f["type"] == frame_type]
-            return frames[: hits[count - 1] + 1] if len(hits) >= count else None
-
-        return list(await eventually(arrived, what=f"{frame_type} of {job_id}"))
-
-    async def close(self) -> None:
-        await self.ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-
-
-class User:
-    """A new user of the running system: REST client and WebSocket connections."""
-
-    def __init__(self, system: System, http: httpx.AsyncClient, token: str) -> None:
-        self.system = system
-        self.http = http
-        self.token = token
-
-    @contextlib.asynccontextmanager
-    async def socket(self, after: int | None = None) -> AsyncIterator[Socket]:
-        async with websockets.connect(self.system.websocket_url(self.token, after)) as ws:
-            socket = Socket(ws)
-            try:
-                yield socket
-            finally:
-                await socket.close()
-
-    async def submit(self, query: str) -> tuple[str, str]:
-        """(job_id, canvas_id) of a new job."""
-        answer = await self.http.post("/api/ai-agent/create-canvas", json={"query": query})
-        assert answer.status_code == 202, answer.text
-        return str(answer.json()["job_id"]), str(answer.json()["canvas_id"])
-
-    async def status(self, job_id: str) -> dict[str, Any]:
-        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/status")
-        assert answer.status_code == 200, answer.text
-        return dict(answer.json())
-
-    async def until_status(self, job_id: str, *statuses: str) -> dict[str, Any]:
-        async def reached() -> dict[str, Any] | None:
-            status = await self.status(job_id)
-            return status if status["status"] in statuses else None
-
-        return dict(await eventually(reached, what=f"{job_id} in {statuses}"))
-
-    async def events(self, job_id: str) -> list[dict[str, Any]]:
-        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/events")
-        assert answer.status_code == 200, answer.text
-        return list(answer.json()["events"])
-
-    async def canvas(self, canvas_id: str) -> list[dict[str, Any]]:
-        answer = await self.http.get(f"/api/canvas/{canvas_id}/objects")
-        assert answer.status_code == 200, answer.text
-        return list(answer.json()["objects"])
-
-    async def open_gate(self, name: str) -> None:
-        """Let the stand-in's replies paused at gate ``name`` go on."""
-        async with httpx.AsyncClient(base_url=self.system.fake_openai_url, timeout=5) as http:
-            (await http.put(f"/_fake/gates/{name}")).raise_for_status()
-
-    async def stand_in_stats(self) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=self.system.fake_openai_url, timeout=5) as http:
-            return dict((await http.get("/_fake/stats")).json())
-
-
-@contextlib.asynccontextmanager
-async def user(system: System) -> AsyncIterator[User]:
-    token = system.token(f"user-{uuid.uuid4().hex[:8]}")
-    async with httpx.AsyncClient(
-        base_url=system.gateway_url, timeout=10, headers={"Authorization": f"Bearer {token}"}
-    ) as http:
-        yield User(system, http, token)
 
 
 def drawn(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,7 +57,7 @@ async def test_objects_arrive_one_by_one_before_completion_and_match_the_canvas(
     system: System,
 ) -> None:
     gate = uuid.uuid4().hex
-    async with user(system) as alice:
+    async with User(system) as alice:
         async with alice.socket() as socket:
             job_id, canvas_id = await alice.submit(
                 f"a flowchart of a checkout [[fake:objects=10,gate={gate}]]"
@@ -180,7 +69,7 @@ async def test_objects_arrive_one_by_one_before_completion_and_match_the_canvas(
             assert socket.of(job_id, COMPLETED) == []
             assert (await alice.status(job_id))["status"] == "processing"
 
-            await alice.open_gate(gate)
+            system.stand_in.open_gate(gate)
             frames = await socket.until(job_id, COMPLETED)
 
         types = [f["type"] for f in frames]
@@ -198,7 +87,7 @@ async def test_objects_arrive_one_by_one_before_completion_and_match_the_canvas(
         assert status["result"]["object_ids"] == completed["object_ids"]
         assert completed["object_count"] == 10
         # The canvas holds exactly the objects shown, in the order shown.
-        on_canvas = await alice.canvas(canvas_id)
+        on_canvas = await alice.objects(canvas_id)
         assert [o["id"] for o in on_canvas] == completed["object_ids"]
         assert drawn(on_canvas) == [f["data"]["object"] for f in progress]
         assert all(o["job_id"] == job_id for o in on_canvas)
@@ -210,7 +99,7 @@ async def test_objects_arrive_one_by_one_before_completion_and_match_the_canvas(
 async def test_stream_cut_midway_is_retried_and_the_history_shows_the_failed_attempt(
     system: System,
 ) -> None:
-    async with user(system) as bob:
+    async with User(system) as bob:
         async with bob.socket() as socket:
             # The stand-in cuts the first reply to this message halfway, then answers whole.
             job_id, canvas_id = await bob.submit(
@@ -258,12 +147,12 @@ async def test_stream_cut_midway_is_retried_and_the_history_shows_the_failed_att
         assert all(f["position"] > error["position"] for f in retried)
         assert increasing(frames)
         # The canvas holds the second attempt's objects only.
-        assert drawn(await bob.canvas(canvas_id)) == [f["data"]["object"] for f in retried]
+        assert drawn(await bob.objects(canvas_id)) == [f["data"]["object"] for f in retried]
 
 
 async def test_reconnecting_client_receives_the_progress_it_missed(system: System) -> None:
     gate = uuid.uuid4().hex
-    async with user(system) as carol:
+    async with User(system) as carol:
         async with carol.socket() as socket:
             job_id, _ = await carol.submit(f"a resumed drawing [[fake:objects=10,gate={gate}]]")
             first = (await socket.until(job_id, PROGRESS))[-1]
@@ -274,7 +163,7 @@ async def test_reconnecting_client_receives_the_progress_it_missed(system: Syste
             what="a second object recorded",
         )
         async with carol.socket(after=first["position"]) as socket:
-            await carol.open_gate(gate)
+            system.stand_in.open_gate(gate)
             frames = await socket.until(job_id, COMPLETED)
 
     assert [f["type"] for f in frames] == [PROGRESS] * 9 + [COMPLETED]
@@ -291,30 +180,30 @@ async def _recorded(person: User, job_id: str, event_type: str, count: int) -> b
 
 async def test_job_cancelled_midway_leaves_no_objects_on_the_canvas(system: System) -> None:
     gate = uuid.uuid4().hex
-    async with user(system) as dave:
+    async with User(system) as dave:
         async with dave.socket() as socket:
-            before = await dave.stand_in_stats()
+            before = system.stand_in.stats()
             job_id, canvas_id = await dave.submit(
                 f"a drawing never finished [[fake:objects=10,gate={gate}]]"
             )
             await socket.until(job_id, PROGRESS)
-            cancel = await dave.http.post(f"/api/ai-agent/job/{job_id}/cancel")
+            cancel = await dave.cancel(job_id)
             assert cancel.status_code == 202
             await dave.until_status(job_id, "cancelled")
             await socket.until(job_id, "ai_job_cancelled")
 
             # The model call was aborted in the middle of its stream.
-            async def call_abandoned() -> bool:
-                stats = await dave.stand_in_stats()
+            def call_abandoned() -> bool:
+                stats = system.stand_in.stats()
                 return bool(
                     stats["in_flight"] == before["in_flight"]
                     and stats["abandoned"] == before["abandoned"] + 1
                 )
 
             await eventually(call_abandoned, what="the stand-in to see the stream abandoned")
-            await dave.open_gate(gate)  # nobody waits there any more
+            system.stand_in.open_gate(gate)  # nobody waits there any more
 
-        assert await dave.canvas(canvas_id) == []
+        assert await dave.objects(canvas_id) == []
         types = [e["type"] for e in await dave.events(job_id)]
         assert "GenerationProgressed" in types
         assert "GenerationSucceeded" not in types and "JobCompleted" not in types

@@ -53,7 +53,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 from tests.faults.harness import (
@@ -64,11 +63,11 @@ from tests.faults.harness import (
     attempt_problems,
     calls_of,
     check_outcome,
-    model_calls,
     query,
     run_problems,
     set_read_only,
 )
+from tests.support.env import create_database
 from tests.support.servers import PrivatePostgres, PrivateRabbitMQ
 from tests.support.system import System
 
@@ -350,11 +349,7 @@ async def soak(minutes: float, rate: float, seed: int, settle_seconds: float) ->
     tally = Tally()
     logs = Path(tempfile.mkdtemp(prefix="cj-chaos-"))
     with PrivateRabbitMQ() as broker, PrivatePostgres() as database:
-        admin = await asyncpg.connect(database.url(), timeout=10)
-        try:
-            await admin.execute('CREATE DATABASE "canvas_chaos"')
-        finally:
-            await admin.close()
+        await create_database(database.url("canvas_chaos"))
         system = System(database.url("canvas_chaos"), broker.url, "chaos", logs, extra_env=SETTINGS)
         for kind, name in REPLICAS:
             system.add_replica(kind, name)
@@ -399,13 +394,13 @@ async def _run(
                 Submitted(job.job_id, job.canvas_id or "") for job in accepted if job.job_id
             ]
             statuses = await client.wait_final(submitted, timeout=settle_seconds)
-            outcome = await check_outcome(client, system.database_url, submitted, statuses)
+            outcome = await check_outcome(client, submitted, statuses)
         done = {job_id for job_id, status in statuses.items() if status["status"] in FINAL}
         with contextlib.suppress(AssertionError):
             for watcher in watchers:
                 wanted = {job_id for job_id in done if statuses[job_id]["status"] == "completed"}
                 await watcher.wait_completed(wanted, timeout=30)
-        calls = await model_calls(system)
+        calls = system.stand_in.calls()
     elapsed = time.monotonic() - started
     return _report(workload, watchers, statuses, outcome, calls, tally, elapsed)
 

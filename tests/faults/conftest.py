@@ -9,16 +9,18 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
 from canvas_events.topology import Topology
 from tests.conftest import delete_topology
-from tests.support.env import amqp_url, database_url
+from tests.support.env import amqp_url, create_database, database_url, drop_database, with_database
 from tests.support.servers import PrivatePostgres, PrivateRabbitMQ
 from tests.support.system import System
+
+# The harness asserts on the tests' behalf (assert_completed, restart_mid_run): pytest
+# explains those failures as it does the tests' own asserts.
+pytest.register_assert_rewrite("tests.faults.harness")
 
 MakeSystem = Callable[..., Awaitable[System]]
 
@@ -35,10 +37,6 @@ DEFAULTS: dict[str, str] = {
 }
 
 
-def _with_database(server_url: str, name: str) -> str:
-    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-
-
 @pytest.fixture
 async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
     """Starts a system: ``await make_system(database_server=..., amqp=..., replicas=[(kind,
@@ -46,7 +44,7 @@ async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
     its queues and drops its database afterwards. Request it after any private server
     fixture, so that it is torn down first (pytest tears fixtures down in the reverse
     order of their setup)."""
-    made: list[tuple[System, str, str]] = []
+    made: list[System] = []
 
     async def make(
         *,
@@ -56,18 +54,13 @@ async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
         env_of: dict[str, dict[str, str]] | None = None,
         **settings: str | int | float,
     ) -> System:
-        server = database_server or database_url("postgres")
-        name = f"cj_fault_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(_with_database(server, "postgres"))
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
+        url = with_database(database_server or database_url(), f"cj_fault_{uuid.uuid4().hex[:12]}")
+        await create_database(url)
         env = DEFAULTS | {key: str(value) for key, value in settings.items()}
         log_dir = tmp_path / f"logs-{len(made)}"
         log_dir.mkdir()
         system = System(
-            _with_database(server, name),
+            url,
             amqp or amqp_url(),
             f"f{uuid.uuid4().hex[:10]}",
             log_dir,
@@ -79,22 +72,18 @@ async def make_system(tmp_path: Path) -> AsyncIterator[MakeSystem]:
         for process_name, overrides in (env_of or {}).items():
             process = system.processes[process_name]
             process.env = {**process.env, **overrides}
-        made.append((system, server, name))
+        made.append(system)
         await system.start()
         return system
 
     yield make
 
-    for system, server, name in reversed(made):
+    for system in reversed(made):
         system.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(delete_topology(system.amqp_url, Topology(system.prefix)), 15)
         with contextlib.suppress(Exception):
-            admin = await asyncpg.connect(_with_database(server, "postgres"), timeout=5)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await drop_database(system.database_url, timeout=5)
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -23,8 +23,11 @@ import httpx
 import websockets
 
 from canvas_events.topology import Topology
+from tests.support.env import admin_connection
 from tests.support.processes import ServiceProcess
 from tests.support.system import JWT_SECRET, OPENAI_KEY, System
+from tests.support.users import Submitted as Submitted  # re-exported for the tests
+from tests.support.users import User
 from tests.support.waiting import eventually as eventually  # re-exported for the tests
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -43,49 +46,22 @@ def query(index: int, *, delay_ms: int = 0, extra: str = "") -> str:
     return f"fault test job {index}: a flowchart from start to finish{suffix}"
 
 
-@dataclass(frozen=True)
-class Submitted:
-    """A job the gateway accepted (202)."""
-
-    job_id: str
-    canvas_id: str
-
-
-class Client:
-    """One user of a running system, talking to the gateway like any client."""
+class Client(User):
+    """One user of a running system (tests/support/users.py), with what fault tests ask
+    of the gateway besides: many jobs at once, and their statuses through any outage."""
 
     def __init__(
         self, system: System, user: str = "fault-user", *, gateway: str = "gateway"
     ) -> None:
-        self.system = system
-        self.user = user
-        self.http = httpx.AsyncClient(
-            base_url=system.url(gateway),
-            timeout=10,
-            headers={"Authorization": f"Bearer {system.token(user)}"},
-        )
+        super().__init__(system, user, gateway=gateway)
 
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.http.aclose()
-
-    async def submit(self, queries: Sequence[str], *, concurrency: int = 8) -> list[Submitted]:
-        """POST each query (each job on a canvas of its own); every one must get a 202."""
+    async def submit_many(self, queries: Sequence[str], *, concurrency: int = 8) -> list[Submitted]:
+        """Submit each query (each job on a canvas of its own); every one must get a 202."""
         gate = asyncio.Semaphore(concurrency)
 
         async def one(text: str) -> Submitted:
             async with gate:
-                answer = await self.http.post("/api/ai-agent/create-canvas", json={"query": text})
-            assert answer.status_code == 202, answer.text
-            body = answer.json()
-            return Submitted(body["job_id"], body["canvas_id"])
+                return await self.submit(text)
 
         return list(await asyncio.gather(*(one(text) for text in queries)))
 
@@ -144,28 +120,11 @@ class Client:
                 return last
             await asyncio.sleep(0.2)
 
-    async def status(self, job_id: str) -> dict[str, Any]:
-        """``GET /job/{id}/status``."""
-        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/status")
-        assert answer.status_code == 200, answer.text
-        return dict(answer.json())
-
-    async def events(self, job_id: str) -> list[dict[str, Any]]:
-        """The job's stream, as ``GET /job/{id}/events`` gives it."""
-        answer = await self.http.get(f"/api/ai-agent/job/{job_id}/events")
-        assert answer.status_code == 200, answer.text
-        return list(answer.json()["events"])
-
-    async def cancel(self, job_id: str) -> int:
-        """``POST /job/{id}/cancel``; its status code."""
-        answer = await self.http.post(f"/api/ai-agent/job/{job_id}/cancel")
-        return answer.status_code
-
-    async def objects(self, canvas_id: str) -> list[dict[str, Any]]:
-        """The canvas's objects, as ``GET /api/canvas/{id}/objects`` gives them."""
-        answer = await self.http.get(f"/api/canvas/{canvas_id}/objects")
-        assert answer.status_code == 200, answer.text
-        return list(answer.json()["objects"])
+    async def outcome(self, submitted: Sequence[Submitted], *, timeout: float) -> Outcome:
+        """What became of ``submitted`` (:func:`check_outcome`) once every job is final,
+        or ``timeout`` ran out (:meth:`wait_final`)."""
+        statuses = await self.wait_final(submitted, timeout=timeout)
+        return await check_outcome(self, submitted, statuses)
 
 
 def count_status(jobs: dict[str, dict[str, Any]], status: str = "completed") -> int:
@@ -178,6 +137,8 @@ class Outcome:
     """What became of the submitted jobs, and every problem found with them."""
 
     submitted: int
+    # The job list the outcome was read from: {job id: status answer}.
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
@@ -190,16 +151,13 @@ class Outcome:
 
 
 async def check_outcome(
-    client: Client,
-    database_url: str,
-    submitted: Sequence[Submitted],
-    statuses: dict[str, dict[str, Any]],
+    client: Client, submitted: Sequence[Submitted], statuses: dict[str, dict[str, Any]]
 ) -> Outcome:
-    """Each job final (else lost); each completed job's result.object_ids on its canvas
-    exactly once, through the API and in the canvas_objects rows; each job's attempts
-    one after another in its history."""
-    outcome = Outcome(submitted=len(submitted))
-    rows = await _object_rows(database_url)
+    """Each job final in ``statuses`` (else lost); each completed job's
+    result.object_ids on its canvas exactly once, through the API and in the
+    canvas_objects rows; each job's attempts one after another in its history."""
+    outcome = Outcome(submitted=len(submitted), statuses=statuses)
+    rows = await _object_rows(client.system.database_url)
     for job in submitted:
         status = statuses.get(job.job_id)
         state = status["status"] if status else "missing"
@@ -243,6 +201,14 @@ async def check_outcome(
         if len(expected) != result["object_count"]:
             outcome.problems.append(f"job {job.job_id}: object_ids and object_count disagree")
     return outcome
+
+
+def assert_completed(outcome: Outcome, jobs: int) -> None:
+    """Every one of the ``jobs`` submitted completed, none lost, no object on a canvas
+    twice, and nothing else wrong with them (:func:`check_outcome`)."""
+    assert outcome.completed == jobs, outcome.problems
+    assert outcome.lost == 0 and outcome.duplicated_objects == 0
+    assert outcome.problems == []
 
 
 async def _object_rows(database_url: str) -> dict[str, tuple[int, int]]:
@@ -337,24 +303,9 @@ def figures(scenario: str, outcome: Outcome, *, faults: int, **extra: object) ->
     return line
 
 
-async def model_calls(system: System) -> dict[str, int]:
-    """How often the stand-in model was called with each prompt (a job's query)."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        answer = await http.get(f"{system.fake_openai_url}/_fake/calls")
-    answer.raise_for_status()
-    return dict(answer.json())
-
-
-async def model_stats(system: System) -> dict[str, Any]:
-    """The stand-in model's counters (``calls``, ``abandoned``, ``in_flight``, ...)."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        answer = await http.get(f"{system.fake_openai_url}/_fake/stats")
-    answer.raise_for_status()
-    return dict(answer.json())
-
-
 def calls_of(calls: dict[str, int], text: str) -> int:
-    """The model calls whose prompt was ``text`` (a :func:`query`)."""
+    """The model calls whose prompt was ``text`` (a :func:`query`), in the stand-in's
+    ``calls()``."""
     # The generator sends the query as the user message, cleaned of surrounding space.
     return calls.get(text.strip(), 0)
 
@@ -362,11 +313,9 @@ def calls_of(calls: dict[str, int], text: str) -> int:
 async def set_read_only(database_url: str, read_only: bool) -> None:
     """Make new sessions of the database read-only (or not), and end every session it
     has now, as a failover does."""
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=10)
-    try:
-        setting = "on" if read_only else "off"
+    name = urlsplit(database_url).path.lstrip("/")
+    setting = "on" if read_only else "off"
+    async with admin_connection(database_url, timeout=10) as admin:
         await admin.execute(
             f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
         )
@@ -375,8 +324,6 @@ async def set_read_only(database_url: str, read_only: bool) -> None:
             "WHERE datname = $1 AND pid <> pg_backend_pid()",
             name,
         )
-    finally:
-        await admin.close()
 
 
 async def dead_letters(system: System) -> dict[str, int]:
@@ -399,10 +346,8 @@ async def dead_letters(system: System) -> dict[str, int]:
 async def wait_in_flight(system: System, *, at_least: int, timeout: float = 20) -> int:
     """Wait until the stand-in model serves ``at_least`` calls at once; how many it does."""
 
-    async def check() -> int | None:
-        async with httpx.AsyncClient(timeout=5) as http:
-            stats = (await http.get(f"{system.fake_openai_url}/_fake/stats")).json()
-        in_flight = int(stats["in_flight"])
+    def check() -> int | None:
+        in_flight = int(system.stand_in.stats()["in_flight"])
         return in_flight if in_flight >= at_least else None
 
     return await eventually(check, timeout=timeout, what=f"{at_least} model calls in flight")
@@ -411,6 +356,56 @@ async def wait_in_flight(system: System, *, at_least: int, timeout: float = 20) 
 async def wait_ready(processes: Iterable[ServiceProcess], *, timeout: float = 60) -> None:
     """Every process answers /ready with 200 again."""
     await asyncio.gather(*(process.wait_ready(timeout) for process in processes))
+
+
+async def restart_mid_run(
+    system: System,
+    scenario: str,
+    restart: Callable[[], Awaitable[object]],
+    recovering: Iterable[ServiceProcess],
+    *,
+    jobs: int = 20,
+    more: int = 3,
+    then: Callable[[], Awaitable[dict[str, object]]] | None = None,
+) -> None:
+    """A server of ``system`` restarted while it is busy, and nothing lost.
+
+    ``jobs`` jobs of a second each are submitted; once three completed (others in
+    flight, the rest queued), ``restart()`` runs (it returns with the server up again).
+    Then the ``recovering`` services must be ready again and ``then()`` pass (it
+    returns figures of its own), and ``more`` new jobs go through too. Every job
+    completes with its objects on its canvas once, and a WebSocket client that
+    reconnects with ``after=`` sees every completion, each frame once and in order.
+    The figures line is ``scenario``'s."""
+    async with Client(system) as client, Watcher(system) as watcher:
+        submitted = await client.submit_many([query(i, delay_ms=1000) for i in range(jobs)])
+        await client.wait_until(
+            lambda statuses: count_status(statuses) >= 3,
+            timeout=30,
+            what="the first jobs to complete",
+        )
+        down = time.monotonic()
+        await restart()
+        up = time.monotonic()
+        await wait_ready(recovering, timeout=60)
+        ready = time.monotonic()
+        extra = await then() if then is not None else {}
+        submitted += await client.submit_many([query(jobs + i) for i in range(more)])
+        outcome = await client.outcome(submitted, timeout=45)
+        await watcher.wait_completed({job.job_id for job in submitted}, timeout=20)
+
+    figures(
+        scenario,
+        outcome,
+        faults=1,
+        ws_reconnects=watcher.connects - 1,
+        down_s=round(up - down, 1),
+        ready_again_s=round(ready - down, 1),
+        **extra,
+    )
+    assert_completed(outcome, jobs + more)
+    assert watcher.problems() == []
+    assert log_problems(system) == []
 
 
 def lines(process: ServiceProcess, event: str) -> list[dict[str, Any]]:

@@ -20,28 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import time
 
 import pytest
 
 from tests.faults.conftest import MakeSystem
-from tests.faults.harness import (
-    Client,
-    Watcher,
-    check_outcome,
-    count_status,
-    eventually,
-    figures,
-    log_problems,
-    query,
-    wait_ready,
-)
+from tests.faults.harness import eventually, restart_mid_run
 from tests.support.servers import PrivateRabbitMQ
 
 pytestmark = pytest.mark.e2e
-
-JOBS = 20
-AFTER = 3
 
 
 async def test_broker_restarted_mid_run_services_reconnect_and_nothing_is_lost(
@@ -49,56 +35,33 @@ async def test_broker_restarted_mid_run_services_reconnect_and_nothing_is_lost(
 ) -> None:
     system = await make_system(amqp=private_rabbitmq.url, MAX_CONCURRENT_JOBS=5)
     services = [p for name, p in system.processes.items() if name != "fake-openai"]
-    async with Client(system) as client, Watcher(system) as watcher:
-        submitted = await client.submit([query(i, delay_ms=1000) for i in range(JOBS)])
-        await client.wait_until(
-            lambda jobs: count_status(jobs) >= 3, timeout=30, what="the first jobs to complete"
-        )
-        down = time.monotonic()
-        await asyncio.to_thread(private_rabbitmq.restart)
-        restarted = time.monotonic()
-        await wait_ready(services, timeout=60)
-        reconnected = time.monotonic()
+    prefix = system.prefix
+    wanted = [
+        f"{prefix}.job-orchestrator",
+        f"{prefix}.ai-generator.work",
+        f"{prefix}.notifier.",
+    ]
+    if importlib.util.find_spec("canvas_generator.cancellations") is not None:
+        wanted.append(f"{prefix}.ai-generator.control.")
 
+    async def consumers_back() -> dict[str, tuple[int, int]] | None:
+        queues = await asyncio.to_thread(private_rabbitmq.queues)
+        mine = {name: stats for name, stats in queues.items() if name.startswith(prefix)}
+        consumed = [name for name, (_, consumers) in mine.items() if consumers >= 1]
+        ok = all(any(name.startswith(w) for name in consumed) for w in wanted)
+        return mine if ok else None
+
+    async def every_consumer_back() -> dict[str, object]:
         # Every consumer is back on its queue (aio-pika's robust connections are known
-        # to come back without them after an ungraceful restart: FIELD-NOTES).
-        prefix = system.prefix
-        wanted = [
-            f"{prefix}.job-orchestrator",
-            f"{prefix}.ai-generator.work",
-            f"{prefix}.notifier.",
-        ]
-        if importlib.util.find_spec("canvas_generator.cancellations") is not None:
-            wanted.append(f"{prefix}.ai-generator.control.")
-
-        async def consumers_back() -> dict[str, tuple[int, int]] | None:
-            queues = await asyncio.to_thread(private_rabbitmq.queues)
-            mine = {name: stats for name, stats in queues.items() if name.startswith(prefix)}
-            consumed = [name for name, (_, consumers) in mine.items() if consumers >= 1]
-            ok = all(any(name.startswith(w) for name in consumed) for w in wanted)
-            return mine if ok else None
-
+        # to come back without them after an ungraceful restart: docs/events.md, "Topology").
         queues = await eventually(consumers_back, timeout=20, what="every consumer back")
+        return {"queues": len(queues)}
 
-        # New work goes through the reconnected gateway, relay and consumers too.
-        later = await client.submit([query(JOBS + i) for i in range(AFTER)])
-        submitted += later
-        statuses = await client.wait_final(submitted, timeout=45)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
-        # A WebSocket client that reconnects with after= saw every completion too.
-        await watcher.wait_completed({job.job_id for job in submitted}, timeout=20)
-
-    figures(
+    # New work then goes through the reconnected gateway, relay and consumers too.
+    await restart_mid_run(
+        system,
         "broker-restart",
-        outcome,
-        faults=1,
-        ws_reconnects=watcher.connects - 1,
-        broker_down_s=round(restarted - down, 1),
-        ready_again_s=round(reconnected - down, 1),
-        queues=len(queues),
+        lambda: asyncio.to_thread(private_rabbitmq.restart),
+        services,
+        then=every_consumer_back,
     )
-    assert outcome.completed == JOBS + AFTER, outcome.problems
-    assert outcome.lost == 0 and outcome.duplicated_objects == 0
-    assert outcome.problems == []
-    assert watcher.problems() == []
-    assert log_problems(system) == []

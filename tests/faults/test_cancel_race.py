@@ -22,11 +22,8 @@ from tests.faults.harness import (
     Client,
     Submitted,
     calls_of,
-    check_outcome,
     figures,
     log_problems,
-    model_calls,
-    model_stats,
     query,
 )
 
@@ -45,15 +42,14 @@ async def test_cancel_right_after_submit_wins_whichever_orchestrator_consumes_it
     async with Client(system) as client:
 
         async def submit_and_cancel(text: str) -> tuple[Submitted, int]:
-            [job] = await client.submit([text])
-            return job, await client.cancel(job.job_id)
+            job = await client.submit(text)
+            return job, (await client.cancel(job.job_id)).status_code
 
         answers = await asyncio.gather(*(submit_and_cancel(text) for text in texts))
         submitted = [job for job, _ in answers]
-        statuses = await client.wait_final(submitted, timeout=30)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
-        calls = await model_calls(system)
-        stats = await model_stats(system)
+        outcome = await client.outcome(submitted, timeout=30)
+        calls = system.stand_in.calls()
+        stats = system.stand_in.stats()
 
     codes = [code for _, code in answers]
     # Jobs cancelled before any attempt was dispatched: their stream has none.

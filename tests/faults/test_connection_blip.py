@@ -24,11 +24,10 @@ from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
     Watcher,
+    assert_completed,
     calls_of,
-    check_outcome,
     figures,
     log_problems,
-    model_calls,
     query,
     run_problems,
     wait_in_flight,
@@ -46,19 +45,17 @@ async def test_every_connection_closed_mid_call_calls_the_model_once_per_attempt
     system = await make_system(amqp=private_rabbitmq.url, MAX_CONCURRENT_JOBS=JOBS)
     texts = [query(i, delay_ms=3000) for i in range(JOBS)]
     async with Client(system) as client, Watcher(system) as watcher:
-        submitted = await client.submit(texts)
+        submitted = await client.submit_many(texts)
         await wait_in_flight(system, at_least=JOBS)
         closed = await asyncio.to_thread(private_rabbitmq.close_connections)
-        statuses = await client.wait_final(submitted, timeout=45)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
+        outcome = await client.outcome(submitted, timeout=45)
         await watcher.wait_completed({job.job_id for job in submitted}, timeout=20)
-        calls = await model_calls(system)
+        calls = system.stand_in.calls()
 
     per_job = [calls_of(calls, text) for text in texts]
     figures("connection-blip", outcome, faults=closed, model_calls=sum(per_job))
     assert closed >= 5  # every service's connections
-    assert outcome.completed == JOBS, outcome.problems
-    assert outcome.problems == []
+    assert_completed(outcome, JOBS)
     assert per_job == [1] * JOBS
     assert [run_problems(events) for events in outcome.events.values()] == [[]] * JOBS
     assert watcher.problems() == []
@@ -75,15 +72,14 @@ async def test_an_attempt_taken_over_by_another_generator_counts_only_its_newest
     )
     texts = [query(i, delay_ms=3000) for i in range(JOBS)]
     async with Client(system) as client:
-        submitted = await client.submit(texts)
+        submitted = await client.submit_many(texts)
         await wait_in_flight(system, at_least=JOBS)
         # Only the first generator's connections: the attempts it runs go to the other.
         first = system.processes["generator"]
         closed = await asyncio.to_thread(
             functools.partial(private_rabbitmq.close_connections, of_pid=first.pid)
         )
-        statuses = await client.wait_final(submitted, timeout=45)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
+        outcome = await client.outcome(submitted, timeout=45)
 
     restarted = (
         sum(
@@ -96,7 +92,6 @@ async def test_an_attempt_taken_over_by_another_generator_counts_only_its_newest
     )
     figures("generator-takeover", outcome, faults=closed, runs_taken_over=restarted)
     assert closed >= 1
-    assert outcome.completed == JOBS, outcome.problems
-    assert outcome.problems == []
+    assert_completed(outcome, JOBS)
     assert [run_problems(events) for events in outcome.events.values()] == [[]] * JOBS
     assert log_problems(system) == []

@@ -29,6 +29,7 @@ from tests.faults.harness import (
     Client,
     Submitted,
     Watcher,
+    assert_completed,
     check_outcome,
     eventually,
     figures,
@@ -52,7 +53,7 @@ async def test_queues_deleted_by_an_operator_are_declared_again_and_new_jobs_com
     )
     topology = Topology(system.prefix)
     async with Client(system) as client, Watcher(system) as watcher:
-        before = await client.submit([query(0)])
+        before = await client.submit_many([query(0)])
         await client.wait_final(before, timeout=30)
 
         deleted = await asyncio.to_thread(private_rabbitmq.delete_queues)
@@ -61,17 +62,14 @@ async def test_queues_deleted_by_an_operator_are_declared_again_and_new_jobs_com
         accepted: list[Submitted] = []
         answers: list[int] = []
         for index in range(1, 11):
-            answer = await client.http.post(
-                "/api/ai-agent/create-canvas", json={"query": query(index)}
-            )
+            answer = await client.post(query(index))
             answers.append(answer.status_code)
             if answer.status_code == 202:
-                body = answer.json()
-                accepted.append(Submitted(body["job_id"], body["canvas_id"]))
+                accepted.append(Submitted.of(answer))
             await asyncio.sleep(0.5)
         statuses = await client.wait_final(accepted, timeout=60)
         done_at = time.monotonic()
-        outcome = await check_outcome(client, system.database_url, accepted, statuses)
+        outcome = await check_outcome(client, accepted, statuses)
         await watcher.wait_completed({job.job_id for job in accepted}, timeout=20)
 
         # The dead-letter queues have no consumer to notice: each service declares its
@@ -103,8 +101,7 @@ async def test_queues_deleted_by_an_operator_are_declared_again_and_new_jobs_com
     )
     assert set(answers) <= {202, 503}, answers
     assert accepted, answers
-    assert outcome.completed == len(accepted), outcome.problems
-    assert outcome.problems == []
+    assert_completed(outcome, len(accepted))
     assert first_completed_s < WITHIN
     # Declared again, each with its consumers: the work queue and the orchestrator's.
     for spec in topology.durable_queues:

@@ -23,7 +23,7 @@ import pytest
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
-    check_outcome,
+    assert_completed,
     eventually,
     log_problems,
     query,
@@ -58,11 +58,9 @@ async def the_relay_holder(processes: list[ServiceProcess]) -> ServiceProcess:
 
 async def jobs_complete_after(client: Client, start: float, first: int) -> float:
     """Submit JOBS jobs and wait until every one completed; seconds since ``start``."""
-    submitted = await client.submit([query(first + i, delay_ms=200) for i in range(JOBS)])
-    statuses = await client.wait_final(submitted, timeout=WITHIN)
-    outcome = await check_outcome(client, client.system.database_url, submitted, statuses)
-    assert outcome.completed == JOBS, outcome.problems
-    assert outcome.problems == []
+    submitted = await client.submit_many([query(first + i, delay_ms=200) for i in range(JOBS)])
+    outcome = await client.outcome(submitted, timeout=WITHIN)
+    assert_completed(outcome, JOBS)
     return time.monotonic() - start
 
 

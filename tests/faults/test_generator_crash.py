@@ -16,8 +16,8 @@ import pytest
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
+    assert_completed,
     attempt_runs,
-    check_outcome,
     count_status,
     figures,
     log_problems,
@@ -41,7 +41,7 @@ async def test_generator_killed_mid_attempts_and_restarted_every_job_completes(
     killed_at: list[datetime] = []
     in_flight_at_kill = 0
     async with Client(system) as client:
-        submitted = await client.submit([query(i, delay_ms=1000) for i in range(JOBS)])
+        submitted = await client.submit_many([query(i, delay_ms=1000) for i in range(JOBS)])
         for round_ in range(KILLS):
             # Some jobs done (the generator has been working) and calls in flight now.
             done = 3 * (round_ + 1)
@@ -55,8 +55,7 @@ async def test_generator_killed_mid_attempts_and_restarted_every_job_completes(
             killed_at.append(datetime.now(UTC))
             generator.start()
             await generator.wait_ready()
-        statuses = await client.wait_final(submitted, timeout=45)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
+        outcome = await client.outcome(submitted, timeout=45)
 
     runs = attempt_runs([generator], {generator.name: killed_at})
     reruns = sum(len(items) - 1 for items in runs.values() if len(items) > 1)
@@ -67,9 +66,7 @@ async def test_generator_killed_mid_attempts_and_restarted_every_job_completes(
         in_flight_at_kill=in_flight_at_kill,
         reruns=reruns,
     )
-    assert outcome.completed == JOBS, outcome.problems
-    assert outcome.lost == 0 and outcome.duplicated_objects == 0
-    assert outcome.problems == []
+    assert_completed(outcome, JOBS)
     assert in_flight_at_kill >= KILLS * 2
     # The attempts the dead process held were run again, never two at once.
     assert reruns >= 1

@@ -16,7 +16,7 @@ from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     FINAL,
     Client,
-    check_outcome,
+    assert_completed,
     count_status,
     figures,
     lines,
@@ -36,7 +36,7 @@ async def test_orchestrator_killed_with_50_jobs_in_flight_all_complete_exactly_o
     system = await make_system(MAX_CONCURRENT_JOBS=10)
     orchestrator = system.processes["orchestrator"]
     async with Client(system) as client:
-        submitted = await client.submit([query(i, delay_ms=1000) for i in range(JOBS)])
+        submitted = await client.submit_many([query(i, delay_ms=1000) for i in range(JOBS)])
         # Kill it as soon as the generator is at work: it is still taking in the burst
         # of requests, the first results are on their way, no job has ended.
         at_kill = await client.wait_until(
@@ -48,8 +48,7 @@ async def test_orchestrator_killed_with_50_jobs_in_flight_all_complete_exactly_o
         in_flight = sum(1 for job in at_kill.values() if job["status"] not in FINAL)
         orchestrator.start()
         await orchestrator.wait_ready()
-        statuses = await client.wait_final(submitted, timeout=45)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
+        outcome = await client.outcome(submitted, timeout=45)
 
     # Messages the dead process had recorded but not acked, recognised on redelivery.
     duplicates = len(lines(orchestrator, "duplicate message ignored"))
@@ -61,7 +60,5 @@ async def test_orchestrator_killed_with_50_jobs_in_flight_all_complete_exactly_o
         redelivered_duplicates=duplicates,
     )
     assert in_flight >= 45
-    assert outcome.completed == JOBS, outcome.problems
-    assert outcome.lost == 0 and outcome.duplicated_objects == 0
-    assert outcome.problems == []
+    assert_completed(outcome, JOBS)
     assert log_problems(system) == []

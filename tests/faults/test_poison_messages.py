@@ -12,7 +12,6 @@ fields (for a cancel, whose data has none, one missing the job it is about).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import uuid
@@ -22,7 +21,6 @@ from typing import Any
 
 import aio_pika
 import pytest
-import websockets
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from canvas_events.broker import ERROR_HEADER
@@ -31,7 +29,7 @@ from canvas_events.topology import JOB, Topology, routing_key
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
-    check_outcome,
+    assert_completed,
     eventually,
     figures,
     lines,
@@ -253,15 +251,10 @@ async def test_poison_messages_on_every_queue_are_dead_lettered_logged_and_the_c
                 assert line["level"] == "error" and line["reason"], line
 
     # The consumers went on: a normal job flows through every one of them.
-    token = system.token("fault-user")
-    async with (
-        Client(system) as client,
-        websockets.connect(system.websocket_url(token)) as ws,
-    ):
-        submitted = await client.submit([query(0)])
-        frames = await _frames_until_completed(ws, submitted[0].job_id)
-        statuses = await client.wait_final(submitted, timeout=20)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
+    async with Client(system) as client, client.socket() as socket:
+        job = await client.submit(query(0))
+        frames = await socket.until(job.job_id, "ai_generation_completed", timeout=20)
+        outcome = await client.outcome([job], timeout=20)
 
     dead_lettered = sum(len(items) for items in dead.values())
     figures(
@@ -272,7 +265,7 @@ async def test_poison_messages_on_every_queue_are_dead_lettered_logged_and_the_c
         queues=len(plan),
     )
     assert problems == []
-    assert outcome.completed == 1 and outcome.problems == []
+    assert_completed(outcome, 1)
     assert frames[-1]["type"] == "ai_generation_completed"
     assert log_problems(system) == []
 
@@ -283,17 +276,3 @@ def _contains(check: Callable[[], Any], wanted: set[str]) -> Callable[[], Any]:
         return found if wanted <= found else None
 
     return contains
-
-
-async def _frames_until_completed(
-    ws: Any, job_id: str, timeout: float = 20
-) -> list[dict[str, Any]]:
-    frames = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frame = json.loads(await ws.recv())
-            if frame.get("job_id") != job_id:
-                continue
-            frames.append(frame)
-            if frame["type"] == "ai_generation_completed":
-                return frames

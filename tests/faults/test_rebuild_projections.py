@@ -35,22 +35,22 @@ async def test_rebuild_projections_command_restores_every_read_model_row(
 ) -> None:
     system = await make_system(MAX_JOB_RETRIES=1, RETRY_BACKOFF_UNIT_SECONDS=0.1)
     async with Client(system) as client:
-        completed = await client.submit([query(i) for i in range(3)])
-        failed = await client.submit(
+        completed = await client.submit_many([query(i) for i in range(3)])
+        failed = await client.submit_many(
             [
                 query(3, extra="status=401"),  # permanent: fails at once
                 query(4, extra="status=500"),  # transient: fails after its one retry
             ]
         )
-        slow = await client.submit([query(5, delay_ms=3000)])
+        slow = await client.submit(query(5, delay_ms=3000))
         await client.wait_until(
-            lambda jobs: jobs.get(slow[0].job_id, {}).get("status") == "processing",
+            lambda jobs: jobs.get(slow.job_id, {}).get("status") == "processing",
             timeout=20,
             what="the slow job to be processing",
         )
-        cancel = await client.http.post(f"/api/ai-agent/job/{slow[0].job_id}/cancel")
+        cancel = await client.cancel(slow.job_id)
         assert cancel.status_code == 202, cancel.text
-        submitted = completed + failed + slow
+        submitted = [*completed, *failed, slow]
         statuses = await client.wait_final(submitted, timeout=30)
     assert [statuses[job.job_id]["status"] for job in submitted] == [
         *["completed"] * 3,

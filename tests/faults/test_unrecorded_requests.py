@@ -17,7 +17,7 @@ import pytest
 
 from canvas_events.topology import Topology
 from tests.faults.conftest import MakeSystem
-from tests.faults.harness import Client, check_outcome, figures, lines, log_problems, query
+from tests.faults.harness import Client, assert_completed, figures, lines, log_problems, query
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ async def test_requests_purged_before_the_orchestrator_saw_them_are_sent_again_a
     orchestrator = system.processes["orchestrator"]
     async with Client(system) as client:
         orchestrator.stop()
-        submitted = await client.submit([query(i) for i in range(JOBS)])
+        submitted = await client.submit_many([query(i) for i in range(JOBS)])
         # An operator's mistake: the waiting JobRequested messages are purged.
         connection = await aio_pika.connect(system.amqp_url)
         async with connection:
@@ -43,13 +43,11 @@ async def test_requests_purged_before_the_orchestrator_saw_them_are_sent_again_a
             await queue.purge()
         orchestrator.start()
         await orchestrator.wait_ready()
-        statuses = await client.wait_final(submitted, timeout=30)
-        outcome = await check_outcome(client, system.database_url, submitted, statuses)
+        outcome = await client.outcome(submitted, timeout=30)
 
     resent = lines(system.processes["gateway"], "job request sent again")
     figures("unrecorded-requests", outcome, faults=1, purged=purged, resent=len(resent))
     assert purged == JOBS
-    assert outcome.completed == JOBS, outcome.problems
-    assert outcome.problems == []
+    assert_completed(outcome, JOBS)
     assert {line["job_id"] for line in resent} == {job.job_id for job in submitted}
     assert log_problems(system) == []

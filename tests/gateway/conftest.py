@@ -24,7 +24,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.topology import Topology
 from canvas_gateway.service import serve
 from canvas_gateway.settings import Settings
-from canvas_orchestrator.migrations import migrate
+from canvas_store.migrations import migrate
 
 JWT_SECRET = "gateway-tests-secret-0123456789-abcdefghijklmnop"
 DEADLINE_SECONDS = 15.0

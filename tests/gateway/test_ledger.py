@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from canvas_events.envelope import Envelope
-from canvas_gateway.store import GIVEN_UP_ERROR
+from canvas_store.ledger import GIVEN_UP_ERROR
 from tests.gateway.conftest import eventually, token
 
 Take = Callable[[], Awaitable[tuple[str, Envelope]]]

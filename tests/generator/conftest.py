@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import REGISTRY
 
 from canvas_events.auth import Principal, decode_token
 from canvas_events.envelope import Envelope, utcnow
@@ -27,6 +25,7 @@ from canvas_events.runtime import serve_http
 from canvas_events.topology import Topology
 from canvas_generator.service import Service
 from canvas_generator.settings import Settings
+from tests.support.bus import Bus as SharedBus
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.processes import free_port
 
@@ -95,75 +94,27 @@ def generation_request(
     )
 
 
-class Bus:
-    """The test's side of the broker: publishes work, sees every generator.* message."""
+class Bus(SharedBus):
+    """The test's side of the broker (tests/support/bus.py): publishes work, sees every
+    ``generator.*`` message; ``seen`` queues those not read yet (``next()`` and
+    ``results()`` take from it)."""
 
-    def __init__(self, connection: aio_pika.abc.AbstractConnection, topology: Topology) -> None:
-        self.connection = connection
-        self.topology = topology
-        self.seen: asyncio.Queue[Envelope] = asyncio.Queue()
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._exchange: aio_pika.abc.AbstractExchange | None = None
+    def __init__(self, amqp_url: str, topology: Topology) -> None:
+        super().__init__(amqp_url, topology, listen="generator.#")
 
-    async def open(self) -> None:
-        self._channel = await self.connection.channel(publisher_confirms=True)
-        self._exchange = await self._channel.declare_exchange(
-            self.topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(self._exchange, routing_key="generator.#")
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            self.seen.put_nowait(Envelope.from_json(message.body))
-
-        await queue.consume(on_message, no_ack=True)
-
-    async def publish(
-        self, envelope: Envelope, routing_key: str = "job.GenerationRequested"
-    ) -> None:
-        assert self._exchange is not None
-        await self._exchange.publish(
-            aio_pika.Message(envelope.to_json(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key,
-        )
-
-    async def publish_raw(self, body: bytes, routing_key: str = "job.GenerationRequested") -> None:
-        assert self._exchange is not None
-        await self._exchange.publish(aio_pika.Message(body), routing_key)
-
-    async def next(self, timeout: float = 20.0) -> Envelope:
-        """The next generator.* message (fails the test after ``timeout``)."""
-        return await asyncio.wait_for(self.seen.get(), timeout)
-
-    async def results(
-        self, *requests: Envelope, timeout: float = 20.0
-    ) -> dict[str, list[Envelope]]:
-        """Every message caused by ``requests`` until each has a final result, by job_id."""
-        by_job: dict[str, list[Envelope]] = {str(r.job_id): [] for r in requests}
-        finals = {"GenerationSucceeded", "GenerationFailed"}
-
-        async def gather() -> None:
-            while not all(any(e.type in finals for e in got) for got in by_job.values()):
-                envelope = await self.seen.get()
-                by_job.setdefault(str(envelope.job_id), []).append(envelope)
-
-        await asyncio.wait_for(gather(), timeout)
-        return by_job
-
-    async def queue_depth(self, name: str) -> int:
-        """Messages ready in queue ``name``."""
-        assert self._channel is not None
-        queue = await self._channel.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count or 0
+    @property
+    def seen(self) -> asyncio.Queue[Envelope]:
+        return self.arrivals
 
 
 @pytest.fixture
 async def bus(amqp_url: str, topology: Topology) -> AsyncIterator[Bus]:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        bus = Bus(connection, topology)
-        await bus.open()
+    bus = Bus(amqp_url, topology)
+    await bus.start()
+    try:
         yield bus
+    finally:
+        await bus.stop()
 
 
 async def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
@@ -197,11 +148,6 @@ def cancel_message(request: Envelope, *, requested: bool = False) -> Envelope:
         user_id=request.user_id,
         canvas_id=request.canvas_id,
     )
-
-
-def metric(name: str, **labels: str) -> float:
-    """A sample of this process's default Prometheus registry (0 when absent)."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @dataclass

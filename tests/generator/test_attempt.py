@@ -189,7 +189,9 @@ class Published:
 def _streaming(client: StreamingStub, publish: Published) -> tuple[Worker, Progress, Envelope]:
     envelope = generation_request("a flow")
     request = GenerationRequested.model_validate(envelope.data)
-    return _worker(client), Progress(publish, envelope, request.attempt_id), envelope  # type: ignore[arg-type]
+    worker = _worker(client)  # type: ignore[arg-type]
+    progress = Progress(publish, envelope, request.attempt_id, metrics=worker.metrics)
+    return worker, progress, envelope
 
 
 async def test_streamed_objects_are_progressed_in_order_and_make_up_the_result():

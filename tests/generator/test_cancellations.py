@@ -15,7 +15,6 @@ from tests.generator.conftest import (
     cancel_message,
     generation_request,
     generator_settings,
-    metric,
     milestones,
     running_generator,
     wait_until,
@@ -46,7 +45,6 @@ async def test_cancel_during_the_model_call_aborts_it_and_publishes_no_result(
     marker = uuid.uuid4().hex
     async with running_generator(settings) as generator:
         before = fake_openai.stats()
-        cancelled_before = metric("canvas_generation_cancelled_total")
         request = generation_request(f"a slow drawing {marker} [[fake:timeout]]")
         await bus.publish(request)
         assert (await bus.next()).type == "GenerationStarted"
@@ -66,7 +64,10 @@ async def test_cancel_during_the_model_call_aborts_it_and_publishes_no_result(
             what="the stand-in to see the call end",
         )
         await wait_until(
-            lambda: metric("canvas_generation_cancelled_total") == cancelled_before + 1,
+            lambda: (
+                generator.metrics.registry.get_sample_value("canvas_generation_cancelled_total")
+                == 1
+            ),
             what="the attempt counted as cancelled",
         )
         stats = fake_openai.stats()
@@ -86,7 +87,6 @@ async def test_attempt_of_a_job_cancelled_earlier_never_calls_the_model(
     marker = uuid.uuid4().hex
     async with running_generator(settings) as generator:
         request = generation_request(f"a drawing nobody wants any more {marker}")
-        skipped_before = metric("canvas_generation_skipped_total", reason="cancelled")
         await bus.publish(cancel_message(request), "job.JobCancelled")
         await wait_until(
             lambda: request.job_id in generator.cancellations.recent,
@@ -95,7 +95,10 @@ async def test_attempt_of_a_job_cancelled_earlier_never_calls_the_model(
         await bus.publish(request)
         await wait_until(
             lambda: (
-                metric("canvas_generation_skipped_total", reason="cancelled") == skipped_before + 1
+                generator.metrics.registry.get_sample_value(
+                    "canvas_generation_skipped_total", {"reason": "cancelled"}
+                )
+                == 1
             ),
             what="the attempt skipped",
         )

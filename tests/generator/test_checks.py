@@ -13,17 +13,25 @@ import pytest
 
 from canvas_events.auth import ServiceCredential, decode_token
 from canvas_generator.checks import AttemptChecker, Verdict
+from canvas_generator.service import Service
 from tests.generator.conftest import (
     JWT_SECRET,
     NO_ORCHESTRATOR,
     Answer,
     generation_request,
     generator_settings,
-    metric,
     milestones,
     running_generator,
     wait_until,
 )
+
+
+def skipped(generator: Service, reason: str) -> float:
+    """Attempts ``generator`` dropped for ``reason`` (its own registry: starts at 0)."""
+    value = generator.metrics.registry.get_sample_value(
+        "canvas_generation_skipped_total", {"reason": reason}
+    )
+    return value or 0.0
 
 
 async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_model_call(
@@ -35,16 +43,9 @@ async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_m
     marker = uuid.uuid4().hex
     stale = generation_request(f"a drawing of a cancelled job {marker}")
     orchestrator.answers[str(stale.data["attempt_id"])] = Answer(current=False, status="cancelled")
-    skipped_before = metric("canvas_generation_skipped_total", reason="not_current")
-    async with running_generator(settings):
+    async with running_generator(settings) as generator:
         await bus.publish(stale)
-        await wait_until(
-            lambda: (
-                metric("canvas_generation_skipped_total", reason="not_current")
-                == skipped_before + 1
-            ),
-            what="the attempt skipped",
-        )
+        await wait_until(lambda: skipped(generator, "not_current") == 1, what="the attempt skipped")
         current = generation_request("a drawing of a live job")
         await bus.publish(current)
         results = await bus.results(current)
@@ -121,15 +122,10 @@ async def test_attempt_past_its_lease_is_skipped_without_asking_anyone(
     )
     marker = uuid.uuid4().hex
     expired = generation_request(f"too late {marker}", lease=timedelta(seconds=-1))
-    skipped_before = metric("canvas_generation_skipped_total", reason="lease_expired")
-    async with running_generator(settings):
+    async with running_generator(settings) as generator:
         await bus.publish(expired)
         await wait_until(
-            lambda: (
-                metric("canvas_generation_skipped_total", reason="lease_expired")
-                == skipped_before + 1
-            ),
-            what="the attempt skipped",
+            lambda: skipped(generator, "lease_expired") == 1, what="the attempt skipped"
         )
         later = generation_request("in time")
         await bus.publish(later)

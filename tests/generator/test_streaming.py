@@ -17,7 +17,6 @@ from tests.generator.conftest import (
     cancel_message,
     generation_request,
     generator_settings,
-    metric,
     milestones,
     running_generator,
     wait_until,
@@ -181,13 +180,15 @@ async def test_cancel_midway_aborts_the_stream_and_publishes_nothing_more(
     settings = generator_settings(amqp_url, topology, fake_openai)
     async with running_generator(settings) as generator:
         before = fake_openai.stats()
-        cancelled_before = metric("canvas_generation_cancelled_total")
         request = generation_request(f"a drawing cut short [[fake:objects=12,gate={gate}]]")
         await bus.publish(request)
         await next_of(bus, request, "GenerationProgressed")
         await bus.publish(cancel_message(request), "job.JobCancelled")
         await wait_until(
-            lambda: metric("canvas_generation_cancelled_total") == cancelled_before + 1,
+            lambda: (
+                generator.metrics.registry.get_sample_value("canvas_generation_cancelled_total")
+                == 1
+            ),
             what="the attempt counted as cancelled",
         )
         # The stand-in saw its client hang up in the middle of the stream.

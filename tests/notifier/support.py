@@ -36,7 +36,7 @@ from canvas_events.events import (
 from canvas_events.topology import JOB, Topology, routing_key
 from canvas_notifier.service import Notifier
 from canvas_notifier.settings import Settings
-from canvas_orchestrator.migrations import migrate
+from canvas_store.migrations import migrate
 
 SECRET = "notifier-tests-secret-0123456789-abcdefghijklmnop"
 ATTEMPT = UUID("00000000-0000-4000-8000-000000000001")

@@ -46,12 +46,6 @@ def test_job_queued_becomes_ai_job_queued_with_every_envelope_field():
     }
 
 
-def test_generation_started_carries_model_and_attempt():
-    frame = frame_of(support.started())
-    assert frame["type"] == "ai_generation_started"
-    assert frame["data"] == {"model": "stand-in", "attempt_id": str(support.ATTEMPT)}
-
-
 def test_generation_progressed_carries_index_and_object():
     frame = frame_of(support.progressed(index=3, text="box"))
     assert frame["type"] == "ai_generation_progress"
@@ -59,47 +53,61 @@ def test_generation_progressed_carries_index_and_object():
     assert frame["data"]["object"] == {"type": "text", "x": 1, "y": 2, "text": "box"}
 
 
-def test_job_completed_carries_the_result():
-    frame = frame_of(support.completed())
-    assert frame["type"] == "ai_generation_completed"
-    assert frame["data"] == {
-        "object_count": 1,
-        "object_ids": ["o-1"],
-        "dropped_objects": 1,
-        "model": "stand-in",
-        "usage": {"prompt_tokens": 10, "completion_tokens": 20},
-        "latency_ms": 12,
-    }
-
-
-def test_retry_scheduled_is_a_retryable_not_final_error():
-    frame = frame_of(support.retry_scheduled())
-    assert frame["type"] == "ai_job_error"
-    assert frame["data"] == {
-        "retryable": True,
-        "final": False,
-        "next_attempt_at": "2025-01-02T03:06:05.678901Z",
-        "error": "model timed out",
-        "retry_count": 1,
-    }
-
-
-def test_job_failed_is_a_final_not_retryable_error():
-    frame = frame_of(support.failed())
-    assert frame["type"] == "ai_job_error"
-    assert frame["data"] == {
-        "retryable": False,
-        "final": True,
-        "next_attempt_at": None,
-        "error": "invalid API key",
-        "retry_count": 0,
-    }
-
-
-def test_job_cancelled_becomes_ai_job_cancelled():
-    frame = frame_of(support.cancelled())
-    assert frame["type"] == "ai_job_cancelled"
-    assert frame["data"] == {"reason": "user asked"}
+@pytest.mark.parametrize(
+    ("event", "frame_type", "data"),
+    [
+        pytest.param(
+            support.started(),
+            "ai_generation_started",
+            {"model": "stand-in", "attempt_id": str(support.ATTEMPT)},
+            id="started-carries-model-and-attempt",
+        ),
+        pytest.param(
+            support.completed(),
+            "ai_generation_completed",
+            {
+                "object_count": 1,
+                "object_ids": ["o-1"],
+                "dropped_objects": 1,
+                "model": "stand-in",
+                "usage": {"prompt_tokens": 10, "completion_tokens": 20},
+                "latency_ms": 12,
+            },
+            id="completed-carries-the-result",
+        ),
+        pytest.param(
+            support.retry_scheduled(),
+            "ai_job_error",
+            {
+                "retryable": True,
+                "final": False,
+                "next_attempt_at": "2025-01-02T03:06:05.678901Z",
+                "error": "model timed out",
+                "retry_count": 1,
+            },
+            id="retry-scheduled-is-a-retryable-not-final-error",
+        ),
+        pytest.param(
+            support.failed(),
+            "ai_job_error",
+            {
+                "retryable": False,
+                "final": True,
+                "next_attempt_at": None,
+                "error": "invalid API key",
+                "retry_count": 0,
+            },
+            id="failed-is-a-final-not-retryable-error",
+        ),
+        pytest.param(
+            support.cancelled(), "ai_job_cancelled", {"reason": "user asked"}, id="cancelled"
+        ),
+    ],
+)
+def test_a_status_event_becomes_its_frame_with_its_data(event, frame_type, data):
+    frame = frame_of(event)
+    assert frame["type"] == frame_type
+    assert frame["data"] == data
 
 
 @pytest.mark.parametrize(

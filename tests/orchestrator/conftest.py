@@ -9,9 +9,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from canvas_orchestrator.db import create_pool
-from canvas_orchestrator.migrations import migrate_pool
 from canvas_orchestrator.service import Service
+from canvas_store.connections import create_pool
+from canvas_store.migrations import migrate_pool
 from tests.orchestrator.harness import Bus, settings_for, start_service
 
 Start = Callable[..., Awaitable[Service]]

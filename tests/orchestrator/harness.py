@@ -3,21 +3,17 @@ watching what it publishes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from uuid import UUID, uuid4
+from uuid import UUID
 
-import aio_pika
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 
 from canvas_events.auth import ServiceCredential
-from canvas_events.broker import Broker
-from canvas_events.envelope import Envelope
-from canvas_events.events import Event, JobRequested
-from canvas_events.topology import GATEWAY, GENERATOR, Topology, routing_key
+from canvas_events.topology import Topology
 from canvas_orchestrator.service import Service
 from canvas_orchestrator.settings import Settings
+from tests.support.bus import Bus as SharedBus
+from tests.support.bus import Seen as Seen  # re-exported for the tests
 from tests.support.waiting import eventually as eventually  # re-exported for the tests
 
 T = TypeVar("T")
@@ -57,93 +53,16 @@ async def start_service(settings: Settings) -> Service:
     return service
 
 
-@dataclass
-class Seen:
-    """One message the orchestrator published."""
-
-    routing_key: str
-    priority: int | None
-    envelope: Envelope
-
-
-class Bus:
-    """The test's side of the broker: publishes like the gateway and the generators, and
-    records every ``job.*`` message on a queue of its own."""
+class Bus(SharedBus):
+    """The test's side of the broker (tests/support/bus.py): publishes like the gateway
+    and the generators, and records every ``job.*`` message, listed in ``seen``."""
 
     def __init__(self, amqp_url: str, topology: Topology) -> None:
-        self._url = amqp_url
-        self.topology = topology
-        self.seen: list[Seen] = []
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.publisher = Broker(amqp_url, topology, connection_name=f"test-{uuid4().hex[:6]}")
+        super().__init__(amqp_url, topology, listen="job.#")
 
-    async def start(self) -> None:
-        await self.publisher.start()
-        await self.publisher.wait_connected(15)
-        self._connection = await aio_pika.connect_robust(self._url)
-        channel = await self._connection.channel()
-        exchange = await channel.declare_exchange(
-            self.topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="job.#")
-        await queue.consume(self._on_message, no_ack=True)
-
-    async def stop(self) -> None:
-        await self.publisher.stop()
-        if self._connection is not None:
-            await self._connection.close()
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        envelope = Envelope.from_json(message.body)
-        self.seen.append(Seen(message.routing_key or "", message.priority, envelope))
-
-    async def publish(self, envelope: Envelope, source: str) -> None:
-        await self.publisher.publish(envelope, routing_key(source, envelope.type))
-
-    async def request(
-        self,
-        *,
-        user_id: str = "alice",
-        canvas_id: str | None = None,
-        priority: int = 5,
-        query: str = "a login flowchart",
-        job_id: UUID | None = None,
-    ) -> Envelope:
-        """Publish a JobRequested as the gateway does; return its envelope."""
-        canvas_id = canvas_id or f"canvas-{uuid4().hex[:8]}"
-        envelope = Envelope.wrap(
-            JobRequested(query=query, canvas_id=canvas_id, priority=priority),
-            correlation_id=f"req-{uuid4().hex[:8]}",
-            job_id=job_id or uuid4(),
-            user_id=user_id,
-            canvas_id=canvas_id,
-        )
-        await self.publish(envelope, GATEWAY)
-        return envelope
-
-    async def reply(self, requested: Envelope, event: Event) -> Envelope:
-        """Publish ``event`` as a generator answering ``requested``."""
-        envelope = requested.follow(event)
-        await self.publish(envelope, GENERATOR)
-        return envelope
-
-    def of(self, job_id: UUID, event_type: str | None = None) -> list[Seen]:
-        return [
-            seen
-            for seen in self.seen
-            if seen.envelope.job_id == job_id
-            and (event_type is None or seen.envelope.type == event_type)
-        ]
-
-    async def wait_for(self, job_id: UUID, event_type: str, count: int = 1) -> list[Seen]:
-        """The first ``count`` published events of that type for the job."""
-
-        async def check() -> list[Seen] | None:
-            found = self.of(job_id, event_type)
-            return found[:count] if len(found) >= count else None
-
-        return await eventually(check, what=f"{count} x job.{event_type} of {job_id}")
+    @property
+    def seen(self) -> list[Seen]:
+        return self.messages
 
 
 async def job_row(service: Service, job_id: UUID) -> asyncpg.Record | None:

@@ -42,9 +42,13 @@ async def test_health_is_200_and_ready_is_503_with_reasons_while_nothing_answers
 
     assert health.status_code == 200
     assert ready.status_code == 503
-    checks = ready.json()["checks"]
+    body = ready.json()
+    checks = body["checks"]
     assert checks["database"] != "ok"
     assert checks["broker"] != "ok"
+    # The shape every service answers /ready with (canvas_events.ops.Probes).
+    assert body["status"] == "not ready"
+    assert body["detail"] == f"{checks['database']}; {checks['broker']}"
     assert job.status_code == 503
 
 

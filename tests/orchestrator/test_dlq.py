@@ -17,7 +17,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
-import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
@@ -25,8 +24,9 @@ from canvas_events.broker import ATTEMPTS_HEADER, ERROR_HEADER, declare_topology
 from canvas_events.topology import Topology
 from canvas_orchestrator import dlq
 from tests.orchestrator.harness import eventually
-from tests.support.env import database_url as server_url
+from tests.support.env import admin_connection
 from tests.support.system import System
+from tests.support.users import User
 
 COMMAND = str(Path(sys.executable).parent / "canvas-orchestrator")
 
@@ -401,19 +401,13 @@ async def orchestrator_role(database_url: str) -> AsyncIterator[str]:
     URL the orchestrator connects with. Drops the database before the role."""
     role = f"cj_dlq_{uuid.uuid4().hex[:10]}"
     database = urlsplit(database_url).path.lstrip("/")
-    admin = await asyncpg.connect(server_url("postgres"))
-    try:
+    async with admin_connection() as admin:
         await admin.execute(f'CREATE ROLE "{role}" LOGIN')
         await admin.execute(f'ALTER DATABASE "{database}" OWNER TO "{role}"')
-    finally:
-        await admin.close()
     yield urlunsplit(urlsplit(database_url)._replace(netloc=_with_user(database_url, role)))
-    admin = await asyncpg.connect(server_url("postgres"))
-    try:
+    async with admin_connection() as admin:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-    finally:
-        await admin.close()
 
 
 def _with_user(url: str, user: str) -> str:
@@ -447,20 +441,12 @@ async def test_job_dead_lettered_while_a_grant_was_missing_completes_after_repla
 ) -> None:
     role = urlsplit(orchestrator_role).username
     env = {"AMQP_URL": system.amqp_url, "AMQP_TOPOLOGY_PREFIX": topology.prefix}
-    token = system.token("dora")
-    headers = {"Authorization": f"Bearer {token}"}
     admin = await asyncpg.connect(database_url)
     try:
         # The cause: someone took the orchestrator's right to append to the event store.
         await admin.execute(f'REVOKE INSERT ON events FROM "{role}"')
-        async with httpx.AsyncClient(base_url=system.gateway_url, timeout=10) as http:
-            accepted = await http.post(
-                "/api/ai-agent/create-canvas",
-                json={"query": "a flowchart of a login flow"},
-                headers=headers,
-            )
-            assert accepted.status_code == 202, accepted.text
-            job_id = accepted.json()["job_id"]
+        async with User(system, "dora") as dora:
+            job_id, _ = await dora.submit("a flowchart of a login flow")
 
             async def dead_lettered() -> dict[str, Any] | None:
                 code, stdout, stderr = await run_command("list", "--json", env=env)
@@ -493,14 +479,9 @@ async def test_job_dead_lettered_while_a_grant_was_missing_completes_after_repla
                 for line in replay_logs
             )
 
-            async def final_status() -> str | None:
-                answer = await http.get(f"/api/ai-agent/job/{job_id}/status", headers=headers)
-                status = str(answer.json()["status"])
-                return status if status in ("completed", "failed", "cancelled") else None
-
-            assert await eventually(final_status, timeout=60, what="the job to end") == "completed"
-            events = await http.get(f"/api/ai-agent/job/{job_id}/events", headers=headers)
-            types = [event["type"] for event in events.json()["events"]]
+            final = await dora.until_status(job_id, "completed", "failed", "cancelled", timeout=60)
+            assert final["status"] == "completed"
+            types = [event["type"] for event in await dora.events(job_id)]
             assert types[0] == "JobRequested"
             assert types[-1] == "JobCompleted"
     finally:

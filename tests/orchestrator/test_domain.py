@@ -24,8 +24,9 @@ from canvas_events.events import (
     JobRetryScheduled,
 )
 from canvas_orchestrator import domain
-from canvas_orchestrator.domain import JobState, JobStatus, Policy
+from canvas_orchestrator.domain import JobState, Policy
 from canvas_orchestrator.errors import UnexpectedEvent
+from canvas_store.status import JobStatus
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 JOB_ID = UUID("00000000-0000-4000-8000-000000000001")
@@ -348,24 +349,21 @@ def test_backoff_grows_by_the_base_with_each_retry():
     assert retry.next_attempt_at == NOW + timedelta(seconds=60 * 2**2)
 
 
-def test_retry_after_longer_than_the_backoff_is_honoured():
+@pytest.mark.parametrize(
+    ("retry_after", "wait"),
+    [
+        pytest.param(600, 600, id="longer-retry-after-honoured"),
+        pytest.param(5, 60, id="shorter-retry-after-keeps-the-backoff"),
+    ],
+)
+def test_a_retry_waits_the_longer_of_the_retry_after_and_the_backoff(retry_after, wait):
     state = started()
 
-    events = decide(state, _failed(state.attempt_id, retryable=True, retry_after=600))
+    events = decide(state, _failed(state.attempt_id, retryable=True, retry_after=retry_after))
 
     retry = events[1]
     assert isinstance(retry, JobRetryScheduled)
-    assert retry.next_attempt_at == NOW + timedelta(seconds=600)
-
-
-def test_retry_after_shorter_than_the_backoff_keeps_the_backoff():
-    state = started()
-
-    events = decide(state, _failed(state.attempt_id, retryable=True, retry_after=5))
-
-    retry = events[1]
-    assert isinstance(retry, JobRetryScheduled)
-    assert retry.next_attempt_at == NOW + timedelta(seconds=60)
+    assert retry.next_attempt_at == NOW + timedelta(seconds=wait)
 
 
 def test_retryable_failure_with_every_retry_used_fails_the_job():

@@ -18,7 +18,15 @@ from canvas_events.events import GenerationProgressed, JobCancelRequested, JobRe
 from canvas_events.topology import GATEWAY
 from canvas_orchestrator import domain
 from tests.orchestrator.harness import Bus, eventually, stream_types, wait_status
-from tests.orchestrator.test_flow import OBJECTS, dispatched, failed, started, succeeded
+from tests.orchestrator.test_flow import (
+    OBJECTS,
+    dispatched,
+    dispatched_job,
+    failed,
+    object_count,
+    started,
+    succeeded,
+)
 
 
 def _request(job_id: object = None, *, user_id: str = "alice") -> Envelope:
@@ -100,10 +108,7 @@ async def request_cancel(service, request: Envelope) -> Envelope:
 
 async def test_a_cancel_requested_before_the_result_wins_over_it(start, bus: Bus):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    request, job_id, requested = await dispatched_job(bus)
     await service.handler.handle_envelope(requested.follow(started(requested)))
     await wait_status(service, job_id, "processing")
 
@@ -113,10 +118,7 @@ async def test_a_cancel_requested_before_the_result_wins_over_it(start, bus: Bus
 
     row = await wait_status(service, job_id, "cancelled")
     assert row["result"] is None
-    objects = await service.database.pool.fetchval(
-        "SELECT count(*) FROM canvas_objects WHERE job_id = $1", job_id
-    )
-    assert objects == 0
+    assert await object_count(service, job_id) == 0
     assert (await stream_types(service, job_id))[-2:] == ["JobCancelRequested", "JobCancelled"]
     left = await service.database.pool.fetchval("SELECT count(*) FROM cancel_requests")
     assert left == 0
@@ -124,10 +126,7 @@ async def test_a_cancel_requested_before_the_result_wins_over_it(start, bus: Bus
 
 async def test_a_cancel_requested_while_a_retry_waits_wins_over_the_retry(start, bus: Bus):
     service = await start(retry_backoff_unit_seconds=0.3, max_job_retries=2)
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    request, job_id, requested = await dispatched_job(bus)
     await service.handler.handle_envelope(requested.follow(started(requested)))
     await service.handler.handle_envelope(requested.follow(failed(requested, retryable=True)))
     await wait_status(service, job_id, "retry_scheduled")
@@ -156,11 +155,9 @@ async def test_a_message_the_database_client_refuses_is_dead_lettered_not_requeu
     service = await start()
     jobs = []
     for _ in range(3):
-        request = await bus.request()
-        assert request.job_id is not None
-        requested = await dispatched(bus, request.job_id)
+        _, job_id, requested = await dispatched_job(bus)
         await bus.reply(requested, started(requested))
-        jobs.append((request.job_id, requested))
+        jobs.append((job_id, requested))
     for job_id, _ in jobs:
         await wait_status(service, job_id, "processing")
     poison_job = jobs[0][0]
@@ -210,23 +207,19 @@ async def test_a_message_the_database_client_refuses_is_dead_lettered_not_requeu
 async def test_a_timer_row_that_disagrees_with_its_stream_is_skipped_and_others_fire(start, bus):
     service = await start(retry_backoff_unit_seconds=0.2, max_job_retries=2)
     # A job whose read model wrongly says a retry is due (its stream says queued)...
-    broken = await bus.request()
-    assert broken.job_id is not None
-    await dispatched(bus, broken.job_id)
+    _, broken_id, _ = await dispatched_job(bus)
     await service.database.pool.execute(
         "UPDATE jobs SET status = 'retry_scheduled', next_attempt_at = $2 WHERE id = $1",
-        broken.job_id,
+        broken_id,
         utcnow() - timedelta(hours=1),
     )
     # ...ahead of a job whose retry is really due.
-    request = await bus.request()
-    assert request.job_id is not None
-    requested = await dispatched(bus, request.job_id)
+    _, job_id, requested = await dispatched_job(bus)
     await bus.reply(requested, started(requested))
     await bus.reply(requested, failed(requested, retryable=True))
 
-    await dispatched(bus, request.job_id, attempt=2)
-    assert (await stream_types(service, request.job_id)).count("GenerationRequested") == 2
+    await dispatched(bus, job_id, attempt=2)
+    assert (await stream_types(service, job_id)).count("GenerationRequested") == 2
 
 
 async def test_a_cancel_published_right_behind_its_request_wins(start, bus: Bus):

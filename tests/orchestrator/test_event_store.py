@@ -11,8 +11,8 @@ import pytest
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import JobCancelRequested, JobQueued
-from canvas_orchestrator.errors import ConcurrencyError
-from canvas_orchestrator.event_store import (
+from canvas_store.errors import ConcurrencyError
+from canvas_store.events import (
     NOTIFY_CHANNEL,
     RecordedEvent,
     append,

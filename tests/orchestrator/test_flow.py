@@ -24,6 +24,7 @@ from canvas_events.events import (
 from canvas_events.topology import GATEWAY
 from canvas_orchestrator import domain
 from canvas_orchestrator.projections import rebuild
+from canvas_orchestrator.service import Service
 from tests.orchestrator.harness import (
     Bus,
     eventually,
@@ -37,6 +38,17 @@ OBJECTS = [
     {"type": "rectangle", "x": 10, "y": 20, "width": 100, "height": 50},
     {"type": "text", "x": 15, "y": 25, "text": "Login"},
     {"type": "arrow", "points": [[0, 0], [10, 10]]},
+]
+# A job's history up to the dispatch of its second attempt, after its first failed.
+RETRIED = [
+    "JobRequested",
+    "JobQueued",
+    "GenerationRequested",
+    "GenerationStarted",
+    "GenerationFailed",
+    "JobRetryScheduled",
+    "JobQueued",
+    "GenerationRequested",
 ]
 
 
@@ -72,16 +84,51 @@ def failed(requested: Envelope, *, retryable: bool, error: str = "boom") -> Gene
     )
 
 
+async def dispatched_job(bus: Bus, **request: Any) -> tuple[Envelope, UUID, Envelope]:
+    """A job requested as the gateway does (``request``: :meth:`Bus.request`'s fields):
+    its JobRequested, its id, and the GenerationRequested of its first attempt."""
+    envelope = await bus.request(**request)
+    assert envelope.job_id is not None
+    return envelope, envelope.job_id, await dispatched(bus, envelope.job_id)
+
+
+async def counted_once(service: Service, message_type: str, outcome: str, *, what: str) -> None:
+    """Wait until the orchestrator has counted one ``message_type`` message handled
+    with ``outcome`` (``duplicate``, ``ignored``, ...)."""
+    await eventually(
+        lambda: (
+            metric(
+                service, "canvas_orchestrator_messages_total", type=message_type, outcome=outcome
+            )
+            == 1
+        ),
+        what=what,
+    )
+
+
+async def object_count(service: Service, job_id: UUID) -> int:
+    """The job's rows in canvas_objects."""
+    count = await service.database.pool.fetchval(
+        "SELECT count(*) FROM canvas_objects WHERE job_id = $1", job_id
+    )
+    return int(count)
+
+
+async def canvas_owner(service: Service, canvas_id: str | None) -> str | None:
+    """The user the canvases read model gives ``canvas_id`` to."""
+    owner: str | None = await service.database.pool.fetchval(
+        "SELECT user_id FROM canvases WHERE id = $1", canvas_id
+    )
+    return owner
+
+
 # -- requests -------------------------------------------------------------------------
 
 
 async def test_job_request_is_queued_and_dispatched_with_positions_and_priority(start, bus):
     service = await start()
 
-    request = await bus.request(priority=8)
-    job_id = request.job_id
-    assert job_id is not None
-    await bus.wait_for(job_id, "GenerationRequested")
+    request, job_id, _ = await dispatched_job(bus, priority=8)
 
     # JobRequested is recorded (position 1) but not republished: no queue consumes it.
     published = bus.of(job_id)
@@ -115,34 +162,17 @@ async def test_job_request_is_queued_and_dispatched_with_positions_and_priority(
     assert row["last_position"] == positions[-1]
     assert row["priority"] == 8
     assert row["lease_expires_at"] is not None
-    canvas = await service.database.pool.fetchrow(
-        "SELECT user_id FROM canvases WHERE id = $1", request.canvas_id
-    )
-    assert canvas["user_id"] == "alice"
+    assert await canvas_owner(service, request.canvas_id) == "alice"
     assert metric(service, "canvas_jobs_total", status="queued") == 1
 
 
 async def test_the_same_message_delivered_twice_is_recorded_once(start, bus):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    await bus.wait_for(job_id, "GenerationRequested")
+    request, job_id, _ = await dispatched_job(bus)
 
     await bus.publish(request, GATEWAY)
 
-    async def duplicate_seen() -> bool:
-        return (
-            metric(
-                service,
-                "canvas_orchestrator_messages_total",
-                type="JobRequested",
-                outcome="duplicate",
-            )
-            == 1
-        )
-
-    await eventually(duplicate_seen, what="the duplicate to be handled")
+    await counted_once(service, "JobRequested", "duplicate", what="the duplicate to be handled")
     assert await stream_types(service, job_id) == [
         "JobRequested",
         "JobQueued",
@@ -152,25 +182,13 @@ async def test_the_same_message_delivered_twice_is_recorded_once(start, bus):
 
 async def test_a_repeated_request_for_the_same_job_records_nothing_more(start, bus):
     service = await start()
-    first = await bus.request()
-    job_id = first.job_id
-    assert job_id is not None
-    await bus.wait_for(job_id, "GenerationRequested")
+    first, job_id, _ = await dispatched_job(bus)
 
     await bus.request(job_id=job_id, canvas_id=first.canvas_id)
 
-    async def ignored() -> bool:
-        return (
-            metric(
-                service,
-                "canvas_orchestrator_messages_total",
-                type="JobRequested",
-                outcome="ignored",
-            )
-            == 1
-        )
-
-    await eventually(ignored, what="the repeated request to be ignored")
+    await counted_once(
+        service, "JobRequested", "ignored", what="the repeated request to be ignored"
+    )
     assert len(await stream_types(service, job_id)) == 3
 
 
@@ -186,10 +204,7 @@ async def test_a_job_on_another_users_canvas_fails_with_canvas_not_found(start, 
     row = await wait_status(service, bobs.job_id, "failed")
     assert row["error_message"] == "canvas not found"
     assert await stream_types(service, bobs.job_id) == ["JobRequested", "JobFailed"]
-    owner = await service.database.pool.fetchval(
-        "SELECT user_id FROM canvases WHERE id = $1", alices.canvas_id
-    )
-    assert owner == "alice"
+    assert await canvas_owner(service, alices.canvas_id) == "alice"
 
 
 async def test_an_event_only_the_orchestrator_records_is_dead_lettered(start):
@@ -213,10 +228,7 @@ async def test_generation_succeeded_completes_the_job_and_puts_its_objects_on_th
     start, bus
 ):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    request, job_id, requested = await dispatched_job(bus)
 
     await bus.reply(requested, started(requested))
     await wait_status(service, job_id, "processing")
@@ -267,10 +279,7 @@ async def test_generation_succeeded_completes_the_job_and_puts_its_objects_on_th
 
 async def test_a_burst_of_one_jobs_messages_is_recorded_in_order_in_few_transactions(start, bus):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    _, job_id, requested = await dispatched_job(bus)
     await service.handler.handle_envelope(requested.follow(started(requested)))
     before = metric(service, "canvas_orchestrator_batch_messages_count")
     attempt_id = requested.data["attempt_id"]
@@ -310,11 +319,9 @@ async def test_a_message_that_breaks_its_batch_is_retried_alone(start, bus, monk
     service = await start()
     dispatches = []
     for _ in range(2):
-        request = await bus.request()
-        assert request.job_id is not None
-        requested = await dispatched(bus, request.job_id)
+        _, job_id, requested = await dispatched_job(bus)
         await service.handler.handle_envelope(requested.follow(started(requested)))
-        dispatches.append((request.job_id, requested))
+        dispatches.append((job_id, requested))
     real_progress = domain.progress
 
     def progress(state: domain.JobState, event: GenerationProgressed) -> list[Any]:
@@ -379,24 +386,15 @@ async def test_two_users_first_jobs_on_one_new_canvas_in_one_batch_give_it_to_on
         assert row is not None
         statuses[request.user_id] = (row["status"], row["error_message"])
     assert statuses == {"alice": ("queued", None), "bob": ("failed", "canvas not found")}
-    owner = await service.database.pool.fetchval(
-        "SELECT user_id FROM canvases WHERE id = $1", canvas_id
-    )
-    assert owner == "alice"
+    assert await canvas_owner(service, canvas_id) == "alice"
     # The store tells the same story: replayed in position order, Alice's job comes first.
     await rebuild(service.database.pool)
-    owner = await service.database.pool.fetchval(
-        "SELECT user_id FROM canvases WHERE id = $1", canvas_id
-    )
-    assert owner == "alice"
+    assert await canvas_owner(service, canvas_id) == "alice"
 
 
 async def test_permanent_generation_failure_fails_the_job_with_the_generators_error(start, bus):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    _, job_id, requested = await dispatched_job(bus)
 
     await bus.reply(requested, started(requested))
     await bus.reply(requested, failed(requested, retryable=False, error="invalid API key"))
@@ -406,18 +404,12 @@ async def test_permanent_generation_failure_fails_the_job_with_the_generators_er
     assert row["retry_count"] == 0
     await bus.wait_for(job_id, "JobFailed")
     assert (await stream_types(service, job_id))[-2:] == ["GenerationFailed", "JobFailed"]
-    count = await service.database.pool.fetchval(
-        "SELECT count(*) FROM canvas_objects WHERE job_id = $1", job_id
-    )
-    assert count == 0
+    assert await object_count(service, job_id) == 0
 
 
 async def test_retryable_failure_is_retried_after_the_backoff_and_then_completes(start, bus):
     service = await start(retry_backoff_unit_seconds=0.05)
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    first = await dispatched(bus, job_id, attempt=1)
+    _, job_id, first = await dispatched_job(bus)
     await bus.reply(first, started(first))
     await bus.reply(first, failed(first, retryable=True, error="model timed out"))
 
@@ -437,14 +429,7 @@ async def test_retryable_failure_is_retried_after_the_backoff_and_then_completes
     assert row["retry_count"] == 1
     assert row["attempt"] == 2
     assert await stream_types(service, job_id) == [
-        "JobRequested",
-        "JobQueued",
-        "GenerationRequested",
-        "GenerationStarted",
-        "GenerationFailed",
-        "JobRetryScheduled",
-        "JobQueued",
-        "GenerationRequested",
+        *RETRIED,
         "GenerationStarted",
         "GenerationSucceeded",
         "JobCompleted",
@@ -459,10 +444,7 @@ async def test_an_attempt_no_generator_finishes_is_retried_and_never_left_proces
         retry_backoff_unit_seconds=0.05,
         max_job_retries=1,
     )
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    first = await dispatched(bus, job_id)
+    _, job_id, first = await dispatched_job(bus)
     await bus.reply(first, started(first))  # then the generator dies; no other takes over
 
     row = await wait_status(service, job_id, "failed")
@@ -471,27 +453,13 @@ async def test_an_attempt_no_generator_finishes_is_retried_and_never_left_proces
     assert row["error_message"] == (
         "attempt not started in time: no generator took it from the queue"
     )
-    assert await stream_types(service, job_id) == [
-        "JobRequested",
-        "JobQueued",
-        "GenerationRequested",
-        "GenerationStarted",
-        "GenerationFailed",
-        "JobRetryScheduled",
-        "JobQueued",
-        "GenerationRequested",
-        "GenerationFailed",
-        "JobFailed",
-    ]
+    assert await stream_types(service, job_id) == [*RETRIED, "GenerationFailed", "JobFailed"]
     assert metric(service, "canvas_orchestrator_timers_total", kind="lease_expired") == 2
 
 
 async def test_cancel_while_processing_discards_objects(start, bus):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    request, job_id, requested = await dispatched_job(bus)
     await bus.reply(requested, started(requested))
     await wait_status(service, job_id, "processing")
 
@@ -499,48 +467,24 @@ async def test_cancel_while_processing_discards_objects(start, bus):
     await bus.wait_for(job_id, "JobCancelled")
     await bus.reply(requested, succeeded(requested))
 
-    async def result_ignored() -> bool:
-        return (
-            metric(
-                service,
-                "canvas_orchestrator_messages_total",
-                type="GenerationSucceeded",
-                outcome="ignored",
-            )
-            == 1
-        )
-
-    await eventually(result_ignored, what="the late result to be ignored")
+    await counted_once(
+        service, "GenerationSucceeded", "ignored", what="the late result to be ignored"
+    )
     row = await wait_status(service, job_id, "cancelled")
     assert row["completed_at"] is not None
     assert (await stream_types(service, job_id))[-2:] == ["JobCancelRequested", "JobCancelled"]
-    count = await service.database.pool.fetchval(
-        "SELECT count(*) FROM canvas_objects WHERE job_id = $1", job_id
-    )
-    assert count == 0
+    assert await object_count(service, job_id) == 0
 
 
 async def test_cancel_from_someone_else_changes_nothing(start, bus):
     service = await start()
-    request = await bus.request(user_id="alice")
-    job_id = request.job_id
-    assert job_id is not None
-    await dispatched(bus, job_id)
+    request, job_id, _ = await dispatched_job(bus, user_id="alice")
 
     await bus.publish(request.follow(JobCancelRequested(), user_id="mallory"), GATEWAY)
 
-    async def ignored() -> bool:
-        return (
-            metric(
-                service,
-                "canvas_orchestrator_messages_total",
-                type="JobCancelRequested",
-                outcome="ignored",
-            )
-            == 1
-        )
-
-    await eventually(ignored, what="the foreign cancel to be ignored")
+    await counted_once(
+        service, "JobCancelRequested", "ignored", what="the foreign cancel to be ignored"
+    )
     row = await job_row(service, job_id)
     assert row is not None
     assert row["status"] == "queued"
@@ -562,12 +506,10 @@ async def test_two_orchestrators_share_the_work_and_the_survivor_takes_over_the_
     await first.stop()
 
     await eventually(lambda: _true(second.relay.active), what="the survivor to take over")
-    late = await bus.request()
-    assert late.job_id is not None
-    requested = await dispatched(bus, late.job_id)
+    late, late_id, requested = await dispatched_job(bus)
     await bus.reply(requested, started(requested))
     await bus.reply(requested, succeeded(requested))
-    await wait_status(second, late.job_id, "completed")
+    await wait_status(second, late_id, "completed")
     for request in [*requests, late]:
         assert request.job_id is not None
         assert len(bus.of(request.job_id, "JobQueued")) >= 1

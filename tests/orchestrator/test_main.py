@@ -16,8 +16,8 @@ import pytest
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import JobQueued, JobRequested
-from canvas_orchestrator.event_store import append
 from canvas_orchestrator.projections import project
+from canvas_store.events import append
 from tests.orchestrator.harness import JWT_SECRET, eventually
 
 COMMAND = str(Path(sys.executable).parent / "canvas-orchestrator")

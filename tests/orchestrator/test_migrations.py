@@ -6,8 +6,8 @@ import asyncio
 
 import asyncpg
 
-from canvas_orchestrator.db import connect
-from canvas_orchestrator.migrations import available, migrate
+from canvas_store.connections import connect
+from canvas_store.migrations import available, migrate
 
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:

@@ -22,8 +22,8 @@ from canvas_events.events import (
     JobRequested,
 )
 from canvas_orchestrator import domain
-from canvas_orchestrator.event_store import Append, append_streams
 from canvas_orchestrator.projections import rebuild
+from canvas_store.events import Append, append_streams
 from tests.orchestrator.harness import Bus, eventually, job_row
 from tests.orchestrator.test_flow import dispatched, started, succeeded
 

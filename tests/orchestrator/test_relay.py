@@ -12,9 +12,9 @@ import pytest
 from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.events import GenerationRequested, JobQueued
-from canvas_orchestrator.event_store import RecordedEvent, append
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.relay import APPLICATION_NAME, CHECKPOINT, RELAY_LOCK_KEY, Relay
+from canvas_store.events import RecordedEvent, append
 from tests.orchestrator.harness import eventually
 
 

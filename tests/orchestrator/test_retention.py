@@ -14,10 +14,9 @@ import asyncpg
 
 from canvas_events.broker import ACK
 from canvas_events.envelope import utcnow
-from canvas_gateway.store import LEDGER_DDL
 from canvas_orchestrator.retention import Retention, prune
 from tests.orchestrator.harness import JWT_SECRET, Bus, stream_types, wait_status
-from tests.orchestrator.test_flow import dispatched, started, succeeded
+from tests.orchestrator.test_flow import dispatched_job, started, succeeded
 
 RETENTION = Retention(processed_messages=timedelta(days=7), ledger=timedelta(days=1))
 COMMAND = str(Path(sys.executable).parent / "canvas-orchestrator")
@@ -50,7 +49,6 @@ async def _ledger_row(
 async def test_prune_drops_old_message_ids_and_finished_ledger_rows_and_nothing_else(start):
     service = await start()
     pool = service.database.pool
-    await pool.execute(LEDGER_DDL)
     now = utcnow()
     await pool.execute(
         "INSERT INTO processed_messages (consumer, message_id, processed_at) "
@@ -82,10 +80,7 @@ async def test_prune_drops_old_message_ids_and_finished_ledger_rows_and_nothing_
 
 async def test_a_message_redelivered_after_its_id_was_pruned_changes_nothing(start, bus: Bus):
     service = await start()
-    request = await bus.request()
-    job_id = request.job_id
-    assert job_id is not None
-    requested = await dispatched(bus, job_id)
+    _, job_id, requested = await dispatched_job(bus)
     await bus.reply(requested, started(requested))
     result = requested.follow(succeeded(requested))
     assert await service.handler.handle_envelope(result) is ACK

@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -24,6 +25,41 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    """The end of the log file ``log``, for failure messages."""
+    if not log.exists():
+        return "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class LocalServer:
+    """A server a test runs on this machine, used as a context manager: set up on
+    entering the block and cleaned up on leaving it, also when setting it up fails
+    halfway (a process started, a directory made)."""
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.setup()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
 
 
 class ServiceProcess:
@@ -121,6 +157,4 @@ class ServiceProcess:
 
     def tail(self, lines: int = 40) -> str:
         """The end of the log, for failure messages."""
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        return tail(self.log_path, lines)

@@ -19,9 +19,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 
-from tests.support.processes import free_port
+from tests.support.processes import LocalServer, free_port, tail
 
 # Debian/Ubuntu put the real scripts here; /usr/sbin/rabbitmq-server is a wrapper that
 # switches to the rabbitmq user and its home, which a private node must not share.
@@ -68,7 +67,17 @@ def _kill_group(process: subprocess.Popen[bytes] | None) -> None:
             process.wait(10)
 
 
-class PrivateRabbitMQ:
+class PrivateServer(LocalServer):
+    """A server in a temporary directory of its own, ``dir``, logging to its
+    ``server.log``."""
+
+    dir: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        return tail(self.dir / "server.log", lines)
+
+
+class PrivateRabbitMQ(PrivateServer):
     """One RabbitMQ node (no plugins) in a temporary directory.
 
     ``stop()`` + ``start()`` is a real restart of the Erlang VM on the same data
@@ -158,6 +167,9 @@ class PrivateRabbitMQ:
             _kill_group(self.process)
             raise AssertionError(f"rabbitmq node did not stop: {result.stderr}") from None
 
+    def setup(self) -> None:
+        self.start()
+
     def restart(self) -> None:
         """Stop, then start again on the same data directory."""
         self.stop()
@@ -214,12 +226,6 @@ class PrivateRabbitMQ:
             assert result.returncode == 0, result.stderr
         return names
 
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.dir / "server.log"
-        if not path.exists():
-            return "(no log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
     def cleanup(self) -> None:
         """Stop the node whatever state it is in, and remove its directory."""
         with contextlib.suppress(Exception):  # the kill below is the fallback
@@ -227,24 +233,8 @@ class PrivateRabbitMQ:
         _kill_group(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> PrivateRabbitMQ:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
-
-class PrivatePostgres:
+class PrivatePostgres(PrivateServer):
     """One PostgreSQL cluster (trust authentication) in a temporary directory.
 
     initdb refuses to run as root, so as root the server commands run as the
@@ -272,6 +262,10 @@ class PrivatePostgres:
         return subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False, cwd=self.dir
         )
+
+    def setup(self) -> None:
+        self.init()
+        self.start()
 
     def init(self) -> None:
         """Create the cluster."""
@@ -333,32 +327,9 @@ class PrivatePostgres:
         result = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "status")
         return result.returncode == 0
 
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.dir / "server.log"
-        if not path.exists():
-            return "(no log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
     def cleanup(self) -> None:
         """Stop the cluster at once whatever state it is in, and remove its directory."""
         if self.data.exists() and self.running():
             with contextlib.suppress(Exception):
                 self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivatePostgres:
-        try:
-            self.init()
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()

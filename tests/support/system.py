@@ -11,11 +11,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
-
-import asyncpg
 
 from canvas_events.auth import ServiceCredential, mint_token
+from tests.support.fake_openai import StandIn
 from tests.support.processes import ServiceProcess, free_port
 
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
@@ -109,6 +107,11 @@ class System:
     def fake_openai_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['fake-openai']}"
 
+    @property
+    def stand_in(self) -> StandIn:
+        """The test controls of the system's stand-in model."""
+        return StandIn(self.fake_openai_url)
+
     def websocket_url(
         self, token: str, after: int | None = None, *, notifier: str = "notifier"
     ) -> str:
@@ -149,15 +152,10 @@ async def running_system(
     password in it); by default a new one named after ``label``."""
     from canvas_events.topology import Topology
     from tests.conftest import delete_topology
-    from tests.support.env import amqp_url, database_url
+    from tests.support.env import amqp_url, create_database, database_url, drop_database
 
     url = database or database_url(f"cj_{label}_{uuid.uuid4().hex[:12]}")
-    name = urlsplit(url).path.lstrip("/")
-    admin = await asyncpg.connect(database_url("postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await create_database(url)
     prefix = f"{label[:1]}{uuid.uuid4().hex[:10]}"
     running = System(url, amqp_url(), prefix, log_dir, extra_env=extra_env or {})
     try:
@@ -166,8 +164,4 @@ async def running_system(
     finally:
         running.stop()
         await delete_topology(amqp_url(), Topology(prefix))
-        admin = await asyncpg.connect(database_url("postgres"))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(url)

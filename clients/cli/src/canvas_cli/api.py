@@ -1,4 +1,4 @@
-"""The gateway's REST API (ARCHITECTURE.md 4) as the CLI uses it; errors become
+"""The gateway's REST API (docs/api.md) as the CLI uses it; errors become
 :class:`~canvas_cli.errors.ApiError` or :class:`~canvas_cli.errors.Unreachable`."""
 
 from __future__ import annotations

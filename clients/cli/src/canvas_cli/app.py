@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 
 class JobStatus(StrEnum):
-    """A job's status (the gateway's, ARCHITECTURE.md 4), for ``jobs --status``."""
+    """A job's status (the gateway's, docs/api.md), for ``jobs --status``."""
 
     queued = "queued"  # waiting for a generator
     processing = "processing"  # a generator is calling the model
@@ -221,13 +221,7 @@ def submit(
                     await ws.close()
                 raise
             submitted.append(accepted["job_id"])
-            if json_ and watch:
-                # One JSON document per line: the answer first, then the frames.
-                print(json.dumps(accepted, separators=(",", ":")), flush=True)
-            elif json_:
-                _print_json(accepted)
-            else:
-                out.print(accepted["job_id"], markup=False)
+            _print_accepted(accepted, json_=json_, watch=watch, out=out)
             if follower is None:
                 return None
             follower.view = JobView(accepted["job_id"], canvas_id=accepted.get("canvas_id"))
@@ -238,6 +232,17 @@ def submit(
     view = _interruptible(go(), err, job_ids=submitted)
     if view is not None:
         raise typer.Exit(_exit_code(view))
+
+
+def _print_accepted(accepted: dict[str, Any], *, json_: bool, watch: bool, out: Console) -> None:
+    """The create call's answer: its job id, or the whole answer as JSON."""
+    if json_ and watch:
+        # One JSON document per line: the answer first, then the frames.
+        print(json.dumps(accepted, separators=(",", ":")), flush=True)
+    elif json_:
+        _print_json(accepted)
+    else:
+        out.print(accepted["job_id"], markup=False)
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """A job as the CLI shows it, folded from the notifier's frames; no I/O here.
 
-Two sources give the same frames (ARCHITECTURE.md 5): the notifier live, and the
+Two sources give the same frames (docs/api.md): the notifier live, and the
 gateway's recorded events, turned into frames by :func:`frame_from_event` (so that a
 finished job replays exactly like a live one, and ``--json`` prints one format).
 Frames are applied in position order and at most once: positions are commit-ordered,

@@ -1,9 +1,10 @@
-"""Bearer JWTs (ARCHITECTURE.md 3): HS256 signed with JWT_SECRET, ``sub`` is the user,
+"""Bearer JWTs (docs/api.md, "Authentication"): HS256 signed with JWT_SECRET, ``sub`` is the user,
 ``exp`` is checked, ``roles`` may hold ``"admin"``.
 
 The services' internal APIs (the orchestrator's ``/internal/*``) answer only callers
-with role ``"service"`` (ARCHITECTURE.md 1): a :class:`ServiceCredential` mints such a
-token from JWT_SECRET and mints it again before it expires."""
+with role ``"service"`` (docs/api.md, "Internal API of the orchestrator"): a
+:class:`ServiceCredential` mints such a token from JWT_SECRET and mints it again before
+it expires."""
 
 from __future__ import annotations
 

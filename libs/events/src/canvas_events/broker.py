@@ -28,6 +28,12 @@ consumer again from scratch; a consumer the broker cancels (its queue deleted) m
 the service reconnect; and the topology is declared again every
 ``topology_interval`` seconds, and at once after a returned message, so that queues
 an operator deleted come back within seconds even where nobody consumes them.
+
+Which of these happens is decided apart from AMQP: :class:`Deliveries` runs the handler
+and returns a :data:`Verdict` (ack, dead-letter, requeue as is, redeliver with one more
+attempt counted); the :class:`Broker` only carries it out on RabbitMQ (ack, nack,
+republish with the attempts header, publish to the dead-letter exchange), and
+:class:`canvas_events.testing.InMemoryBroker` carries out the same verdicts in memory.
 """
 
 from __future__ import annotations
@@ -64,6 +70,10 @@ log = structlog.get_logger("canvas_events.broker")
 ATTEMPTS_HEADER: Final = "x-canvas-attempts"
 ERROR_HEADER: Final = "x-canvas-error"
 ROUTING_KEY_HEADER: Final = "x-canvas-routing-key"
+QUEUE_HEADER: Final = "x-canvas-queue"
+DEAD_LETTERED_AT_HEADER: Final = "x-canvas-dead-lettered-at"
+# The longest reason a dead letter carries.
+MAX_REASON_CHARS: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -86,9 +96,29 @@ class DeadLetter:
     reason: str
 
 
+@dataclass(frozen=True)
+class Requeue:
+    """Verdict on a message whose handler met an outage: put it back as it is after
+    ``delay`` seconds; the try does not count towards ``max_attempts``."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class Redeliver:
+    """Verdict on a message to try again: after ``delay`` seconds, queue a copy that
+    carries ``attempts`` (the failed tries so far) and let the original go."""
+
+    attempts: int
+    delay: float
+
+
 ACK: Final = Ack()
 Outcome = Ack | Retry | DeadLetter
 Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[Outcome | None]]
+# What happens to a delivered message. A DeadLetter verdict's reason is final: redacted
+# and cut to MAX_REASON_CHARS, as the dead-letter queue gets it.
+Verdict = Ack | DeadLetter | Requeue | Redeliver
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -115,6 +145,142 @@ class Consumer:
     retry_delay: float = 1.0
     # Longest pause before a message that met an outage is requeued.
     max_outage_delay: float = 30.0
+
+
+class Deliveries:
+    """What happens to a delivered message, whatever carries it.
+
+    :meth:`handle` reads the body (a body that is not a valid envelope, of an unknown
+    type or a newer schema is dead-lettered before the handler runs), runs the
+    consumer's handler and turns what it returned or raised into a :data:`Verdict`.
+    Settling it (ack, nack, republish, dead-letter exchange) is the transport's part.
+    Keeps, per consumed queue, when the current outage began: one per broker.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # Per consumed queue: when the current outage began, and when it was last logged.
+        self._outages: dict[str, float] = {}
+        self._outage_logged: dict[str, float] = {}
+
+    async def handle(self, consumer: Consumer, message: AbstractIncomingMessage) -> Verdict:
+        """Run ``consumer``'s handler on ``message``; say what to do with the message."""
+        structlog.contextvars.clear_contextvars()
+        try:
+            envelope = Envelope.from_json(message.body)
+            # Unknown types and newer schemas are poison for every consumer, also for one
+            # whose handler would skip the event unread (the notifier skips what it does
+            # not show): otherwise a message this build cannot read vanishes unseen.
+            event_class(envelope)
+        except PoisonMessage as exc:
+            return self.dead_letter(consumer, message, str(exc))
+        structlog.contextvars.bind_contextvars(
+            job_id=str(envelope.job_id) if envelope.job_id else None,
+            correlation_id=envelope.correlation_id,
+            event_type=envelope.type,
+        )
+        outcome: Outcome
+        try:
+            outcome = await consumer.handler(envelope, message) or ACK
+        except PoisonMessage as exc:
+            outcome = DeadLetter(str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                # Not the message's fault: wait and requeue, as often as it takes.
+                return Requeue(self._outage_pause(consumer, exc))
+            log.exception("handler failed")
+            outcome = Retry(f"{type(exc).__name__}: {exc}", consumer.retry_delay)
+        else:
+            self._outages.pop(consumer.queue.name, None)
+        finally:
+            structlog.contextvars.unbind_contextvars("event_type")
+        return self.verdict(consumer, message, outcome)
+
+    def verdict(
+        self, consumer: Consumer, message: AbstractIncomingMessage, outcome: Outcome
+    ) -> Verdict:
+        """What a handler's ``outcome`` means for ``message``: a Retry counts one more
+        attempt (``x-canvas-attempts``) and dead-letters at ``consumer.max_attempts``."""
+        if isinstance(outcome, Ack):
+            return ACK
+        if isinstance(outcome, DeadLetter):
+            return self.dead_letter(consumer, message, outcome.reason)
+        attempts = attempts_so_far(message) + 1
+        if attempts >= consumer.max_attempts:
+            return self.dead_letter(
+                consumer, message, f"failed {attempts} times; last: {redact(outcome.reason)}"
+            )
+        return Redeliver(attempts, outcome.delay)
+
+    def dead_letter(
+        self, consumer: Consumer, message: AbstractIncomingMessage, reason: str
+    ) -> DeadLetter:
+        """The verdict that moves ``message`` to the dead-letter queue, logged."""
+        reason = redact(reason)[:MAX_REASON_CHARS]
+        log.error(
+            "message dead-lettered",
+            queue=consumer.queue.name,
+            dead_letter_queue=consumer.queue.dead_letter_queue,
+            routing_key=message.routing_key,
+            message_id=message.message_id,
+            reason=reason,
+        )
+        return DeadLetter(reason)
+
+    def _outage_pause(self, consumer: Consumer, exc: BaseException) -> float:
+        """The pause before requeueing a message whose handler met an outage: half as
+        long as the outage has lasted so far (at least ``retry_delay``, at most
+        ``max_outage_delay``, with some jitter), so that a long outage costs each message
+        in hand a try every half minute rather than a storm of them. Logged every few
+        seconds, not for every message."""
+        name = consumer.queue.name
+        now = self._clock()
+        since = self._outages.setdefault(name, now)
+        delay = min(consumer.max_outage_delay, max(consumer.retry_delay, (now - since) / 2))
+        delay *= random.uniform(0.8, 1.2)
+        if now - self._outage_logged.get(name, -60.0) >= 5.0:
+            self._outage_logged[name] = now
+            log.warning(
+                "handler met an outage; requeueing",
+                queue=name,
+                error=redact(repr(exc)),
+                outage_seconds=round(now - since, 1),
+                retry_in=round(delay, 1),
+            )
+        return delay
+
+
+def original_routing_key(message: AbstractIncomingMessage) -> str:
+    """The key the message was first published with, also after a retry's republish."""
+    kept = (message.headers or {}).get(ROUTING_KEY_HEADER)
+    return kept if isinstance(kept, str) and kept else message.routing_key or ""
+
+
+def attempts_so_far(message: AbstractIncomingMessage) -> int:
+    """The failed tries ``x-canvas-attempts`` counts (0 on a first delivery)."""
+    value = (message.headers or {}).get(ATTEMPTS_HEADER, 0)
+    return value if isinstance(value, int) else 0
+
+
+def redeliver_headers(message: AbstractIncomingMessage, verdict: Redeliver) -> dict[str, Any]:
+    """The headers a :class:`Redeliver` copy adds to ``message``'s. The copy goes through
+    the default exchange, which would lose the routing key the message was published
+    with: it is kept for the dead-letter record and replays."""
+    return {ATTEMPTS_HEADER: verdict.attempts, ROUTING_KEY_HEADER: original_routing_key(message)}
+
+
+def dead_letter_headers(
+    consumer: Consumer, message: AbstractIncomingMessage, verdict: DeadLetter
+) -> dict[str, Any]:
+    """The headers a dead-lettered copy adds to ``message``'s: why, from where, when."""
+    return {
+        ERROR_HEADER: verdict.reason,
+        QUEUE_HEADER: consumer.queue.name,
+        ROUTING_KEY_HEADER: original_routing_key(message),
+        DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
+    }
 
 
 class Broker:
@@ -156,9 +322,8 @@ class Broker:
         self._lost = asyncio.Event()
         # Set to declare the topology again now (a publish came back unrouted).
         self._redeclare = asyncio.Event()
-        # Per consumed queue: when the current outage began, and when it was last logged.
-        self._outages: dict[str, float] = {}
-        self._outage_logged: dict[str, float] = {}
+        # Decides what happens to each delivered message; this class only carries it out.
+        self._deliveries = Deliveries()
         self.last_error: str | None = "not connected yet"
         self.connect_count = 0
         # When the current connection's consumers were all started (None while down).
@@ -428,89 +593,26 @@ class Broker:
     # -- consuming -------------------------------------------------------------------
 
     async def _handle(self, consumer: Consumer, message: AbstractIncomingMessage) -> None:
-        structlog.contextvars.clear_contextvars()
-        try:
-            envelope = Envelope.from_json(message.body)
-            # Unknown types and newer schemas are poison for every consumer, also for one
-            # whose handler would skip the event unread (the notifier skips what it does
-            # not show): otherwise a message this build cannot read vanishes unseen.
-            event_class(envelope)
-        except PoisonMessage as exc:
-            await self._dead_letter(consumer, message, str(exc))
-            return
-        structlog.contextvars.bind_contextvars(
-            job_id=str(envelope.job_id) if envelope.job_id else None,
-            correlation_id=envelope.correlation_id,
-            event_type=envelope.type,
-        )
-        outcome: Outcome
-        try:
-            outcome = await consumer.handler(envelope, message) or ACK
-        except PoisonMessage as exc:
-            outcome = DeadLetter(str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if is_transient(exc):
-                # Not the message's fault: wait and requeue, as often as it takes.
-                await self._wait_out_outage(consumer, exc)
-                await _settle(message.nack(requeue=True))
-                return
-            log.exception("handler failed")
-            outcome = Retry(f"{type(exc).__name__}: {exc}", consumer.retry_delay)
-        else:
-            self._outages.pop(consumer.queue.name, None)
-        finally:
-            structlog.contextvars.unbind_contextvars("event_type")
-
-        if isinstance(outcome, Ack):
+        verdict = await self._deliveries.handle(consumer, message)
+        if isinstance(verdict, Ack):
             await _settle(message.ack())
-        elif isinstance(outcome, DeadLetter):
-            await self._dead_letter(consumer, message, outcome.reason)
+        elif isinstance(verdict, DeadLetter):
+            await self._dead_letter(consumer, message, verdict)
+        elif isinstance(verdict, Requeue):
+            await asyncio.sleep(verdict.delay)
+            await _settle(message.nack(requeue=True))
         else:
-            await self._retry(consumer, message, outcome)
-
-    async def _wait_out_outage(self, consumer: Consumer, exc: BaseException) -> None:
-        """Pause before requeueing a message whose handler met an outage: half as long
-        as the outage has lasted so far (at least ``retry_delay``, at most
-        ``max_outage_delay``, with some jitter), so that a long outage costs each message
-        in hand a try every half minute rather than a storm of them. Logged every few
-        seconds, not for every message."""
-        name = consumer.queue.name
-        now = time.monotonic()
-        since = self._outages.setdefault(name, now)
-        delay = min(consumer.max_outage_delay, max(consumer.retry_delay, (now - since) / 2))
-        delay *= random.uniform(0.8, 1.2)
-        if now - self._outage_logged.get(name, -60.0) >= 5.0:
-            self._outage_logged[name] = now
-            log.warning(
-                "handler met an outage; requeueing",
-                queue=name,
-                error=redact(repr(exc)),
-                outage_seconds=round(now - since, 1),
-                retry_in=round(delay, 1),
-            )
-        await asyncio.sleep(delay)
+            await self._retry(consumer, message, verdict)
 
     async def _retry(
-        self, consumer: Consumer, message: AbstractIncomingMessage, outcome: Retry
+        self, consumer: Consumer, message: AbstractIncomingMessage, verdict: Redeliver
     ) -> None:
-        attempts = _attempts(message) + 1
-        if attempts >= consumer.max_attempts:
-            await self._dead_letter(
-                consumer, message, f"failed {attempts} times; last: {redact(outcome.reason)}"
-            )
-            return
-        await asyncio.sleep(outcome.delay)
+        await asyncio.sleep(verdict.delay)
         channel = self._publish_channel
         if channel is None:
             await _settle(message.nack(requeue=True))
             return
-        # The copy goes through the default exchange, which would lose the routing key the
-        # message was published with: keep it for the dead-letter record and replays.
-        copy = _copy(
-            message, {ATTEMPTS_HEADER: attempts, ROUTING_KEY_HEADER: _routing_key(message)}
-        )
+        copy = _copy(message, redeliver_headers(message, verdict))
         try:
             # Back onto the same queue through the default exchange, with the count.
             confirmation = await channel.default_exchange.publish(
@@ -523,53 +625,25 @@ class Broker:
         await _settle(message.ack())
 
     async def _dead_letter(
-        self, consumer: Consumer, message: AbstractIncomingMessage, reason: str
+        self, consumer: Consumer, message: AbstractIncomingMessage, verdict: DeadLetter
     ) -> None:
-        reason = redact(reason)[:1000]
-        log.error(
-            "message dead-lettered",
-            queue=consumer.queue.name,
-            dead_letter_queue=consumer.queue.dead_letter_queue,
-            routing_key=message.routing_key,
-            message_id=message.message_id,
-            reason=reason,
-        )
         exchange = self._dead_letter_exchange
-        if exchange is not None:
-            copy = _copy(
-                message,
-                {
-                    ERROR_HEADER: reason,
-                    "x-canvas-queue": consumer.queue.name,
-                    ROUTING_KEY_HEADER: _routing_key(message),
-                    "x-canvas-dead-lettered-at": datetime.now(UTC).isoformat(),
-                },
-            )
-            try:
-                confirmation = await exchange.publish(
-                    copy, consumer.queue.dead_letter_queue, timeout=self._publish_timeout
-                )
-                self._check_confirmation(confirmation, consumer.queue.dead_letter_queue)
-            except Exception:
-                # No dead-letter queue took it (deleted, or the broker away): keep the
-                # message, and try again once the queue is declared again.
-                await asyncio.sleep(consumer.retry_delay)
-                await _settle(message.nack(requeue=True))
-                return
-            await _settle(message.ack())
-        else:
+        if exchange is None:
             await _settle(message.reject(requeue=False))
-
-
-def _routing_key(message: AbstractIncomingMessage) -> str:
-    """The key the message was first published with, also after a retry's republish."""
-    kept = (message.headers or {}).get(ROUTING_KEY_HEADER)
-    return kept if isinstance(kept, str) and kept else message.routing_key or ""
-
-
-def _attempts(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get(ATTEMPTS_HEADER, 0)
-    return value if isinstance(value, int) else 0
+            return
+        copy = _copy(message, dead_letter_headers(consumer, message, verdict))
+        try:
+            confirmation = await exchange.publish(
+                copy, consumer.queue.dead_letter_queue, timeout=self._publish_timeout
+            )
+            self._check_confirmation(confirmation, consumer.queue.dead_letter_queue)
+        except Exception:
+            # No dead-letter queue took it (deleted, or the broker away): keep the
+            # message, and try again once the queue is declared again.
+            await asyncio.sleep(consumer.retry_delay)
+            await _settle(message.nack(requeue=True))
+            return
+        await _settle(message.ack())
 
 
 def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:

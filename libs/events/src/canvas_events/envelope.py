@@ -1,4 +1,4 @@
-"""The one message envelope every canvas-jobs message travels in (ARCHITECTURE.md 6).
+"""The one message envelope every canvas-jobs message travels in (docs/events.md, "Envelope").
 
 ``data`` holds the event itself (see :mod:`canvas_events.events`); the envelope carries
 what every consumer needs without knowing the event: ids for tracing and routing.

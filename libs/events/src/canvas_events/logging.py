@@ -1,4 +1,4 @@
-"""JSON logs for every service (ARCHITECTURE.md 9): one JSON object a line on stdout with
+"""JSON logs for every service (docs/operations.md, "Logs"): one JSON object a line on stdout with
 ``timestamp`` (ISO 8601 UTC), ``level``, ``service``, ``event``, and ``job_id`` and
 ``correlation_id`` wherever a job is in hand (bound with structlog's contextvars).
 

@@ -1,4 +1,4 @@
-"""The canvas objects a model may draw (ARCHITECTURE.md section 8).
+"""The canvas objects a model may draw (docs/api.md, "Canvas route").
 
 A model's reply is ``{"objects": [...]}``; each object is validated on its own and the
 invalid ones are dropped and counted, so one bad object never costs the whole drawing.

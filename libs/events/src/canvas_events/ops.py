@@ -1,19 +1,24 @@
-"""Health, readiness and metrics plumbing every service shares (ARCHITECTURE.md 1, 9).
+"""Health, readiness and metrics, answered the same way by every service.
 
 ``/health`` answers 200 while the process runs; ``/ready`` answers 200 only when every
-registered check passes, else 503 with each failing check's reason.
+registered check passes, else 503 with each failing check's reason; ``/metrics`` is the
+Prometheus text of the service's own registry. :class:`Probes` holds these answers once,
+for the FastAPI services (:meth:`Probes.router`) and for the notifier's websockets server,
+which answers plain HTTP itself (:meth:`Probes.answer`), so that an operator, a load
+balancer or Kubernetes reads the same shapes from all four (docs/api.md, docs/operations.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
+from enum import Enum
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import prometheus_client
+import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    REGISTRY,
     CollectorRegistry,
     ProcessCollector,
     generate_latest,
@@ -22,7 +27,12 @@ from prometheus_client import (
 from canvas_events.broker import Broker
 from canvas_events.postgres import Database
 
+if TYPE_CHECKING:
+    from fastapi import APIRouter, Response
+
 Check = Callable[[], Awaitable[str | None]]
+# Run before each /metrics answer: sets the gauges sampled at scrape time.
+Refresh = Callable[[], Awaitable[None]]
 
 
 class Readiness:
@@ -55,28 +65,149 @@ class Readiness:
         return all(result is None for result in results), report
 
 
-_default_registry_renamed = False
+def new_registry() -> CollectorRegistry:
+    """A registry for one service instance (tests run several in one process), with the
+    process's own metrics as ``canvas_process_*`` in every service: every name starts
+    with ``canvas_``."""
+    registry = CollectorRegistry()
+    ProcessCollector(namespace="canvas", registry=registry)
+    return registry
 
 
-def _canvas_names_only() -> None:
-    """Every metric name starts with ``canvas_`` (ARCHITECTURE.md 9): the default
-    registry's python_*/process_* collectors give way to ``canvas_process_*``."""
-    global _default_registry_renamed
-    if _default_registry_renamed:
-        return
-    _default_registry_renamed = True
-    for collector in (
-        prometheus_client.PROCESS_COLLECTOR,
-        prometheus_client.PLATFORM_COLLECTOR,
-        prometheus_client.GC_COLLECTOR,
-    ):
-        with contextlib.suppress(KeyError):  # already gone
-            REGISTRY.unregister(collector)
-    ProcessCollector(namespace="canvas", registry=REGISTRY)
-
-
-def metrics_payload(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+def metrics_payload(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The Prometheus text exposition of ``registry`` and its content type."""
-    if registry is REGISTRY:
-        _canvas_names_only()
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class Answer(NamedTuple):
+    """A probe's HTTP answer."""
+
+    status: HTTPStatus
+    body: bytes
+    content_type: str
+
+
+READY_DESCRIPTION = "200 when every readiness check passes, else 503 with the reasons."
+
+
+class Probes:
+    """``/health``, ``/ready`` and ``/metrics`` of one service, over its readiness checks
+    and its own metrics registry (one per service instance, so that tests can run several
+    in one process). ``refresh``, when given, runs before each ``/metrics`` answer."""
+
+    def __init__(
+        self,
+        readiness: Readiness,
+        registry: CollectorRegistry,
+        *,
+        refresh: Refresh | None = None,
+    ) -> None:
+        self._readiness = readiness
+        self._registry = registry
+        self._refresh = refresh
+
+    async def answer(self, path: str) -> Answer | None:
+        """The answer to a GET of ``path``; None when ``path`` is not a probe."""
+        if path == "/health":
+            return _json(HTTPStatus.OK, {"status": "ok"})
+        if path == "/ready":
+            return await self._ready()
+        if path == "/metrics":
+            return await self._metrics()
+        return None
+
+    async def _ready(self) -> Answer:
+        ok, checks = await self._readiness.report()
+        if ok:
+            return _json(HTTPStatus.OK, {"status": "ready", "checks": checks})
+        # One line a probe's log or a load balancer's status page can show as it is.
+        reasons = "; ".join(reason for reason in checks.values() if reason != "ok")
+        body = {"status": "not ready", "detail": reasons, "checks": checks}
+        return _json(HTTPStatus.SERVICE_UNAVAILABLE, body)
+
+    async def _metrics(self) -> Answer:
+        if self._refresh is not None:
+            await self._refresh()
+        payload, content_type = metrics_payload(self._registry)
+        return Answer(HTTPStatus.OK, payload, content_type)
+
+    def router(
+        self,
+        *,
+        tags: list[str | Enum] | None = None,
+        ready_description: str = READY_DESCRIPTION,
+    ) -> APIRouter:
+        """The three probes as FastAPI routes, documented for the app's OpenAPI page
+        (the gateway's is public)."""
+        # Imported here, as the notifier runs without FastAPI. So each route says
+        # response_model=None: FastAPI cannot resolve an annotation of a local import.
+        from fastapi import APIRouter, Response
+
+        router = APIRouter(tags=tags)
+
+        async def respond(path: str) -> Response:
+            answer = await self.answer(path)
+            assert answer is not None  # every route below is a probe
+            return Response(answer.body, answer.status, media_type=answer.content_type)
+
+        @router.get(
+            "/health",
+            summary="Alive",
+            description="200 while the process runs.",
+            response_class=Response,
+            response_model=None,
+            responses=_HEALTH_RESPONSES,
+        )
+        async def health() -> Response:
+            return await respond("/health")
+
+        @router.get(
+            "/ready",
+            summary="Ready to serve",
+            description=ready_description,
+            response_class=Response,
+            response_model=None,
+            responses=_READY_RESPONSES,
+        )
+        async def ready() -> Response:
+            return await respond("/ready")
+
+        @router.get(
+            "/metrics",
+            summary="Prometheus metrics",
+            description="Prometheus text; every name starts with `canvas_`.",
+            response_class=Response,
+            response_model=None,
+            responses=_METRICS_RESPONSES,
+        )
+        async def metrics() -> Response:
+            return await respond("/metrics")
+
+        return router
+
+
+def _json(status: HTTPStatus, body: dict[str, Any]) -> Answer:
+    return Answer(status, orjson.dumps(body), "application/json")
+
+
+def _example(description: str, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI response entry: a JSON answer and an example of it."""
+    return {"description": description, "content": {"application/json": {"example": body}}}
+
+
+# What each probe's OpenAPI entry shows of its answers.
+_HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {200: _example("Alive.", {"status": "ok"})}
+_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _example("Ready.", {"status": "ready", "checks": {"broker": "ok"}}),
+    503: _example(
+        "Not ready; `checks` says why.",
+        {
+            "status": "not ready",
+            "detail": "broker: connection refused",
+            "checks": {"broker": "broker: connection refused"},
+        },
+    ),
+}
+_METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text.", "content": {"text/plain": {}}}
+}

@@ -32,7 +32,8 @@ log = structlog.get_logger("canvas_events.postgres")
 # Namespace of the two-key advisory lock on a job that has no jobs row yet (the key's
 # second part: hashtext of the job id as text). The orchestrator holds it while it
 # records the job, the gateway while it requests the job's cancel: whichever comes
-# second sees what the first wrote (ARCHITECTURE.md 4, "a 202 always wins").
+# second sees what the first wrote (a cancel answered 202 always wins: docs/api.md, the
+# cancel route).
 JOB_RECORDING_LOCK_CLASS: Final = 0x63610003
 
 # Session settings of every service connection. A process that freezes (SIGSTOP, a

@@ -60,3 +60,66 @@ async def serve_http(app: Any, port: int, stop: asyncio.Event, host: str = "0.0.
     server.should_exit = True
     with contextlib.suppress(Exception):
         await task
+
+
+class Background:
+    """A loop a service runs beside its work (the relay, the timers, a sweep), the same
+    way everywhere: :meth:`start` once; :meth:`run` watches :attr:`stopping` and returns
+    when it is set, after what it has in hand; :meth:`stop` sets it and waits up to a
+    timeout, then cancels the loop."""
+
+    #: The task's name, and the log's for a loop that did not stop in time.
+    name = "background"
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """The loop itself."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start :meth:`run` in the background (once)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=self.name)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to finish, wait for it up to ``timeout`` seconds, then cancel it."""
+        self.stopping.set()
+        self.stopping_now()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._task, timeout)
+        except TimeoutError:
+            log.warning("did not stop in time; cancelled", loop=self.name)
+        except Exception:
+            log.exception("stopped with an error", loop=self.name)
+
+    def stopping_now(self) -> None:
+        """Called as a stop begins: wake what the loop waits on besides :attr:`stopping`."""
+
+    async def pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` or until a stop; True while the loop should go on."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        return not self.stopping.is_set()
+
+    async def unless_stopped(self, awaitable: Awaitable[object]) -> bool:
+        """Wait for ``awaitable`` or for a stop, whichever comes first; True when the
+        awaitable finished (a loop still waiting for the database must stop at once)."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, stop):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if work in done:
+            work.result()
+            return True
+        return False

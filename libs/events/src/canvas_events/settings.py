@@ -1,4 +1,4 @@
-"""Configuration read from the environment only (ARCHITECTURE.md 2).
+"""Configuration read from the environment only (docs/settings.md).
 
 Each service has one ``Settings`` class built on :class:`CommonSettings`, made once at
 the edge by :func:`load_settings` and passed down, so a test can build its own. A bad
@@ -84,6 +84,15 @@ class AuthSettings(BaseSettings):
     def jwt_secret_is_default(self) -> bool:
         """True when JWT_SECRET was not set (development only, with a loud warning)."""
         return self.secret == DEV_JWT_SECRET
+
+
+class ServiceSettings(CommonSettings, AuthSettings):
+    """What every service reads: the common settings and JWT_SECRET (the gateway and
+    the notifier check users' tokens; the orchestrator checks, and the generator shows,
+    the service credential). Each service's Settings adds its own."""
+
+    # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -41,8 +41,8 @@ RELAYED_EVENT_TYPES = frozenset(
     }
 )
 
-# A classic queue with message priorities: quorum queues only get priorities in 4.x
-# (FIELD-NOTES), and job priority is 0..9.
+# A classic queue with message priorities: quorum queues only get priorities from
+# RabbitMQ 4.0 on (docs/events.md, "Topology"), and job priority is 0..9.
 MAX_PRIORITY = 9
 
 

@@ -2,6 +2,6 @@
 
 It takes GenerationRequested attempts from the work queue, asks an OpenAI-compatible
 model for a drawing, and publishes GenerationStarted and then GenerationSucceeded or
-GenerationFailed. It has no database. :mod:`canvas_generator.fake_openai` is the
-offline stand-in model server the tests and ``make dev`` use.
+GenerationFailed. It has no database. The offline stand-in model the tests and
+``make dev`` use is the package ``canvas_fake_openai`` (services/fake-openai).
 """

@@ -74,7 +74,7 @@ class AttemptChecker:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
-        # The internal API answers only the system's own services (ARCHITECTURE.md 1).
+        # The internal API answers only the system's own services (docs/api.md).
         self._credential = credential
 
     async def check(self, job_id: UUID, attempt_id: UUID) -> AttemptCheck:

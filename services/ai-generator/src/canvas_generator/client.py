@@ -34,7 +34,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
 
 from canvas_generator.errors import BadOutput, MissingApiKey, broke_off, classify
-from canvas_generator.metrics import OPENAI_REQUEST_SECONDS
+from canvas_generator.metrics import Metrics
 from canvas_generator.settings import Settings
 from canvas_generator.sse import EventStream
 
@@ -75,16 +75,18 @@ class ModelClient:
         model: str,
         timeout_seconds: float,
         stream: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self._api_key = api_key
         self._base_url = base_url
         self.model = model
         self.timeout_seconds = timeout_seconds
         self.stream = stream
+        self._metrics = metrics if metrics is not None else Metrics()
         self._client: openai.AsyncOpenAI | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ModelClient:
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> ModelClient:
         """A client configured by OPENAI_* settings."""
         return cls(
             api_key=settings.api_key,
@@ -92,6 +94,7 @@ class ModelClient:
             model=settings.openai_model,
             timeout_seconds=settings.openai_timeout_seconds,
             stream=settings.openai_stream,
+            metrics=metrics,
         )
 
     def _openai(self) -> openai.AsyncOpenAI:
@@ -103,7 +106,7 @@ class ModelClient:
                 base_url=self._base_url,
                 timeout=self.timeout_seconds,
                 # Every attempt is one call, visible in the job's history and retried by
-                # the orchestrator's backoff (ARCHITECTURE.md 7).
+                # the orchestrator's backoff (docs/settings.md, MAX_JOB_RETRIES).
                 max_retries=0,
             )
         return self._client
@@ -125,7 +128,7 @@ class ModelClient:
         except TimeoutError as exc:
             raise classify(exc, timeout_seconds=self.timeout_seconds) from exc
         finally:
-            OPENAI_REQUEST_SECONDS.observe(time.perf_counter() - started)
+            self._metrics.openai_request_seconds.observe(time.perf_counter() - started)
 
     async def _whole(
         self, client: openai.AsyncOpenAI, messages: list[ChatCompletionMessageParam], started: float
@@ -156,48 +159,14 @@ class ModelClient:
         on_text: TextSink | None,
         started: float,
     ) -> Completion:
-        body: CompletionCreateParamsStreaming = {
-            "model": self.model,
-            "messages": messages,
-            "response_format": {"type": "json_object"},
-            "stream": True,
-            # The usage comes in a last chunk with no choices.
-            "stream_options": {"include_usage": True},
-        }
         reply = _Reply()
         # Leaving the block closes the HTTP response, also when this task is cancelled
         # (a job cancel): the server sees the client go and stops generating.
         async with contextlib.AsyncExitStack() as stack:
-            try:
-                # chat.completions.create(stream=True) sends this very body (test_client
-                # checks), after a pass over it against its parameter types that changes
-                # nothing in it and cost 0.45 ms a call, a tenth of a streamed call's CPU.
-                http = await client.post(
-                    "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
-                )
-            except Exception as exc:
-                raise self._classify(exc) from exc
+            http = await self._open_stream(client, messages)
             stack.push_async_callback(http.aclose)
-            events = EventStream()
             chunks = await stack.enter_async_context(contextlib.aclosing(http.aiter_bytes()))
-            while not reply.done:
-                try:
-                    chunk = await anext(chunks)
-                    pieces = reply.read(events.feed(chunk), http.request)
-                except StopAsyncIteration:
-                    break
-                except Exception as exc:
-                    error = _as_openai_error(exc, http.request)
-                    raise broke_off(
-                        error,
-                        received_chars=reply.received,
-                        timeout_seconds=self.timeout_seconds,
-                        secrets=(self._api_key,),
-                    ) from error
-                # Outside the try: what on_text raises reaches the caller unchanged.
-                if on_text is not None:
-                    for piece in pieces:
-                        on_text(piece)
+            await self._read_stream(chunks, http.request, reply, on_text)
             if reply.done and http.http_version == "HTTP/1.1":
                 await _drain(chunks)
         if reply.finish_reason is None:
@@ -214,6 +183,57 @@ class ModelClient:
             latency_ms=_since(started),
             finish_reason=reply.finish_reason,
         )
+
+    async def _open_stream(
+        self, client: openai.AsyncOpenAI, messages: list[ChatCompletionMessageParam]
+    ) -> httpx2.Response:
+        """Send the streamed call; its response, whose body is still to read."""
+        body: CompletionCreateParamsStreaming = {
+            "model": self.model,
+            "messages": messages,
+            "response_format": {"type": "json_object"},
+            "stream": True,
+            # The usage comes in a last chunk with no choices.
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            # chat.completions.create(stream=True) sends this very body (test_client
+            # checks), after a pass over it against its parameter types that changes
+            # nothing in it and cost 0.45 ms a call, a tenth of a streamed call's CPU.
+            return await client.post(
+                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
+            )
+        except Exception as exc:
+            raise self._classify(exc) from exc
+
+    async def _read_stream(
+        self,
+        chunks: AsyncIterator[bytes],
+        request: httpx2.Request,
+        reply: _Reply,
+        on_text: TextSink | None,
+    ) -> None:
+        """Read the body into ``reply`` until [DONE] or its end, handing each piece of text
+        to ``on_text``; what breaks the read is raised as the connection breaking off."""
+        events = EventStream()
+        while not reply.done:
+            try:
+                chunk = await anext(chunks)
+                pieces = reply.read(events.feed(chunk), request)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                error = _as_openai_error(exc, request)
+                raise broke_off(
+                    error,
+                    received_chars=reply.received,
+                    timeout_seconds=self.timeout_seconds,
+                    secrets=(self._api_key,),
+                ) from error
+            # Outside the try: what on_text raises reaches the caller unchanged.
+            if on_text is not None:
+                for piece in pieces:
+                    on_text(piece)
 
     def _classify(self, exc: Exception) -> Exception:
         return classify(exc, timeout_seconds=self.timeout_seconds, secrets=(self._api_key,))

@@ -8,7 +8,8 @@ Errors of this package::
           └── BadOutput (ValueError)           the reply held no valid object: retryable
 
 :func:`classify` turns whatever a call raised into an :class:`AttemptFailed`. The
-``openai`` client's errors map like this (its own retries are off, ARCHITECTURE.md 7)::
+``openai`` client's errors map like this (its own retries are off: the orchestrator
+retries, docs/settings.md)::
 
     openai.OpenAIError
      ├── APIError

@@ -1,4 +1,4 @@
-"""From the model's reply text to validated canvas objects (ARCHITECTURE.md 8).
+"""From the model's reply text to validated canvas objects (docs/api.md, "Canvas route").
 
 :func:`parse_reply` reads a finished reply. :class:`ObjectStream` finds the objects of
 a reply while it is still being streamed, so that each can be shown as soon as the

@@ -18,7 +18,7 @@ from uuid import UUID
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import GenerationProgressed
-from canvas_generator.metrics import PROGRESS_PUBLISH_SECONDS
+from canvas_generator.metrics import Metrics
 
 Publish = Callable[[Envelope], Awaitable[None]]
 
@@ -31,9 +31,16 @@ class Progress:
     """
 
     def __init__(
-        self, publish: Publish, request: Envelope, attempt_id: UUID, run_id: UUID | None = None
+        self,
+        publish: Publish,
+        request: Envelope,
+        attempt_id: UUID,
+        run_id: UUID | None = None,
+        *,
+        metrics: Metrics,
     ) -> None:
         self._publish = publish
+        self._metrics = metrics
         self._request = request
         self._attempt_id = attempt_id
         self._run_id = run_id
@@ -76,7 +83,7 @@ class Progress:
                     raise result
             now = time.perf_counter()
             for _, found_at in ready:
-                PROGRESS_PUBLISH_SECONDS.observe(now - found_at)
+                self._metrics.progress_publish_seconds.observe(now - found_at)
             if len(ready) < len(items):
                 return  # drain() asked to stop: all before it is confirmed
 

@@ -16,6 +16,7 @@ from canvas_generator.api import create_app
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker
 from canvas_generator.client import ModelClient
+from canvas_generator.metrics import Metrics
 from canvas_generator.settings import Settings
 from canvas_generator.worker import Worker
 
@@ -33,7 +34,8 @@ class Service:
             settings.topology,
             connection_name=self.generator_id,
         )
-        self.client = ModelClient.from_settings(settings)
+        self.metrics = Metrics()
+        self.client = ModelClient.from_settings(settings, self.metrics)
         self.checker = AttemptChecker(
             settings.orchestrator_url,
             timeout=settings.orchestrator_timeout_seconds,
@@ -51,6 +53,7 @@ class Service:
             prefetch=settings.max_concurrent_jobs,
             cancellations=self.cancellations,
             checker=self.checker,
+            metrics=self.metrics,
         )
         # Control first: on every (re)connect the control queue is consumed before any
         # work is taken, so no attempt starts unable to hear its job's cancel.
@@ -58,7 +61,7 @@ class Service:
         self.broker.add_consumer(self.worker.consumer())
         self.readiness = Readiness()
         self.readiness.add_broker(self.broker)
-        self.app = create_app(self.readiness)
+        self.app = create_app(self.readiness, self.metrics.registry)
 
     async def start(self) -> None:
         """Connect to the broker in the background and start taking work."""

@@ -1,4 +1,4 @@
-"""The ai-generator's configuration, from the environment (ARCHITECTURE.md 2)."""
+"""The ai-generator's configuration, from the environment (docs/settings.md)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import SettingsConfigDict
 
-from canvas_events.settings import AuthSettings, CommonSettings, Port
+from canvas_events.settings import Port, ServiceSettings
 
 
-class Settings(CommonSettings, AuthSettings):
+class Settings(ServiceSettings):
     """What the ai-generator reads from the environment. JWT_SECRET signs the service
     credential it shows the orchestrator's internal API."""
-
-    # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     openai_api_key: SecretStr | None = None
     # Any OpenAI-compatible server (the stand-in, a proxy); None means api.openai.com.

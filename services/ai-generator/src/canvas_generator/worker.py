@@ -67,19 +67,10 @@ from canvas_events.events import (
 from canvas_events.topology import GENERATOR, routing_key
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker, SkipReason, Verdict, lease_expired
-from canvas_generator.client import ModelClient
+from canvas_generator.client import Completion, ModelClient
 from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, classify
-from canvas_generator.metrics import (
-    FIRST_OBJECT_SECONDS,
-    GENERATED_OBJECTS,
-    GENERATION_ATTEMPT_SECONDS,
-    GENERATIONS_ADOPTED,
-    GENERATIONS_CANCELLED,
-    GENERATIONS_IN_FLIGHT,
-    GENERATIONS_SKIPPED,
-    OPENAI_ERRORS,
-)
-from canvas_generator.parsing import ObjectStream, parse_reply
+from canvas_generator.metrics import Metrics
+from canvas_generator.parsing import ObjectStream, ParsedReply, parse_reply
 from canvas_generator.progress import Progress
 from canvas_generator.prompt import build_messages
 
@@ -104,10 +95,12 @@ class Worker:
         checker: AttemptChecker | None = None,
         clock: Callable[[], datetime] = utcnow,
         publish_retry_seconds: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
         self._client = client
         self.generator_id = generator_id
+        self.metrics = metrics if metrics is not None else Metrics()
         self._prefetch = prefetch
         self.cancellations = (
             cancellations
@@ -143,7 +136,7 @@ class Worker:
         try:
             run = self._runs.get(event.attempt_id)
             if run is not None:
-                GENERATIONS_ADOPTED.inc()
+                self.metrics.generations_adopted.inc()
                 log.info("attempt handed out again while it runs here; adopting the run")
             elif await self._skipped(
                 envelope.job_id, event, self._may_predate_control(envelope, message)
@@ -212,18 +205,18 @@ class Worker:
                 log.warning("attempt check failed; proceeding", error=check.detail)
         if reason is None:
             return False
-        GENERATIONS_SKIPPED.labels(reason=reason.value).inc()
+        self.metrics.generations_skipped.labels(reason=reason.value).inc()
         log.info("attempt skipped", reason=reason.value, attempt=event.attempt, **details)
         return True
 
     async def _run(self, envelope: Envelope, event: GenerationRequested) -> None:
-        GENERATIONS_IN_FLIGHT.inc()
+        self.metrics.generations_in_flight.inc()
         started = time.perf_counter()
         outcome = "failed"
         run_id = uuid4()
         # Only a streamed reply has objects to show before it ends.
         progress = (
-            Progress(self._publish, envelope, event.attempt_id, run_id)
+            Progress(self._publish, envelope, event.attempt_id, run_id, metrics=self.metrics)
             if self._client.stream
             else None
         )
@@ -249,7 +242,7 @@ class Worker:
             result = await self._attempt_unless_cancelled(envelope.job_id, event, progress)
             if result is None:
                 outcome = "cancelled"
-                GENERATIONS_CANCELLED.inc()
+                self.metrics.generations_cancelled.inc()
                 # Nothing to publish: the job is cancelled, and the orchestrator would
                 # ignore a result anyway.
                 log.info("attempt cancelled", attempt=event.attempt)
@@ -263,8 +256,8 @@ class Worker:
         finally:
             if progress is not None:
                 await progress.aclose()
-            GENERATIONS_IN_FLIGHT.dec()
-            GENERATION_ATTEMPT_SECONDS.labels(outcome=outcome).observe(
+            self.metrics.generations_in_flight.dec()
+            self.metrics.generation_attempt_seconds.labels(outcome=outcome).observe(
                 time.perf_counter() - started
             )
 
@@ -299,56 +292,11 @@ class Worker:
         complete; raises :class:`PublishError` when one of them cannot be published."""
         began = time.perf_counter()
         try:
-            messages = build_messages(request.query)
-            reader = _Reader(progress) if progress is not None else None
-            completion = await self._client.complete(
-                messages, on_text=reader.feed if reader is not None else None
-            )
-            log.info(
-                "openai call made",
-                model=completion.model,
-                latency_ms=completion.latency_ms,
-                finish_reason=completion.finish_reason,
-                streamed=reader is not None,
-                first_object_ms=reader.first_object_ms if reader is not None else None,
-                **completion.usage,
-            )
-            try:
-                parsed = parse_reply(completion.text)
-            except BadOutput as exc:
-                if completion.finish_reason == "length":
-                    raise BadOutput(
-                        f"{exc.message} (the reply was cut off at its length limit)"
-                    ) from exc
-                raise
-            if progress is not None and parsed.objects != progress.objects:
-                # Clients were shown the streamed objects as this attempt's drawing; a
-                # result that differs from them must not replace them unseen.
-                raise BadOutput(
-                    f"the finished reply held {len(parsed.objects)} objects that differ from "
-                    f"the {len(progress.objects)} streamed from it"
-                )
-            GENERATED_OBJECTS.labels(result="kept").inc(len(parsed.objects))
-            GENERATED_OBJECTS.labels(result="dropped").inc(parsed.dropped)
-            log.info("objects parsed", count=len(parsed.objects), dropped=parsed.dropped)
+            completion, parsed = await self._drawing(request, progress)
         except PublishError:
             raise  # not the model's failure: the work goes back to the queue
         except Exception as exc:
-            failure = classify(exc)
-            OPENAI_ERRORS.labels(kind=failure.kind.value).inc()
-            log.warning(
-                "attempt failed",
-                # A failed call is an OpenAI call made too: say which model and how long.
-                model=self._client.model,
-                latency_ms=int((time.perf_counter() - began) * 1000),
-                kind=failure.kind.value,
-                retryable=failure.retryable,
-                error=failure.message,
-                retry_after_seconds=failure.retry_after_seconds,
-                # A bug of ours deserves its traceback; the model's failures do not.
-                exc_info=failure.kind is FailureKind.INTERNAL,
-            )
-            return _failed(request, failure)
+            return self._failure(request, exc, began)
         return GenerationSucceeded(
             attempt_id=request.attempt_id,
             objects=parsed.objects,
@@ -357,6 +305,50 @@ class Worker:
             usage=completion.usage,
             latency_ms=completion.latency_ms,
         )
+
+    async def _drawing(
+        self, request: GenerationRequested, progress: Progress | None
+    ) -> tuple[Completion, ParsedReply]:
+        """The model's reply and the objects read from it; raises what went wrong."""
+        messages = build_messages(request.query)
+        reader = _Reader(progress, self.metrics) if progress is not None else None
+        completion = await self._client.complete(
+            messages, on_text=reader.feed if reader is not None else None
+        )
+        log.info(
+            "openai call made",
+            model=completion.model,
+            latency_ms=completion.latency_ms,
+            finish_reason=completion.finish_reason,
+            streamed=reader is not None,
+            first_object_ms=reader.first_object_ms if reader is not None else None,
+            **completion.usage,
+        )
+        parsed = _parsed(completion, progress)
+        self.metrics.generated_objects.labels(result="kept").inc(len(parsed.objects))
+        self.metrics.generated_objects.labels(result="dropped").inc(parsed.dropped)
+        log.info("objects parsed", count=len(parsed.objects), dropped=parsed.dropped)
+        return completion, parsed
+
+    def _failure(
+        self, request: GenerationRequested, exc: Exception, began: float
+    ) -> GenerationFailed:
+        """The GenerationFailed for what ended the attempt, counted and logged."""
+        failure = classify(exc)
+        self.metrics.openai_errors.labels(kind=failure.kind.value).inc()
+        log.warning(
+            "attempt failed",
+            # A failed call is an OpenAI call made too: say which model and how long.
+            model=self._client.model,
+            latency_ms=int((time.perf_counter() - began) * 1000),
+            kind=failure.kind.value,
+            retryable=failure.retryable,
+            error=failure.message,
+            retry_after_seconds=failure.retry_after_seconds,
+            # A bug of ours deserves its traceback; the model's failures do not.
+            exc_info=failure.kind is FailureKind.INTERNAL,
+        )
+        return _failed(request, failure)
 
     async def _publish(self, envelope: Envelope) -> None:
         """Publish with the broker's confirm; while the broker refuses (a connection
@@ -381,9 +373,10 @@ class _Reader:
     """Finds the objects of a streamed reply as its text arrives and hands each to
     ``progress``."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, metrics: Metrics) -> None:
         self._objects = ObjectStream()
         self._progress = progress
+        self._metrics = metrics
         self._started = time.perf_counter()
         self.first_object_ms: int | None = None
 
@@ -391,9 +384,28 @@ class _Reader:
         for index, obj in self._objects.feed(piece):
             if self.first_object_ms is None:
                 elapsed = time.perf_counter() - self._started
-                FIRST_OBJECT_SECONDS.observe(elapsed)
+                self._metrics.first_object_seconds.observe(elapsed)
                 self.first_object_ms = round(elapsed * 1000)
             self._progress.put(index, obj)
+
+
+def _parsed(completion: Completion, progress: Progress | None) -> ParsedReply:
+    """The objects of a finished reply; raises :class:`BadOutput` when there are none to
+    read, or when they differ from those already streamed to clients."""
+    try:
+        parsed = parse_reply(completion.text)
+    except BadOutput as exc:
+        if completion.finish_reason == "length":
+            raise BadOutput(f"{exc.message} (the reply was cut off at its length limit)") from exc
+        raise
+    if progress is not None and parsed.objects != progress.objects:
+        # Clients were shown the streamed objects as this attempt's drawing; a result
+        # that differs from them must not replace them unseen.
+        raise BadOutput(
+            f"the finished reply held {len(parsed.objects)} objects that differ from "
+            f"the {len(progress.objects)} streamed from it"
+        )
+    return parsed
 
 
 def _failed(request: GenerationRequested, failure: AttemptFailed) -> GenerationFailed:

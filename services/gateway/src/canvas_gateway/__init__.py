@@ -1,4 +1,4 @@
-"""canvas_gateway: the public REST API of canvas-jobs (ARCHITECTURE.md 4).
+"""canvas_gateway: the public REST API of canvas-jobs (docs/api.md).
 
 It checks a request, records it in its ledger, publishes JobRequested and answers 202
 once the broker confirmed it; it answers reads from the orchestrator's read models.

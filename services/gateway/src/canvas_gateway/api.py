@@ -65,13 +65,13 @@ def create_app(service: Service) -> FastAPI:
     app.state.ledger = service.ledger
     app.state.broker = service.broker
     app.state.metrics = service.metrics
-    app.state.readiness = service.readiness
     # Added first, so inside RequestMiddleware: its 401s and 413s are logged and counted.
     app.add_middleware(RequestLimits, secret=settings.secret, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMiddleware, metrics=service.metrics, routes=app.router.routes)
     _add_error_handlers(app, service.metrics)
     app.include_router(jobs.router)
     app.include_router(canvas.router)
+    app.include_router(ops.probes(service.readiness, service.metrics.registry))
     app.include_router(ops.router)
     app.include_router(page.router)
     return app

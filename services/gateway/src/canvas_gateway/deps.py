@@ -4,7 +4,8 @@ correlation id. Resources live on ``app.state``, set by create_app."""
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from collections.abc import Callable
+from typing import Annotated, Any, cast
 
 import structlog
 from fastapi import Depends, HTTPException, Request, status
@@ -13,7 +14,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import Broker
 from canvas_events.errors import AuthError
-from canvas_events.ops import Readiness
 from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.middleware import MISSING_TOKEN
@@ -21,28 +21,13 @@ from canvas_gateway.settings import Settings
 from canvas_gateway.store import Store
 
 
-async def get_settings(request: Request) -> Settings:
-    return cast(Settings, request.app.state.settings)
+def _app_state(name: str) -> Callable[[Request], Any]:
+    """A dependency that hands over ``app.state.<name>``, set by create_app."""
 
+    def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
 
-async def get_store(request: Request) -> Store:
-    return cast(Store, request.app.state.store)
-
-
-async def get_broker(request: Request) -> Broker:
-    return cast(Broker, request.app.state.broker)
-
-
-async def get_ledger(request: Request) -> LedgerSweep:
-    return cast(LedgerSweep, request.app.state.ledger)
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return cast(Metrics, request.app.state.metrics)
-
-
-async def get_readiness(request: Request) -> Readiness:
-    return cast(Readiness, request.app.state.readiness)
+    return dependency
 
 
 async def get_correlation_id(request: Request) -> str:
@@ -50,12 +35,11 @@ async def get_correlation_id(request: Request) -> str:
     return cast(str, request.state.correlation_id)
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[Store, Depends(get_store)]
-BrokerDep = Annotated[Broker, Depends(get_broker)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-LedgerDep = Annotated[LedgerSweep, Depends(get_ledger)]
-ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings"))]
+StoreDep = Annotated[Store, Depends(_app_state("store"))]
+BrokerDep = Annotated[Broker, Depends(_app_state("broker"))]
+MetricsDep = Annotated[Metrics, Depends(_app_state("metrics"))]
+LedgerDep = Annotated[LedgerSweep, Depends(_app_state("ledger"))]
 CorrelationId = Annotated[str, Depends(get_correlation_id)]
 
 # auto_error=False: the 401 below says what is wrong and carries WWW-Authenticate.

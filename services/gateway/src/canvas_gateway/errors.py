@@ -1,10 +1,10 @@
 """Errors raised inside the gateway; api.py turns each into its HTTP answer.
 
 GatewayError
- ├── StoreUnavailable (ConnectionError)   the database is away                 → 503
- │    └── StoreNotReady                   the orchestrator's tables do not exist → 503
- ├── CanvasNotFound (LookupError)         someone else's canvas, shown as missing → 404
- └── LimitReached                         the user has too many unfinished jobs   → 429
+ └── StoreUnavailable (ConnectionError)   the database is away                 → 503
+      └── StoreNotReady                   the orchestrator's tables do not exist → 503
+
+canvas_store's own errors (CanvasTaken → 404, LimitReached → 429) come from there.
 """
 
 from __future__ import annotations
@@ -20,16 +20,3 @@ class StoreUnavailable(GatewayError, ConnectionError):
 
 class StoreNotReady(StoreUnavailable):
     """The job-orchestrator has not created its tables yet: nothing can be read."""
-
-
-class CanvasNotFound(GatewayError, LookupError):
-    """The canvas belongs to another user; answered exactly like a missing one."""
-
-
-class LimitReached(GatewayError):
-    """The user already has ``active`` unfinished jobs, at or over ``limit``."""
-
-    def __init__(self, active: int, limit: int) -> None:
-        super().__init__(f"{active} unfinished jobs, limit {limit}")
-        self.active = active
-        self.limit = limit

@@ -22,8 +22,6 @@ share the work without sending a request twice in one round.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Final
 from uuid import UUID
 
@@ -33,6 +31,7 @@ from canvas_events.broker import Broker
 from canvas_events.errors import PublishError
 from canvas_events.events import JobCancelRequested
 from canvas_events.logging import redact
+from canvas_events.runtime import Background
 from canvas_events.topology import GATEWAY, routing_key
 from canvas_gateway.store import JobRequest, Store
 
@@ -42,8 +41,10 @@ log = structlog.get_logger("canvas_gateway.ledger")
 BATCH: Final = 100
 
 
-class LedgerSweep:
+class LedgerSweep(Background):
     """The background loop described in the module docstring."""
+
+    name = "ledger-sweep"
 
     def __init__(
         self, store: Store, broker: Broker, *, resend_after: float, max_resends: int
@@ -55,26 +56,16 @@ class LedgerSweep:
         # A sweep often enough that a request is sent again close to when it is due.
         self._interval = max(0.2, min(10.0, resend_after / 2))
         self._unconfirmed: set[UUID] = set()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
 
     def confirm_later(self, job_id: UUID) -> None:
         """The broker confirmed ``job_id``'s request but the ledger could not be told:
         tell it as soon as the database lets us."""
         self._unconfirmed.add(job_id)
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="ledger-sweep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
+    async def run(self) -> None:
+        """A round every interval until stopped."""
+        while await self.pause(self._interval):
             try:
                 await self.sweep()
             except Exception as exc:

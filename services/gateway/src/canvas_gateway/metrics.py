@@ -3,7 +3,9 @@ can build many apps in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import Counter, Histogram
+
+from canvas_events.ops import new_registry
 
 # Seconds: most answers take a few milliseconds; a create waits for the broker's confirm.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -13,8 +15,7 @@ class Metrics:
     """Every metric the gateway exports at /metrics; names start with ``canvas_``."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        ProcessCollector(namespace="canvas_gateway", registry=self.registry)
+        self.registry = new_registry()
         self.http_requests = Counter(
             "canvas_http_requests_total",
             "HTTP requests answered, by route template and status code.",

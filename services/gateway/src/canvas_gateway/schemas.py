@@ -1,10 +1,9 @@
-"""Request and response bodies of the REST API (ARCHITECTURE.md 4), with the examples
+"""Request and response bodies of the REST API (docs/api.md), with the examples
 that /docs shows."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -19,6 +18,9 @@ from pydantic import (
 )
 
 from canvas_events.events import MAX_QUERY_LENGTH
+from canvas_store.status import ACTIVE_STATUSES, FINAL_STATUSES, JobStatus
+
+__all__ = ["ACTIVE_STATUSES", "FINAL_STATUSES", "JobStatus"]  # part of this module's API
 
 CANVAS_ID_PATTERN = r"^[A-Za-z0-9_\-.:]{1,128}$"
 # Printable ASCII: the key is echoed into logs and hashed into the job id.
@@ -28,21 +30,6 @@ MAX_OPTIONS_BYTES = 4_096
 
 _JOB_ID = "3f1c9a52-8d7e-4b1a-9c33-2f5d6e7a8b90"
 _CANVAS_ID = "team-board-42"
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life (ARCHITECTURE.md 7)."""
-
-    queued = "queued"  # waiting for a generator: first attempt, or again after a retry's delay
-    processing = "processing"  # a generator holds an attempt and is calling the model
-    retry_scheduled = "retry_scheduled"  # an attempt failed; the next waits for next_attempt_at
-    completed = "completed"  # final: the objects are on the canvas
-    failed = "failed"  # final: no objects; error_message says why
-    cancelled = "cancelled"  # final: the user cancelled; none of its objects reach the canvas
-
-
-ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.processing, JobStatus.retry_scheduled})
-FINAL_STATUSES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
 
 
 def storable(text: str) -> str:

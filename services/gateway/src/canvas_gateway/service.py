@@ -16,7 +16,8 @@ from canvas_gateway.api import create_app
 from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.settings import Settings
-from canvas_gateway.store import Store, create_ledger, init_connection
+from canvas_gateway.store import Store
+from canvas_store.connections import init_connection
 
 log = structlog.get_logger("canvas_gateway")
 
@@ -30,7 +31,6 @@ class Service:
             settings.database_url.get_secret_value(),
             min_size=1,
             max_size=10,
-            on_connect=create_ledger,
             init=init_connection,
         )
         self.broker = Broker(
@@ -64,7 +64,8 @@ class Service:
 
     async def stop(self) -> None:
         """Let the requests in hand finish (up to the grace), close the connections."""
-        await self.ledger.stop()
+        # A round in hand may finish its sends; a database away does not hold the stop.
+        await self.ledger.stop(timeout=2.0)
         await self.broker.stop(drain_timeout=self.settings.shutdown_grace_seconds)
         await self.database.stop()
 

@@ -1,21 +1,17 @@
-"""The gateway's configuration, read from the environment (ARCHITECTURE.md 2)."""
+"""The gateway's configuration, read from the environment (docs/settings.md)."""
 
 from __future__ import annotations
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
 
-from canvas_events.settings import AuthSettings, CommonSettings, Port
+from canvas_events.settings import Port, ServiceSettings
 
 
-class Settings(CommonSettings, AuthSettings):
+class Settings(ServiceSettings):
     """Everything the gateway reads; built once at the edge and passed down."""
 
-    # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
-
     gateway_port: Port = 8000
-    # A larger request body answers 413 before it is read (ARCHITECTURE.md 2).
+    # A larger request body answers 413 before it is read (docs/settings.md).
     max_request_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     # Unfinished jobs (queued, processing, retry_scheduled) one user may have at once.
     max_active_jobs_per_user: int = Field(default=20, ge=1, le=100_000)
@@ -37,7 +33,7 @@ class Settings(CommonSettings, AuthSettings):
     # /config.json). Unset: ws://<the host the browser asked for>:NOTIFIER_PORT/ws, right
     # whenever the notifier listens beside the gateway; set it behind a proxy or ingress.
     notifier_public_url: str | None = Field(default=None, max_length=2000)
-    # Read only to derive that default: the notifier's own variable (ARCHITECTURE.md 2).
+    # Read only to derive that default: the notifier's own variable (docs/settings.md).
     notifier_port: Port = 8001
 
     @field_validator("notifier_public_url", mode="before")

@@ -17,12 +17,12 @@ from canvas_events.logging import configure_logging, redact, register_secret
 from canvas_events.runtime import run
 from canvas_events.settings import load_settings
 from canvas_orchestrator import dlq
-from canvas_orchestrator.db import create_pool
-from canvas_orchestrator.migrations import migrate_pool
 from canvas_orchestrator.projections import rebuild
 from canvas_orchestrator.retention import prune
 from canvas_orchestrator.service import SERVICE_NAME, serve
 from canvas_orchestrator.settings import CommandSettings, Settings
+from canvas_store.connections import create_pool
+from canvas_store.migrations import migrate_pool
 
 PROGRAM = "canvas-orchestrator"
 log = structlog.get_logger("canvas_orchestrator")

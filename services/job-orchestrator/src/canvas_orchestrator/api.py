@@ -1,37 +1,28 @@
 """HTTP endpoints of the orchestrator: health, readiness, metrics, and the internal read
 API (jobs, attempts and streams), which answers only the system's own services: a bearer
-token with role ``service`` signed with JWT_SECRET (ARCHITECTURE.md 1). Anyone else gets
-401 (no or a bad token) or 403 (a user's token), and nothing about any job."""
+token with role ``service`` signed with JWT_SECRET (docs/api.md). Anyone else gets 401
+(no or a bad token) or 403 (a user's token), and nothing about any job."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import Broker
 from canvas_events.errors import AuthError
-from canvas_events.ops import Readiness, metrics_payload
+from canvas_events.ops import Probes, Readiness
 from canvas_events.postgres import Database, DatabaseUnavailable, is_outage
-from canvas_orchestrator.domain import JobStatus
-from canvas_orchestrator.event_store import load
 from canvas_orchestrator.metrics import Metrics
-
-JOB_COLUMNS = (
-    "id, user_id, canvas_id, query, priority, options, idempotency_key, status, created_at, "
-    "updated_at, started_at, completed_at, error_message, retry_count, next_attempt_at, "
-    "attempt, attempt_id, lease_expires_at, result, version, last_position"
-)
-
-# The statuses in which a job waits for the result of its current attempt.
-_WAITING_FOR_ATTEMPT = frozenset({JobStatus.QUEUED.value, JobStatus.PROCESSING.value})
+from canvas_store import jobs
+from canvas_store.events import load
 
 
 async def _connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
@@ -74,6 +65,12 @@ def _service_caller(secret: str) -> Any:
     return Depends(service_caller)
 
 
+_READY = (
+    "200 when the database answers and both broker connections (consumer and relay "
+    "publisher) are up, else 503 with the reasons."
+)
+
+
 def create_app(
     *, database: Database, broker: Broker, readiness: Readiness, metrics: Metrics, secret: str
 ) -> FastAPI:
@@ -84,95 +81,76 @@ def create_app(
         summary="Health, metrics and the internal read API of the job state machine.",
     )
     app.state.database = database
-    internal = APIRouter(prefix="/internal", dependencies=[_service_caller(secret)])
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        ok, checks = await readiness.report()
-        body = {"status": "ready" if ok else "unavailable", "checks": checks}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        for spec in (broker.topology.orchestrator, broker.topology.generator_work):
-            stats = await broker.queue_stats(spec.name)
-            if stats is not None:
-                metrics.queue_depth.labels(spec.name).set(stats[0])
-        with contextlib.suppress(DatabaseUnavailable, OSError, asyncpg.PostgresError):
-            # jobs_status index; a queued job's updated_at is when it was (re)queued.
-            age = await database.pool.fetchval(
-                "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(updated_at)), 0) "
-                "FROM jobs WHERE status = 'queued'"
-            )
-            metrics.oldest_queued_age.set(max(0.0, float(age)))
-        payload, content_type = metrics_payload(metrics.registry)
-        return Response(payload, media_type=content_type)
-
-    @internal.get("/jobs/{job_id}")
-    async def job(job_id: UUID, conn: Conn) -> dict[str, Any]:
-        row = await conn.fetchrow(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1",  # noqa: S608 (constant columns)
-            job_id,
-        )
-        if row is None:
-            raise HTTPException(404, detail="job not found")
-        return dict(row)
-
-    @internal.get("/attempts/{attempt_id}")
-    async def attempt(
-        attempt_id: UUID,
-        conn: Conn,
-        job_id: Annotated[UUID | None, Query(description="The attempt's job (faster).")] = None,
-    ) -> dict[str, Any]:
-        """Whether an attempt is still the one its job waits for. Generators ask just
-        before they call the model, so that an attempt of a job cancelled (or of one that
-        moved on) while it waited in the work queue costs no model call."""
-        if job_id is not None:
-            row = await conn.fetchrow(
-                "SELECT id, status, attempt_id FROM jobs WHERE id = $1", job_id
-            )
-        else:
-            # Without the job, only a current attempt can be found (no index: a scan).
-            row = await conn.fetchrow(
-                "SELECT id, status, attempt_id FROM jobs WHERE attempt_id = $1", attempt_id
-            )
-        if row is None:
-            raise HTTPException(404, detail="attempt not found")
-        current = row["attempt_id"] == attempt_id and row["status"] in _WAITING_FOR_ATTEMPT
-        return {
-            "attempt_id": attempt_id,
-            "job_id": row["id"],
-            "current": current,
-            "status": row["status"],
-        }
-
-    @internal.get("/jobs/{job_id}/events")
-    async def job_events(job_id: UUID, conn: Conn) -> dict[str, Any]:
-        history = await load(conn, job_id)
-        if not history:
-            raise HTTPException(404, detail="job not found")
-        return {
-            "job_id": job_id,
-            "events": [
-                {
-                    "type": item.envelope.type,
-                    "version": item.version,
-                    "position": item.position,
-                    "occurred_at": item.envelope.occurred_at,
-                    "data": item.envelope.data,
-                    "event_id": item.envelope.event_id,
-                    "correlation_id": item.envelope.correlation_id,
-                    "causation_id": item.envelope.causation_id,
-                    "user_id": item.envelope.user_id,
-                    "canvas_id": item.envelope.canvas_id,
-                }
-                for item in history
-            ],
-        }
-
-    app.include_router(internal)
+    refresh = functools.partial(_sample_backlog, database, broker, metrics)
+    probes = Probes(readiness, metrics.registry, refresh=refresh)
+    app.include_router(probes.router(ready_description=_READY))
+    app.include_router(_internal, prefix="/internal", dependencies=[_service_caller(secret)])
     return app
+
+
+async def _sample_backlog(database: Database, broker: Broker, metrics: Metrics) -> None:
+    """The gauges sampled at scrape: queue depths and the oldest queued job's age."""
+    for spec in (broker.topology.orchestrator, broker.topology.generator_work):
+        stats = await broker.queue_stats(spec.name)
+        if stats is not None:
+            metrics.queue_depth.labels(spec.name).set(stats[0])
+    with contextlib.suppress(DatabaseUnavailable, OSError, asyncpg.PostgresError):
+        # jobs_status index; a queued job's updated_at is when it was (re)queued.
+        metrics.oldest_queued_age.set(await jobs.oldest_queued_age(database.pool))
+
+
+# Served under /internal, to the system's own services only (create_app).
+_internal = APIRouter()
+
+
+@_internal.get("/jobs/{job_id}")
+async def job(job_id: UUID, conn: Conn) -> dict[str, Any]:
+    row = await jobs.job_row(conn, job_id)
+    if row is None:
+        raise HTTPException(404, detail="job not found")
+    return row
+
+
+@_internal.get("/attempts/{attempt_id}")
+async def attempt(
+    attempt_id: UUID,
+    conn: Conn,
+    job_id: Annotated[UUID | None, Query(description="The attempt's job (faster).")] = None,
+) -> dict[str, Any]:
+    """Whether an attempt is still the one its job waits for. Generators ask just
+    before they call the model, so that an attempt of a job cancelled (or of one that
+    moved on) while it waited in the work queue costs no model call."""
+    standing = await jobs.attempt_standing(conn, attempt_id, job_id)
+    if standing is None:
+        raise HTTPException(404, detail="attempt not found")
+    return {
+        "attempt_id": standing.attempt_id,
+        "job_id": standing.job_id,
+        "current": standing.current,
+        "status": standing.status,
+    }
+
+
+@_internal.get("/jobs/{job_id}/events")
+async def job_events(job_id: UUID, conn: Conn) -> dict[str, Any]:
+    history = await load(conn, job_id)
+    if not history:
+        raise HTTPException(404, detail="job not found")
+    return {
+        "job_id": job_id,
+        "events": [
+            {
+                "type": item.envelope.type,
+                "version": item.version,
+                "position": item.position,
+                "occurred_at": item.envelope.occurred_at,
+                "data": item.envelope.data,
+                "event_id": item.envelope.event_id,
+                "correlation_id": item.envelope.correlation_id,
+                "causation_id": item.envelope.causation_id,
+                "user_id": item.envelope.user_id,
+                "canvas_id": item.envelope.canvas_id,
+            }
+            for item in history
+        ],
+    }

@@ -42,7 +42,13 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelClosed, DeliveryError
 
-from canvas_events.broker import ATTEMPTS_HEADER, ERROR_HEADER
+from canvas_events.broker import (
+    ATTEMPTS_HEADER,
+    DEAD_LETTERED_AT_HEADER,
+    ERROR_HEADER,
+    QUEUE_HEADER,
+    ROUTING_KEY_HEADER,
+)
 from canvas_events.logging import configure_logging, redact
 from canvas_events.runtime import instance_id
 from canvas_events.topology import Topology
@@ -51,10 +57,6 @@ from canvas_orchestrator.settings import Settings
 PROGRAM: Final = "canvas-orchestrator dlq"
 log = structlog.get_logger("canvas_orchestrator.dlq")
 
-# Written by canvas_events.broker.Broker._dead_letter beside ERROR_HEADER.
-QUEUE_HEADER: Final = "x-canvas-queue"
-ROUTING_KEY_HEADER: Final = "x-canvas-routing-key"
-DEAD_LETTERED_AT_HEADER: Final = "x-canvas-dead-lettered-at"
 # What a replayed copy leaves behind: the record of this dead-lettering, the attempt
 # count (so the consumer gets its full max_attempts again), and the broker's own
 # history of it. Any other header travels on unchanged.

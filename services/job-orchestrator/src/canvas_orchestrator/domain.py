@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 from uuid import UUID, uuid4, uuid5
@@ -44,6 +43,7 @@ from canvas_events.events import (
     JobRetryScheduled,
 )
 from canvas_orchestrator.errors import UnexpectedEvent
+from canvas_store.status import JobStatus
 
 LEASE_EXPIRED_KIND = "lease_expired"
 LEASE_EXPIRED_ERROR = "attempt lease expired: no generator finished it in time"
@@ -51,29 +51,6 @@ NOT_STARTED_ERROR = "attempt not started in time: no generator took it from the 
 CANVAS_NOT_FOUND_ERROR = "canvas not found"
 
 
-class JobStatus(StrEnum):
-    """Where a job is; the ``status`` of the read model and of the public API."""
-
-    # Accepted; an attempt waits in the work queue for a generator.
-    QUEUED = "queued"
-    # A generator took the current attempt and is calling the model.
-    PROCESSING = "processing"
-    # The last attempt failed in a way worth retrying; a timer queues it again.
-    RETRY_SCHEDULED = "retry_scheduled"
-    # Final: the objects are on the canvas.
-    COMPLETED = "completed"
-    # Final: a permanent error, or every retry used up.
-    FAILED = "failed"
-    # Final: the user cancelled it; none of its objects reach the canvas.
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        """Whether nothing can change the job any more."""
-        return self in _FINAL
-
-
-_FINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 # A result may arrive before its GenerationStarted (handled concurrently, or lost).
 _RUNNING = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})
 
@@ -149,6 +126,13 @@ class JobState:
 def evolve(state: JobState, event: Event) -> JobState:
     """The state after one more recorded event."""
     state = replace(state, version=state.version + 1)
+    if isinstance(event, GenerationRequested | GenerationStarted | GenerationProgressed):
+        return _attempt_evolved(state, event)
+    return _job_evolved(state, event)
+
+
+def _job_evolved(state: JobState, event: Event) -> JobState:
+    """What an event about the job as a whole changes."""
     match event:
         case JobRequested():
             return replace(
@@ -165,31 +149,6 @@ def evolve(state: JobState, event: Event) -> JobState:
                 status=JobStatus.QUEUED,
                 retry_count=event.retry_count,
                 next_attempt_at=None,
-            )
-        case GenerationRequested():
-            return replace(
-                state,
-                attempt=event.attempt,
-                attempt_id=event.attempt_id,
-                lease_expires_at=event.lease_expires_at,
-                progressed=frozenset(),
-                run_id=None,
-            )
-        case GenerationStarted():
-            # Another run taking the attempt over starts its objects from index 0.
-            taken_over = state.run_id is not None and event.run_id != state.run_id
-            return replace(
-                state,
-                status=JobStatus.PROCESSING,
-                lease_expires_at=event.lease_expires_at or state.lease_expires_at,
-                run_id=event.run_id if event.run_id is not None else state.run_id,
-                progressed=frozenset() if taken_over else state.progressed,
-            )
-        case GenerationProgressed():
-            return replace(
-                state,
-                progressed=state.progressed | {event.index},
-                run_id=state.run_id if state.run_id is not None else event.run_id,
             )
         case JobRetryScheduled():
             return replace(
@@ -217,6 +176,39 @@ def evolve(state: JobState, event: Event) -> JobState:
             # GenerationSucceeded, GenerationFailed, JobCancelRequested: the event that
             # follows them in the same decision carries the change.
             return state
+
+
+def _attempt_evolved(
+    state: JobState, event: GenerationRequested | GenerationStarted | GenerationProgressed
+) -> JobState:
+    """What an event about the current attempt changes."""
+    match event:
+        case GenerationRequested():
+            return replace(
+                state,
+                attempt=event.attempt,
+                attempt_id=event.attempt_id,
+                lease_expires_at=event.lease_expires_at,
+                progressed=frozenset(),
+                run_id=None,
+            )
+        case GenerationStarted():
+            # Another run taking the attempt over starts its objects from index 0.
+            taken_over = state.run_id is not None and event.run_id != state.run_id
+            return replace(
+                state,
+                status=JobStatus.PROCESSING,
+                lease_expires_at=event.lease_expires_at or state.lease_expires_at,
+                run_id=event.run_id if event.run_id is not None else state.run_id,
+                progressed=frozenset() if taken_over else state.progressed,
+            )
+        case GenerationProgressed():
+            return replace(
+                state,
+                progressed=state.progressed | {event.index},
+                run_id=state.run_id if state.run_id is not None else event.run_id,
+            )
+    return state
 
 
 def fold(job_id: UUID, events: Iterable[Event]) -> JobState:

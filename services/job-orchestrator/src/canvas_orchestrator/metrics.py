@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from canvas_events.ops import new_registry
+
 # Model calls take seconds; a lease is minutes.
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
@@ -14,7 +16,7 @@ class Metrics:
     """Every metric the orchestrator serves at /metrics."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else new_registry()
         self.jobs = Counter(
             "canvas_jobs_total",
             "Jobs that reached each status (a retried job counts each time it is queued).",

@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 import structlog
 
 from canvas_events.events import (
+    Event,
     GenerationRequested,
     GenerationStarted,
     GenerationSucceeded,
@@ -33,9 +35,9 @@ from canvas_events.events import (
     JobRetryScheduled,
     parse_event,
 )
-from canvas_orchestrator.domain import JobStatus
-from canvas_orchestrator.errors import ConcurrencyError
-from canvas_orchestrator.event_store import RecordedEvent, read_after
+from canvas_store.errors import ConcurrencyError
+from canvas_store.events import RecordedEvent, read_after
+from canvas_store.status import JobStatus
 
 log = structlog.get_logger("canvas_orchestrator.projections")
 
@@ -51,46 +53,52 @@ REBUILD_LOCK_KEY: Final = 0x63616E7661730004
 def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
     """The ``jobs`` columns one recorded event sets."""
     envelope = recorded.envelope
-    at = envelope.occurred_at
     changes: dict[str, Any] = {
         "version": recorded.version,
         "last_position": recorded.position,
-        "updated_at": at,
+        "updated_at": envelope.occurred_at,
     }
     event = parse_event(envelope)
+    if isinstance(event, JobRequested):
+        return changes | {
+            "id": recorded.stream_id,
+            "user_id": envelope.user_id,
+            "canvas_id": event.canvas_id,
+            "query": event.query,
+            "priority": event.priority,
+            "options": event.options,
+            "idempotency_key": event.idempotency_key,
+            "status": JobStatus.QUEUED.value,
+            "created_at": envelope.occurred_at,
+            "retry_count": 0,
+            "attempt": 0,
+        }
+    return changes | _status_columns(event, envelope.occurred_at)
+
+
+def _status_columns(event: Event, at: datetime) -> dict[str, Any]:
+    """The columns an event after the JobRequested sets (none for the events whose
+    change the next event of the same decision carries)."""
     match event:
-        case JobRequested():
-            changes |= {
-                "id": recorded.stream_id,
-                "user_id": envelope.user_id,
-                "canvas_id": event.canvas_id,
-                "query": event.query,
-                "priority": event.priority,
-                "options": event.options,
-                "idempotency_key": event.idempotency_key,
-                "status": JobStatus.QUEUED.value,
-                "created_at": at,
-                "retry_count": 0,
-                "attempt": 0,
-            }
         case JobQueued():
-            changes |= {
+            return {
                 "status": JobStatus.QUEUED.value,
                 "retry_count": event.retry_count,
                 "next_attempt_at": None,
             }
         case GenerationRequested():
-            changes |= {
+            return {
                 "attempt": event.attempt,
                 "attempt_id": event.attempt_id,
                 "lease_expires_at": event.lease_expires_at,
             }
         case GenerationStarted():
-            changes |= {"status": JobStatus.PROCESSING.value, "started_at": at}
+            started: dict[str, Any] = {"status": JobStatus.PROCESSING.value, "started_at": at}
             if event.lease_expires_at is not None:
-                changes["lease_expires_at"] = event.lease_expires_at
+                started["lease_expires_at"] = event.lease_expires_at
+            return started
         case JobRetryScheduled():
-            changes |= {
+            return {
                 "status": JobStatus.RETRY_SCHEDULED.value,
                 "retry_count": event.retry_count,
                 "next_attempt_at": event.next_attempt_at,
@@ -98,33 +106,28 @@ def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
                 "lease_expires_at": None,
             }
         case JobCompleted():
-            changes |= {
-                "status": JobStatus.COMPLETED.value,
-                "completed_at": at,
+            return _ended(JobStatus.COMPLETED, at) | {
                 "result": event.model_dump(mode="json"),
                 "error_message": None,
-                "lease_expires_at": None,
-                "next_attempt_at": None,
             }
         case JobFailed():
-            changes |= {
-                "status": JobStatus.FAILED.value,
-                "completed_at": at,
+            return _ended(JobStatus.FAILED, at) | {
                 "error_message": event.error,
                 "retry_count": event.retry_count,
-                "lease_expires_at": None,
-                "next_attempt_at": None,
             }
         case JobCancelled():
-            changes |= {
-                "status": JobStatus.CANCELLED.value,
-                "completed_at": at,
-                "lease_expires_at": None,
-                "next_attempt_at": None,
-            }
-        case _:
-            pass
-    return changes
+            return _ended(JobStatus.CANCELLED, at)
+    return {}
+
+
+def _ended(status: JobStatus, at: datetime) -> dict[str, Any]:
+    """What every final status sets: the job ended at ``at``, no timer waits."""
+    return {
+        "status": status.value,
+        "completed_at": at,
+        "lease_expires_at": None,
+        "next_attempt_at": None,
+    }
 
 
 def merge(changes: Sequence[dict[str, Any]]) -> dict[str, Any]:

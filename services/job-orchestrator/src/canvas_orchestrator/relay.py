@@ -24,7 +24,8 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeAlias
 
 import asyncpg
 import structlog
@@ -32,11 +33,11 @@ import structlog
 from canvas_events.broker import Broker
 from canvas_events.events import GenerationRequested
 from canvas_events.logging import redact
+from canvas_events.runtime import Background
 from canvas_events.topology import JOB, RELAYED_EVENT_TYPES, routing_key
-from canvas_orchestrator.background import unless_stopped
-from canvas_orchestrator.db import connect
-from canvas_orchestrator.event_store import NOTIFY_CHANNEL, RecordedEvent, read_after
 from canvas_orchestrator.metrics import Metrics
+from canvas_store.connections import connect
+from canvas_store.events import NOTIFY_CHANNEL, RecordedEvent, read_after
 
 log = structlog.get_logger("canvas_orchestrator.relay")
 
@@ -50,8 +51,33 @@ APPLICATION_NAME: Final = "canvas-orchestrator-relay"
 CHECKPOINT: Final = "job-events"
 
 
-class Relay:
+# The publishes started, in position order (None: an event no queue consumes).
+InFlight: TypeAlias = deque[tuple[RecordedEvent, asyncio.Task[None] | None]]
+
+
+@dataclass
+class _Cursor:
+    """Where an active relay is: confirmed up to ``checkpoint``, handed to the broker up
+    to ``read``, with the publishes in between ``in_flight`` (in position order)."""
+
+    checkpoint: int
+    read: int
+    # The store may hold events after ``read``.
+    more: bool = True
+    # Since when every publish failed (None: the last one went through).
+    failing_since: float | None = None
+    next_lag_at: float = 0.0
+    in_flight: InFlight = field(default_factory=deque)
+
+    @classmethod
+    def at(cls, checkpoint: int) -> _Cursor:
+        return cls(checkpoint=checkpoint, read=checkpoint)
+
+
+class Relay(Background):
     """Publishes the event store to RabbitMQ while it holds the relay lock."""
+
+    name = "relay"
 
     def __init__(
         self,
@@ -71,38 +97,25 @@ class Relay:
         self._poll_interval = poll_interval
         self._checkpoint = checkpoint
         self._schema_ready = schema_ready
-        self._stopping = asyncio.Event()
+        super().__init__()
         self._wake = asyncio.Event()
         # A NOTIFY came (or a stop): read the store again.
         self._notified = False
-        self._task: asyncio.Task[None] | None = None
         self.active = False
 
-    async def start(self) -> None:
-        """Start in the background: connect, wait for the lock, publish."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="relay")
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Publish what is recorded so far (within ``timeout``), then close the
-        connection, which releases the lock."""
-        self._stopping.set()
+    def stopping_now(self) -> None:
+        # A stop publishes what is recorded so far (within the stop's timeout), then
+        # closes the connection, which releases the lock.
         self._notified = True
         self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except TimeoutError:
-                log.warning("relay did not stop in time; cancelled")
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Connect, wait for the lock, publish; again after any failure."""
         # relay_checkpoints exists once the service's pool has migrated the schema.
-        if self._schema_ready is not None and not await unless_stopped(
-            self._schema_ready(), self._stopping
-        ):
+        if self._schema_ready is not None and not await self.unless_stopped(self._schema_ready()):
             return
         delay = 0.5
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
                 conn = await connect(
@@ -112,7 +125,7 @@ class Relay:
                 )
                 delay = 0.5
                 await self._standby(conn)
-                if not self._stopping.is_set():
+                if not self.stopping.is_set():
                     await self._publish_loop(conn)
             except asyncio.CancelledError:
                 raise
@@ -126,13 +139,13 @@ class Relay:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 5)
-            await self._sleep(delay)
+            await self.pause(delay)
             delay = min(delay * 2, 5.0)
 
     async def _standby(self, conn: asyncpg.Connection) -> None:
         """Wait until this process holds the relay lock (or is asked to stop). Without a
         broker it could publish nothing: it leaves the lock to one that can."""
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             if not self._broker.connected:
                 await self._measure_lag(conn)  # also keeps the session from going idle
                 with contextlib.suppress(TimeoutError):
@@ -144,85 +157,103 @@ class Relay:
                 log.info("relay active")
                 return
             await self._measure_lag(conn)
-            await self._sleep(self._poll_interval)
+            await self.pause(self._poll_interval)
 
     async def _publish_loop(self, conn: asyncpg.Connection) -> None:
+        """Publish what is recorded, in position order, until asked to stop (then what
+        is recorded by now: the consumer has drained its messages) or until the broker
+        refused everything for BROKER_GRACE_SECONDS."""
+
         def on_notify(*_: Any) -> None:
             self._notified = True
             self._wake.set()
 
         await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-        in_flight: deque[tuple[RecordedEvent, asyncio.Task[None] | None]] = deque()
+        cursor = _Cursor.at(await self._checkpoint_position(conn))
         try:
-            await conn.execute(
-                "INSERT INTO relay_checkpoints (name, position) VALUES ($1, 0) "
-                "ON CONFLICT (name) DO NOTHING",
-                self._checkpoint,
-            )
-            checkpoint: int = await conn.fetchval(
-                "SELECT position FROM relay_checkpoints WHERE name = $1", self._checkpoint
-            )
-            # Handed to the broker up to here; confirmed up to ``checkpoint``.
-            read = checkpoint
-            more = True  # the store may hold events after ``read``
-            next_lag_at = 0.0
-            # Since when every publish failed (None: the last one went through).
-            failing_since: float | None = None
             while True:
-                # Asked to stop: publish what is recorded by now (the consumer has drained
-                # its messages), then give the lock up.
-                final = self._stopping.is_set()
+                final = self.stopping.is_set()
                 self._wake.clear()
-                room = self._batch_size - len(in_flight)
-                if room > 0 and (more or self._notified):
-                    self._notified = False
-                    batch = await read_after(conn, read, room)
-                    for item in batch:
-                        in_flight.append((item, self._start_publish(item)))
-                    if batch:
-                        read = batch[-1].position
-                    more = len(batch) == room
-                confirmed, failed = self._settle_confirmed(in_flight)
-                if confirmed is not None:
-                    failing_since = None
-                    checkpoint = confirmed.position
-                    await conn.execute(
-                        "UPDATE relay_checkpoints SET position = $2 "
-                        "WHERE name = $1 AND position < $2",
-                        self._checkpoint,
-                        checkpoint,
-                    )
-                if failed:
-                    # What follows the refused event goes out again, from the checkpoint
-                    # on, once what is still in flight has settled.
-                    await _settled(in_flight)
-                    in_flight.clear()
-                    read, more = checkpoint, True
-                    failing_since = failing_since or time.monotonic()
-                    if time.monotonic() - failing_since >= BROKER_GRACE_SECONDS:
-                        log.warning(
-                            "relay cannot publish; handing the relay over",
-                            failing_seconds=round(time.monotonic() - failing_since, 1),
-                        )
-                        return
-                if time.monotonic() >= next_lag_at:
+                room = await self._fill(conn, cursor)
+                failed = await self._settle(conn, cursor)
+                if failed and self._failing_too_long(cursor):
+                    return
+                if time.monotonic() >= cursor.next_lag_at:
                     # A gauge scraped every few seconds: once a second is plenty, and a
                     # busy relay saves a query a batch.
-                    next_lag_at = time.monotonic() + 1.0
-                    await self._measure_lag(conn, checkpoint)
-                if final and (failed or (not more and not in_flight)):
+                    cursor.next_lag_at = time.monotonic() + 1.0
+                    await self._measure_lag(conn, cursor.checkpoint)
+                if final and (failed or (not cursor.more and not cursor.in_flight)):
                     return
                 if failed:
-                    await self._sleep(1.0)  # do not spin while the broker is away
-                elif not more or room <= 0:
+                    await self.pause(1.0)  # do not spin while the broker is away
+                elif not cursor.more or room <= 0:
                     # Woken by a NOTIFY, a confirm, a stop, or the poll interval.
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_interval)
-                    more = more or not self._wake.is_set()  # a poll reads again
+                    cursor.more = cursor.more or not self._wake.is_set()  # a poll reads again
         finally:
-            await _settled(in_flight)
+            await _settled(cursor.in_flight)
             with contextlib.suppress(Exception):
                 await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
+
+    async def _checkpoint_position(self, conn: asyncpg.Connection) -> int:
+        """The position confirmed so far (0 for a new checkpoint)."""
+        await conn.execute(
+            "INSERT INTO relay_checkpoints (name, position) VALUES ($1, 0) "
+            "ON CONFLICT (name) DO NOTHING",
+            self._checkpoint,
+        )
+        position: int = await conn.fetchval(
+            "SELECT position FROM relay_checkpoints WHERE name = $1", self._checkpoint
+        )
+        return position
+
+    async def _fill(self, conn: asyncpg.Connection, cursor: _Cursor) -> int:
+        """Start publishing what follows ``cursor.read``, as far as the window allows;
+        the room the window had."""
+        room = self._batch_size - len(cursor.in_flight)
+        if room > 0 and (cursor.more or self._notified):
+            self._notified = False
+            batch = await read_after(conn, cursor.read, room)
+            for item in batch:
+                cursor.in_flight.append((item, self._start_publish(item)))
+            if batch:
+                cursor.read = batch[-1].position
+            cursor.more = len(batch) == room
+        return room
+
+    async def _settle(self, conn: asyncpg.Connection, cursor: _Cursor) -> bool:
+        """Move the checkpoint past what the broker confirmed; True when a publish
+        failed (what follows it is then published again, from the checkpoint on)."""
+        confirmed, failed = self._settle_confirmed(cursor.in_flight)
+        if confirmed is not None:
+            cursor.failing_since = None
+            cursor.checkpoint = confirmed.position
+            await conn.execute(
+                "UPDATE relay_checkpoints SET position = $2 WHERE name = $1 AND position < $2",
+                self._checkpoint,
+                cursor.checkpoint,
+            )
+        if failed:
+            # Once what is still in flight has settled.
+            await _settled(cursor.in_flight)
+            cursor.in_flight.clear()
+            cursor.read, cursor.more = cursor.checkpoint, True
+            cursor.failing_since = cursor.failing_since or time.monotonic()
+        return failed
+
+    def _failing_too_long(self, cursor: _Cursor) -> bool:
+        """Whether every publish failed for BROKER_GRACE_SECONDS: time to hand the relay
+        over to a process whose broker works."""
+        assert cursor.failing_since is not None
+        failing = time.monotonic() - cursor.failing_since
+        if failing < BROKER_GRACE_SECONDS:
+            return False
+        log.warning(
+            "relay cannot publish; handing the relay over", failing_seconds=round(failing, 1)
+        )
+        return True
 
     def _start_publish(self, item: RecordedEvent) -> asyncio.Task[None] | None:
         """Publish ``item`` in the background if some queue consumes its type (None if
@@ -234,9 +265,7 @@ class Relay:
         task.add_done_callback(lambda _: self._wake.set())
         return task
 
-    def _settle_confirmed(
-        self, in_flight: deque[tuple[RecordedEvent, asyncio.Task[None] | None]]
-    ) -> tuple[RecordedEvent | None, bool]:
+    def _settle_confirmed(self, in_flight: InFlight) -> tuple[RecordedEvent | None, bool]:
         """Drop the confirmed prefix of ``in_flight``; return its last event, and whether
         the publish after it failed."""
         confirmed: RecordedEvent | None = None
@@ -280,12 +309,8 @@ class Relay:
         )
         self._metrics.outbox_lag.set(max(0, lag))
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
 
-
-async def _settled(in_flight: deque[tuple[RecordedEvent, asyncio.Task[None] | None]]) -> None:
+async def _settled(in_flight: InFlight) -> None:
     """Wait until every publish in ``in_flight`` has its confirm or its error (each is
     bounded by the broker's publish timeout); their errors are not this caller's."""
     tasks = {task for _, task in in_flight if task is not None}

@@ -20,8 +20,7 @@ rows twice); ``canvas-orchestrator prune`` does it once, now.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -32,7 +31,8 @@ import structlog
 from canvas_events.envelope import utcnow
 from canvas_events.logging import redact
 from canvas_events.postgres import Database
-from canvas_orchestrator.background import unless_stopped
+from canvas_events.runtime import Background
+from canvas_store import cancels, ledger
 
 log = structlog.get_logger("canvas_orchestrator.retention")
 
@@ -41,18 +41,6 @@ BATCH: Final = 10_000
 _PRUNE_PROCESSED = """
 DELETE FROM processed_messages WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM processed_messages WHERE processed_at < $1 LIMIT $2))
-"""
-_PRUNE_LEDGER = """
-DELETE FROM gateway_job_requests WHERE ctid = ANY(ARRAY(
-    SELECT r.ctid FROM gateway_job_requests r
-    WHERE r.created_at < $1
-      AND (r.recorded_at IS NOT NULL OR r.given_up_at IS NOT NULL OR r.confirmed_at IS NULL
-           OR EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id))
-    LIMIT $2))
-"""
-_PRUNE_CANCELS = """
-DELETE FROM cancel_requests c USING jobs j
-WHERE j.id = c.job_id AND j.status IN ('completed', 'failed', 'cancelled')
 """
 
 
@@ -76,18 +64,24 @@ class Pruned:
 async def prune(pool: asyncpg.Pool, retention: Retention, *, now: datetime | None = None) -> Pruned:
     """Delete what ``retention`` no longer keeps; how many rows of each kind."""
     now = now or utcnow()
-    processed = await _in_batches(pool, _PRUNE_PROCESSED, now - retention.processed_messages)
-    ledger = 0
-    if await pool.fetchval("SELECT to_regclass('gateway_job_requests') IS NOT NULL"):
-        ledger = await _in_batches(pool, _PRUNE_LEDGER, now - retention.ledger)
-    cancels = _count(await pool.execute(_PRUNE_CANCELS))
-    return Pruned(processed, ledger, cancels)
+    processed = await _in_batches(pool, _prune_processed, now - retention.processed_messages)
+    requests = await _in_batches(pool, ledger.prune, now - retention.ledger)
+    return Pruned(processed, requests, await cancels.prune(pool))
 
 
-async def _in_batches(pool: asyncpg.Pool, statement: str, before: datetime) -> int:
+async def _prune_processed(pool: asyncpg.Pool, before: datetime, limit: int) -> int:
+    return _count(await pool.execute(_PRUNE_PROCESSED, before, limit))
+
+
+async def _in_batches(
+    pool: asyncpg.Pool,
+    delete: Callable[[asyncpg.Pool, datetime, int], Awaitable[int]],
+    before: datetime,
+) -> int:
+    """``delete`` BATCH rows at a time, each its own statement, until fewer are left."""
     deleted = 0
     while True:
-        count = _count(await pool.execute(statement, before, BATCH))
+        count = await delete(pool, before, BATCH)
         deleted += count
         if count < BATCH:
             return deleted
@@ -98,31 +92,23 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-class Pruner:
+class Pruner(Background):
     """Prunes every ``interval`` seconds in the background."""
+
+    name = "pruner"
 
     def __init__(self, database: Database, retention: Retention, *, interval: float) -> None:
         self._database = database
         self._retention = retention
         self._interval = interval
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="pruner")
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        if not await unless_stopped(self._database.wait_ready(), self._stopping):
+    async def run(self) -> None:
+        """Prune, then wait ``interval``; a stop lets a prune in hand finish (up to the
+        stop's timeout)."""
+        if not await self.unless_stopped(self._database.wait_ready()):
             return
-        while not self._stopping.is_set():
+        while True:
             try:
                 pruned = await prune(self._database.pool, self._retention)
                 if pruned.processed_messages or pruned.ledger or pruned.cancel_requests:
@@ -134,5 +120,5 @@ class Pruner:
                     )
             except Exception as exc:
                 log.warning("prune failed; will try again", error=redact(repr(exc)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval)
+            if not await self.pause(self._interval):
+                return

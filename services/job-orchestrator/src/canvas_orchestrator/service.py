@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import Callable
 from uuid import UUID, uuid4
 
-import asyncpg
 import structlog
 from fastapi import FastAPI
 
@@ -16,18 +15,19 @@ from canvas_events.broker import Broker, Consumer
 from canvas_events.envelope import utcnow
 from canvas_events.logging import redact
 from canvas_events.ops import Readiness
-from canvas_events.postgres import Database, ensure_database
+from canvas_events.postgres import Database, ensure_database, is_outage
 from canvas_events.runtime import instance_id, serve_http
 from canvas_orchestrator.api import create_app
-from canvas_orchestrator.db import init_connection
+from canvas_orchestrator.committer import Clock, Committer
 from canvas_orchestrator.domain import Policy
-from canvas_orchestrator.handlers import Clock, Handler
+from canvas_orchestrator.handlers import Handler
 from canvas_orchestrator.metrics import Metrics
-from canvas_orchestrator.migrations import migrate_pool
 from canvas_orchestrator.relay import Relay
 from canvas_orchestrator.retention import Pruner
 from canvas_orchestrator.settings import Settings
 from canvas_orchestrator.timers import Timers
+from canvas_store.connections import init_connection
+from canvas_store.migrations import migrate_pool
 
 SERVICE_NAME = "job-orchestrator"
 log = structlog.get_logger("canvas_orchestrator.service")
@@ -66,7 +66,9 @@ class Service:
             connection_name=instance_id(SERVICE_NAME),
         )
         policy = policy_of(settings)
-        self.handler = Handler(self.database, policy, self.metrics, clock=clock, new_id=new_id)
+        # Messages and timers record their decisions the same way, in the same cache.
+        self.committer = Committer(self.database, clock=clock)
+        self.handler = Handler(self.committer, policy, self.metrics, new_id=new_id)
         self.broker.add_consumer(
             Consumer(
                 settings.topology.orchestrator,
@@ -91,9 +93,9 @@ class Service:
         )
         self.timers = Timers(
             self.database,
+            self.committer,
             policy,
             self.metrics,
-            clock=clock,
             new_id=new_id,
             interval=settings.timer_interval_seconds,
         )
@@ -151,19 +153,19 @@ class Service:
 
 async def _create_database_when_missing(dsn: str) -> None:
     """Create the database named in DATABASE_URL when the server lacks it, so that a fresh
-    Postgres needs no step before the services run (ARCHITECTURE.md 7)."""
+    Postgres needs no step before the services run (docs/settings.md, DATABASE_URL)."""
     delay = 0.5
     while True:
         try:
             await ensure_database(dsn)
             return
-        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError):
+        except Exception as exc:
+            if not is_outage(exc):
+                # No right to create databases (a managed server): it must exist already.
+                log.info("cannot check or create the database", error=redact(repr(exc)))
+                return
             await asyncio.sleep(delay)  # the server is not up yet; the pool says so too
             delay = min(delay * 2, 5.0)
-        except Exception as exc:
-            # No right to create databases (a managed server): it must exist already.
-            log.info("cannot check or create the database", error=redact(repr(exc)))
-            return
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

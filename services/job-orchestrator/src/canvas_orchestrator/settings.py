@@ -1,22 +1,18 @@
-"""The orchestrator's configuration, read from the environment (ARCHITECTURE.md 2)."""
+"""The orchestrator's configuration, read from the environment (docs/settings.md)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import SettingsConfigDict
 
-from canvas_events.settings import AuthSettings, CommonSettings, Port
+from canvas_events.settings import Port, ServiceSettings
 from canvas_orchestrator.retention import Retention
 
 
-class Settings(CommonSettings, AuthSettings):
+class Settings(ServiceSettings):
     """Everything the job-orchestrator reads from the environment. JWT_SECRET checks the
     service credential its internal API asks for."""
-
-    # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     orchestrator_port: Port = 8002
     max_job_retries: int = Field(default=3, ge=0, le=100)

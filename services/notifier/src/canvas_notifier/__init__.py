@@ -1,4 +1,4 @@
-"""canvas_notifier: pushes job status events to WebSocket clients (ARCHITECTURE.md 5).
+"""canvas_notifier: pushes job status events to WebSocket clients (docs/api.md).
 
 - :mod:`canvas_notifier.frames`: the protocol, pure: events to frames, client messages,
   subscriptions.

@@ -1,4 +1,4 @@
-"""The notifier's WebSocket protocol (ARCHITECTURE.md 5), without I/O.
+"""The notifier's WebSocket protocol (docs/api.md), without I/O.
 
 Server to client, one JSON text frame per recorded status event::
 

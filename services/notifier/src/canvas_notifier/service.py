@@ -1,5 +1,5 @@
 """The asyncio shell around :mod:`canvas_notifier.hub`: one websockets server for both
-the WebSocket API (ARCHITECTURE.md 5) and the plain HTTP probes (/health, /ready,
+the WebSocket API (docs/api.md) and the plain HTTP probes (/health, /ready,
 /metrics), a broker consumer that feeds the hub, and the replays from the event store.
 
 Per connection three tasks run: a reader (client messages), a sender (drains the
@@ -38,6 +38,7 @@ import asyncpg
 import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from prometheus_client import Counter
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as websocket_serve
 from websockets.datastructures import Headers
@@ -49,12 +50,12 @@ from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import ACK, Broker, Consumer, DeadLetter, Outcome
 from canvas_events.envelope import Envelope
 from canvas_events.errors import AuthError, PoisonMessage
-from canvas_events.ops import Readiness, metrics_payload
-from canvas_events.postgres import Database
+from canvas_events.ops import Probes, Readiness
+from canvas_events.postgres import Database, is_outage
 from canvas_events.runtime import instance_id
-from canvas_notifier import metrics, store
 from canvas_notifier.frames import (
     MAX_SUBSCRIPTIONS,
+    STATUS_TYPES,
     Invalid,
     Subscribe,
     Target,
@@ -75,7 +76,10 @@ from canvas_notifier.hub import (
     Hub,
     Writer,
 )
+from canvas_notifier.metrics import Metrics
 from canvas_notifier.settings import Settings
+from canvas_store import events, jobs
+from canvas_store.connections import init_connection
 
 log = structlog.get_logger("canvas_notifier")
 
@@ -91,14 +95,10 @@ WATCH_INTERVAL: Final = 0.25
 # Frames whose push is logged at INFO: how each attempt or job ended.
 OUTCOME_FRAMES: Final = frozenset({"ai_generation_completed", "ai_job_error", "ai_job_cancelled"})
 
-# The database away or not migrated yet: retried, never the client's fault.
-_DB_ERRORS: Final = (
-    ConnectionError,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
+
+def _database_away(exc: BaseException) -> bool:
+    """The database away, or not migrated yet: retried, never the client's fault."""
+    return is_outage(exc) or isinstance(exc, asyncpg.UndefinedTableError)
 
 
 class Notifier:
@@ -114,7 +114,9 @@ class Notifier:
         # Unique even with several notifiers in one process (tests): the queue is per process.
         self.instance_id = f"{instance_id('notifier')}-{uuid.uuid4().hex[:8]}"
         self.hub = Hub()
-        self.database = Database(settings.database_url.get_secret_value(), min_size=1)
+        self.database = Database(
+            settings.database_url.get_secret_value(), min_size=1, init=init_connection
+        )
         self.broker = Broker(
             settings.amqp_url.get_secret_value(),
             settings.topology,
@@ -128,6 +130,8 @@ class Notifier:
         self.readiness = Readiness()
         self.readiness.add_database(self.database)
         self.readiness.add_broker(self.broker)
+        self.metrics = Metrics()
+        self.probes = Probes(self.readiness, self.metrics.registry)
         self._secret = settings.secret
         self._server: Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -184,17 +188,9 @@ class Notifier:
         path = urlsplit(request.path).path
         if path == WS_PATH:
             return None  # the WebSocket handshake goes on; the token is checked after it
-        if path == "/health":
-            return _json_response(http.HTTPStatus.OK, {"status": "ok"})
-        if path == "/ready":
-            ready, report = await self.readiness.report()
-            return _json_response(
-                http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE,
-                {"status": "ready" if ready else "not ready", "checks": report},
-            )
-        if path == "/metrics":
-            payload, content_type = metrics_payload()
-            return _response(http.HTTPStatus.OK, payload, content_type)
+        answer = await self.probes.answer(path)
+        if answer is not None:
+            return _response(answer.status, answer.body, answer.content_type)
         return _json_response(http.HTTPStatus.NOT_FOUND, {"detail": "not found"})
 
     # -- one connection --------------------------------------------------------------
@@ -218,14 +214,16 @@ class Notifier:
 
         structlog.contextvars.bind_contextvars(user_id=principal.user_id)
         client = Client(
-            principal.user_id, limit=self.settings.ws_send_queue_size, writer=_writer(ws)
+            principal.user_id,
+            limit=self.settings.ws_send_queue_size,
+            writer=_writer(ws, self.metrics.messages_sent),
         )
         if after is not None:
             client.last_position = after
         # In the hub before the replay reads the store: live events are held, not lost.
         client.hold()
         self.hub.add(client)
-        metrics.CONNECTIONS.inc()
+        self.metrics.connections.inc()
         log.info("client connected", after=after, connections=len(self.hub))
         self._start_sync(client, first=True, from_head=after is None)
         tasks = {
@@ -239,7 +237,7 @@ class Notifier:
             await self._finish(ws, client, done)
         finally:
             self.hub.remove(client)
-            metrics.CONNECTIONS.dec()
+            self.metrics.connections.dec()
             sync = self._syncs.pop(client, None)
             ending = [*tasks, *([sync] if sync else [])]
             for task in ending:
@@ -261,7 +259,7 @@ class Notifier:
             if name == "kick":
                 kick = task.result()
                 if kick.code == TOO_SLOW:
-                    metrics.SLOW_CLIENT_CLOSES.inc()
+                    self.metrics.slow_client_closes.inc()
                     log.warning("slow client closed", pending=client.pending)
                 await ws.close(kick.code, kick.reason)
             elif name == "expiry":
@@ -277,7 +275,7 @@ class Notifier:
         while True:
             data = await client.next_data()
             await ws.send(data, text=True)
-            metrics.MESSAGES_SENT.inc()
+            self.metrics.messages_sent.inc()
 
     async def _read(self, ws: ServerConnection, client: Client) -> None:
         async for raw in ws:
@@ -297,7 +295,9 @@ class Notifier:
             return
         try:
             owned = await self._owns(client.user_id, target)
-        except _DB_ERRORS:
+        except Exception as exc:
+            if not _database_away(exc):
+                raise
             client.say(error("cannot check the subscription now; try again", **target.as_fields()))
             return
         if not owned:
@@ -309,11 +309,15 @@ class Notifier:
         client.say(control("subscribed", **target.as_fields()))
 
     async def _owns(self, user_id: str, target: Target) -> bool:
-        check = store.owns_job if target.kind == "job_id" else store.owns_canvas
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ws_subscribe_wait_seconds
         while True:
-            if await check(self.database.pool, user_id, target.id):
+            pool = self.database.pool
+            if target.kind == "job_id":
+                owner = await jobs.job_owner(pool, uuid.UUID(target.id))
+            else:
+                owner = await jobs.canvas_owner(pool, target.id)
+            if owner == user_id:
                 return True
             if loop.time() >= deadline:
                 return False
@@ -339,11 +343,17 @@ class Notifier:
             try:
                 if from_head:
                     # Without `after` a connection starts live: nothing from before it.
-                    client.last_position = await store.head(self.database.pool, client.user_id)
+                    client.last_position = await events.user_head(
+                        self.database.pool, client.user_id
+                    )
                     from_head = False
                 await self._catch_up(client)
                 return
-            except _DB_ERRORS as exc:
+            except Exception as exc:
+                if not _database_away(exc):
+                    log.exception("replay failed")
+                    client.close(INTERNAL_ERROR, "internal error")
+                    return
                 if first:
                     log.warning("database unavailable for a new connection", error=str(exc))
                     client.close(TRY_AGAIN_LATER, "database unavailable; try again later")
@@ -351,10 +361,6 @@ class Notifier:
                 log.warning("replay failed; retrying", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            except Exception:
-                log.exception("replay failed")
-                client.close(INTERNAL_ERROR, "internal error")
-                return
 
     async def _catch_up(self, client: Client) -> None:
         """Replay the store after ``client.last_position`` while holding live frames,
@@ -371,11 +377,11 @@ class Notifier:
             while True:
                 size = min(REPLAY_PAGE, limit - replayed)
                 if size == 0:
-                    if await store.replay_page(self.database.pool, client.user_id, cursor, 1):
+                    if await self._replay_page(client, cursor, 1):
                         await self._replay_limit_reached(client)
                         return
                     break
-                page = await store.replay_page(self.database.pool, client.user_id, cursor, size)
+                page = await self._replay_page(client, cursor, size)
                 for envelope in page:
                     assert envelope.position is not None
                     cursor = envelope.position
@@ -389,13 +395,19 @@ class Notifier:
                         continue
                     if not await client.replay(frame):
                         return
-                    metrics.REPLAYED_EVENTS.inc()
+                    self.metrics.replayed_events.inc()
                 if len(page) < size:
                     break
             await client.wait_drained()
             if client.kick is None and not client.resync_needed:
                 client.release()
                 return
+
+    async def _replay_page(self, client: Client, after: int, limit: int) -> list[Envelope]:
+        """The client's status events after position ``after``, ``limit`` at most."""
+        return await events.user_events_after(
+            self.database.pool, client.user_id, after, STATUS_TYPES, limit
+        )
 
     async def _replay_limit_reached(self, client: Client) -> None:
         # Let what was replayed reach the client first, so that its reconnect moves on.
@@ -419,7 +431,7 @@ class Notifier:
         ]
         if not clients:
             return
-        metrics.RESYNCS.inc()
+        self.metrics.resyncs.inc()
         log.info("replaying for connections", reason=reason, connections=len(clients))
         for client in clients:
             client.hold()
@@ -453,7 +465,7 @@ class Notifier:
             return DeadLetter(str(exc))
         if frame is None:
             return ACK
-        metrics.EVENTS_RECEIVED.labels(type=envelope.type).inc()
+        self.metrics.events_received.labels(type=envelope.type).inc()
         taken, _ = self.hub.deliver(envelope.user_id, frame)
         # A log line costs more CPU than the fan-out of its event (about 150 us; and
         # structlog runs its processors even for a line the level then drops): INFO
@@ -494,7 +506,7 @@ def _task(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
     return asyncio.create_task(coro, name=name)
 
 
-def _writer(ws: ServerConnection) -> Writer:
+def _writer(ws: ServerConnection, sent: Counter) -> Writer:
     """Write a text frame to ``ws`` now when nothing makes it wait: the connection is
     open, its socket below the write buffer's high-water mark, no fragmented message
     half sent. What ``websockets.broadcast()`` does, with backpressure: a frame the
@@ -510,7 +522,7 @@ def _writer(ws: ServerConnection) -> Writer:
         # A socket that fails here is broken: the connection ends, the client resumes.
         with contextlib.suppress(Exception):
             ws.send_data()
-        metrics.MESSAGES_SENT.inc()
+        sent.inc()
         return True
 
     return write

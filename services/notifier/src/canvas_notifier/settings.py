@@ -1,22 +1,18 @@
-"""The notifier's configuration, read from the environment (ARCHITECTURE.md 2)."""
+"""The notifier's configuration, read from the environment (docs/settings.md)."""
 
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
-from canvas_events.settings import AuthSettings, CommonSettings, Port
+from canvas_events.settings import Port, ServiceSettings
 
 
-class Settings(CommonSettings, AuthSettings):
+class Settings(ServiceSettings):
     """Everything the notifier reads; built once at the edge and passed down."""
-
-    # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
 
     notifier_port: Port = 8001
     # A client message (a WebSocket frame) over this closes the connection (1009, message
-    # too big) before it is buffered whole (ARCHITECTURE.md 2).
+    # too big) before it is buffered whole (docs/settings.md).
     max_request_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     # Frames waiting for one connection; a client that lets more pile up is closed
     # (4008) so that it never holds memory or delays anyone else.

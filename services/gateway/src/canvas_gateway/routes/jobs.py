@@ -13,7 +13,8 @@ import structlog
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
-from canvas_events.envelope import Envelope
+from canvas_events.broker import Broker
+from canvas_events.envelope import Envelope, utcnow
 from canvas_events.errors import PublishError
 from canvas_events.events import JobCancelRequested
 from canvas_events.topology import GATEWAY, routing_key
@@ -26,7 +27,9 @@ from canvas_gateway.deps import (
     SettingsDep,
     StoreDep,
 )
-from canvas_gateway.errors import CanvasNotFound, LimitReached, StoreUnavailable
+from canvas_gateway.errors import StoreUnavailable
+from canvas_gateway.ledger import LedgerSweep
+from canvas_gateway.metrics import Metrics
 from canvas_gateway.routes import error_responses
 from canvas_gateway.schemas import (
     FINAL_STATUSES,
@@ -40,6 +43,9 @@ from canvas_gateway.schemas import (
     JobsPublic,
     JobStatus,
 )
+from canvas_gateway.settings import Settings
+from canvas_gateway.store import Admission, JobRequest, Limits, Store
+from canvas_store.errors import CanvasTaken, LimitReached
 
 log = structlog.get_logger("canvas_gateway.jobs")
 router = APIRouter(prefix="/api/ai-agent", tags=["jobs"])
@@ -104,20 +110,51 @@ async def create_canvas(
         ),
     ] = None,
 ) -> JobAccepted:
+    wanted = JobRequest(
+        job_id=job_id_for(user.user_id, idempotency_key),
+        user_id=user.user_id,
+        canvas_id=body.canvas_id or str(uuid4()),
+        priority=body.priority,
+        query=body.query,
+        options=body.options,
+        idempotency_key=idempotency_key,
+        correlation_id=correlation_id,
+        created_at=utcnow(),  # the ledger's insert sets the time that counts
+        confirmed_at=None,
+    )
+    admission = await _admit(store, metrics, settings, wanted, body.canvas_id is not None)
+    job = admission.request
+    # Bound only now: a refused request has no job to trace.
+    structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
+    request.state.job_id = str(job.job_id)
+    await _publish(store, broker, metrics, ledger, job, correlation_id)
+    if not admission.duplicate:
+        metrics.jobs_accepted.inc()
+    log.info(
+        "job accepted",
+        canvas_id=job.canvas_id,
+        priority=job.priority,
+        duplicate=admission.duplicate,
+    )
+    return JobAccepted(
+        job_id=job.job_id,
+        canvas_id=job.canvas_id,
+        status_url=f"/api/ai-agent/job/{job.job_id}/status",
+        events_url=f"/api/ai-agent/job/{job.job_id}/events",
+    )
+
+
+async def _admit(
+    store: Store, metrics: Metrics, settings: Settings, wanted: JobRequest, canvas_given: bool
+) -> Admission:
+    """The ledger's row for ``wanted``: new, or the earlier one with its key; 429 over
+    the user's limit, 404 for someone else's canvas."""
+    limits = Limits(
+        active=settings.max_active_jobs_per_user,
+        in_flight_seconds=settings.publish_timeout_seconds * 2,
+    )
     try:
-        admission = await store.admit(
-            job_id=job_id_for(user.user_id, idempotency_key),
-            user_id=user.user_id,
-            canvas_id=body.canvas_id or str(uuid4()),
-            canvas_given=body.canvas_id is not None,
-            priority=body.priority,
-            query=body.query,
-            options=body.options,
-            idempotency_key=idempotency_key,
-            correlation_id=correlation_id,
-            limit=settings.max_active_jobs_per_user,
-            in_flight_seconds=settings.publish_timeout_seconds * 2,
-        )
+        return await store.admit(wanted, canvas_given=canvas_given, limits=limits)
     except LimitReached as exc:
         metrics.jobs_rejected.labels("limit").inc()
         log.info("job refused: user over the limit", active=exc.active, limit=exc.limit)
@@ -127,19 +164,25 @@ async def create_canvas(
             "wait for one to finish",
             headers={"Retry-After": LIMIT_RETRY_AFTER},
         ) from None
-    except CanvasNotFound:
+    except CanvasTaken:
         metrics.jobs_rejected.labels("canvas").inc()
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="canvas not found") from None
 
-    job = admission.request
-    # Bound only now: a refused request has no job to trace.
-    structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
-    request.state.job_id = str(job.job_id)
-    envelope = job.requested(correlation_id)
+
+async def _publish(
+    store: Store,
+    broker: Broker,
+    metrics: Metrics,
+    ledger: LedgerSweep,
+    job: JobRequest,
+    correlation_id: str,
+) -> None:
+    """Publish ``job``'s JobRequested and mark its ledger row confirmed; 503 when the
+    broker does not confirm it (a request without a key is then forgotten)."""
     try:
         # A duplicate publishes again: its first publish may have failed, and the
         # orchestrator ignores a JobRequested for a stream that exists.
-        await broker.publish(envelope, routing_key(GATEWAY, "JobRequested"))
+        await broker.publish(job.requested(correlation_id), routing_key(GATEWAY, "JobRequested"))
     except PublishError as exc:
         metrics.publish_failures.inc()
         metrics.jobs_rejected.labels("publish").inc()
@@ -155,20 +198,6 @@ async def create_canvas(
         # The job is queued whatever happens here; the ledger is told as soon as it can.
         log.warning("job queued but not marked confirmed yet", error=str(exc))
         ledger.confirm_later(job.job_id)
-    if not admission.duplicate:
-        metrics.jobs_accepted.inc()
-    log.info(
-        "job accepted",
-        canvas_id=job.canvas_id,
-        priority=job.priority,
-        duplicate=admission.duplicate,
-    )
-    return JobAccepted(
-        job_id=job.job_id,
-        canvas_id=job.canvas_id,
-        status_url=f"/api/ai-agent/job/{job.job_id}/status",
-        events_url=f"/api/ai-agent/job/{job.job_id}/events",
-    )
 
 
 @router.get(

@@ -7,20 +7,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
 from canvas_events.broker import Broker
-from canvas_events.ops import metrics_payload
+from canvas_events.ops import Probes, Readiness
 from canvas_events.runtime import instance_id
-from canvas_gateway.deps import (
-    AdminUser,
-    BrokerDep,
-    MetricsDep,
-    ReadinessDep,
-    SettingsDep,
-    StoreDep,
-)
+from canvas_gateway.deps import AdminUser, BrokerDep, SettingsDep, StoreDep
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.routes import error_responses
 from canvas_gateway.schemas import HealthPublic, JobProcessor
@@ -28,34 +22,12 @@ from canvas_gateway.settings import Settings
 from canvas_gateway.store import Backlog, Store
 
 router = APIRouter(tags=["ops"])
+_READY = "200 when the database and the broker answer, else 503 with the reasons."
 
 
-@router.get("/health", summary="Alive", description="200 while the process runs.")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@router.get(
-    "/ready",
-    summary="Ready to serve",
-    description="200 when the database and the broker answer, else 503 with the reasons.",
-    responses={503: {"description": "Not ready; `checks` says why."}},
-)
-async def ready(readiness: ReadinessDep) -> JSONResponse:
-    ok, checks = await readiness.report()
-    if ok:
-        return JSONResponse({"status": "ready", "checks": checks})
-    reasons = "; ".join(reason for reason in checks.values() if reason != "ok")
-    return JSONResponse(
-        {"status": "not ready", "detail": reasons, "checks": checks},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-    )
-
-
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(metrics: MetricsDep) -> Response:
-    payload, content_type = metrics_payload(metrics.registry)
-    return Response(payload, media_type=content_type)
+def probes(readiness: Readiness, registry: CollectorRegistry) -> APIRouter:
+    """/health, /ready and /metrics, answered as every service answers them."""
+    return Probes(readiness, registry).router(tags=["ops"], ready_description=_READY)
 
 
 # The reasons in `issues` (docs/operations.md lists what to do about each; tests and

@@ -423,7 +423,7 @@
     fitView();
   }
 
-  // One canvas object (ARCHITECTURE.md 8) as an SVG group, appended to the board; null
+  // One canvas object (docs/api.md, "Canvas route") as an SVG group, appended to the board; null
   // for a shape this page cannot draw (the generator validated it, so: a newer type).
   function drawObject(object, { jobId, objectId, index, partial }) {
     const shape = shapeOf(object);

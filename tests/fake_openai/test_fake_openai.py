@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from canvas_events.objects import validate_object
-from canvas_generator.fake_openai import (
+from canvas_fake_openai.server import (
     FakeConfig,
     FakeModel,
     create_app,
@@ -21,7 +21,8 @@ from canvas_generator.fake_openai import (
     reply_text,
 )
 from canvas_generator.parsing import ObjectStream, parse_reply
-from tests.generator.conftest import API_KEY, wait_until
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.waiting import eventually
 
 
 def test_same_prompt_gives_the_same_drawing():
@@ -101,7 +102,7 @@ async def test_together_directive_holds_calls_until_enough_are_in_flight():
             )
             for _ in range(2)
         ]
-        await wait_until(lambda: model.stats.in_flight == 2, what="2 calls held")
+        await eventually(lambda: model.stats.in_flight == 2, what="2 calls held")
         assert not any(call.done() for call in calls)
         third = await client.post("/v1/chat/completions", json=_chat_body("x [[fake:together=3]]"))
         responses = [third, *await asyncio.gather(*calls)]
@@ -141,27 +142,42 @@ async def test_malformed_request_gets_400_in_openai_error_shape():
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-async def test_openai_client_streams_from_the_stand_in(fake_openai):
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "a flowchart of a login process"}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        pieces, usage, finish_reasons = [], None, []
-        progress = ObjectStream()
-        seen = []
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                if choice.delta.content:
-                    pieces.append(choice.delta.content)
-                    seen.extend(progress.feed(choice.delta.content))
-                if choice.finish_reason:
-                    finish_reasons.append(choice.finish_reason)
+def chat(client: openai.AsyncOpenAI, content: str, **options: Any) -> Any:
+    """A chat call with one user message ``content`` (``stream=True``, ...)."""
+    return client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **options
+    )
+
+
+async def calls_over(fake: FakeOpenAI, before: dict[str, Any], *, what: str) -> dict[str, Any]:
+    """The stand-in's stats once it has no more calls in flight than ``before``."""
+
+    def over() -> dict[str, Any] | None:
+        stats = fake.stats()
+        return stats if stats["in_flight"] == before["in_flight"] else None
+
+    return await eventually(over, what=what)
+
+
+async def test_openai_client_streams_from_the_stand_in(openai_client):
+    stream = await chat(
+        openai_client,
+        "a flowchart of a login process",
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage, finish_reasons = [], None, []
+    progress = ObjectStream()
+    seen = []
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                seen.extend(progress.feed(choice.delta.content))
+            if choice.finish_reason:
+                finish_reasons.append(choice.finish_reason)
     text = "".join(pieces)
     assert len(pieces) > 5
     assert finish_reasons == ["stop"]
@@ -171,84 +187,53 @@ async def test_openai_client_streams_from_the_stand_in(fake_openai):
     assert [obj for _, obj in seen] == parse_reply(text).objects
 
 
-async def test_cut_stream_ends_midway_without_a_finish(fake_openai):
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "a flow [[fake:cut]]"}],
-            stream=True,
-        )
-        chunks = [chunk async for chunk in stream]
+async def test_cut_stream_ends_midway_without_a_finish(openai_client):
+    stream = await chat(openai_client, "a flow [[fake:cut]]", stream=True)
+    chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert not any(c.choices and c.choices[0].finish_reason for c in chunks)
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
 
 
-async def test_error_event_makes_the_openai_client_raise_midway(fake_openai):
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "a flow [[fake:error_event]]"}],
-            stream=True,
-        )
-        pieces: list[str] = []
+async def test_error_event_makes_the_openai_client_raise_midway(openai_client):
+    stream = await chat(openai_client, "a flow [[fake:error_event]]", stream=True)
+    pieces: list[str] = []
 
-        async def read() -> None:
-            async for chunk in stream:
-                pieces.extend(c.delta.content or "" for c in chunk.choices)
+    async def read() -> None:
+        async for chunk in stream:
+            pieces.extend(c.delta.content or "" for c in chunk.choices)
 
-        with pytest.raises(openai.APIError) as caught:
-            await read()
-        # Not a status error: the answer began with 200, the error came inside it.
-        assert type(caught.value) is openai.APIError
-        assert caught.value.message == (
-            "The server had an error while processing your request (fake)."
-        )
-        assert "".join(pieces)
-        with pytest.raises(openai.InternalServerError):
-            await client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=[{"role": "user", "content": "a flow [[fake:error_event]]"}],
-            )
+    with pytest.raises(openai.APIError) as caught:
+        await read()
+    # Not a status error: the answer began with 200, the error came inside it.
+    assert type(caught.value) is openai.APIError
+    assert caught.value.message == "The server had an error while processing your request (fake)."
+    assert "".join(pieces)
+    with pytest.raises(openai.InternalServerError):
+        await chat(openai_client, "a flow [[fake:error_event]]")
 
 
-async def test_openai_client_lists_the_stand_in_models(fake_openai):
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        models = [model.id async for model in client.models.list()]
+async def test_openai_client_lists_the_stand_in_models(openai_client):
+    models = [model.id async for model in openai_client.models.list()]
     assert "gpt-4o-mini" in models
 
 
 @pytest.mark.parametrize("directive", ["delay_ms=60000", "together=99", "timeout"])
 async def test_a_waiting_call_ends_when_its_client_hangs_up_and_counts_as_abandoned(
-    fake_openai, directive
+    fake_openai, openai_client, directive
 ):
     before = fake_openai.stats()
-    client = openai.AsyncOpenAI(
-        api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0, timeout=120
+    call = asyncio.create_task(chat(openai_client, f"x [[fake:{directive}]]"))
+    await eventually(
+        lambda: fake_openai.stats()["in_flight"] == before["in_flight"] + 1,
+        what="the call held",
     )
-    async with client:
-        call = asyncio.create_task(
-            client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=[{"role": "user", "content": f"x [[fake:{directive}]]"}],
-            )
-        )
-        await wait_until(
-            lambda: fake_openai.stats()["in_flight"] == before["in_flight"] + 1,
-            what="the call held",
-        )
-        call.cancel()  # closes the connection, as an aborted attempt does
-        with pytest.raises(asyncio.CancelledError):
-            await call
-    await wait_until(
-        lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
-        what="the stand-in to let the call go",
-    )
-    assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
+    call.cancel()  # closes the connection, as an aborted attempt does
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    after = await calls_over(fake_openai, before, what="the stand-in to let the call go")
+    assert after["abandoned"] == before["abandoned"] + 1
 
 
 def test_stream_pieces_are_small_enough_for_objects_to_complete_one_by_one():
@@ -265,7 +250,7 @@ def _pieces(text: str) -> list[str]:
     """The content of each chunk the stand-in streams for ``text``."""
 
     async def collect() -> list[str]:
-        from canvas_generator.fake_openai import _stream
+        from canvas_fake_openai.server import _stream
 
         chunks = _stream(
             text,
@@ -290,80 +275,49 @@ def _pieces(text: str) -> list[str]:
     return asyncio.run(collect())
 
 
-async def test_a_gated_stream_pauses_halfway_until_its_gate_opens(fake_openai):
+async def test_a_gated_stream_pauses_halfway_until_its_gate_opens(fake_openai, openai_client):
     gate = f"gate-{id(fake_openai)}-pause"
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": f"a flow [[fake:objects=10,gate={gate}]]"}],
-            stream=True,
-        )
-        objects = ObjectStream()
-        found: list[Any] = []
-        rest: list[Any] = []
-        chunks = aiter(stream)
-        while len(found) < 1:
-            chunk = await anext(chunks)
+    stream = await chat(openai_client, f"a flow [[fake:objects=10,gate={gate}]]", stream=True)
+    objects = ObjectStream()
+    found: list[Any] = []
+    rest: list[Any] = []
+    chunks = aiter(stream)
+    while len(found) < 1:
+        chunk = await anext(chunks)
+        found.extend(objects.feed(chunk.choices[0].delta.content or ""))
+    # An object arrived before the gate opened: the reply streams up to its gate.
+    fake_openai.open_gate(gate)
+    for chunk in [c async for c in chunks]:
+        if chunk.choices:
             found.extend(objects.feed(chunk.choices[0].delta.content or ""))
-        # An object arrived before the gate opened: the reply streams up to its gate.
-        async with httpx.AsyncClient(base_url=fake_openai.url, timeout=5) as http:
-            (await http.put(f"/_fake/gates/{gate}")).raise_for_status()
-        for chunk in [c async for c in chunks]:
-            if chunk.choices:
-                found.extend(objects.feed(chunk.choices[0].delta.content or ""))
-                rest.append(chunk)
+            rest.append(chunk)
     assert len(found) == 10
     assert rest[-1].choices[0].finish_reason == "stop"
 
 
-async def test_a_stream_abandoned_midway_counts_as_abandoned(fake_openai):
+async def test_a_stream_abandoned_midway_counts_as_abandoned(fake_openai, openai_client):
     gate = f"gate-{id(fake_openai)}-abandon"
     before = fake_openai.stats()
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": f"a flow [[fake:objects=10,gate={gate}]]"}],
-            stream=True,
-        )
-        await anext(aiter(stream))
-        await stream.close()  # hangs up while the reply waits at its gate
-    await wait_until(
-        lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
-        what="the stand-in to let the stream go",
-    )
-    assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
+    stream = await chat(openai_client, f"a flow [[fake:objects=10,gate={gate}]]", stream=True)
+    await anext(aiter(stream))
+    await stream.close()  # hangs up while the reply waits at its gate
+    after = await calls_over(fake_openai, before, what="the stand-in to let the stream go")
+    assert after["abandoned"] == before["abandoned"] + 1
 
 
-async def test_a_finished_stream_is_not_abandoned(fake_openai):
+async def test_a_finished_stream_is_not_abandoned(fake_openai, openai_client):
     before = fake_openai.stats()
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        for directive in ("objects=3", "cut"):
-            stream = await client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=[{"role": "user", "content": f"a flow [[fake:{directive}]]"}],
-                stream=True,
-            )
-            _ = [chunk async for chunk in stream]
-    await wait_until(
-        lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
-        what="the streams over",
-    )
-    assert fake_openai.stats()["abandoned"] == before["abandoned"]
+    for directive in ("objects=3", "cut"):
+        stream = await chat(openai_client, f"a flow [[fake:{directive}]]", stream=True)
+        _ = [chunk async for chunk in stream]
+    after = await calls_over(fake_openai, before, what="the streams over")
+    assert after["abandoned"] == before["abandoned"]
 
 
-async def test_first_n_makes_only_the_first_calls_of_a_message_fail(fake_openai):
+async def test_first_n_makes_only_the_first_calls_of_a_message_fail(openai_client):
     message = f"a flow {id(object())} [[fake:status=503,first=2]]"
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
-    async with client:
-        for _ in range(2):
-            with pytest.raises(openai.InternalServerError):
-                await client.chat.completions.create(
-                    model="gpt-4o-mini", messages=[{"role": "user", "content": message}]
-                )
-        reply = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": message}]
-        )
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            await chat(openai_client, message)
+    reply = await chat(openai_client, message)
     assert parse_reply(reply.choices[0].message.content or "").objects

@@ -1,4 +1,5 @@
-"""``canvas-fake-openai``: an offline, OpenAI-compatible stand-in model (ARCHITECTURE.md 8).
+"""``canvas-fake-openai``: an offline, OpenAI-compatible stand-in model
+(docs/settings.md, "Stand-in model").
 
 Tests and ``make dev`` without an ``OPENAI_API_KEY`` point ``OPENAI_BASE_URL`` at it
 (``http://HOST:PORT/v1``), so the real ``openai`` client is exercised end to end. It
@@ -87,7 +88,6 @@ import hashlib
 import json
 import random
 import re
-import sys
 import time
 import uuid
 from collections import Counter, deque
@@ -98,14 +98,12 @@ from typing import Any, Literal
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from canvas_events.logging import configure_logging, register_secret
-from canvas_events.runtime import run, serve_http
 from canvas_events.settings import Port
 
-log = structlog.get_logger("canvas_generator.fake_openai")
+log = structlog.get_logger("canvas_fake_openai")
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "fake-canvas-1")
 DEFAULT_FAILURE_MODES = "500,429,garbage"
@@ -578,19 +576,28 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+def _refused(model: FakeModel, request: Request) -> JSONResponse | None:
+    """A 401 when a key is required (``require_key``) and the call does not bear it."""
+    required = model.config.require_key
+    if required is None:
+        return None
+    key = _bearer(request)
+    if key == required:
+        return None
+    model.stats.failures["401"] += 1
+    return error_response(401, key=key)
+
+
 def create_app(model: FakeModel) -> FastAPI:
     """The stand-in's FastAPI app."""
     app = FastAPI(title="canvas-jobs fake OpenAI", docs_url=None, redoc_url=None)
+    _add_openai_routes(app, model)
+    _add_fake_routes(app, model)
+    return app
 
-    def unauthorized(request: Request) -> JSONResponse | None:
-        required = model.config.require_key
-        if required is None:
-            return None
-        key = _bearer(request)
-        if key == required:
-            return None
-        model.stats.failures["401"] += 1
-        return error_response(401, key=key)
+
+def _add_openai_routes(app: FastAPI, model: FakeModel) -> None:
+    """``/health``, and what OpenAI serves: ``/v1/models``, ``/v1/chat/completions``."""
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -598,7 +605,7 @@ def create_app(model: FakeModel) -> FastAPI:
 
     @app.get("/v1/models", response_model=None)
     async def models(request: Request) -> JSONResponse | dict[str, Any]:
-        refused = unauthorized(request)
+        refused = _refused(model, request)
         if refused is not None:
             return refused
         created = int(time.time())
@@ -614,7 +621,7 @@ def create_app(model: FakeModel) -> FastAPI:
     async def chat(request: Request) -> Response:
         ticket = model.arrived()
         try:
-            response = await _chat(model, request, unauthorized, ticket)
+            response = await _chat(model, request, ticket)
         except BaseException:
             model.left(ticket)
             raise
@@ -622,6 +629,10 @@ def create_app(model: FakeModel) -> FastAPI:
             return response  # the stream leaves when it ends
         model.left(ticket)
         return response
+
+
+def _add_fake_routes(app: FastAPI, model: FakeModel) -> None:
+    """``/_fake/...``: the knobs, the counters, the requests seen, the gates."""
 
     @app.get("/_fake/config")
     async def get_config() -> dict[str, Any]:
@@ -658,13 +669,33 @@ def create_app(model: FakeModel) -> FastAPI:
     async def get_requests() -> list[dict[str, Any]]:
         return list(model.requests)
 
-    return app
 
-
-async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: int) -> Response:
-    refused: JSONResponse | None = unauthorized(request)
+async def _chat(model: FakeModel, request: Request, ticket: int) -> Response:
+    """One chat call: refused, held, failed on purpose, or answered (streamed or whole)."""
+    refused = _refused(model, request)
     if refused is not None:
         return refused
+    body = await _chat_body(request)
+    if body is None:
+        model.stats.failures["400"] += 1
+        return _missing_fields()
+    model.requests.append(body)
+    user_text = _user_text(body["messages"])
+    model.stats.by_prompt[user_text] += 1
+    directives, topic = _directives(model, user_text)
+    if not await _wait(model, request, ticket, directives):
+        model.stats.abandoned += 1
+        log.info("chat call abandoned by the client")
+        # Nobody reads this answer: the client is gone.
+        return Response(status_code=499)
+    failure = _failure(model, request, body, directives)
+    if failure is not None:
+        return failure
+    return _reply(model, ticket, body, directives, topic)
+
+
+async def _chat_body(request: Request) -> dict[str, Any] | None:
+    """The request's JSON body, if it names a model and has messages."""
     try:
         body = await request.json()
     except ValueError:
@@ -672,28 +703,40 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
     messages = body.get("messages") if isinstance(body, dict) else None
     model_name = body.get("model") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not messages or not isinstance(model_name, str):
-        model.stats.failures["400"] += 1
-        return JSONResponse(
-            {
-                "error": {
-                    "message": "'model' (a string) and 'messages' (a non-empty list) are required",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            },
-            status_code=400,
-        )
+        return None
     assert isinstance(body, dict)
-    model.requests.append(body)
-    user_text = _user_text(messages)
-    model.stats.by_prompt[user_text] += 1
+    return body
+
+
+def _missing_fields() -> JSONResponse:
+    """The 400 for a body without its model or messages, in OpenAI's error shape."""
+    return JSONResponse(
+        {
+            "error": {
+                "message": "'model' (a string) and 'messages' (a non-empty list) are required",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+        status_code=400,
+    )
+
+
+def _directives(model: FakeModel, user_text: str) -> tuple[Directives, str]:
+    """The call's directives, with ``first=N`` and a random failure applied, and its topic."""
     directives, topic = parse_directives(user_text)
     if directives.first is not None:
         model.calls_of[user_text] += 1
         if model.calls_of[user_text] > directives.first:
             directives.succeed()
     model.draw_failure(directives)
+    return directives, topic
+
+
+async def _wait(model: FakeModel, request: Request, ticket: int, directives: Directives) -> bool:
+    """Wait as the call asks (``together``, ``delay_ms``, ``timeout``); False as soon as
+    the client hangs up."""
     config = model.config
     delay_ms = config.delay_ms if directives.delay_ms is None else directives.delay_ms
     if directives.timeout:
@@ -707,10 +750,15 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
         waits.append(_hold())
     for wait in waits:
         if not await _unless_client_gone(request, wait):
-            model.stats.abandoned += 1
-            log.info("chat call abandoned by the client")
-            # Nobody reads this answer: the client is gone.
-            return Response(status_code=499)
+            return False
+    return True
+
+
+def _failure(
+    model: FakeModel, request: Request, body: dict[str, Any], directives: Directives
+) -> JSONResponse | None:
+    """The error the call asks for (timeout, status, an error event in a whole reply), if
+    any; else None, once the failures the reply itself carries are counted."""
     if directives.timeout:
         return error_response(504)
     if directives.error_event and not body.get("stream"):
@@ -719,45 +767,64 @@ async def _chat(model: FakeModel, request: Request, unauthorized: Any, ticket: i
         model.stats.failures[str(directives.status)] += 1
         return error_response(
             directives.status,
-            model=model_name,
+            model=body["model"],
             key=_bearer(request),
             retry_after=directives.retry_after,
         )
     for mode in ("garbage", "empty", "cut", "error_event"):
         if getattr(directives, mode):
             model.stats.failures[mode] += 1
+    return None
+
+
+def _reply(
+    model: FakeModel, ticket: int, body: dict[str, Any], directives: Directives, topic: str
+) -> Response:
+    """The completion: streamed when the body asks for it, else whole."""
     text = reply_text(topic, directives)
     usage = {
-        "prompt_tokens": _prompt_tokens(messages),
+        "prompt_tokens": _prompt_tokens(body["messages"]),
         "completion_tokens": _tokens(text),
     }
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     completion_id = f"chatcmpl-fake{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    if body.get("stream"):
-        model.stats.streams += 1
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        chunk_delay_ms = (
-            config.chunk_delay_ms
-            if directives.chunk_delay_ms is None
-            else directives.chunk_delay_ms
-        )
-        stream = _stream(
-            text,
-            completion_id=completion_id,
-            created=created,
-            model_name=model_name,
-            usage=usage if include_usage else None,
-            chunk_delay=chunk_delay_ms / 1000,
-            cut=directives.cut,
-            error=directives.error_event,
-            gate=model.gate(directives.gate) if directives.gate else None,
-            seed=topic,
-        )
-        return _Stream(stream, functools.partial(model.stream_ended, ticket))
+    if not body.get("stream"):
+        return _whole_reply(text, directives.cut, completion_id, created, body["model"], usage)
+    model.stats.streams += 1
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    chunk_delay_ms = (
+        model.config.chunk_delay_ms
+        if directives.chunk_delay_ms is None
+        else directives.chunk_delay_ms
+    )
+    stream = _stream(
+        text,
+        completion_id=completion_id,
+        created=created,
+        model_name=body["model"],
+        usage=usage if include_usage else None,
+        chunk_delay=chunk_delay_ms / 1000,
+        cut=directives.cut,
+        error=directives.error_event,
+        gate=model.gate(directives.gate) if directives.gate else None,
+        seed=topic,
+    )
+    return _Stream(stream, functools.partial(model.stream_ended, ticket))
+
+
+def _whole_reply(
+    text: str,
+    cut: bool,
+    completion_id: str,
+    created: int,
+    model_name: str,
+    usage: dict[str, int],
+) -> JSONResponse:
+    """A chat.completion; with ``cut``, its JSON cut in half (``finish_reason: "length"``)."""
     finish_reason = "stop"
-    if directives.cut:
+    if cut:
         text, finish_reason = text[: len(text) // 2], "length"
     return JSONResponse(
         {
@@ -804,6 +871,35 @@ async def _unless_client_gone(request: Request, wait: Awaitable[None]) -> bool:
     return not (watching.done() and not watching.cancelled())
 
 
+def _pieces(text: str, seed: str) -> list[str]:
+    """``text`` in pieces of 4 to 16 characters, about one to four tokens each; the same
+    seed always cuts the same text the same way."""
+    rng = random.Random(seed)
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        size = rng.randint(4, 16)  # about one to four tokens
+        pieces.append(text[start : start + size])
+        start += size
+    return pieces
+
+
+def _delta(content: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
+    """The ``choices`` of a chunk carrying ``content``."""
+    return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}]
+
+
+def _error_event() -> bytes:
+    """The event OpenAI sends when it fails after the stream began."""
+    failure = {
+        "message": _SERVER_ERROR,
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    return f"data: {json.dumps({'error': failure})}\n\n".encode()
+
+
 async def _stream(
     text: str,
     *,
@@ -832,29 +928,14 @@ async def _stream(
             chunk["usage"] = chunk_usage
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
-    def delta(content: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}]
-
-    rng = random.Random(seed)
-    pieces: list[str] = []
-    start = 0
-    while start < len(text):
-        size = rng.randint(4, 16)  # about one to four tokens
-        pieces.append(text[start : start + size])
-        start += size
-    yield event(delta({"role": "assistant", "content": "", "refusal": None}))
+    pieces = _pieces(text, seed)
+    yield event(_delta({"role": "assistant", "content": "", "refusal": None}))
     for number, piece in enumerate(pieces):
         if cut and number >= len(pieces) // 2:
             return  # the connection drops: no finish_reason, no [DONE]
         if error and number >= len(pieces) // 2:
             # The provider gives up midway: an error event, then the stream ends.
-            failure = {
-                "message": _SERVER_ERROR,
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-            yield f"data: {json.dumps({'error': failure})}\n\n".encode()
+            yield _error_event()
             return
         if gate is not None and number == len(pieces) // 2:
             # Starlette cancels this generator if the client hangs up meanwhile.
@@ -863,8 +944,8 @@ async def _stream(
                     await gate.wait()
         if chunk_delay:
             await asyncio.sleep(chunk_delay)
-        yield event(delta({"content": piece}))
-    yield event(delta({}, "stop"))
+        yield event(_delta({"content": piece}))
+    yield event(_delta({}, "stop"))
     if usage is not None:
         yield event([], usage)
     yield b"data: [DONE]\n\n"
@@ -894,42 +975,3 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_end(self._finished)
-
-
-async def _serve(settings: FakeSettings, stop: asyncio.Event) -> None:
-    model = FakeModel(FakeConfig.from_settings(settings), seed=settings.seed)
-    log.warning(
-        "offline OpenAI stand-in listening: its drawings are canned, not a real model",
-        base_url=f"http://{settings.host}:{settings.port}/v1",
-        **model.config.public(),
-    )
-    await serve_http(create_app(model), settings.port, stop, host=settings.host)
-
-
-def _load_settings() -> FakeSettings:
-    """FakeSettings from the environment, or exit 2 naming each bad variable (with its
-    FAKE_OPENAI_ prefix, which canvas_events' load_settings does not know about)."""
-    try:
-        return FakeSettings()
-    except ValidationError as exc:
-        for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else "<settings>"
-            if name in FakeSettings.model_fields:
-                name = f"FAKE_OPENAI_{name}"
-            print(
-                f"canvas-fake-openai: invalid setting {name.upper()}: {err['msg']}", file=sys.stderr
-            )
-        raise SystemExit(2) from None
-
-
-def main() -> None:
-    """``canvas-fake-openai``: serve the stand-in until SIGTERM."""
-    settings = _load_settings()
-    configure_logging("fake-openai", settings.log_level, settings.log_format)
-    if settings.require_key is not None:
-        register_secret(settings.require_key.get_secret_value())
-    run(functools.partial(_serve, settings))
-
-
-if __name__ == "__main__":
-    main()

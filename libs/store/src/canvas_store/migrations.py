@@ -13,14 +13,14 @@ from typing import Final
 import asyncpg
 import structlog
 
-log = structlog.get_logger("canvas_orchestrator.migrations")
+log = structlog.get_logger("canvas_store.migrations")
 
 MIGRATION_LOCK_KEY: Final = 0x63616E7661730003
 
 
 def available() -> list[tuple[str, str]]:
     """(name, SQL) of every migration shipped with this build, in the order to apply."""
-    folder = resources.files("canvas_orchestrator") / "migrations"
+    folder = resources.files("canvas_store") / "migrations"
     files = sorted(
         (item for item in folder.iterdir() if item.name.endswith(".sql")),
         key=lambda item: item.name,

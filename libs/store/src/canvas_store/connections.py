@@ -1,4 +1,5 @@
-"""Connections to the orchestrator's database: JSON columns as Python values."""
+"""Connections to the canvas-jobs database: JSON columns as Python values, the
+services' session settings, one way for every pool and every single connection."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def _dumps(value: Any) -> str:
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Decode json/jsonb columns to Python values and encode them from Python values."""
+    """Decode json and jsonb columns to Python values and encode them from Python values
+    (a pool's ``init``)."""
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
@@ -46,7 +48,7 @@ async def connect(
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections have :func:`init_connection` applied."""
+    """A pool whose connections have :func:`init_connection` applied (tests, commands)."""
     pool: asyncpg.Pool | None = await asyncpg.create_pool(
         dsn,
         min_size=min_size,

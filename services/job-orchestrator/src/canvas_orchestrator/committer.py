@@ -1,0 +1,274 @@
+"""One path for recording a decision: the transaction in which the message handler and
+the timers alike record what they decided.
+
+In one :meth:`Committer.transaction`:
+
+1. ``lock``: the consumed messages' ids go into ``processed_messages`` (a redelivery
+   changes nothing) and the jobs' rows are locked, in id order, in one round trip; a job
+   without a row has its recording lock taken and is looked for again (another replica
+   may have recorded it meanwhile), and the cancels requested for it are read under
+   that lock;
+2. ``load``: each job's stream, read again only when its row's version says another
+   writer moved it since this process last recorded it (the stream cache);
+3. the caller decides, and ``record`` stages each decision's events on its stream,
+   evolving the job's state as it goes;
+4. at the end: the read models are projected, then every stream is appended in one
+   statement, and the transaction commits. Every append holds the lock that keeps
+   positions in commit order until it commits; projecting first leaves only the append
+   and the commit inside it, and one append for many jobs is what lets the store keep
+   up under load.
+
+A writer that lost a race (another appended first) gets one of :data:`CONFLICTS` and
+decides again on a fresh read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+from uuid import UUID
+
+import asyncpg
+
+from canvas_events.envelope import Envelope
+from canvas_events.events import Event, parse_event
+from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database
+from canvas_orchestrator import domain
+from canvas_orchestrator.domain import JobState
+from canvas_orchestrator.projections import project
+from canvas_store import cancels
+from canvas_store.errors import ConcurrencyError
+from canvas_store.events import Append, RecordedEvent, append_streams, load_streams
+from canvas_store.jobs import canvas_owner
+
+Clock = Callable[[], datetime]
+
+# The consumer name of the orchestrator's processed_messages rows.
+CONSUMER: Final = "job-orchestrator"
+# Namespace of the two-key advisory locks that serialise new jobs on one canvas.
+CANVAS_LOCK_CLASS: Final = 0x63610002
+# Running jobs whose state is kept between transactions, at most.
+KNOWN_JOBS: Final = 2_000
+# Another writer was first; what was decided is fine, so decide again on a fresh read.
+CONFLICTS: Final = (
+    ConcurrencyError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+@dataclass
+class Stream:
+    """One job within a transaction: its stream as read, and its state as the events
+    staged on it evolve it."""
+
+    job_id: UUID
+    state: JobState
+    history: list[RecordedEvent]
+    owner: str | None
+    base_version: int
+    staged: list[Envelope] = field(default_factory=list)
+    # After the commit: the staged events as recorded, with their positions.
+    recorded: list[RecordedEvent] = field(default_factory=list)
+
+    def stage(self, decided: Sequence[Event], cause: Envelope, now: datetime) -> None:
+        """Stage ``decided``, which ``cause`` led to, and evolve the state by them. The
+        recorded copy of an incoming event keeps the time it happened at its source;
+        what the orchestrator decides happened at ``now`` (so that next_attempt_at -
+        occurred_at is exactly the backoff)."""
+        for event in decided:
+            if self.owner is None:
+                self.owner = cause.user_id
+            canvas_id = (
+                self.state.canvas_id if self.state.exists else getattr(event, "canvas_id", None)
+            )
+            source = event.type_name() == cause.type
+            self.staged.append(
+                cause.follow(
+                    event,
+                    job_id=self.job_id,
+                    user_id=self.owner,
+                    canvas_id=canvas_id,
+                    occurred_at=cause.occurred_at if source else now,
+                )
+            )
+            self.state = domain.evolve(self.state, event)
+
+
+class Transaction:
+    """What :meth:`Committer.transaction` yields; see the module docstring."""
+
+    def __init__(self, conn: asyncpg.Connection, now: datetime, known: dict[UUID, Stream]) -> None:
+        self.conn = conn
+        self.now = now
+        self._known = known
+        self._versions: dict[UUID, int] = {}
+        # The cancels requested for jobs that had no row when locked.
+        self.new_job_cancels: dict[UUID, Envelope] = {}
+        # Streams with staged events, in the order they were first staged: the order they
+        # are appended in, so that positions tell the order the decisions were made in
+        # (the first job on a new canvas is the one that owns it, on replay too).
+        self.changed: dict[UUID, Stream] = {}
+
+    async def lock(self, job_ids: Sequence[UUID], *, messages: Sequence[UUID] = ()) -> set[UUID]:
+        """Lock ``job_ids`` (sorted) and mark ``messages`` processed; the message ids
+        that were not processed before."""
+        rows = await self.conn.fetch(
+            """
+            WITH fresh AS (
+                INSERT INTO processed_messages (consumer, message_id)
+                SELECT $1, m FROM unnest($2::uuid[]) AS m
+                ON CONFLICT DO NOTHING RETURNING message_id
+            ), locked AS (
+                SELECT id, version FROM jobs WHERE id = ANY($3::uuid[])
+                ORDER BY id FOR UPDATE
+            )
+            SELECT message_id AS id, NULL::int AS version FROM fresh
+            UNION ALL
+            SELECT id, version FROM locked
+            """,
+            CONSUMER,
+            list(messages),
+            list(job_ids),
+        )
+        fresh = {row["id"] for row in rows if row["version"] is None}
+        self._versions |= {row["id"]: row["version"] for row in rows if row["version"] is not None}
+        missing = [job_id for job_id in job_ids if job_id not in self._versions]
+        if missing and (fresh or not messages):
+            await self._lock_new_jobs(missing)
+        return fresh
+
+    async def _lock_new_jobs(self, job_ids: Sequence[UUID]) -> None:
+        """Take the recording lock of each job that had no row (in id order, as every
+        transaction does), then look again: another replica may have recorded one while
+        this one waited. The gateway writes a cancel under the same lock, so none
+        written before is missed."""
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext(id::text)) FROM unnest($2::uuid[]) AS id",
+            JOB_RECORDING_LOCK_CLASS,
+            list(job_ids),
+        )
+        rows = await self.conn.fetch(
+            "SELECT id, version FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
+            list(job_ids),
+        )
+        self._versions |= {row["id"]: row["version"] for row in rows}
+        self.new_job_cancels = await cancels.pending(self.conn, job_ids)
+
+    def is_recorded(self, job_id: UUID) -> bool:
+        """Whether the locked job has a row (a job not recorded yet has none)."""
+        return job_id in self._versions
+
+    async def load(self, job_ids: Sequence[UUID]) -> dict[UUID, Stream]:
+        """Each job's stream and state: as this process recorded it last when its locked
+        row says nothing moved since, else read (one query for all)."""
+        found: dict[UUID, tuple[JobState, list[RecordedEvent]]] = {}
+        for job_id in job_ids:
+            known = self._known.get(job_id)
+            if known is not None and known.state.version == self._versions.get(job_id):
+                found[job_id] = (known.state, known.history)
+        unknown = [job_id for job_id in job_ids if job_id not in found]
+        for job_id, history in (await load_streams(self.conn, unknown)).items():
+            found[job_id] = (state_of(history, job_id), history)
+        return {
+            job_id: Stream(
+                job_id=job_id,
+                state=state,
+                history=history,
+                owner=history[0].envelope.user_id if history else None,
+                base_version=state.version,
+            )
+            for job_id, (state, history) in found.items()
+        }
+
+    def stage(self, stream: Stream, decided: Sequence[Event], cause: Envelope) -> None:
+        """Stage ``decided`` on ``stream`` (see :meth:`Stream.stage`), to be recorded
+        when the transaction ends."""
+        if decided:
+            stream.stage(decided, cause, self.now)
+            self.changed.setdefault(stream.job_id, stream)
+
+    async def canvas_available(self, canvas_id: str, user_id: str | None) -> bool:
+        """Whether ``user_id`` may draw on ``canvas_id``: it is new, or it is theirs. Two
+        first jobs on one new canvas by two users: the second waits, then sees the first."""
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", CANVAS_LOCK_CLASS, canvas_id
+        )
+        owner = await canvas_owner(self.conn, canvas_id)
+        return owner is None or owner == user_id
+
+    async def _flush(self) -> None:
+        """Project, then append every changed stream in one statement."""
+        for stream in self.changed.values():
+            await project(self.conn, _unpositioned(stream, self.now))
+        recorded = await append_streams(
+            self.conn,
+            [Append(s.job_id, s.base_version, s.staged) for s in self.changed.values()],
+            position_job=True,
+        )
+        offset = 0
+        for stream in self.changed.values():
+            stream.recorded = recorded[offset : offset + len(stream.staged)]
+            offset += len(stream.staged)
+
+
+class Committer:
+    """Opens the transactions decisions are recorded in, and keeps the stream cache."""
+
+    def __init__(self, database: Database, *, clock: Callable[[], datetime]) -> None:
+        self._database = database
+        self._clock = clock
+        # The streams of the running jobs this process recorded last, newest last.
+        self._known: OrderedDict[UUID, Stream] = OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """A transaction whose staged events are projected, appended and committed when
+        the block ends without an error (nothing is, when it raises)."""
+        async with self._database.pool.acquire() as conn:
+            async with conn.transaction():
+                tx = Transaction(conn, self._clock(), self._known)
+                yield tx
+                await tx._flush()
+            for stream in tx.changed.values():
+                self._remember(stream)
+
+    def _remember(self, stream: Stream) -> None:
+        """Keep a running job's stream as committed, for its next transaction."""
+        if stream.state.is_final:
+            self._known.pop(stream.job_id, None)
+            return
+        self._known[stream.job_id] = Stream(
+            job_id=stream.job_id,
+            state=stream.state,
+            history=[*stream.history, *stream.recorded],
+            owner=stream.owner,
+            base_version=stream.state.version,
+        )
+        self._known.move_to_end(stream.job_id)
+        while len(self._known) > KNOWN_JOBS:
+            self._known.popitem(last=False)
+
+
+def _unpositioned(stream: Stream, now: datetime) -> list[RecordedEvent]:
+    """The staged events as they will be recorded, but for their positions (0 until the
+    append, which sets the jobs row's last_position itself)."""
+    return [
+        RecordedEvent(
+            stream_id=stream.job_id,
+            version=stream.base_version + number,
+            position=0,
+            recorded_at=now,
+            envelope=envelope,  # job_id set by follow()
+        )
+        for number, envelope in enumerate(stream.staged, start=1)
+    ]
+
+
+def state_of(history: Sequence[RecordedEvent], job_id: UUID) -> JobState:
+    """The fold of a loaded stream."""
+    return domain.fold(job_id, (parse_event(item.envelope) for item in history))
