@@ -23,11 +23,12 @@ and raises :class:`PublishError`, never passes for delivered.
 Why a supervisor of our own rather than aio-pika's robust connection: robust
 connections restore only what is still referenced, and consumers have been reported
 not to come back after an ungraceful broker restart, nor after the broker cancelled
-them (FIELD-NOTES). Here every (re)connect declares the topology and starts every
-consumer again from scratch; a consumer the broker cancels (its queue deleted) makes
-the service reconnect; and the topology is declared again every
-``topology_interval`` seconds, and at once after a returned message, so that queues
-an operator deleted come back within seconds even where nobody consumes them.
+them (aio-pika issues 231, 334, 626 and 632; docs/events.md, "Topology"). Here every
+(re)connect declares the topology and starts every consumer again from scratch; a
+consumer the broker cancels (its queue deleted) makes the service reconnect; and the
+topology is declared again every ``topology_interval`` seconds, and at once after a
+returned message, so that queues an operator deleted come back within seconds even
+where nobody consumes them.
 
 Which of these happens is decided apart from AMQP: :class:`Deliveries` runs the handler
 and returns a :data:`Verdict` (ack, dead-letter, requeue as is, redeliver with one more

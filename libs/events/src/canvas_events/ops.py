@@ -144,45 +144,37 @@ class Probes:
         from fastapi import APIRouter, Response
 
         router = APIRouter(tags=tags)
-
-        async def respond(path: str) -> Response:
-            answer = await self.answer(path)
-            assert answer is not None  # every route below is a probe
-            return Response(answer.body, answer.status, media_type=answer.content_type)
-
-        @router.get(
-            "/health",
-            summary="Alive",
-            description="200 while the process runs.",
-            response_class=Response,
-            response_model=None,
-            responses=_HEALTH_RESPONSES,
+        routes = (
+            ("/health", "Alive", "200 while the process runs.", _HEALTH_RESPONSES),
+            ("/ready", "Ready to serve", ready_description, _READY_RESPONSES),
+            (
+                "/metrics",
+                "Prometheus metrics",
+                "Prometheus text; every name starts with `canvas_`.",
+                _METRICS_RESPONSES,
+            ),
         )
-        async def health() -> Response:
-            return await respond("/health")
 
-        @router.get(
-            "/ready",
-            summary="Ready to serve",
-            description=ready_description,
-            response_class=Response,
-            response_model=None,
-            responses=_READY_RESPONSES,
-        )
-        async def ready() -> Response:
-            return await respond("/ready")
+        def endpoint(path: str) -> Callable[[], Awaitable[Response]]:
+            async def probe() -> Response:
+                answer = await self.answer(path)
+                assert answer is not None  # every route here is a probe
+                return Response(answer.body, answer.status, media_type=answer.content_type)
 
-        @router.get(
-            "/metrics",
-            summary="Prometheus metrics",
-            description="Prometheus text; every name starts with `canvas_`.",
-            response_class=Response,
-            response_model=None,
-            responses=_METRICS_RESPONSES,
-        )
-        async def metrics() -> Response:
-            return await respond("/metrics")
+            return probe
 
+        for path, summary, description, responses in routes:
+            router.add_api_route(
+                path,
+                endpoint(path),
+                methods=["GET"],
+                name=path.strip("/"),
+                summary=summary,
+                description=description,
+                response_class=Response,
+                response_model=None,
+                responses=responses,
+            )
         return router
 
 

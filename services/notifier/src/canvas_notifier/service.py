@@ -470,16 +470,9 @@ class Notifier:
         # A log line costs more CPU than the fan-out of its event (about 150 us; and
         # structlog runs its processors even for a line the level then drops): INFO
         # for a job's outcomes, the rest only when DEBUG is on.
-        if frame.type in OUTCOME_FRAMES:
-            log.info(
-                "event pushed",
-                type=envelope.type,
-                position=envelope.position,
-                user_id=envelope.user_id,
-                connections=taken,
-            )
-        elif self._log_every_event:
-            log.debug(
+        outcome = frame.type in OUTCOME_FRAMES
+        if outcome or self._log_every_event:
+            (log.info if outcome else log.debug)(
                 "event pushed",
                 type=envelope.type,
                 position=envelope.position,
