@@ -11,7 +11,7 @@ balancer or Kubernetes reads the same shapes from all four (docs/api.md, docs/op
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -20,6 +20,9 @@ import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
     ProcessCollector,
     generate_latest,
 )
@@ -72,6 +75,25 @@ def new_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     ProcessCollector(namespace="canvas", registry=registry)
     return registry
+
+
+class MetricSet:
+    """The base of each service's ``Metrics``: a registry of its own per instance (tests
+    run several services in one process) and the metrics declared on it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else new_registry()
+
+    def counter(self, name: str, doc: str, *, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, *, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    def histogram(
+        self, name: str, doc: str, *, buckets: Sequence[float], labels: Sequence[str] = ()
+    ) -> Histogram:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
 
 def metrics_payload(registry: CollectorRegistry) -> tuple[bytes, str]:

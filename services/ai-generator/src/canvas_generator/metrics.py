@@ -4,9 +4,7 @@ lists them; dashboards and alerts use these names."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
-
-from canvas_events.ops import new_registry
+from canvas_events.ops import MetricSet
 from canvas_generator.checks import SkipReason
 from canvas_generator.errors import FailureKind
 
@@ -16,79 +14,69 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 _PUBLISH_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
-class Metrics:
+class Metrics(MetricSet):
     """Every metric the ai-generator serves at /metrics; names start with ``canvas_``."""
 
     def __init__(self) -> None:
-        self.registry = new_registry()
+        super().__init__()
         self._add_attempt_metrics()
         self._add_model_metrics()
         self._show_every_label()
 
     def _add_attempt_metrics(self) -> None:
         """What became of the attempts taken from the work queue."""
-        self.generation_attempt_seconds = Histogram(
+        self.generation_attempt_seconds = self.histogram(
             "canvas_generation_attempt_seconds",
             "Duration of one attempt, from taking the work to publishing its result.",
-            ["outcome"],
+            labels=["outcome"],
             buckets=_SECONDS,
-            registry=self.registry,
         )
-        self.generations_in_flight = Gauge(
+        self.generations_in_flight = self.gauge(
             "canvas_generations_in_flight",
             "Attempts this process is working on right now.",
-            registry=self.registry,
         )
-        self.generations_cancelled = Counter(
+        self.generations_cancelled = self.counter(
             "canvas_generation_cancelled_total",
             "Attempts aborted during their model call because their job was cancelled.",
-            registry=self.registry,
         )
-        self.generations_adopted = Counter(
+        self.generations_adopted = self.counter(
             "canvas_generation_adopted_total",
             "Attempts handed out again (a connection blip) while this process still ran "
             "them: the run in hand was adopted, the model not called twice.",
-            registry=self.registry,
         )
-        self.generations_skipped = Counter(
+        self.generations_skipped = self.counter(
             "canvas_generation_skipped_total",
             "Attempts taken from the work queue and dropped before any model call, by reason.",
-            ["reason"],
-            registry=self.registry,
+            labels=["reason"],
         )
 
     def _add_model_metrics(self) -> None:
         """The model calls, and the objects of their replies."""
-        self.openai_request_seconds = Histogram(
+        self.openai_request_seconds = self.histogram(
             "canvas_openai_request_seconds",
             "Duration of one chat completion call to the model, answered or not.",
             buckets=_SECONDS,
-            registry=self.registry,
         )
-        self.openai_errors = Counter(
+        self.openai_errors = self.counter(
             "canvas_openai_errors_total",
             "Attempts that ended without a drawing, by failure kind.",
-            ["kind"],
-            registry=self.registry,
+            labels=["kind"],
         )
-        self.generated_objects = Counter(
+        self.generated_objects = self.counter(
             "canvas_generated_objects_total",
             "Objects in model replies: valid ones kept, invalid ones dropped.",
-            ["result"],
-            registry=self.registry,
+            labels=["result"],
         )
-        self.first_object_seconds = Histogram(
+        self.first_object_seconds = self.histogram(
             "canvas_generation_first_object_seconds",
             "From the start of a streamed model call to its first valid object.",
             buckets=_SECONDS,
-            registry=self.registry,
         )
-        self.progress_publish_seconds = Histogram(
+        self.progress_publish_seconds = self.histogram(
             "canvas_progress_publish_seconds",
             "From an object complete in the model's stream to its GenerationProgressed "
             "confirmed by the broker.",
             buckets=_PUBLISH_SECONDS,
-            registry=self.registry,
         )
 
     def _show_every_label(self) -> None:

@@ -3,45 +3,38 @@ can build many apps in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
-
-from canvas_events.ops import new_registry
+from canvas_events.ops import MetricSet
 
 # Seconds: most answers take a few milliseconds; a create waits for the broker's confirm.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Metrics:
+class Metrics(MetricSet):
     """Every metric the gateway exports at /metrics; names start with ``canvas_``."""
 
     def __init__(self) -> None:
-        self.registry = new_registry()
-        self.http_requests = Counter(
+        super().__init__()
+        self.http_requests = self.counter(
             "canvas_http_requests_total",
             "HTTP requests answered, by route template and status code.",
-            ["method", "route", "status"],
-            registry=self.registry,
+            labels=["method", "route", "status"],
         )
-        self.http_seconds = Histogram(
+        self.http_seconds = self.histogram(
             "canvas_http_request_seconds",
             "Time to answer an HTTP request, by route template.",
-            ["route"],
+            labels=["route"],
             buckets=_BUCKETS,
-            registry=self.registry,
         )
-        self.jobs_accepted = Counter(
+        self.jobs_accepted = self.counter(
             "canvas_jobs_accepted_total",
             "Jobs accepted (202) whose JobRequested the broker confirmed; duplicates excluded.",
-            registry=self.registry,
         )
-        self.jobs_rejected = Counter(
+        self.jobs_rejected = self.counter(
             "canvas_jobs_rejected_total",
             "Job requests refused after validation, by reason (limit, canvas, publish).",
-            ["reason"],
-            registry=self.registry,
+            labels=["reason"],
         )
-        self.publish_failures = Counter(
+        self.publish_failures = self.counter(
             "canvas_publish_failures_total",
             "Messages the broker did not confirm (answered 503).",
-            registry=self.registry,
         )

@@ -3,75 +3,65 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from canvas_events.ops import new_registry
+from canvas_events.ops import MetricSet
 
 # Model calls take seconds; a lease is minutes.
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
 
 
-class Metrics:
+class Metrics(MetricSet):
     """Every metric the orchestrator serves at /metrics."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else new_registry()
-        self.jobs = Counter(
+        super().__init__(registry)
+        self.jobs = self.counter(
             "canvas_jobs_total",
             "Jobs that reached each status (a retried job counts each time it is queued).",
-            ["status"],
-            registry=self.registry,
+            labels=["status"],
         )
-        self.messages = Counter(
+        self.messages = self.counter(
             "canvas_orchestrator_messages_total",
             "Messages consumed, by event type and outcome "
             "(recorded, ignored, duplicate, dead_lettered, retried).",
-            ["type", "outcome"],
-            registry=self.registry,
+            labels=["type", "outcome"],
         )
-        self.batch_messages = Histogram(
+        self.batch_messages = self.histogram(
             "canvas_orchestrator_batch_messages",
             "Messages of one job handled in one transaction.",
             buckets=_BATCH_BUCKETS,
-            registry=self.registry,
         )
-        self.attempt_duration = Histogram(
+        self.attempt_duration = self.histogram(
             "canvas_attempt_duration_seconds",
             "From GenerationRequested to the attempt's recorded result.",
-            ["outcome"],
+            labels=["outcome"],
             buckets=_ATTEMPT_BUCKETS,
-            registry=self.registry,
         )
-        self.timers = Counter(
+        self.timers = self.counter(
             "canvas_orchestrator_timers_total",
             "Timers fired: retry_due (a job queued again), lease_expired (an attempt given up).",
-            ["kind"],
-            registry=self.registry,
+            labels=["kind"],
         )
-        self.outbox_lag = Gauge(
+        self.outbox_lag = self.gauge(
             "canvas_outbox_lag_events",
             "Recorded events not yet published by the relay (last position - checkpoint).",
-            registry=self.registry,
         )
-        self.outbox_published = Counter(
+        self.outbox_published = self.counter(
             "canvas_outbox_published_total",
             "Events the relay published with a broker confirm.",
-            registry=self.registry,
         )
-        self.relay_active = Gauge(
+        self.relay_active = self.gauge(
             "canvas_outbox_relay_active",
             "1 while this process holds the relay lock and publishes; 0 on standby.",
-            registry=self.registry,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = self.gauge(
             "canvas_queue_depth",
             "Messages ready in a queue, sampled at scrape.",
-            ["queue"],
-            registry=self.registry,
+            labels=["queue"],
         )
-        self.oldest_queued_age = Gauge(
+        self.oldest_queued_age = self.gauge(
             "canvas_queue_oldest_age_seconds",
             "How long the longest-waiting queued job has waited (0 when none), at scrape.",
-            registry=self.registry,
         )

@@ -4,48 +4,40 @@ alerts use these names."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
-
-from canvas_events.ops import new_registry
+from canvas_events.ops import MetricSet
 from canvas_notifier.frames import STATUS_TYPES
 
 
-class Metrics:
+class Metrics(MetricSet):
     """Every metric the notifier serves at /metrics; names start with ``canvas_``."""
 
     def __init__(self) -> None:
-        self.registry = new_registry()
-        self.connections = Gauge(
+        super().__init__()
+        self.connections = self.gauge(
             "canvas_websocket_connections",
             "Open WebSocket connections (authenticated).",
-            registry=self.registry,
         )
-        self.messages_sent = Counter(
+        self.messages_sent = self.counter(
             "canvas_websocket_messages_sent_total",
             "Frames written to WebSocket connections, events and control frames.",
-            registry=self.registry,
         )
-        self.slow_client_closes = Counter(
+        self.slow_client_closes = self.counter(
             "canvas_websocket_slow_client_closes_total",
             "Connections closed with 4008 because their outbox filled up.",
-            registry=self.registry,
         )
-        self.replayed_events = Counter(
+        self.replayed_events = self.counter(
             "canvas_notifier_replayed_events_total",
             "Events read back from the event store for a connection (after=, broker reconnects).",
-            registry=self.registry,
         )
-        self.events_received = Counter(
+        self.events_received = self.counter(
             "canvas_notifier_events_total",
             "Recorded status events taken from the broker, by event type.",
-            ["type"],
-            registry=self.registry,
+            labels=["type"],
         )
-        self.resyncs = Counter(
+        self.resyncs = self.counter(
             "canvas_notifier_resyncs_total",
             "Times every connection replayed from the event store because the broker queue "
             "was new.",
-            registry=self.registry,
         )
         # Every type shows from the start (at 0), so that rate() works before the first event.
         for event_type in STATUS_TYPES:
