@@ -8,11 +8,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
-import asyncpg
 import pytest
 
 from canvas_events.topology import Topology
 from tests.support.env import amqp_url as _amqp_url
+from tests.support.env import create_database, drop_database
 from tests.support.env import database_url as _database_url
 
 
@@ -25,18 +25,10 @@ def amqp_url() -> str:
 @pytest.fixture
 async def database_url() -> AsyncIterator[str]:
     """A fresh, empty database for one test; dropped afterwards."""
-    name = f"cj_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(_database_url("postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _database_url(name)
-    admin = await asyncpg.connect(_database_url("postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    url = _database_url(f"cj_test_{uuid.uuid4().hex[:12]}")
+    await create_database(url)
+    yield url
+    await drop_database(url)
 
 
 @pytest.fixture

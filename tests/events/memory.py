@@ -1,4 +1,4 @@
-"""What the in-memory broker's tests share: envelopes to publish and a fake clock."""
+"""What the broker tests share: envelopes to publish, and a fake clock for the in-memory one."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -16,18 +15,14 @@ from canvas_events.broker import (
     ACK,
     ATTEMPTS_HEADER,
     DEAD_LETTERED_AT_HEADER,
-    Broker,
-    Consumer,
     Outcome,
     Retry,
 )
 from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage
-from canvas_events.testing import InMemoryBroker
-from canvas_events.topology import Topology
+from tests.events.brokers import KEY, Brokers, Handler, InMemory, OnRabbitMQ
 from tests.events.memory import job_requested
 
-KEY = "gateway.JobRequested"
 # (routing key, x-canvas-attempts, redelivered) of each delivery the handler got
 Delivery = tuple[str, Any, bool]
 
@@ -79,7 +74,7 @@ class Run:
     dead_letters: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def consumer(self, topology: Topology, scenario: Scenario) -> Consumer:
+    def handler(self, scenario: Scenario) -> Handler:
         async def handler(envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
             headers = message.headers or {}
             attempts = headers.get(ATTEMPTS_HEADER)
@@ -88,7 +83,7 @@ class Run:
                 self.finished.set()
             return scenario.behaviour(len(self.deliveries))
 
-        return Consumer(topology.orchestrator, handler, max_attempts=3, retry_delay=0.02)
+        return handler
 
     def dead(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
@@ -96,71 +91,30 @@ class Run:
         self.dead_letters.append((message.body, headers))
 
 
-async def _publish_raw(url: str, topology: Topology, body: bytes) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        exchange = await (await connection.channel()).get_exchange(topology.exchange)
-        await exchange.publish(aio_pika.Message(body), KEY)
-
-
-async def _on_rabbitmq(url: str, topology: Topology, scenario: Scenario, sent: Envelope) -> Run:
+async def _run(brokers: Brokers, scenario: Scenario, sent: Envelope) -> Run:
     run = Run()
-    broker = Broker(url, topology, connection_name="parity")
-    broker.add_consumer(run.consumer(topology, scenario))
-    await broker.start()
-    try:
-        await broker.wait_connected(10)
-        if scenario.body is None:
-            await broker.publish(sent, KEY)
-        else:
-            await _publish_raw(url, topology, scenario.body)
-        if not scenario.dead_letters:
-            await asyncio.wait_for(run.finished.wait(), 10)
-        connection = await aio_pika.connect(url)
-        async with connection:
-            channel = await connection.channel()
-            dlq = await channel.declare_queue(topology.orchestrator.dead_letter_queue, passive=True)
-            for _ in range(scenario.dead_letters):
-                run.dead(await _get(dlq))
-    finally:
-        await broker.stop()
-    return run
-
-
-async def _get(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage:
-    for _ in range(500):
-        message = await queue.get(fail=False)
-        if message is not None:
-            await message.ack()
-            return message
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"nothing arrived on {queue.name}")
-
-
-async def _in_memory(topology: Topology, scenario: Scenario, sent: Envelope) -> Run:
-    run = Run()
-    broker = InMemoryBroker(topology)
-    broker.add_consumer(run.consumer(topology, scenario))
-    await broker.start()
+    broker = await brokers.started(run.handler(scenario), retry_delay=0.02)
     if scenario.body is None:
         await broker.publish(sent, KEY)
     else:
-        await broker.publish_raw(scenario.body, KEY)
-    await broker.wait_idle()
-    for message in broker.dead_letters(topology.orchestrator):
+        await brokers.publish_raw(scenario.body, KEY)
+    if not scenario.dead_letters:
+        await asyncio.wait_for(run.finished.wait(), 10)
+    for message in await brokers.dead_letters(scenario.dead_letters):
         run.dead(message)
-    await broker.stop()
+    await brokers.stop()
     return run
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 async def test_the_in_memory_broker_has_the_outcomes_of_the_real_one(
-    amqp_url: str, topology: Topology, name: str
+    rabbitmq: OnRabbitMQ, name: str
 ) -> None:
     scenario = SCENARIOS[name]
     sent = job_requested()
-    real = await _on_rabbitmq(amqp_url, topology, scenario, sent)
-    fake = await _in_memory(topology, scenario, sent)
+    real = await _run(rabbitmq, scenario, sent)
+    # The same names: queue names stand in routing keys and dead letters' headers.
+    fake = await _run(InMemory(rabbitmq.topology), scenario, sent)
     assert len(real.deliveries) == scenario.calls
     assert len(real.dead_letters) == scenario.dead_letters
     assert fake.deliveries == real.deliveries

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +22,9 @@ from canvas_events.envelope import Envelope
 from canvas_events.topology import Topology
 from canvas_gateway.service import serve
 from canvas_gateway.settings import Settings
-from canvas_store.migrations import migrate
+from tests.support.processes import free_port
+from tests.support.schema import apply_orchestrator_schema
+from tests.support.waiting import eventually
 
 JWT_SECRET = "gateway-tests-secret-0123456789-abcdefghijklmnop"
 DEADLINE_SECONDS = 15.0
@@ -33,32 +33,6 @@ DEADLINE_SECONDS = 15.0
 def token(user: str, *, admin: bool = False) -> dict[str, str]:
     """Authorization headers for ``user``."""
     return {"Authorization": f"Bearer {mint_token(user, JWT_SECRET, admin=admin)}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail after the deadline."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def apply_orchestrator_schema(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)  # the orchestrator's schema, as it applies it at start
-    finally:
-        await conn.close()
 
 
 @dataclass
@@ -138,7 +112,7 @@ async def running_gateway(
                     return False
                 return response.status_code == 200
 
-            await eventually(up, "the gateway to answer")
+            await eventually(up, timeout=DEADLINE_SECONDS, what="the gateway to answer")
             yield Gateway(client, settings, database_url)
     finally:
         stop.set()
@@ -181,7 +155,9 @@ async def orchestrator_queue(
         async def get() -> aio_pika.abc.AbstractIncomingMessage | None:
             return await queue.get(no_ack=True, fail=False)
 
-        message = await eventually(get, "a message on the orchestrator queue")
+        message = await eventually(
+            get, timeout=DEADLINE_SECONDS, what="a message on the orchestrator queue"
+        )
         return message.routing_key or "", Envelope.from_json(message.body)
 
     try:

@@ -13,16 +13,10 @@ import orjson
 
 from canvas_events.envelope import Envelope
 from canvas_events.topology import Topology
-from tests.gateway.conftest import (
-    JWT_SECRET,
-    Gateway,
-    apply_orchestrator_schema,
-    eventually,
-    free_port,
-    gateway_settings,
-    running_gateway,
-    token,
-)
+from tests.gateway.conftest import JWT_SECRET, Gateway, gateway_settings, running_gateway, token
+from tests.support.processes import free_port
+from tests.support.schema import apply_orchestrator_schema
+from tests.support.waiting import eventually
 
 Take = Callable[[], Awaitable[tuple[str, Envelope]]]
 
@@ -175,7 +169,7 @@ async def test_broker_unreachable_answers_503_and_ready_503(
             ready = await gateway.client.get("/ready")
             return ready if ready.json()["checks"]["database"] == "ok" else None
 
-        ready = await eventually(database_up, "the database check to pass")
+        ready = await eventually(database_up, what="the database check to pass")
         assert ready.status_code == 503
         assert ready.json()["checks"]["broker"].startswith("broker:")
         response = await gateway.create()

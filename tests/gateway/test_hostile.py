@@ -14,14 +14,9 @@ from typing import Any
 import pytest
 
 from canvas_events.topology import Topology
-from tests.gateway.conftest import (
-    JWT_SECRET,
-    Gateway,
-    apply_orchestrator_schema,
-    free_port,
-    token,
-)
-from tests.support.processes import ServiceProcess
+from tests.gateway.conftest import JWT_SECRET, Gateway, token
+from tests.support.processes import ServiceProcess, free_port
+from tests.support.schema import apply_orchestrator_schema
 
 CREATE = "/api/ai-agent/create-canvas"
 MiB = 1024 * 1024

@@ -11,7 +11,8 @@ from typing import Any
 
 from canvas_events.envelope import Envelope
 from canvas_store.ledger import GIVEN_UP_ERROR
-from tests.gateway.conftest import eventually, token
+from tests.gateway.conftest import token
+from tests.support.waiting import eventually
 
 Take = Callable[[], Awaitable[tuple[str, Envelope]]]
 
@@ -47,7 +48,7 @@ async def test_a_job_never_recorded_is_sent_again_then_given_up_and_no_longer_co
             body: dict[str, Any] = status.json()
             return body if body["status"] == "failed" else None
 
-        status = await eventually(failed, "the given-up job to read failed")
+        status = await eventually(failed, what="the given-up job to read failed")
         assert status["error_message"] == GIVEN_UP_ERROR.format(tries=3)
         assert status["completed_at"] is not None
         # It no longer counts against the user's limit of one unfinished job.
@@ -71,7 +72,7 @@ async def test_a_job_the_orchestrator_recorded_is_never_sent_again(
             )
             return rows[0]["recorded_at"] is not None
 
-        await eventually(marked, "the ledger row to be marked recorded")
+        await eventually(marked, what="the ledger row to be marked recorded")
         await asyncio.sleep(1.0)  # five resend intervals
         rows = await gateway.sql(
             "SELECT resends FROM gateway_job_requests WHERE job_id = $1", job_id

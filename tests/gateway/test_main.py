@@ -17,7 +17,9 @@ from canvas_events.auth import decode_token
 from canvas_events.settings import DEV_JWT_SECRET
 from canvas_events.topology import Topology
 from canvas_gateway.__main__ import main
-from tests.gateway.conftest import apply_orchestrator_schema, eventually, free_port
+from tests.support.processes import free_port
+from tests.support.schema import apply_orchestrator_schema
+from tests.support.waiting import eventually
 
 
 def test_token_command_prints_a_token_signed_with_jwt_secret(
@@ -109,7 +111,7 @@ async def test_gateway_process_serves_logs_json_and_stops_on_sigterm(
                 except httpx.TransportError:
                     return False
 
-            await eventually(ready, "the gateway process to be ready")
+            await eventually(ready, what="the gateway process to be ready")
             response = await client.get("/health", headers={"X-Request-ID": "e2e-1"})
             assert response.status_code == 200
         process.send_signal(signal.SIGTERM)

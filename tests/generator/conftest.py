@@ -1,13 +1,14 @@
 """Fixtures of the ai-generator tests: one stand-in model process for the session, a
 stand-in for the orchestrator's attempt check (a real HTTP server in this process), and
-an in-process generator on a test's own topology."""
+an in-process generator on a test's own topology (``start_generator``), with requests
+run through it to their results (``run_requests``, ``run_one``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,9 +26,11 @@ from canvas_events.runtime import serve_http
 from canvas_events.topology import Topology
 from canvas_generator.service import Service
 from canvas_generator.settings import Settings
+from tests.support.bus import FINAL_RESULTS
 from tests.support.bus import Bus as SharedBus
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.processes import free_port
+from tests.support.waiting import eventually
 
 API_KEY = "sk-generator-tests-0123456789abcdef"
 JWT_SECRET = "generator-tests-secret-0123456789-abcdefghij"
@@ -74,6 +77,22 @@ async def running_generator(settings: Settings) -> AsyncIterator[Service]:
         await service.stop()
 
 
+StartGenerator = Callable[..., contextlib.AbstractAsyncContextManager[Service]]
+Results = dict[str, list[Envelope]]
+RunOne = Callable[..., Awaitable[tuple[Envelope, list[Envelope]]]]
+
+
+@pytest.fixture
+def start_generator(amqp_url: str, topology: Topology, fake_openai: FakeOpenAI) -> StartGenerator:
+    """``async with start_generator(**overrides) as generator``: a generator on the test's
+    topology calling the session's stand-in model, with those settings changed."""
+
+    def start(**overrides: Any) -> contextlib.AbstractAsyncContextManager[Service]:
+        return running_generator(generator_settings(amqp_url, topology, fake_openai, **overrides))
+
+    return start
+
+
 def generation_request(
     query: str, *, attempt: int = 1, lease: timedelta = timedelta(minutes=5)
 ) -> Envelope:
@@ -117,25 +136,74 @@ async def bus(amqp_url: str, topology: Topology) -> AsyncIterator[Bus]:
         await bus.stop()
 
 
-async def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` (a function, sync or async, returning a truth value) until it
-    holds; fail after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        await asyncio.sleep(0.02)
+@pytest.fixture
+def run_requests(start_generator: StartGenerator, bus: Bus) -> Callable[..., Awaitable[Results]]:
+    """``await run_requests(*requests, **overrides)``: publish ``requests`` to a fresh
+    generator (settings ``overrides``); every message read until each has its result, by
+    job (:meth:`Bus.results`)."""
+
+    async def run(*requests: Envelope, **overrides: Any) -> Results:
+        async with start_generator(**overrides):
+            for request in requests:
+                await bus.publish(request)
+            return await bus.results(*requests)
+
+    return run
+
+
+@pytest.fixture
+def run_one(run_requests: Callable[..., Awaitable[Results]]) -> RunOne:
+    """``await run_one(query, **overrides)``: one request for ``query`` run as
+    ``run_requests`` runs it; the request, and its messages in order."""
+
+    async def run(query: str, **overrides: Any) -> tuple[Envelope, list[Envelope]]:
+        request = generation_request(query)
+        return request, (await run_requests(request, **overrides))[str(request.job_id)]
+
+    return run
 
 
 def milestones(envelopes: list[Envelope]) -> list[str]:
     """The types of an attempt's messages, without the GenerationProgressed events that
     a streamed reply puts between its GenerationStarted and its result."""
     return [e.type for e in envelopes if e.type != "GenerationProgressed"]
+
+
+async def messages_until_a_later_attempt_ends(bus: Bus) -> dict[str, list[str]]:
+    """Run one more attempt to its result; the types of every generator.* message received
+    meanwhile, by job. The generator publishes on one channel, in order, so whatever it
+    published for an earlier attempt arrives before the later attempt's result."""
+    later = generation_request("a later flowchart")
+    await bus.publish(later)
+    seen: list[Envelope] = []
+    # Not bus.results(): it would wait for a result of the earlier attempt too.
+    while not (seen and seen[-1].job_id == later.job_id and seen[-1].type in FINAL_RESULTS):
+        seen.append(await bus.next())
+    assert seen[-1].type == "GenerationSucceeded"
+    while not bus.seen.empty():
+        seen.append(bus.seen.get_nowait())
+    types: dict[str, list[str]] = {}
+    for envelope in seen:
+        types.setdefault(str(envelope.job_id), []).append(envelope.type)
+    return types
+
+
+async def wait_aborted(generator: Service, fake: FakeOpenAI, before: dict[str, Any]) -> None:
+    """Wait until ``generator`` counted its one attempt cancelled and the stand-in saw the
+    model call end (``before``: its stats before the call); the call must have been
+    abandoned (the client hung up), and nothing left in flight."""
+    await eventually(
+        lambda: fake.stats()["in_flight"] == before["in_flight"],
+        what="the stand-in to see the call end",
+    )
+    await eventually(
+        lambda: (
+            generator.metrics.registry.get_sample_value("canvas_generation_cancelled_total") == 1
+        ),
+        what="the attempt counted as cancelled",
+    )
+    assert fake.stats()["abandoned"] == before["abandoned"] + 1
+    assert generator.cancellations.in_flight == 0
 
 
 def cancel_message(request: Envelope, *, requested: bool = False) -> Envelope:
@@ -227,7 +295,7 @@ async def orchestrator() -> AsyncIterator[StubOrchestrator]:
                 return (await client.get(f"{stub.url}/health")).status_code == 200
         return False
 
-    await wait_until(up, what="the stand-in orchestrator up")
+    await eventually(up, timeout=20, what="the stand-in orchestrator up")
     try:
         yield stub
     finally:

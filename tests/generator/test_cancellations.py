@@ -14,41 +14,26 @@ from canvas_generator.cancellations import RecentlyCancelled
 from tests.generator.conftest import (
     cancel_message,
     generation_request,
-    generator_settings,
+    messages_until_a_later_attempt_ends,
     milestones,
-    running_generator,
-    wait_until,
+    wait_aborted,
 )
-
-
-async def _messages_until_a_later_attempt_ends(bus) -> dict[str, list[str]]:
-    """Run one more attempt to its result; every generator.* message received meanwhile,
-    by job. The generator publishes on one channel, in order, so whatever it published
-    for an earlier attempt arrives before the later attempt's result."""
-    later = generation_request("a later flowchart")
-    await bus.publish(later)
-    results = await bus.results(later)
-    assert results[str(later.job_id)][-1].type == "GenerationSucceeded"
-    while not bus.seen.empty():
-        envelope = bus.seen.get_nowait()
-        results.setdefault(str(envelope.job_id), []).append(envelope)
-    return {job_id: [e.type for e in got] for job_id, got in results.items()}
+from tests.support.waiting import eventually
 
 
 @pytest.mark.parametrize("requested", [False, True], ids=["JobCancelled", "JobCancelRequested"])
 async def test_cancel_during_the_model_call_aborts_it_and_publishes_no_result(
-    amqp_url, topology, fake_openai, bus, requested
+    start_generator, topology, fake_openai, bus, requested
 ):
     # A model call that never answers on its own: only an abort ends it before the
     # 60 s timeout, far beyond the deadlines below.
-    settings = generator_settings(amqp_url, topology, fake_openai, openai_timeout_seconds=60)
     marker = uuid.uuid4().hex
-    async with running_generator(settings) as generator:
+    async with start_generator(openai_timeout_seconds=60) as generator:
         before = fake_openai.stats()
         request = generation_request(f"a slow drawing {marker} [[fake:timeout]]")
         await bus.publish(request)
         assert (await bus.next()).type == "GenerationStarted"
-        await wait_until(
+        await eventually(
             lambda: fake_openai.stats()["in_flight"] == before["in_flight"] + 1,
             what="the model call in flight",
         )
@@ -59,41 +44,27 @@ async def test_cancel_during_the_model_call_aborts_it_and_publishes_no_result(
             f"job.{'JobCancelRequested' if requested else 'JobCancelled'}",
         )
 
-        await wait_until(
-            lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
-            what="the stand-in to see the call end",
-        )
-        await wait_until(
-            lambda: (
-                generator.metrics.registry.get_sample_value("canvas_generation_cancelled_total")
-                == 1
-            ),
-            what="the attempt counted as cancelled",
-        )
-        stats = fake_openai.stats()
-        assert stats["abandoned"] == before["abandoned"] + 1
-        assert stats["calls"] == before["calls"] + 1
-        assert generator.cancellations.in_flight == 0
-        seen = await _messages_until_a_later_attempt_ends(bus)
+        await wait_aborted(generator, fake_openai, before)
+        assert fake_openai.stats()["calls"] == before["calls"] + 1
+        seen = await messages_until_a_later_attempt_ends(bus)
     # Its GenerationStarted was taken above; no result followed it.
     assert seen.get(str(request.job_id), []) == []
     assert await bus.queue_depth(topology.generator_work.name) == 0
 
 
 async def test_attempt_of_a_job_cancelled_earlier_never_calls_the_model(
-    amqp_url, topology, fake_openai, bus
+    start_generator, fake_openai, bus
 ):
-    settings = generator_settings(amqp_url, topology, fake_openai)
     marker = uuid.uuid4().hex
-    async with running_generator(settings) as generator:
+    async with start_generator() as generator:
         request = generation_request(f"a drawing nobody wants any more {marker}")
         await bus.publish(cancel_message(request), "job.JobCancelled")
-        await wait_until(
+        await eventually(
             lambda: request.job_id in generator.cancellations.recent,
             what="the cancel heard",
         )
         await bus.publish(request)
-        await wait_until(
+        await eventually(
             lambda: (
                 generator.metrics.registry.get_sample_value(
                     "canvas_generation_skipped_total", {"reason": "cancelled"}
@@ -102,27 +73,26 @@ async def test_attempt_of_a_job_cancelled_earlier_never_calls_the_model(
             ),
             what="the attempt skipped",
         )
-        seen = await _messages_until_a_later_attempt_ends(bus)
+        seen = await messages_until_a_later_attempt_ends(bus)
     assert seen.get(str(request.job_id), []) == []
     assert not any(marker in str(body) for body in fake_openai.requests())
 
 
 async def test_cancel_of_another_job_leaves_the_attempt_in_flight_alone(
-    amqp_url, topology, fake_openai, bus
+    start_generator, fake_openai, bus
 ):
-    settings = generator_settings(amqp_url, topology, fake_openai)
-    async with running_generator(settings) as generator:
+    async with start_generator() as generator:
         before = fake_openai.stats()["in_flight"]
         # Answers only once a second call is in flight: it is surely in flight when the
         # other job's cancel arrives.
         first = generation_request("first of a pair [[fake:together=2]]")
         await bus.publish(first)
-        await wait_until(
+        await eventually(
             lambda: fake_openai.stats()["in_flight"] == before + 1, what="the first call"
         )
         other = generation_request("some other job")
         await bus.publish(cancel_message(other), "job.JobCancelled")
-        await wait_until(
+        await eventually(
             lambda: other.job_id in generator.cancellations.recent, what="the cancel heard"
         )
         second = generation_request("second of a pair [[fake:together=2]]")
@@ -136,16 +106,15 @@ async def test_cancel_of_another_job_leaves_the_attempt_in_flight_alone(
 
 
 async def test_bad_control_messages_are_dead_lettered_and_cancels_still_work(
-    amqp_url, topology, fake_openai, bus
+    start_generator, topology, bus
 ):
-    settings = generator_settings(amqp_url, topology, fake_openai)
-    async with running_generator(settings) as generator:
+    async with start_generator() as generator:
         await bus.publish_raw(b"not an envelope", "job.JobCancelled")
         no_job = Envelope.wrap(JobCancelled(reason="no job named"), correlation_id="c-1")
         await bus.publish(no_job, "job.JobCancelled")
         request = generation_request("x")
         await bus.publish(cancel_message(request), "job.JobCancelled")
-        await wait_until(
+        await eventually(
             lambda: request.job_id in generator.cancellations.recent, what="the cancel heard"
         )
         dead_letters = f"{topology.prefix}.ai-generator.control.dlq"
@@ -153,7 +122,7 @@ async def test_bad_control_messages_are_dead_lettered_and_cancels_still_work(
         async def both_dead_lettered():
             return await bus.queue_depth(dead_letters) == 2
 
-        await wait_until(both_dead_lettered, what="the two bad messages dead-lettered")
+        await eventually(both_dead_lettered, what="the two bad messages dead-lettered")
 
 
 def test_recently_cancelled_forgets_after_its_time_to_live():

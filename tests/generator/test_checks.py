@@ -19,11 +19,9 @@ from tests.generator.conftest import (
     NO_ORCHESTRATOR,
     Answer,
     generation_request,
-    generator_settings,
     milestones,
-    running_generator,
-    wait_until,
 )
+from tests.support.waiting import eventually
 
 
 def skipped(generator: Service, reason: str) -> float:
@@ -35,17 +33,14 @@ def skipped(generator: Service, reason: str) -> float:
 
 
 async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_model_call(
-    amqp_url, topology, fake_openai, bus, orchestrator
+    start_generator, topology, fake_openai, bus, orchestrator
 ):
-    settings = generator_settings(
-        amqp_url, topology, fake_openai, orchestrator_url=orchestrator.url
-    )
     marker = uuid.uuid4().hex
     stale = generation_request(f"a drawing of a cancelled job {marker}")
     orchestrator.answers[str(stale.data["attempt_id"])] = Answer(current=False, status="cancelled")
-    async with running_generator(settings) as generator:
+    async with start_generator(orchestrator_url=orchestrator.url) as generator:
         await bus.publish(stale)
-        await wait_until(lambda: skipped(generator, "not_current") == 1, what="the attempt skipped")
+        await eventually(lambda: skipped(generator, "not_current") == 1, what="the attempt skipped")
         current = generation_request("a drawing of a live job")
         await bus.publish(current)
         results = await bus.results(current)
@@ -63,14 +58,11 @@ async def test_attempt_the_orchestrator_calls_not_current_is_skipped_without_a_m
 
 
 async def test_attempt_dispatched_after_the_control_queue_exists_is_not_asked_about(
-    amqp_url, topology, fake_openai, bus, orchestrator
+    start_generator, bus, orchestrator
 ):
     # A cancel of a job dispatched now reaches this generator's control queue, so the
     # orchestrator is asked only about attempts that may predate that queue.
-    settings = generator_settings(
-        amqp_url, topology, fake_openai, orchestrator_url=orchestrator.url
-    )
-    async with running_generator(settings) as generator:
+    async with start_generator(orchestrator_url=orchestrator.url) as generator:
         fresh = generation_request("a drawing dispatched while the generator runs")
         bound = generator.broker.connected_at
         assert bound is not None
@@ -93,21 +85,16 @@ async def test_attempt_dispatched_after_the_control_queue_exists_is_not_asked_ab
     ids=["unreachable", "too-slow", "error-500", "unknown-job-404", "nonsense"],
 )
 async def test_attempt_goes_ahead_when_the_orchestrator_cannot_say(
-    amqp_url, topology, fake_openai, bus, orchestrator, answer
+    run_requests, orchestrator, answer
 ):
-    settings = generator_settings(
-        amqp_url,
-        topology,
-        fake_openai,
-        orchestrator_url=NO_ORCHESTRATOR if answer is None else orchestrator.url,
-        orchestrator_timeout_seconds=0.5,
-    )
     request = generation_request("a flowchart of a login process")
     if answer is not None:
         orchestrator.answers[str(request.data["attempt_id"])] = answer
-    async with running_generator(settings):
-        await bus.publish(request)
-        results = await bus.results(request)
+    results = await run_requests(
+        request,
+        orchestrator_url=NO_ORCHESTRATOR if answer is None else orchestrator.url,
+        orchestrator_timeout_seconds=0.5,
+    )
     assert milestones(results[str(request.job_id)]) == [
         "GenerationStarted",
         "GenerationSucceeded",
@@ -115,16 +102,13 @@ async def test_attempt_goes_ahead_when_the_orchestrator_cannot_say(
 
 
 async def test_attempt_past_its_lease_is_skipped_without_asking_anyone(
-    amqp_url, topology, fake_openai, bus, orchestrator
+    start_generator, fake_openai, bus, orchestrator
 ):
-    settings = generator_settings(
-        amqp_url, topology, fake_openai, orchestrator_url=orchestrator.url
-    )
     marker = uuid.uuid4().hex
     expired = generation_request(f"too late {marker}", lease=timedelta(seconds=-1))
-    async with running_generator(settings) as generator:
+    async with start_generator(orchestrator_url=orchestrator.url) as generator:
         await bus.publish(expired)
-        await wait_until(
+        await eventually(
             lambda: skipped(generator, "lease_expired") == 1, what="the attempt skipped"
         )
         later = generation_request("in time")

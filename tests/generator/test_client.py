@@ -9,7 +9,6 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 
-import httpx
 import httpx2
 import openai
 import pytest
@@ -17,8 +16,9 @@ import pytest
 from canvas_generator.client import ModelClient, _as_openai_error
 from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, broke_off
 from canvas_generator.prompt import build_messages
-from tests.generator.conftest import API_KEY, wait_until
+from tests.generator.conftest import API_KEY
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.waiting import eventually
 
 REQUEST = httpx2.Request("POST", "https://api.openai.com/v1/chat/completions")
 
@@ -30,10 +30,6 @@ async def client(fake_openai: FakeOpenAI) -> AsyncIterator[ModelClient]:
     )
     yield model
     await model.aclose()
-
-
-def open_gate(fake: FakeOpenAI, name: str) -> None:
-    httpx.put(f"{fake.url}/_fake/gates/{name}", timeout=5).raise_for_status()
 
 
 async def test_a_streamed_reply_comes_piece_by_piece_and_reads_as_the_whole_one(
@@ -81,32 +77,34 @@ async def test_a_streamed_call_sends_what_chat_completions_create_sends(fake_ope
     assert ours["stream_options"] == {"include_usage": True}
 
 
-async def test_an_error_event_midway_fails_retryable_with_the_server_message(client):
+async def _broken_off(
+    client: ModelClient, how: str, raises: type[AttemptFailed]
+) -> tuple[AttemptFailed, str]:
+    """What a streamed call whose reply breaks off midway (``how``: the stand-in's marker)
+    raised, and the text handed on before the break (there must be some)."""
     pieces: list[str] = []
-    with pytest.raises(AttemptFailed) as caught:
+    with pytest.raises(raises) as caught:
         await client.complete(
-            build_messages("a flow [[fake:objects=8,error_event]]"), on_text=pieces.append
+            build_messages(f"a flow [[fake:objects=8,{how}]]"), on_text=pieces.append
         )
-    failure = caught.value
+    assert pieces  # what came before the break was handed on
+    return caught.value, "".join(pieces)
+
+
+async def test_an_error_event_midway_fails_retryable_with_the_server_message(client):
+    failure, _ = await _broken_off(client, "error_event", AttemptFailed)
     assert (failure.kind, failure.retryable) == (FailureKind.SERVER_ERROR, True)
     assert failure.message == (
         "OpenAI reported an error midway through its reply: "
         "The server had an error while processing your request (fake)."
     )
-    assert pieces  # what came before the error was handed on
 
 
 async def test_a_stream_that_ends_without_a_finish_reason_is_cut_off(client):
-    pieces: list[str] = []
-    with pytest.raises(BadOutput) as caught:
-        await client.complete(
-            build_messages("a flow [[fake:objects=8,cut]]"), on_text=pieces.append
-        )
-    failure = caught.value
+    failure, text = await _broken_off(client, "cut", BadOutput)
     assert (failure.kind, failure.retryable) == (FailureKind.BAD_OUTPUT, True)
     assert "cut off midway" in failure.message
-    assert f"after {len(''.join(pieces))} characters" in failure.message
-    assert pieces
+    assert f"after {len(text)} characters" in failure.message
 
 
 async def test_what_on_text_raises_reaches_the_caller_unchanged(client):
@@ -186,10 +184,10 @@ async def test_a_stalled_stream_times_out_and_hangs_up(fake_openai):
             await model.complete(build_messages(f"a flow [[fake:objects=12,gate={gate}]]"))
     finally:
         await model.aclose()
-        open_gate(fake_openai, gate)
+        fake_openai.open_gate(gate)
     assert (caught.value.kind, caught.value.retryable) == (FailureKind.TIMEOUT, True)
     assert "within 1 s" in caught.value.message
-    await wait_until(
+    await eventually(
         lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
         what="the stand-in to see the call end",
     )
@@ -210,12 +208,12 @@ async def test_cancelling_the_call_midway_closes_its_connection(fake_openai, cli
     call.cancel()  # as a job cancel does
     with pytest.raises(asyncio.CancelledError):
         await call
-    await wait_until(
+    await eventually(
         lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
         what="the stand-in to see the client go",
     )
     assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
-    open_gate(fake_openai, gate)  # nobody waits there any more
+    fake_openai.open_gate(gate)  # nobody waits there any more
 
 
 async def test_streamed_calls_one_after_another_share_one_connection(client, caplog):

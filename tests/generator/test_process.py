@@ -3,8 +3,10 @@ readiness, metrics, JSON logs and a graceful stop."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -12,15 +14,10 @@ import openai
 import pytest
 
 from canvas_events.events import GenerationSucceeded
-from tests.generator.conftest import (
-    API_KEY,
-    JWT_SECRET,
-    generation_request,
-    milestones,
-    wait_until,
-)
+from tests.generator.conftest import API_KEY, JWT_SECRET, generation_request, milestones
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.waiting import eventually
 
 BIN = Path(sys.executable).parent
 
@@ -34,6 +31,26 @@ def _run(command, env, timeout=30):
         timeout=timeout,
         check=False,
     )
+
+
+@contextlib.asynccontextmanager
+async def _generator_process(
+    log_dir: Path, ready_path: str, **env: str
+) -> AsyncIterator[tuple[ServiceProcess, httpx.AsyncClient]]:
+    """``canvas-generator`` on a free port with ``env`` (and JWT_SECRET), once
+    ``ready_path`` answers 200, and an HTTP client for it; SIGTERM after the block
+    (``stop()`` then gives its exit code)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**env, "GENERATOR_PORT": str(port), "JWT_SECRET": JWT_SECRET}
+    generator = ServiceProcess("generator", ["canvas-generator"], env, log_dir, url + ready_path)
+    generator.start()
+    try:
+        await generator.wait_ready()
+        async with httpx.AsyncClient(base_url=url) as client:
+            yield generator, client
+    finally:
+        generator.stop()
 
 
 @pytest.mark.parametrize(
@@ -80,37 +97,28 @@ async def test_stand_in_fails_on_purpose_as_its_environment_says():
 async def test_generator_process_works_a_request_and_logs_json_lines(
     amqp_url, topology, fake_openai, bus, tmp_path
 ):
-    port = free_port()
-    env = {
-        "AMQP_URL": amqp_url,
-        "AMQP_TOPOLOGY_PREFIX": topology.prefix,
-        "OPENAI_API_KEY": API_KEY,
-        "OPENAI_BASE_URL": fake_openai.base_url,
-        "GENERATOR_PORT": str(port),
-        "LOG_FORMAT": "json",
-        "JWT_SECRET": JWT_SECRET,
-    }
-    url = f"http://127.0.0.1:{port}"
-    generator = ServiceProcess("generator", ["canvas-generator"], env, tmp_path, f"{url}/ready")
-    generator.start()
-    try:
-        await generator.wait_ready()
-        async with httpx.AsyncClient(base_url=url) as client:
-            assert (await client.get("/health")).status_code == 200
-            request = generation_request("a flowchart of a login process")
-            await bus.publish(request)
-            messages = (await bus.results(request))[str(request.job_id)]
+    async with _generator_process(
+        tmp_path,
+        "/ready",
+        AMQP_URL=amqp_url,
+        AMQP_TOPOLOGY_PREFIX=topology.prefix,
+        OPENAI_API_KEY=API_KEY,
+        OPENAI_BASE_URL=fake_openai.base_url,
+        LOG_FORMAT="json",
+    ) as (generator, client):
+        assert (await client.get("/health")).status_code == 200
+        request = generation_request("a flowchart of a login process")
+        await bus.publish(request)
+        messages = (await bus.results(request))[str(request.job_id)]
 
-            async def attempt_measured():
-                text = (await client.get("/metrics")).text
-                return 'canvas_generation_attempt_seconds_count{outcome="succeeded"} 1.0' in text
+        async def attempt_measured():
+            text = (await client.get("/metrics")).text
+            return 'canvas_generation_attempt_seconds_count{outcome="succeeded"} 1.0' in text
 
-            # The attempt is measured just after its result is published.
-            await wait_until(attempt_measured, what="the attempt in /metrics")
-            metrics = (await client.get("/metrics")).text
-    finally:
-        exit_code = generator.stop()
-    assert exit_code == 0
+        # The attempt is measured just after its result is published.
+        await eventually(attempt_measured, what="the attempt in /metrics")
+        metrics = (await client.get("/metrics")).text
+    assert generator.stop() == 0
     assert milestones(messages) == ["GenerationStarted", "GenerationSucceeded"]
     result = GenerationSucceeded.model_validate(messages[-1].data)
     # Streamed by default: each object was published on its own before the result.
@@ -138,27 +146,16 @@ async def test_generator_process_works_a_request_and_logs_json_lines(
 
 
 async def test_generator_without_broker_is_alive_but_not_ready(tmp_path):
-    port = free_port()
-    env = {
-        "AMQP_URL": f"amqp://guest:hunter2-secret@127.0.0.1:{free_port()}/",
-        "GENERATOR_PORT": str(port),
-        "JWT_SECRET": JWT_SECRET,
-    }
-    url = f"http://127.0.0.1:{port}"
-    generator = ServiceProcess("generator", ["canvas-generator"], env, tmp_path, f"{url}/health")
-    generator.start()
-    try:
-        await generator.wait_ready()
-        async with httpx.AsyncClient(base_url=url) as client:
+    broker = f"amqp://guest:hunter2-secret@127.0.0.1:{free_port()}/"
+    async with _generator_process(tmp_path, "/health", AMQP_URL=broker) as (generator, client):
 
-            async def reason_given():
-                ready = await client.get("/ready")
-                return ready.status_code == 503 and ready.json()["checks"]["broker"] != "ok"
+        async def reason_given():
+            ready = await client.get("/ready")
+            return ready.status_code == 503 and ready.json()["checks"]["broker"] != "ok"
 
-            await wait_until(reason_given, what="/ready 503 with the broker's reason")
-            assert "hunter2-secret" not in (await client.get("/ready")).text
-    finally:
-        assert generator.stop() == 0
+        await eventually(reason_given, what="/ready 503 with the broker's reason")
+        assert "hunter2-secret" not in (await client.get("/ready")).text
+    assert generator.stop() == 0
     log = generator.log_path.read_text()
     assert "OPENAI_API_KEY is not set" in log
     assert "hunter2-secret" not in log

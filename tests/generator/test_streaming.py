@@ -5,30 +5,22 @@ the model has written it, before the attempt's result."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
-
-import httpx
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import GenerationFailed, GenerationProgressed, GenerationSucceeded
 from canvas_events.objects import validate_object
 from tests.generator.conftest import (
     Bus,
+    RunOne,
     cancel_message,
     generation_request,
     generator_settings,
+    messages_until_a_later_attempt_ends,
     milestones,
     running_generator,
-    wait_until,
+    wait_aborted,
 )
 from tests.support.fake_openai import FakeOpenAI
-
-FINALS = ("GenerationSucceeded", "GenerationFailed")
-
-
-def open_gate(fake: FakeOpenAI, name: str) -> None:
-    """Let the streams paused at gate ``name`` go on."""
-    httpx.put(f"{fake.url}/_fake/gates/{name}", timeout=5).raise_for_status()
 
 
 async def next_of(bus: Bus, request: Envelope, message_type: str) -> Envelope:
@@ -57,22 +49,18 @@ def progressed(messages: list[Envelope]) -> list[GenerationProgressed]:
     ]
 
 
-async def _run_one(
-    amqp_url: str, topology: Any, fake: FakeOpenAI, bus: Bus, query: str, **overrides: Any
-) -> tuple[Envelope, list[Envelope]]:
-    settings = generator_settings(amqp_url, topology, fake, **overrides)
-    async with running_generator(settings):
-        request = generation_request(query)
-        await bus.publish(request)
-        return request, (await bus.results(request))[str(request.job_id)]
+async def _failed_midway(run_one: RunOne, how: str) -> GenerationFailed:
+    """The result of a 12-object reply that breaks off midway (``how``: the stand-in's
+    marker), once it is clear that some objects were shown first and no drawing came."""
+    _, messages = await run_one(f"a long flow [[fake:objects=12,{how}]]")
+    assert milestones(messages) == ["GenerationStarted", "GenerationFailed"]
+    # Some objects were shown before the break; they do not make a drawing.
+    assert len(progressed(messages)) >= 1
+    return GenerationFailed.model_validate(messages[-1].data)
 
 
-async def test_each_object_is_progressed_in_order_before_the_result(
-    amqp_url, topology, fake_openai, bus
-):
-    request, messages = await _run_one(
-        amqp_url, topology, fake_openai, bus, "a flowchart of an order [[fake:objects=9]]"
-    )
+async def test_each_object_is_progressed_in_order_before_the_result(run_one):
+    request, messages = await run_one("a flowchart of an order [[fake:objects=9]]")
     assert messages[0].type == "GenerationStarted"
     assert messages[-1].type == "GenerationSucceeded"
     assert {m.type for m in messages[1:-1]} == {"GenerationProgressed"}
@@ -88,22 +76,19 @@ async def test_each_object_is_progressed_in_order_before_the_result(
         assert (message.job_id, message.correlation_id) == (request.job_id, request.correlation_id)
 
 
-async def test_objects_arrive_while_the_model_is_still_writing(
-    amqp_url, topology, fake_openai, bus
-):
+async def test_objects_arrive_while_the_model_is_still_writing(start_generator, fake_openai, bus):
     # The stand-in pauses halfway through its reply until the gate opens: a progress
     # event that arrives meanwhile was published before the model finished, whatever
     # the machine's speed.
     gate = uuid.uuid4().hex
-    settings = generator_settings(amqp_url, topology, fake_openai)
-    async with running_generator(settings):
+    async with start_generator():
         in_flight = fake_openai.stats()["in_flight"]
         request = generation_request(f"a long pipeline [[fake:objects=12,gate={gate}]]")
         await bus.publish(request)
         first = await next_of(bus, request, "GenerationProgressed")
         assert first.data["index"] == 0
         assert fake_openai.stats()["in_flight"] == in_flight + 1  # still writing
-        open_gate(fake_openai, gate)
+        fake_openai.open_gate(gate)
         messages = (await bus.results(request))[str(request.job_id)]
     result = GenerationSucceeded.model_validate(messages[-1].data)
     events = [GenerationProgressed.model_validate(first.data), *progressed(messages)]
@@ -111,12 +96,8 @@ async def test_objects_arrive_while_the_model_is_still_writing(
     assert [e.object for e in events] == result.objects
 
 
-async def test_invalid_objects_in_the_stream_are_dropped_and_not_progressed(
-    amqp_url, topology, fake_openai, bus
-):
-    _, messages = await _run_one(
-        amqp_url, topology, fake_openai, bus, "a pipeline [[fake:objects=5,invalid=3,fence]]"
-    )
+async def test_invalid_objects_in_the_stream_are_dropped_and_not_progressed(run_one):
+    _, messages = await run_one("a pipeline [[fake:objects=5,invalid=3,fence]]")
     result = GenerationSucceeded.model_validate(messages[-1].data)
     assert (len(result.objects), result.dropped_objects) == (5, 3)
     events = progressed(messages)
@@ -124,29 +105,14 @@ async def test_invalid_objects_in_the_stream_are_dropped_and_not_progressed(
     assert [e.object for e in events] == result.objects
 
 
-async def test_stream_cut_off_midway_fails_retryable_after_its_objects(
-    amqp_url, topology, fake_openai, bus
-):
-    _, messages = await _run_one(
-        amqp_url, topology, fake_openai, bus, "a long flow [[fake:objects=12,cut]]"
-    )
-    assert milestones(messages) == ["GenerationStarted", "GenerationFailed"]
-    # Some objects were shown before the cut; they do not make a drawing.
-    assert len(progressed(messages)) >= 1
-    failed = GenerationFailed.model_validate(messages[-1].data)
+async def test_stream_cut_off_midway_fails_retryable_after_its_objects(run_one):
+    failed = await _failed_midway(run_one, "cut")
     assert (failed.kind, failed.retryable) == ("bad_output", True)
     assert "cut off" in failed.error
 
 
-async def test_error_event_midway_fails_retryable_with_the_server_message(
-    amqp_url, topology, fake_openai, bus
-):
-    _, messages = await _run_one(
-        amqp_url, topology, fake_openai, bus, "a long flow [[fake:objects=12,error_event]]"
-    )
-    assert milestones(messages) == ["GenerationStarted", "GenerationFailed"]
-    assert len(progressed(messages)) >= 1
-    failed = GenerationFailed.model_validate(messages[-1].data)
+async def test_error_event_midway_fails_retryable_with_the_server_message(run_one):
+    failed = await _failed_midway(run_one, "error_event")
     assert (failed.kind, failed.retryable) == ("server_error", True)
     assert failed.error == (
         "OpenAI reported an error midway through its reply: "
@@ -174,49 +140,28 @@ async def test_connection_lost_midway_fails_retryable_as_a_connection_failure(
 
 
 async def test_cancel_midway_aborts_the_stream_and_publishes_nothing_more(
-    amqp_url, topology, fake_openai, bus
+    start_generator, fake_openai, bus
 ):
     gate = uuid.uuid4().hex
-    settings = generator_settings(amqp_url, topology, fake_openai)
-    async with running_generator(settings) as generator:
+    async with start_generator() as generator:
         before = fake_openai.stats()
         request = generation_request(f"a drawing cut short [[fake:objects=12,gate={gate}]]")
         await bus.publish(request)
         await next_of(bus, request, "GenerationProgressed")
         await bus.publish(cancel_message(request), "job.JobCancelled")
-        await wait_until(
-            lambda: (
-                generator.metrics.registry.get_sample_value("canvas_generation_cancelled_total")
-                == 1
-            ),
-            what="the attempt counted as cancelled",
-        )
         # The stand-in saw its client hang up in the middle of the stream.
-        await wait_until(
-            lambda: fake_openai.stats()["in_flight"] == before["in_flight"],
-            what="the stand-in to see the call end",
-        )
-        assert fake_openai.stats()["abandoned"] == before["abandoned"] + 1
-        assert generator.cancellations.in_flight == 0
-        # The generator publishes on one channel, in order: whatever it published for
-        # the cancelled attempt arrives before a later attempt's result.
-        later = generation_request("a later flowchart")
-        await bus.publish(later)
-        seen: list[Envelope] = []
-        while not (seen and seen[-1].job_id == later.job_id and seen[-1].type in FINALS):
-            seen.append(await bus.next())
-    open_gate(fake_openai, gate)  # nobody waits there any more
+        await wait_aborted(generator, fake_openai, before)
+        seen = await messages_until_a_later_attempt_ends(bus)
+    fake_openai.open_gate(gate)  # nobody waits there any more
     # What it streamed before the cancel may be there; a result may not.
-    assert set(milestones([m for m in seen if m.job_id == request.job_id])) <= {"GenerationStarted"}
+    assert set(seen.get(str(request.job_id), [])) <= {"GenerationStarted", "GenerationProgressed"}
 
 
 async def test_without_streaming_the_reply_comes_whole_and_nothing_is_progressed(
-    amqp_url, topology, fake_openai, bus
+    run_one, fake_openai
 ):
     fake_openai.reset()
-    _, messages = await _run_one(
-        amqp_url, topology, fake_openai, bus, "a flowchart [[fake:objects=4]]", openai_stream=False
-    )
+    _, messages = await run_one("a flowchart [[fake:objects=4]]", openai_stream=False)
     assert [m.type for m in messages] == ["GenerationStarted", "GenerationSucceeded"]
     assert len(GenerationSucceeded.model_validate(messages[-1].data).objects) == 4
     (sent,) = fake_openai.requests()

@@ -8,7 +8,7 @@ import base64
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,9 +17,10 @@ from uuid import UUID
 import aio_pika
 import asyncpg
 import orjson
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from canvas_events.auth import mint_token
 from canvas_events.envelope import Envelope
 from canvas_events.events import (
     Event,
@@ -36,7 +37,9 @@ from canvas_events.events import (
 from canvas_events.topology import JOB, Topology, routing_key
 from canvas_notifier.service import Notifier
 from canvas_notifier.settings import Settings
-from canvas_store.migrations import migrate
+from tests.support.processes import free_port as free_port  # re-exported for the tests
+from tests.support.schema import apply_orchestrator_schema
+from tests.support.waiting import eventually
 
 SECRET = "notifier-tests-secret-0123456789-abcdefghijklmnop"
 ATTEMPT = UUID("00000000-0000-4000-8000-000000000001")
@@ -128,13 +131,7 @@ def recorded(
 
 # -- the database ------------------------------------------------------------------------
 
-
-async def apply_schema(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)  # the orchestrator's schema, as it applies it at start
-    finally:
-        await conn.close()
+apply_schema = apply_orchestrator_schema  # the name the notifier's tests know it by
 
 
 async def insert_events(database_url: str, envelopes: list[Envelope]) -> None:
@@ -255,27 +252,17 @@ async def relay(amqp_url: str, topology: Topology) -> AsyncIterator[Relay]:
         yield Relay(channel, topology)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # -- waiting -----------------------------------------------------------------------------
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
 
 
 async def live(notifier: Notifier, user_id: str, count: int = 1) -> None:
     """Wait until ``count`` connections of ``user_id`` are registered and past their replay."""
-    await eventually(lambda: sum(not c.holding for c in notifier.hub.clients(user_id)) >= count)
+    await eventually(
+        lambda: sum(not c.holding for c in notifier.hub.clients(user_id)) >= count,
+        timeout=10,
+        interval=0.01,
+        what=f"{count} live connections of {user_id}",
+    )
 
 
 async def receive(ws: ClientConnection, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -285,6 +272,11 @@ async def receive(ws: ClientConnection, count: int, timeout: float = 10.0) -> li
         for _ in range(count):
             frames.append(orjson.loads(await ws.recv()))
     return frames
+
+
+async def positions(ws: ClientConnection, count: int, timeout: float = 10.0) -> list[int]:
+    """The positions of the next ``count`` frames."""
+    return [frame["position"] for frame in await receive(ws, count, timeout)]
 
 
 async def closed_code(ws: ClientConnection, timeout: float = 15.0) -> int | None:
@@ -298,6 +290,18 @@ async def closed_code(ws: ClientConnection, timeout: float = 15.0) -> int | None
 
 def ws_url(notifier: Notifier, query: str) -> str:
     return f"ws://127.0.0.1:{notifier.port}/ws?{query}"
+
+
+@asynccontextmanager
+async def live_socket(
+    notifier: Notifier, user_id: str, query: str = "", **options: Any
+) -> AsyncIterator[ClientConnection]:
+    """A WebSocket of ``user_id`` (its token, then ``query``, in the query string) once it
+    is live: registered and past its replay. ``options`` go to ``connect``."""
+    token = mint_token(user_id, SECRET)
+    async with connect(ws_url(notifier, f"token={token}{query}"), **options) as ws:
+        await live(notifier, user_id)
+        yield ws
 
 
 # -- a WebSocket client by hand ------------------------------------------------------------

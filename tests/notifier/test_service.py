@@ -25,11 +25,12 @@ from tests.notifier.support import (
     SECRET,
     RawClient,
     closed_code,
-    eventually,
     insert_events,
     insert_events_in,
     insert_job,
     live,
+    live_socket,
+    positions,
     receive,
     recorded,
     relay,
@@ -38,7 +39,10 @@ from tests.notifier.support import (
     ws_url,
 )
 from tests.support import tokens
+from tests.support.processes import free_port
 from tests.support.proxy import proxy
+from tests.support.schema import apply_orchestrator_schema
+from tests.support.waiting import eventually
 
 ALICE, BOB = "alice", "bob"
 
@@ -49,7 +53,7 @@ def token(user_id: str = ALICE, **kwargs) -> str:
 
 @pytest.fixture
 async def schema(database_url: str) -> str:
-    await support.apply_schema(database_url)
+    await apply_orchestrator_schema(database_url)
     return database_url
 
 
@@ -69,8 +73,7 @@ async def test_client_receives_its_status_frames_in_order(notifier, publisher):
     job = uuid4()
     events = [support.queued(), support.requested(), support.started(), support.progressed()]
     events += [support.succeeded(), support.completed()]
-    async with connect(ws_url(notifier, f"token={token()}")) as ws:
-        await live(notifier, ALICE)
+    async with live_socket(notifier, ALICE) as ws:
         await publisher.publish(
             *(
                 recorded(event, position=i, user_id=ALICE, job_id=job)
@@ -89,20 +92,15 @@ async def test_client_receives_its_status_frames_in_order(notifier, publisher):
 
 
 async def test_a_user_never_receives_another_users_events(notifier, publisher):
-    async with (
-        connect(ws_url(notifier, f"token={token(ALICE)}")) as alice,
-        connect(ws_url(notifier, f"token={token(BOB)}")) as bob,
-    ):
-        await live(notifier, ALICE)
-        await live(notifier, BOB)
+    async with live_socket(notifier, ALICE) as alice, live_socket(notifier, BOB) as bob:
         await publisher.publish(
             recorded(support.queued(), position=1, user_id=ALICE),
             recorded(support.started(), position=2, user_id=ALICE),
             recorded(support.queued(), position=3, user_id=BOB),
         )
-        assert [f["position"] for f in await receive(alice, 2)] == [1, 2]
+        assert await positions(alice, 2) == [1, 2]
         # Bob's first frame is his own: Alice's two were never queued for him.
-        assert [f["position"] for f in await receive(bob, 1)] == [3]
+        assert await positions(bob, 1) == [3]
 
 
 @pytest.mark.parametrize(
@@ -236,7 +234,7 @@ async def test_a_replay_beyond_the_limit_closes_with_4009_and_the_client_resumes
 async def test_a_new_connection_is_closed_with_1013_while_the_database_is_unreachable(
     amqp_url, topology
 ):
-    database = f"postgresql://postgres@127.0.0.1:{support.free_port()}/nothing"
+    database = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     async with (
         running(settings_for(database, amqp_url, topology), wait=False) as notifier,
         connect(ws_url(notifier, f"token={token()}")) as ws,
@@ -248,8 +246,7 @@ async def test_subscribe_narrows_the_stream_and_unsubscribe_widens_it(notifier, 
     job1, job2, job3 = uuid4(), uuid4(), uuid4()
     await insert_job(schema, job1, ALICE, "canvas-a")
     await insert_job(schema, job2, ALICE, "canvas-b")
-    async with connect(ws_url(notifier, f"token={token()}")) as ws:
-        await live(notifier, ALICE)
+    async with live_socket(notifier, ALICE) as ws:
         await ws.send(orjson.dumps({"type": "subscribe", "job_id": str(job1)}).decode())
         assert await receive(ws, 1) == [{"type": "subscribed", "job_id": str(job1)}]
         await publisher.publish(
@@ -260,7 +257,7 @@ async def test_subscribe_narrows_the_stream_and_unsubscribe_widens_it(notifier, 
                 support.queued(), position=2, user_id=ALICE, job_id=job1, canvas_id="canvas-a"
             ),
         )
-        assert [f["position"] for f in await receive(ws, 1)] == [2]
+        assert await positions(ws, 1) == [2]
 
         await ws.send('{"type": "subscribe", "canvas_id": "canvas-b"}')
         assert await receive(ws, 1) == [{"type": "subscribed", "canvas_id": "canvas-b"}]
@@ -270,14 +267,14 @@ async def test_subscribe_narrows_the_stream_and_unsubscribe_widens_it(notifier, 
                 support.started(), position=4, user_id=ALICE, job_id=job2, canvas_id="canvas-b"
             ),
         )
-        assert [f["position"] for f in await receive(ws, 1)] == [4]
+        assert await positions(ws, 1) == [4]
 
         await ws.send('{"type": "unsubscribe"}')
         assert await receive(ws, 1) == [{"type": "unsubscribed"}]
         await publisher.publish(
             recorded(support.completed(), position=5, user_id=ALICE, job_id=job3, canvas_id="x")
         )
-        assert [f["position"] for f in await receive(ws, 1)] == [5]
+        assert await positions(ws, 1) == [5]
 
 
 async def test_subscribing_to_someone_elses_job_or_canvas_answers_not_found(
@@ -311,8 +308,7 @@ async def test_a_subscribe_right_after_the_202_waits_for_the_job_to_be_recorded(
 async def test_an_unknown_client_message_gets_an_error_frame_and_the_connection_stays(
     notifier, publisher
 ):
-    async with connect(ws_url(notifier, f"token={token()}")) as ws:
-        await live(notifier, ALICE)
+    async with live_socket(notifier, ALICE) as ws:
         await ws.send("hello")
         await ws.send('{"type": "dance"}')
         await ws.send(b"\x00\x01")
@@ -320,14 +316,13 @@ async def test_an_unknown_client_message_gets_an_error_frame_and_the_connection_
         assert [e["type"] for e in errors] == ["error"] * 3
         assert all(e["detail"] for e in errors)
         await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
-        assert (await receive(ws, 1))[0]["position"] == 1
+        assert await positions(ws, 1) == [1]
 
 
 async def test_a_client_message_over_max_request_bytes_closes_the_connection_with_1009(
     notifier,
 ):
-    async with connect(ws_url(notifier, f"token={token()}"), max_size=None) as ws:
-        await live(notifier, ALICE)
+    async with live_socket(notifier, ALICE, max_size=None) as ws:
         await ws.send("x" * (notifier.settings.max_request_bytes + 1))
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
@@ -360,23 +355,21 @@ async def test_a_client_that_never_reads_is_closed_with_4008_and_others_get_ever
                     for i in range(position + 1, position + 5)
                 ]
                 await publisher.publish(*batch)
-                frames = await receive(fast, len(batch))
-                assert [f["position"] for f in frames] == [e.position for e in batch]
+                assert await positions(fast, len(batch)) == [e.position for e in batch]
                 position += len(batch)
             await publisher.publish(
                 recorded(support.completed(), position=position + 1, user_id=ALICE)
             )
-            assert (await receive(fast, 1))[0]["position"] == position + 1
+            assert await positions(fast, 1) == [position + 1]
             assert await closed_code(slow) == 4008
             assert slow.close_reason is not None
             assert slow.close_reason.startswith("client too slow; reconnect with after=")
 
 
 async def test_a_broker_reconnect_replays_what_the_new_queue_missed(notifier, publisher, schema):
-    async with connect(ws_url(notifier, f"token={token()}")) as ws:
-        await live(notifier, ALICE)
+    async with live_socket(notifier, ALICE) as ws:
         await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
-        assert (await receive(ws, 1))[0]["position"] == 1
+        assert await positions(ws, 1) == [1]
         # Recorded and relayed while this notifier's queue was gone: only the store has them.
         missed = [
             recorded(support.started(), position=2, user_id=ALICE),
@@ -387,9 +380,9 @@ async def test_a_broker_reconnect_replays_what_the_new_queue_missed(notifier, pu
         assert connection is not None
         await connection.close()
         await eventually(lambda: notifier.broker.connect_count >= 2 and notifier.broker.connected)
-        assert [f["position"] for f in await receive(ws, 2)] == [2, 3]
+        assert await positions(ws, 2) == [2, 3]
         await publisher.publish(missed[1], recorded(support.completed(), position=4, user_id=ALICE))
-        assert [f["position"] for f in await receive(ws, 1)] == [4]
+        assert await positions(ws, 1) == [4]
 
 
 def sample(notifier: Notifier, name: str) -> float:
@@ -405,17 +398,15 @@ async def test_connections_that_replayed_under_the_current_queue_do_not_replay_o
     # was bound cannot have missed anything.
     before = sample(notifier, "canvas_notifier_resyncs_total")
     async with (
-        connect(ws_url(notifier, f"token={token()}")) as alice,
-        connect(ws_url(notifier, f"token={token(BOB)}&after=0")) as bob,
+        live_socket(notifier, ALICE) as alice,
+        live_socket(notifier, BOB, "&after=0") as bob,
     ):
-        await live(notifier, ALICE)
-        await live(notifier, BOB)
         await publisher.publish(
             recorded(support.queued(), position=1, user_id=ALICE),
             recorded(support.queued(), position=2, user_id=BOB),
         )
-        assert [f["position"] for f in await receive(alice, 1)] == [1]
-        assert [f["position"] for f in await receive(bob, 1)] == [2]
+        assert await positions(alice, 1) == [1]
+        assert await positions(bob, 1) == [2]
     assert sample(notifier, "canvas_notifier_resyncs_total") == before
 
 
@@ -428,9 +419,8 @@ async def test_a_client_that_never_answers_a_ping_is_closed_with_1011_and_one_th
     async with (
         running(settings) as notifier,
         relay(amqp_url, topology) as publisher,
-        connect(ws_url(notifier, f"token={token()}")) as answering,
+        live_socket(notifier, ALICE) as answering,
     ):
-        await live(notifier, ALICE)
         # Reads every frame, pings included, and never sends a pong.
         silent = await RawClient.connect(notifier.port, f"token={token()}")
         try:
@@ -442,7 +432,7 @@ async def test_a_client_that_never_answers_a_ping_is_closed_with_1011_and_one_th
         # The websockets client answered the same pings all along: still served.
         await eventually(lambda: len(notifier.hub) == 1)
         await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
-        assert [f["position"] for f in await receive(answering, 1)] == [1]
+        assert await positions(answering, 1) == [1]
 
 
 async def test_a_resync_waits_out_a_database_outage_and_then_replays_what_the_dropped_queue_missed(
@@ -456,11 +446,10 @@ async def test_a_resync_waits_out_a_database_outage_and_then_replays_what_the_dr
         async with (
             running(settings) as notifier,
             relay(amqp_url, topology) as publisher,
-            connect(ws_url(notifier, f"token={token()}")) as ws,
+            live_socket(notifier, ALICE) as ws,
         ):
-            await live(notifier, ALICE)
             await publisher.publish(recorded(support.queued(), position=1, user_id=ALICE))
-            assert [f["position"] for f in await receive(ws, 1)] == [1]
+            assert await positions(ws, 1) == [1]
 
             database.cut()
             # The broker connection dies (no goodbye): the notifier's queue goes with it,
@@ -487,20 +476,19 @@ async def test_a_resync_waits_out_a_database_outage_and_then_replays_what_the_dr
             assert waiting()
 
             database.restore()
-            assert [f["position"] for f in await receive(ws, 3, timeout=30)] == [2, 3, 4]
+            assert await positions(ws, 3, timeout=30) == [2, 3, 4]
             await publisher.publish(
                 missed[1], recorded(support.cancelled(), position=5, user_id=ALICE)
             )
-            assert [f["position"] for f in await receive(ws, 1)] == [5]
+            assert await positions(ws, 1) == [5]
 
 
 async def test_health_ready_metrics_and_unknown_paths(notifier):
     base = f"http://127.0.0.1:{notifier.port}"
     async with (
         httpx.AsyncClient(base_url=base) as http,
-        connect(ws_url(notifier, f"token={token()}")),
+        live_socket(notifier, ALICE),
     ):
-        await live(notifier, ALICE)
         health = await http.get("/health")
         ready = await http.get("/ready")
         metrics = await http.get("/metrics")
@@ -521,7 +509,7 @@ async def test_health_ready_metrics_and_unknown_paths(notifier):
 
 
 async def test_ready_is_503_and_health_200_while_the_broker_is_unreachable(schema, topology):
-    closed = support.free_port()
+    closed = free_port()
     settings = settings_for(schema, f"amqp://guest:guest@127.0.0.1:{closed}/", topology)
     async with running(settings, wait=False) as notifier:
         await notifier.database.wait_ready(10)

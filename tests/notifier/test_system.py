@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import asyncpg
 import httpx
 import pytest
 import websockets
@@ -23,10 +22,11 @@ from canvas_notifier.frames import STATUS_TYPES
 from tests.conftest import delete_topology
 from tests.notifier import support
 from tests.notifier.support import RawClient, recorded
-from tests.support.env import amqp_url, database_url
+from tests.support.env import amqp_url, create_database, database_url, drop_database
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.proxy import open_proxy
 from tests.support.system import System
+from tests.support.users import is_final
 
 pytestmark = pytest.mark.e2e
 
@@ -43,9 +43,7 @@ SECOND_DATABASE_DELAY = 0.05
 @pytest.fixture(scope="module")
 async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
     name = f"cj_notifier_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url("postgres"))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
+    await create_database(database_url(name))
     prefix = f"n{uuid.uuid4().hex[:10]}"
     log_dir: Path = tmp_path_factory.mktemp("notifier-system-logs")
     slow_database = await open_proxy(database_url(name), delay=SECOND_DATABASE_DELAY)
@@ -81,20 +79,7 @@ async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Syst
         running.stop()
         await slow_database.stop()
         await delete_topology(amqp_url(), Topology(prefix))
-        admin = await asyncpg.connect(database_url("postgres"))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-def ws(system: System, notifier: str, token: str, after: int | None = None) -> str:
-    url = f"ws://127.0.0.1:{system.ports[notifier]}/ws?token={token}"
-    return url if after is None else f"{url}&after={after}"
-
-
-def is_final(frame: dict[str, Any]) -> bool:
-    return frame["type"] in ("ai_generation_completed", "ai_job_cancelled") or (
-        frame["type"] == "ai_job_error" and frame["data"]["final"]
-    )
+        await drop_database(database_url(name))
 
 
 async def post_jobs(system: System, token: str, count: int) -> list[str]:
@@ -152,7 +137,8 @@ async def test_a_client_reconnecting_with_after_over_and_over_sees_every_event_o
         after = 0
         while True:
             notifier = ("notifier", SECOND)[reconnects % 2]
-            connection = await websockets.connect(ws(system, notifier, token, after))
+            url = system.websocket_url(token, after, notifier=notifier)
+            connection = await websockets.connect(url)
             try:
                 for _ in range(draw.randint(1, 4)):
                     frame = json.loads(await connection.recv())
@@ -203,10 +189,11 @@ async def test_two_notifier_processes_each_deliver_every_event_of_their_users(
     alice, bob = f"alice-{uuid.uuid4().hex[:8]}", f"bob-{uuid.uuid4().hex[:8]}"
     alice_token, bob_token = system.token(alice), system.token(bob)
     # after=0: these users have nothing yet, so every event of theirs must arrive.
+    url = system.websocket_url
     clients = {
-        ("notifier", alice): await websockets.connect(ws(system, "notifier", alice_token, 0)),
-        (SECOND, alice): await websockets.connect(ws(system, SECOND, alice_token, 0)),
-        (SECOND, bob): await websockets.connect(ws(system, SECOND, bob_token, 0)),
+        ("notifier", alice): await websockets.connect(url(alice_token, 0)),
+        (SECOND, alice): await websockets.connect(url(alice_token, 0, notifier=SECOND)),
+        (SECOND, bob): await websockets.connect(url(bob_token, 0, notifier=SECOND)),
     }
     try:
         alice_jobs, bob_jobs = await asyncio.gather(
@@ -261,8 +248,8 @@ async def test_a_client_that_never_reads_is_closed_with_4008_while_the_others_ge
     # notifier's writes to it stop within a frame or two, and its outbox fills up.
     port = system.ports[SECOND]
     silent = await RawClient.connect(port, f"token={token}", receive_buffer=4096)
-    same_process = await websockets.connect(ws(system, SECOND, token, 0))
-    other_process = await websockets.connect(ws(system, "notifier", token, 0))
+    same_process = await websockets.connect(system.websocket_url(token, 0, notifier=SECOND))
+    other_process = await websockets.connect(system.websocket_url(token, 0))
     big = "x" * 100_000
     position = 10**9  # this user's events only, far above what the store has handed out
     try:

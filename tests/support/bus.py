@@ -164,10 +164,13 @@ class Bus:
     ) -> dict[str, list[Envelope]]:
         """Every envelope read until each of ``requests`` has a final result
         (GenerationSucceeded or GenerationFailed), by job_id."""
-        by_job: dict[str, list[Envelope]] = {str(r.job_id): [] for r in requests}
+        wanted = [str(r.job_id) for r in requests]
+        by_job: dict[str, list[Envelope]] = {job_id: [] for job_id in wanted}
 
         async def gather() -> None:
-            while not all(any(e.type in FINAL_RESULTS for e in got) for got in by_job.values()):
+            # Only the jobs asked about must end: another job's envelopes are kept, but a
+            # job that never sends a result (cancelled) must not hold the wait.
+            while not all(any(e.type in FINAL_RESULTS for e in by_job[j]) for j in wanted):
                 envelope = await self.arrivals.get()
                 by_job.setdefault(str(envelope.job_id), []).append(envelope)
 
