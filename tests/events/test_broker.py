@@ -262,3 +262,30 @@ async def test_a_deleted_queue_nobody_consumes_is_declared_again_within_seconds(
     finally:
         await broker.stop()
 
+
+async def test_a_stop_during_a_connect_that_swallows_its_cancel_still_returns(
+    rabbitmq: OnRabbitMQ, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.11's asyncio.wait_for, under aio-pika and aiormq, loses a cancel that
+    # arrives as the awaited step completes; a notifier stopped mid-connect then waited on
+    # its connection forever (seen in CI, 1 run in 25 here). Lose it every time.
+    broker = Broker(rabbitmq.url, rabbitmq.topology, connection_name="test")
+    connect = broker._connect
+    connecting = asyncio.Event()
+
+    async def connect_losing_the_cancel() -> None:
+        connecting.set()
+        step = asyncio.ensure_future(connect())
+        try:
+            await asyncio.shield(step)
+        except asyncio.CancelledError:
+            await step  # as if the cancel had come a moment too late
+
+    monkeypatch.setattr(broker, "_connect", connect_losing_the_cancel)
+    await broker.start()
+    await connecting.wait()
+    stopping = asyncio.ensure_future(broker.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=30)  # a hang guard, not a speed bound
+    assert stopping in done, "stop() still waits for the connection's supervisor"
+    stopping.result()
+    assert not broker.connected

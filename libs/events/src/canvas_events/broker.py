@@ -64,6 +64,7 @@ from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.events import event_class
 from canvas_events.logging import redact
 from canvas_events.postgres import is_outage
+from canvas_events.runtime import cancel_and_wait
 from canvas_events.topology import QueueSpec, Topology
 
 log = structlog.get_logger("canvas_events.broker")
@@ -362,9 +363,7 @@ class Broker:
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            await cancel_and_wait(self._supervisor)
         await self._close_connection()
 
     async def _supervise(self) -> None:

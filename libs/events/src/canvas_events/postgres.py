@@ -25,6 +25,7 @@ import asyncpg
 import structlog
 
 from canvas_events.logging import redact
+from canvas_events.runtime import cancel_and_wait
 
 log = structlog.get_logger("canvas_events.postgres")
 
@@ -187,9 +188,7 @@ class Database:
     async def stop(self) -> None:
         """Stop connecting and close the pool."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 5)

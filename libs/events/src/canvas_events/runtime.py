@@ -62,6 +62,27 @@ async def serve_http(app: Any, port: int, stop: asyncio.Event, host: str = "0.0.
         await task
 
 
+async def cancel_and_wait(*tasks: asyncio.Task[Any], every: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until each has ended, sending the cancel again every
+    ``every`` seconds to a task still running.
+
+    Once is not always enough: Python 3.11's ``asyncio.wait_for``, which aio-pika, aiormq
+    and asyncpg await everywhere, loses a cancel that arrives just as the step it waits
+    for completes, and the task goes on to its next await (a broker stopped mid-connect
+    then waited on its new connection for good). A task's own error is logged, not
+    raised: the caller is stopping it."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning(
+                "ended with an error as it was stopped", task=task.get_name(), error=repr(error)
+            )
+
+
 class Background:
     """A loop a service runs beside its work (the relay, the timers, a sweep), the same
     way everywhere: :meth:`start` once; :meth:`run` watches :attr:`stopping` and returns
@@ -90,12 +111,10 @@ class Background:
         self.stopping_now()
         if self._task is None:
             return
-        try:
-            await asyncio.wait_for(self._task, timeout)
-        except TimeoutError:
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        if not done:
             log.warning("did not stop in time; cancelled", loop=self.name)
-        except Exception:
-            log.exception("stopped with an error", loop=self.name)
+        await cancel_and_wait(self._task)
 
     def stopping_now(self) -> None:
         """Called as a stop begins: wake what the loop waits on besides :attr:`stopping`."""

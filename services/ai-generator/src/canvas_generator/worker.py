@@ -64,6 +64,7 @@ from canvas_events.events import (
     GenerationSucceeded,
     parse_event,
 )
+from canvas_events.runtime import cancel_and_wait
 from canvas_events.topology import GENERATOR, routing_key
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker, SkipReason, Verdict, lease_expired
@@ -168,11 +169,7 @@ class Worker:
         """Cancel the runs still going once the broker has stopped: no delivery waits for
         them any more (theirs went with a connection, and the broker hands their
         attempts to another generator), and they could publish nothing."""
-        runs = set(self._runs.values())
-        for run in runs:
-            run.cancel()
-        if runs:
-            await asyncio.wait(runs)
+        await cancel_and_wait(*self._runs.values())
 
     def _may_predate_control(self, envelope: Envelope, message: AbstractIncomingMessage) -> bool:
         """Whether a cancel of this attempt's job may have been broadcast before this

@@ -4,7 +4,6 @@ from one Settings. Nothing here needs the database or the broker to be up at sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from uuid import UUID, uuid4
 
@@ -16,7 +15,7 @@ from canvas_events.envelope import utcnow
 from canvas_events.logging import redact
 from canvas_events.ops import Readiness
 from canvas_events.postgres import Database, ensure_database, is_outage
-from canvas_events.runtime import instance_id, serve_http
+from canvas_events.runtime import cancel_and_wait, instance_id, serve_http
 from canvas_orchestrator.api import create_app
 from canvas_orchestrator.committer import Clock, Committer
 from canvas_orchestrator.domain import Policy
@@ -145,9 +144,7 @@ class Service:
         await self.relay.stop(grace)
         await self.publisher.stop()
         if self._create_database is not None:
-            self._create_database.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._create_database
+            await cancel_and_wait(self._create_database)
         await self.database.stop()
 
 

@@ -52,7 +52,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.errors import AuthError, PoisonMessage
 from canvas_events.ops import Probes, Readiness
 from canvas_events.postgres import Database, is_outage
-from canvas_events.runtime import instance_id
+from canvas_events.runtime import cancel_and_wait, instance_id
 from canvas_notifier.frames import (
     MAX_SUBSCRIPTIONS,
     STATUS_TYPES,
@@ -174,9 +174,7 @@ class Notifier:
                     self._server.wait_closed(), max(self.settings.shutdown_grace_seconds, 1.0)
                 )
         tasks = [task for task in (self._watcher, *self._syncs.values()) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await self.broker.stop(drain_timeout=5.0)
         await self.database.stop()
 
