@@ -23,7 +23,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from canvas_events.broker import Broker
+from canvas_events.broker import BATCH_TYPE, Broker, envelopes_of
 from canvas_events.envelope import Envelope
 from canvas_events.events import Event, GenerationRequested, JobRequested
 from canvas_events.topology import GATEWAY, GENERATOR, JOB, Topology, routing_key
@@ -83,9 +83,15 @@ class Bus:
             await self._connection.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        envelope = Envelope.from_json(message.body)
-        self.messages.append(Seen(message.routing_key or "", message.priority, envelope))
-        self.arrivals.put_nowait(envelope)
+        # A batch's events are recorded one by one, each with the key it would have had
+        # on its own (``job.Batch`` carries ``job.JobQueued``, ...).
+        source = (message.routing_key or "").split(".", 1)[0]
+        for envelope in envelopes_of(message):
+            key = message.routing_key or ""
+            if message.type == BATCH_TYPE:
+                key = routing_key(source, envelope.type)
+            self.messages.append(Seen(key, message.priority, envelope))
+            self.arrivals.put_nowait(envelope)
 
     # -- publishing ------------------------------------------------------------------
 

@@ -16,6 +16,10 @@ crash redelivers it and handlers must be idempotent. What happens to a message:
 - it raises anything else, or returns :class:`Retry`: tried again after a pause, and
   dead-lettered after ``max_attempts`` (the count travels in ``x-canvas-attempts``).
 
+A batch (a message of type ``Batch`` whose body is an array of envelopes) is handled an
+event at a time, and each event meets its own outcome: acked with the batch, or
+dead-lettered or redelivered as a message of its own (docs/events.md, "Batches").
+
 Publishing waits for the broker's confirm, and a message that must reach a queue is
 published ``mandatory``: one that no queue takes (an operator deleted it) comes back
 and raises :class:`PublishError`, never passes for delivered.
@@ -43,13 +47,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import aio_pika
 import aiormq
+import orjson
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -65,7 +70,7 @@ from canvas_events.events import event_class
 from canvas_events.logging import redact
 from canvas_events.postgres import is_outage
 from canvas_events.runtime import cancel_and_wait
-from canvas_events.topology import QueueSpec, Topology
+from canvas_events.topology import BATCH, QueueSpec, Topology
 
 log = structlog.get_logger("canvas_events.broker")
 
@@ -76,6 +81,7 @@ QUEUE_HEADER: Final = "x-canvas-queue"
 DEAD_LETTERED_AT_HEADER: Final = "x-canvas-dead-lettered-at"
 # The longest reason a dead letter carries.
 MAX_REASON_CHARS: Final = 1000
+PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 @dataclass(frozen=True)
@@ -115,12 +121,50 @@ class Redeliver:
     delay: float
 
 
+@dataclass(frozen=True)
+class Part:
+    """What meets ``verdict``: the whole message (``body`` is its body), or one event of
+    a batch as a message of its own, with the event's ids where it has them."""
+
+    body: bytes
+    verdict: DeadLetter | Redeliver
+    message_id: str | None = None
+    correlation_id: str | None = None
+    type: str | None = None
+
+    @classmethod
+    def of_event(cls, item: Any, body: bytes, verdict: DeadLetter | Redeliver) -> Part:
+        """The part for a batch's ``item`` (its JSON ``body``), readable or not."""
+        fields = item if isinstance(item, dict) else {}
+        ids = [fields.get(name) for name in ("event_id", "correlation_id", "type")]
+        return cls(body, verdict, *(value if isinstance(value, str) else None for value in ids))
+
+    def ids(self, message: AbstractIncomingMessage) -> tuple[str | None, str | None, str | None]:
+        """The message id, correlation id and type of the copy that carries this part."""
+        if self.body is message.body:
+            return message.message_id, message.correlation_id, message.type
+        return self.message_id, self.correlation_id, self.type
+
+
+@dataclass(frozen=True)
+class Split:
+    """Verdict on a batch whose handlers took some events and not others: each of
+    ``parts`` is dead-lettered or redelivered as a message of its own, then the batch is
+    acked (its other events are handled)."""
+
+    parts: tuple[Part, ...]
+
+
 ACK: Final = Ack()
 Outcome = Ack | Retry | DeadLetter
 Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[Outcome | None]]
 # What happens to a delivered message. A DeadLetter verdict's reason is final: redacted
 # and cut to MAX_REASON_CHARS, as the dead-letter queue gets it.
-Verdict = Ack | DeadLetter | Requeue | Redeliver
+Verdict = Ack | DeadLetter | Requeue | Redeliver | Split
+
+# The AMQP type of a message whose body is a JSON array of envelopes (docs/events.md,
+# "Batches"): published where several events wait for one destination at once.
+BATCH_TYPE: Final = BATCH
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -147,6 +191,9 @@ class Consumer:
     retry_delay: float = 1.0
     # Longest pause before a message that met an outage is requeued.
     max_outage_delay: float = 30.0
+    # The handler takes a batch's events side by side (the orchestrator's group commit
+    # records them in one transaction); otherwise one after another, in order.
+    concurrent_batches: bool = False
 
 
 class Deliveries:
@@ -166,16 +213,57 @@ class Deliveries:
         self._outage_logged: dict[str, float] = {}
 
     async def handle(self, consumer: Consumer, message: AbstractIncomingMessage) -> Verdict:
-        """Run ``consumer``'s handler on ``message``; say what to do with the message."""
+        """Run ``consumer``'s handler on ``message`` (on each of its events, for a
+        batch); say what to do with the message."""
+        if message.type == BATCH_TYPE:
+            return await self._handle_batch(consumer, message)
         structlog.contextvars.clear_contextvars()
         try:
-            envelope = Envelope.from_json(message.body)
-            # Unknown types and newer schemas are poison for every consumer, also for one
-            # whose handler would skip the event unread (the notifier skips what it does
-            # not show): otherwise a message this build cannot read vanishes unseen.
-            event_class(envelope)
+            envelope = _readable(message.body)
         except PoisonMessage as exc:
             return self.dead_letter(consumer, message, str(exc))
+        return await self._run(consumer, message, envelope)
+
+    async def _handle_batch(self, consumer: Consumer, message: AbstractIncomingMessage) -> Verdict:
+        """Each event of a batch meets its own verdict: acked with the batch when its
+        handler took it, a message of its own when dead-lettered or redelivered; the
+        whole batch is requeued when one of them met an outage (handlers are
+        idempotent: those already taken change nothing the second time)."""
+        try:
+            items = orjson.loads(message.body)
+        except orjson.JSONDecodeError as exc:
+            return self.dead_letter(consumer, message, f"batch body is not JSON: {exc}")
+        if not isinstance(items, list):
+            return self.dead_letter(consumer, message, "batch body is not a JSON array")
+
+        async def one(item: Any) -> tuple[Any, bytes, Verdict]:
+            structlog.contextvars.clear_contextvars()
+            body = orjson.dumps(item)
+            try:
+                envelope = _readable(body)
+            except PoisonMessage as exc:
+                return item, body, self.dead_letter(consumer, message, str(exc))
+            return item, body, await self._run(consumer, message, envelope)
+
+        if consumer.concurrent_batches:
+            # gather() runs each in a task of its own, with a copy of the log context.
+            results = await asyncio.gather(*(one(item) for item in items))
+        else:
+            results = [await one(item) for item in items]
+        requeues = [verdict.delay for *_, verdict in results if isinstance(verdict, Requeue)]
+        if requeues:
+            return Requeue(max(requeues))
+        parts = tuple(
+            Part.of_event(item, body, verdict)
+            for item, body, verdict in results
+            if isinstance(verdict, DeadLetter | Redeliver)
+        )
+        return Split(parts) if parts else ACK
+
+    async def _run(
+        self, consumer: Consumer, message: AbstractIncomingMessage, envelope: Envelope
+    ) -> Verdict:
+        """The verdict of ``consumer``'s handler on ``envelope``, logged in its context."""
         structlog.contextvars.bind_contextvars(
             job_id=str(envelope.job_id) if envelope.job_id else None,
             correlation_id=envelope.correlation_id,
@@ -252,6 +340,34 @@ class Deliveries:
                 retry_in=round(delay, 1),
             )
         return delay
+
+
+def _readable(body: bytes) -> Envelope:
+    """The envelope in ``body``. Unknown types and newer schemas are poison for every
+    consumer, also for one whose handler would skip the event unread (the notifier skips
+    what it does not show): otherwise a message this build cannot read vanishes unseen."""
+    envelope = Envelope.from_json(body)
+    event_class(envelope)
+    return envelope
+
+
+def envelopes_of(message: AbstractIncomingMessage) -> list[Envelope]:
+    """The envelopes ``message`` carries: its one, or a batch's, in order (raises
+    :class:`~canvas_events.errors.PoisonMessage` for a body that is neither)."""
+    if message.type != BATCH_TYPE:
+        return [Envelope.from_json(message.body)]
+    try:
+        items = orjson.loads(message.body)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonMessage(f"batch body is not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise PoisonMessage("batch body is not a JSON array")
+    return [Envelope.from_json(orjson.dumps(item)) for item in items]
+
+
+def batch_body(bodies: Iterable[bytes]) -> bytes:
+    """The body of a batch message: the envelopes' JSON as one JSON array."""
+    return b"[" + b",".join(bodies) + b"]"
 
 
 def original_routing_key(message: AbstractIncomingMessage) -> str:
@@ -527,26 +643,54 @@ class Broker:
         ``mandatory=False`` what may rightly reach no queue (events for notifiers,
         which may all be away).
         """
-        exchange, publish_channel = self._exchange, self._publish_channel
-        if exchange is None or publish_channel is None or not self._connected.is_set():
-            raise PublishError(f"broker not connected ({self.last_error})")
         # The properties go to aio-pika's own channel as they are: an aio_pika.Message
         # would be built only to be turned into these (a third of a relayed event's CPU).
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+            delivery_mode=PERSISTENT,
             message_id=str(envelope.event_id),
             correlation_id=envelope.correlation_id,
             message_type=envelope.type,
             timestamp=envelope.occurred_at,
             priority=priority,
         )
+        await self._publish(envelope.to_json(), routing_key, properties, mandatory, timeout)
+
+    async def publish_batch(
+        self,
+        bodies: Sequence[bytes],
+        routing_key: str,
+        *,
+        timeout: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish several envelopes (their JSON ``bodies``, in order) as one message of
+        type :data:`BATCH_TYPE`, as :meth:`publish` does one."""
+        properties = aiormq.spec.Basic.Properties(
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            message_type=BATCH_TYPE,
+            timestamp=datetime.now(UTC),
+        )
+        await self._publish(batch_body(bodies), routing_key, properties, mandatory, timeout)
+
+    async def _publish(
+        self,
+        body: bytes,
+        routing_key: str,
+        properties: aiormq.spec.Basic.Properties,
+        mandatory: bool,
+        timeout: float | None,
+    ) -> None:
+        exchange, publish_channel = self._exchange, self._publish_channel
+        if exchange is None or publish_channel is None or not self._connected.is_set():
+            raise PublishError(f"broker not connected ({self.last_error})")
         try:
             if publish_channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
             channel = await publish_channel.get_underlay_channel()
             confirmation = await channel.basic_publish(
-                envelope.to_json(),
+                body,
                 exchange=exchange.name,
                 routing_key=routing_key,
                 properties=properties,
@@ -596,65 +740,73 @@ class Broker:
         verdict = await self._deliveries.handle(consumer, message)
         if isinstance(verdict, Ack):
             await _settle(message.ack())
-        elif isinstance(verdict, DeadLetter):
-            await self._dead_letter(consumer, message, verdict)
-        elif isinstance(verdict, Requeue):
+            return
+        if isinstance(verdict, Requeue):
             await asyncio.sleep(verdict.delay)
             await _settle(message.nack(requeue=True))
-        else:
-            await self._retry(consumer, message, verdict)
+            return
+        parts = verdict.parts if isinstance(verdict, Split) else (Part(message.body, verdict),)
+        if delays := [part.verdict.delay for part in parts if isinstance(part.verdict, Redeliver)]:
+            await asyncio.sleep(max(delays))
+        for part in parts:
+            if isinstance(part.verdict, DeadLetter):
+                sent = await self._dead_letter(consumer, message, part)
+                if not sent:
+                    # No dead-letter queue took it (deleted, or the broker away): keep
+                    # the message, and try again once the queue is declared again.
+                    await asyncio.sleep(consumer.retry_delay)
+            else:
+                sent = await self._redeliver(consumer, message, part)
+            if not sent:
+                await _settle(message.nack(requeue=True))
+                return
+        await _settle(message.ack())
 
-    async def _retry(
-        self, consumer: Consumer, message: AbstractIncomingMessage, verdict: Redeliver
-    ) -> None:
-        await asyncio.sleep(verdict.delay)
+    async def _redeliver(
+        self, consumer: Consumer, message: AbstractIncomingMessage, part: Part
+    ) -> bool:
+        """A copy of ``part`` back onto the consumer's queue, through the default exchange,
+        with the attempts counted; whether the broker took it."""
+        assert isinstance(part.verdict, Redeliver)
         channel = self._publish_channel
         if channel is None:
-            await _settle(message.nack(requeue=True))
-            return
-        copy = _copy(message, redeliver_headers(message, verdict))
-        try:
-            # Back onto the same queue through the default exchange, with the count.
-            confirmation = await channel.default_exchange.publish(
-                copy, consumer.queue.name, timeout=self._publish_timeout
-            )
-            self._check_confirmation(confirmation, consumer.queue.name)
-        except Exception:
-            await _settle(message.nack(requeue=True))
-            return
-        await _settle(message.ack())
+            return False
+        copy = _copy(message, part, redeliver_headers(message, part.verdict))
+        return await self._send(channel.default_exchange, copy, consumer.queue.name)
 
     async def _dead_letter(
-        self, consumer: Consumer, message: AbstractIncomingMessage, verdict: DeadLetter
-    ) -> None:
+        self, consumer: Consumer, message: AbstractIncomingMessage, part: Part
+    ) -> bool:
+        """A copy of ``part`` to the consumer's dead-letter queue; whether it took it."""
+        assert isinstance(part.verdict, DeadLetter)
         exchange = self._dead_letter_exchange
         if exchange is None:
-            await _settle(message.reject(requeue=False))
-            return
-        copy = _copy(message, dead_letter_headers(consumer, message, verdict))
+            return False
+        copy = _copy(message, part, dead_letter_headers(consumer, message, part.verdict))
+        return await self._send(exchange, copy, consumer.queue.dead_letter_queue)
+
+    async def _send(self, exchange: AbstractExchange, copy: aio_pika.Message, key: str) -> bool:
         try:
-            confirmation = await exchange.publish(
-                copy, consumer.queue.dead_letter_queue, timeout=self._publish_timeout
-            )
-            self._check_confirmation(confirmation, consumer.queue.dead_letter_queue)
+            confirmation = await exchange.publish(copy, key, timeout=self._publish_timeout)
+            self._check_confirmation(confirmation, key)
         except Exception:
-            # No dead-letter queue took it (deleted, or the broker away): keep the
-            # message, and try again once the queue is declared again.
-            await asyncio.sleep(consumer.retry_delay)
-            await _settle(message.nack(requeue=True))
-            return
-        await _settle(message.ack())
+            return False
+        return True
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def _copy(
+    message: AbstractIncomingMessage, part: Part, headers: dict[str, Any]
+) -> aio_pika.Message:
+    """A persistent copy of ``message`` (of one event of it, for a batch's part)."""
+    message_id, correlation_id, type_ = part.ids(message)
     return aio_pika.Message(
-        message.body,
+        part.body,
         headers={**(message.headers or {}), **headers},
         content_type=message.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        type=message.type,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        type=type_,
         priority=message.priority,
         timestamp=message.timestamp or time.time(),
     )

@@ -30,10 +30,11 @@ test may pass one that only records them, and a ``clock`` to go with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -45,17 +46,21 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp.header import ContentHeader
 
 from canvas_events.broker import (
+    BATCH_TYPE,
+    Ack,
     Consumer,
-    DeadLetter,
     Deliveries,
+    Part,
     Redeliver,
     Requeue,
+    Split,
     Verdict,
+    batch_body,
     dead_letter_headers,
     redeliver_headers,
 )
 from canvas_events.envelope import Envelope
-from canvas_events.errors import PublishError
+from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.topology import QueueSpec, Topology
 
 __all__ = ["InMemoryBroker", "Published", "delivered_message", "topic_matches"]
@@ -289,6 +294,28 @@ class InMemoryBroker:
         self._route(envelope.to_json(), routing_key, properties, mandatory=mandatory)
         self.published.append(Published(routing_key, envelope, priority, mandatory))
 
+    async def publish_batch(
+        self,
+        bodies: Sequence[bytes],
+        routing_key: str,
+        *,
+        timeout: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """As :meth:`Broker.publish_batch <canvas_events.broker.Broker.publish_batch>`:
+        one message of type ``Batch``; each valid envelope is recorded in :attr:`published`."""
+        properties = aiormq.spec.Basic.Properties(
+            content_type="application/json",
+            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+            message_type=BATCH_TYPE,
+            timestamp=datetime.now(UTC),
+        )
+        self._route(batch_body(bodies), routing_key, properties, mandatory=mandatory)
+        for body in bodies:
+            with contextlib.suppress(PoisonMessage):
+                envelope = Envelope.from_json(body)
+                self.published.append(Published(routing_key, envelope, None, mandatory))
+
     async def publish_raw(
         self,
         body: bytes,
@@ -374,26 +401,35 @@ class InMemoryBroker:
         """What the Broker does with a verdict on RabbitMQ, done in memory."""
         queue, message = delivery.queue, delivery.message
         consumer = delivery.subscription.consumer
-        if isinstance(verdict, DeadLetter):
+        delivery.settled = True
+        if isinstance(verdict, Ack):
+            return
+        if isinstance(verdict, Requeue):
+            await self._sleep(verdict.delay)
+            self._put_back(queue, message)
+            return
+        parts = verdict.parts if isinstance(verdict, Split) else (Part(message.body, verdict),)
+        if delays := [part.verdict.delay for part in parts if isinstance(part.verdict, Redeliver)]:
+            await self._sleep(max(delays))
+        for part in parts:
+            if isinstance(part.verdict, Redeliver):
+                # Back onto the same queue through the default exchange, with the count.
+                copy = _copy(message, incoming, part, redeliver_headers(incoming, part.verdict))
+                self._enqueue(queue, replace(copy, exchange="", routing_key=queue.name))
+                continue
             target = self._dead_letter_routes.get(consumer.queue.dead_letter_queue)
             if target is None:
                 # No dead-letter queue takes it: keep the message and try again later.
                 await self._sleep(consumer.retry_delay)
-                delivery.settled = True
                 self._put_back(queue, message)
                 return
-            copy = _copy(message, dead_letter_headers(consumer, incoming, verdict))
-            copy = replace(copy, exchange=self.topology.dead_letter_exchange)
-            self._enqueue(target, replace(copy, routing_key=target.name))
-        elif isinstance(verdict, Requeue):
-            await self._sleep(verdict.delay)
-            self._put_back(queue, message)
-        elif isinstance(verdict, Redeliver):
-            await self._sleep(verdict.delay)
-            # Back onto the same queue through the default exchange, with the count.
-            copy = _copy(message, redeliver_headers(incoming, verdict))
-            self._enqueue(queue, replace(copy, exchange="", routing_key=queue.name))
-        delivery.settled = True
+            headers = dead_letter_headers(consumer, incoming, part.verdict)
+            copy = replace(
+                _copy(message, incoming, part, headers),
+                exchange=self.topology.dead_letter_exchange,
+                routing_key=target.name,
+            )
+            self._enqueue(target, copy)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -470,20 +506,24 @@ def _properties(envelope: Envelope, priority: int | None) -> aiormq.spec.Basic.P
     )
 
 
-def _copy(message: _Message, headers: dict[str, Any]) -> _Message:
-    """A persistent copy of ``message`` with ``headers`` added, as the Broker's copies."""
+def _copy(
+    message: _Message, incoming: AbstractIncomingMessage, part: Part, headers: dict[str, Any]
+) -> _Message:
+    """A persistent copy of ``message`` (of one event of it, for a batch's part) with
+    ``headers`` added, as the Broker's copies."""
     properties = message.properties
+    message_id, correlation_id, type_ = part.ids(incoming)
     copied = aiormq.spec.Basic.Properties(
         content_type=properties.content_type,
         delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
         headers={**(properties.headers or {}), **headers},
-        message_id=properties.message_id,
-        correlation_id=properties.correlation_id,
-        message_type=properties.message_type,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        message_type=type_,
         priority=properties.priority,
         timestamp=properties.timestamp or datetime.now(UTC),
     )
-    return replace(message, properties=copied, redelivered=False)
+    return replace(message, body=part.body, properties=copied, redelivered=False)
 
 
 def _incoming(message: _Message, consumer_tag: str, delivery_tag: int) -> AbstractIncomingMessage:

@@ -10,6 +10,9 @@ Routing keys say who published what:
   (:data:`RELAYED_EVENT_TYPES`), republished by the orchestrator's relay with their
   global position (generators take GenerationRequested and the cancellations,
   notifiers take the status events); the whole stream stays readable in the store
+- ``<source>.Batch``: several events of one source in one message, where they waited
+  together (docs/events.md, "Batches"); only events whose every consumer binds
+  ``<source>.*`` travel so (:data:`SOLO_EVENT_TYPES` never do)
 
 Every name starts with a prefix (``AMQP_TOPOLOGY_PREFIX``, default ``canvas``) so that
 tests and side-by-side installations can share one broker without touching each other.
@@ -23,6 +26,9 @@ from typing import Any
 GATEWAY = "gateway"
 GENERATOR = "generator"
 JOB = "job"
+# The type, and routing key's last word, of a message that carries several events
+# (``<source>.Batch``): every queue bound to ``<source>.*`` takes it.
+BATCH = "Batch"
 
 # What the relay republishes: every type a queue is bound to. JobRequested,
 # GenerationSucceeded (it carries every object) and GenerationFailed have no consumer on
@@ -148,3 +154,12 @@ class Topology:
             f"{self.prefix}.ai-generator.control.dlq",
             f"{self.prefix}.notifier.dlq",
         )
+
+
+# The relayed types some queue binds by name (generators' work and control queues): each
+# goes in a message of its own, never in a batch, which only ``job.*`` takes.
+SOLO_EVENT_TYPES = frozenset(
+    key.split(".", 1)[1]
+    for spec in (Topology().generator_work, Topology().generator_control("-"))
+    for key in spec.bindings
+)

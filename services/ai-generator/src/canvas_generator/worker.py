@@ -64,8 +64,9 @@ from canvas_events.events import (
     GenerationSucceeded,
     parse_event,
 )
+from canvas_events.publishing import BatchPublisher
 from canvas_events.runtime import cancel_and_wait
-from canvas_events.topology import GENERATOR, routing_key
+from canvas_events.topology import GENERATOR
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker, SkipReason, Verdict, lease_expired
 from canvas_generator.client import Completion, ModelClient
@@ -99,6 +100,8 @@ class Worker:
         metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
+        # Results and progress of every attempt here: what waits together travels together.
+        self._outbound = BatchPublisher(broker, GENERATOR)
         self._client = client
         self.generator_id = generator_id
         self.metrics = metrics if metrics is not None else Metrics()
@@ -354,7 +357,7 @@ class Worker:
         deadline = time.monotonic() + self._publish_retry_seconds
         while True:
             try:
-                await self._broker.publish(envelope, routing_key(GENERATOR, envelope.type))
+                await self._outbound.publish(envelope)
                 return
             except PublishError:
                 left = deadline - time.monotonic()

@@ -1,5 +1,7 @@
 """The relay: publishes every recorded event, in position order, as ``job.<Type>`` with
-the envelope's ``position`` set (the transactional outbox's second half).
+the envelope's ``position`` set (the transactional outbox's second half); the events
+that only the notifiers take, several to a ``job.Batch`` message where one read of the
+store found several (docs/events.md, "Batches").
 
 Exactly one relay publishes at a time across all orchestrators: it holds a session
 advisory lock on a connection of its own, and the others wait on standby and take over
@@ -34,7 +36,13 @@ from canvas_events.broker import Broker
 from canvas_events.events import GenerationRequested
 from canvas_events.logging import redact
 from canvas_events.runtime import Background
-from canvas_events.topology import JOB, RELAYED_EVENT_TYPES, routing_key
+from canvas_events.topology import (
+    BATCH,
+    JOB,
+    RELAYED_EVENT_TYPES,
+    SOLO_EVENT_TYPES,
+    routing_key,
+)
 from canvas_orchestrator.metrics import Metrics
 from canvas_store.connections import connect
 from canvas_store.events import NOTIFY_CHANNEL, RecordedEvent, read_after
@@ -216,8 +224,9 @@ class Relay(Background):
         if room > 0 and (cursor.more or self._notified):
             self._notified = False
             batch = await read_after(conn, cursor.read, room)
-            for item in batch:
-                cursor.in_flight.append((item, self._start_publish(item)))
+            for message in _messages(batch):
+                task = self._start_publish(message)
+                cursor.in_flight.extend((item, task) for item in message)
             if batch:
                 cursor.read = batch[-1].position
             cursor.more = len(batch) == room
@@ -255,13 +264,13 @@ class Relay(Background):
         )
         return True
 
-    def _start_publish(self, item: RecordedEvent) -> asyncio.Task[None] | None:
-        """Publish ``item`` in the background if some queue consumes its type (None if
-        not: it counts as confirmed). Publishes started in order reach the channel in
-        order (one channel, a FIFO lock)."""
-        if item.envelope.type not in RELAYED_EVENT_TYPES:
+    def _start_publish(self, message: list[RecordedEvent]) -> asyncio.Task[None] | None:
+        """Publish ``message`` (one event, or a batch of them) in the background if some
+        queue consumes its events (None if not: they count as confirmed). Publishes
+        started in order reach the channel in order (one channel, a FIFO lock)."""
+        if message[0].envelope.type not in RELAYED_EVENT_TYPES:
             return None
-        task = asyncio.create_task(self._publish_one(item))
+        task = asyncio.create_task(self._publish(message))
         task.add_done_callback(lambda _: self._wake.set())
         return task
 
@@ -287,8 +296,13 @@ class Relay(Background):
             confirmed = item
         return confirmed, False
 
-    async def _publish_one(self, item: RecordedEvent) -> None:
-        envelope = item.envelope
+    async def _publish(self, message: list[RecordedEvent]) -> None:
+        if len(message) > 1:
+            # Status events for the notifiers, which may all be away.
+            bodies = [item.envelope.to_json() for item in message]
+            await self._broker.publish_batch(bodies, routing_key(JOB, BATCH), mandatory=False)
+            return
+        envelope = message[0].envelope
         priority = None
         work = envelope.type == GenerationRequested.type_name()
         if work:
@@ -308,6 +322,26 @@ class Relay(Background):
             checkpoint,
         )
         self._metrics.outbox_lag.set(max(0, lag))
+
+
+def _messages(batch: list[RecordedEvent]) -> list[list[RecordedEvent]]:
+    """``batch`` cut into messages, in order: the relayed events that only ``job.*``
+    takes (the notifiers') go together, each of SOLO_EVENT_TYPES (the generators' work
+    and cancels) and each event no queue takes goes alone."""
+    messages: list[list[RecordedEvent]] = []
+    run: list[RecordedEvent] = []
+    for item in batch:
+        kind = item.envelope.type
+        if kind in RELAYED_EVENT_TYPES and kind not in SOLO_EVENT_TYPES:
+            run.append(item)
+            continue
+        if run:
+            messages.append(run)
+            run = []
+        messages.append([item])
+    if run:
+        messages.append(run)
+    return messages
 
 
 async def _settled(in_flight: InFlight) -> None:

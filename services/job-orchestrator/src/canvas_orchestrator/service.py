@@ -73,6 +73,8 @@ class Service:
                 settings.topology.orchestrator,
                 self.handler.handle,
                 prefetch=settings.orchestrator_prefetch,
+                # A batch's events go to the group commit together: one transaction.
+                concurrent_batches=True,
             )
         )
         # A connection of its own: RabbitMQ throttles publishing connections under memory
