@@ -64,6 +64,7 @@ def create_app(service: Service) -> FastAPI:
     app.state.store = service.store
     app.state.ledger = service.ledger
     app.state.broker = service.broker
+    app.state.publisher = service.publisher
     app.state.metrics = service.metrics
     # Added first, so inside RequestMiddleware: its 401s and 413s are logged and counted.
     app.add_middleware(RequestLimits, secret=settings.secret, max_bytes=settings.max_request_bytes)

@@ -11,7 +11,9 @@ import structlog
 from canvas_events.broker import Broker
 from canvas_events.ops import Readiness
 from canvas_events.postgres import Database
+from canvas_events.publishing import BatchPublisher
 from canvas_events.runtime import instance_id, serve_http
+from canvas_events.topology import GATEWAY
 from canvas_gateway.api import create_app
 from canvas_gateway.ledger import LedgerSweep
 from canvas_gateway.metrics import Metrics
@@ -39,6 +41,9 @@ class Service:
             connection_name=instance_id("gateway"),
             publish_timeout=settings.publish_timeout_seconds,
         )
+        # JobRequested and JobCancelRequested: those of requests that arrive together
+        # travel in one message.
+        self.publisher = BatchPublisher(self.broker, GATEWAY)
         self.store = Store(self.database)
         self.ledger = LedgerSweep(
             self.store,

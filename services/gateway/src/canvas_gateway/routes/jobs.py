@@ -13,17 +13,16 @@ import structlog
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
-from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.errors import PublishError
 from canvas_events.events import JobCancelRequested
-from canvas_events.topology import GATEWAY, routing_key
+from canvas_events.publishing import BatchPublisher
 from canvas_gateway.deps import (
-    BrokerDep,
     CorrelationId,
     CurrentUser,
     LedgerDep,
     MetricsDep,
+    PublisherDep,
     SettingsDep,
     StoreDep,
 )
@@ -95,7 +94,7 @@ async def create_canvas(
     body: JobCreate,
     user: CurrentUser,
     store: StoreDep,
-    broker: BrokerDep,
+    publisher: PublisherDep,
     metrics: MetricsDep,
     settings: SettingsDep,
     ledger: LedgerDep,
@@ -127,7 +126,7 @@ async def create_canvas(
     # Bound only now: a refused request has no job to trace.
     structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
     request.state.job_id = str(job.job_id)
-    await _publish(store, broker, metrics, ledger, job, correlation_id)
+    await _publish(store, publisher, metrics, ledger, job, correlation_id)
     if not admission.duplicate:
         metrics.jobs_accepted.inc()
     log.info(
@@ -171,7 +170,7 @@ async def _admit(
 
 async def _publish(
     store: Store,
-    broker: Broker,
+    publisher: BatchPublisher,
     metrics: Metrics,
     ledger: LedgerSweep,
     job: JobRequest,
@@ -182,7 +181,7 @@ async def _publish(
     try:
         # A duplicate publishes again: its first publish may have failed, and the
         # orchestrator ignores a JobRequested for a stream that exists.
-        await broker.publish(job.requested(correlation_id), routing_key(GATEWAY, "JobRequested"))
+        await publisher.publish(job.requested(correlation_id))
     except PublishError as exc:
         metrics.publish_failures.inc()
         metrics.jobs_rejected.labels("publish").inc()
@@ -264,7 +263,7 @@ async def cancel_job(
     job_id: UUID,
     user: CurrentUser,
     store: StoreDep,
-    broker: BrokerDep,
+    publisher: PublisherDep,
     metrics: MetricsDep,
     correlation_id: CorrelationId,
 ) -> CancelAccepted:
@@ -289,7 +288,7 @@ async def cancel_job(
     if verdict != "requested":
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job is already {verdict}")
     try:
-        await broker.publish(envelope, routing_key(GATEWAY, "JobCancelRequested"))
+        await publisher.publish(envelope)
     except PublishError as exc:
         # The request is recorded and wins at the job's next step all the same; the
         # message only makes it take effect (and reach a running model call) at once.
