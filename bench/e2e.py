@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,8 @@ class Scenario:
     # One job at a time, each posted after the last completed: pickup on an idle system.
     sequential: bool = False
     stream: bool = True
+    # Between streamed chunks (a reply is about 64 of them): a real model's pace.
+    chunk_delay_ms: int = 0
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Run:
     scenario: Scenario
     times: dict[str, JobTimes] = field(default_factory=dict)
     processes: dict[str, ProcessSample] = field(default_factory=dict)
+    # POSTs sent again after the connection broke (with the same Idempotency-Key).
+    post_retries: int = 0
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -191,6 +196,21 @@ async def _listen(system: System, user: str, run: Run, stop: asyncio.Event) -> N
                 times.finished.set()
 
 
+async def _post(http: httpx.AsyncClient, run: Run, index: int, token: str) -> httpx.Response:
+    """Ask for job ``index`` as a careful client does: a connection that breaks is tried
+    again, with the same Idempotency-Key (the same job, never a second one). Counted."""
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": f"bench-{index}"}
+    body = {"query": f"bench job {index}: a flowchart of a login flow"}
+    for tries_left in (2, 1, 0):
+        try:
+            return await http.post("/api/ai-agent/create-canvas", json=body, headers=headers)
+        except httpx.TransportError:
+            if not tries_left:
+                raise
+            run.post_retries += 1
+    raise AssertionError("unreachable")
+
+
 async def drive(system: System, scenario: Scenario, run: Run) -> None:
     users = [f"bench-user-{i}" for i in range(scenario.users)]
     stop = asyncio.Event()
@@ -211,11 +231,7 @@ async def drive(system: System, scenario: Scenario, run: Run) -> None:
                     return
                 user = users[index % len(users)]
                 posted = time.perf_counter()
-                answer = await http.post(
-                    "/api/ai-agent/create-canvas",
-                    json={"query": f"bench job {index}: a flowchart of a login flow"},
-                    headers={"Authorization": f"Bearer {tokens[user]}"},
-                )
+                answer = await _post(http, run, index, tokens[user])
                 if answer.status_code != 202:
                     raise RuntimeError(f"POST answered {answer.status_code}: {answer.text}")
                 job_id = answer.json()["job_id"]
@@ -285,6 +301,7 @@ def summarise(run: Run, reference: float) -> dict[str, Any]:
         "completed_per_reference": round(completed_per_s / reference, 4) if reference else None,
         "processes": processes,
         "errors": sorted({t.error for t in times if t.error}),
+        "post_retries": run.post_retries,
     }
 
 
@@ -313,7 +330,6 @@ async def orchestrator_figures(system: System) -> dict[str, float]:
 def start_profilers(system: System, names: list[str], scenario: str) -> list[Any]:
     """py-spy (when installed: `.venv/bin/pip install py-spy`) samples the named services
     during the run; collapsed stacks land in bench/results/profile-<service>-<scenario>.txt."""
-    import shutil
     import subprocess
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -358,6 +374,7 @@ async def run_scenario(
 ) -> dict[str, Any]:
     env = {
         "FAKE_OPENAI_DELAY_MS": str(scenario.model_latency_ms),
+        "FAKE_OPENAI_CHUNK_DELAY_MS": str(scenario.chunk_delay_ms),
         "MAX_CONCURRENT_JOBS": str(scenario.max_concurrent_jobs),
         "MAX_ACTIVE_JOBS_PER_USER": str(scenario.jobs + 10),
         "OPENAI_TIMEOUT_SECONDS": "60",
@@ -450,6 +467,17 @@ SCENARIOS = {
     "0ms-nostream": Scenario(
         "0ms-nostream", jobs=1000, model_latency_ms=0, max_concurrent_jobs=100, stream=False
     ),
+    # A real model's reply: the first token after 1 s, then 64 chunks 140 ms apart (about
+    # 10 s in all), 1,000 at once on one generator process. The bound is 100 jobs/s.
+    "10s": Scenario(
+        "10s",
+        jobs=3000,
+        model_latency_ms=1000,
+        chunk_delay_ms=140,
+        max_concurrent_jobs=1000,
+        clients=64,
+        users=16,
+    ),
 }
 
 
@@ -477,7 +505,14 @@ async def main(argv: list[str]) -> int:
                 scenario.jobs = args.jobs
             print(f"bench: running {name} ({scenario.jobs} jobs)...", file=sys.stderr, flush=True)
             profile = [name for name in args.profile.split(",") if name]
-            results.append(await run_scenario(scenario, Path(tmp), profile))
+            try:
+                results.append(await run_scenario(scenario, Path(tmp), profile))
+            except Exception:
+                # The services' logs say why; the temporary directory goes with the run.
+                kept = RESULTS / f"logs-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.copytree(tmp, kept)
+                print(f"bench: {name} failed; the services' logs are in {kept}", file=sys.stderr)
+                raise
     if results:
         print_table(results)
     if history is not None:

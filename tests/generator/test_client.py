@@ -4,7 +4,6 @@ reply read off the wire, and each way a stream can end."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, broke
 from canvas_generator.prompt import build_messages
 from tests.generator.conftest import API_KEY
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.proxy import proxy
 from tests.support.waiting import eventually
 
 REQUEST = httpx2.Request("POST", "https://api.openai.com/v1/chat/completions")
@@ -216,16 +216,24 @@ async def test_cancelling_the_call_midway_closes_its_connection(fake_openai, cli
     fake_openai.open_gate(gate)  # nobody waits there any more
 
 
-async def test_streamed_calls_one_after_another_share_one_connection(client, caplog):
+async def test_streamed_calls_one_after_another_share_one_connection(fake_openai):
     # Reading past [DONE] to the end of the body gives the connection back to the pool;
     # leaving the end unread would close it and open a new one (a TLS handshake) per call.
-    caplog.set_level(logging.DEBUG, logger="httpcore2.connection")
-    ends: list[str | None] = []
-    for query in ("a flow", "a flow [[fake:cut]]", "a flow", "a flow"):
+    async with proxy(fake_openai.base_url) as between:
+        client = ModelClient(
+            api_key=API_KEY,
+            base_url=between.url(fake_openai.base_url),
+            model="gpt-4o-mini",
+            timeout_seconds=10,
+        )
+        ends: list[str | None] = []
         try:
-            ends.append((await client.complete(build_messages(query))).finish_reason)
-        except BadOutput:
-            ends.append(None)
+            for query in ("a flow", "a flow [[fake:cut]]", "a flow", "a flow"):
+                try:
+                    ends.append((await client.complete(build_messages(query))).finish_reason)
+                except BadOutput:
+                    ends.append(None)
+        finally:
+            await client.aclose()
     assert ends == ["stop", None, "stop", "stop"]
-    connects = [r for r in caplog.records if r.getMessage().startswith("connect_tcp.started")]
-    assert len(connects) == 1
+    assert between.accepted == 1

@@ -28,6 +28,8 @@ class Proxy:
         self._cut = False
         # Connections turned away while cut: proof that the service tried meanwhile.
         self.refused = 0
+        # Connections passed on to the server: how often the service connected.
+        self.accepted = 0
 
     async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -70,6 +72,7 @@ class Proxy:
         except OSError:
             writer.transport.abort()
             return
+        self.accepted += 1
         self._open |= {writer, up_writer}
         for task in (
             asyncio.create_task(self._pipe(reader, up_writer, 0.0)),

@@ -14,7 +14,8 @@ retries, docs/settings.md)::
     openai.OpenAIError
      ├── APIError
      │    ├── APIConnectionError               connection         retryable
-     │    │    └── APITimeoutError             timeout            retryable
+     │    │    └── APITimeoutError             timeout            retryable (connection
+     │    │                                    when a refused connect lies under it)
      │    ├── APIResponseValidationError       bad_output         retryable
      │    ├── APIStatusError
      │    │    ├── BadRequestError 400         bad_request        permanent
@@ -41,6 +42,7 @@ never carry the API key (a 401's server text echoes part of it, so it is never u
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import re
 import time
@@ -49,6 +51,7 @@ from datetime import UTC
 from enum import StrEnum
 from typing import Any
 
+import aiohttp
 import openai
 
 from canvas_events.logging import redact
@@ -132,6 +135,11 @@ def classify(
     if isinstance(exc, AttemptFailed):
         return exc
     hidden = [secret for secret in secrets if secret]
+    refused = _connect_failure(exc)
+    if refused is not None:
+        return AttemptFailed(
+            FailureKind.CONNECTION, f"could not connect to OpenAI ({refused})", retryable=True
+        )
     if isinstance(exc, openai.APITimeoutError | TimeoutError):
         within = f" within {timeout_seconds:g} s" if timeout_seconds else ""
         return AttemptFailed(
@@ -166,6 +174,22 @@ def classify(
         f"generator error: {type(exc).__name__}: {_clean(str(exc), hidden)}",
         retryable=True,
     )
+
+
+def _connect_failure(exc: BaseException) -> str | None:
+    """The name of the error under ``exc`` that says the connect itself failed (refused,
+    unreachable), if one does. The aiohttp transport reports a refused connect as a
+    ConnectTimeout, which the client turns into an APITimeoutError: the cause tells."""
+    cause = exc.__cause__
+    for _ in range(5):
+        if cause is None:
+            return None
+        if isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(
+            cause, asyncio.TimeoutError
+        ):
+            return type(cause).__name__
+        cause = cause.__cause__
+    return None
 
 
 def broke_off(
