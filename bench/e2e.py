@@ -305,25 +305,33 @@ def summarise(run: Run, reference: float) -> dict[str, Any]:
     }
 
 
-async def orchestrator_figures(system: System) -> dict[str, float]:
-    """From the orchestrator's /metrics: messages per transaction, on average."""
+async def orchestrator_figures(system: System, jobs: int) -> dict[str, float]:
+    """From the orchestrator's /metrics: messages per transaction, and how long the event
+    store's append lock was held (append to commit), per transaction and per job. Every
+    append in a cluster takes turns on that lock: ``jobs`` over the time it was held is
+    the most jobs/s any number of orchestrators could record (the ceiling it sets)."""
     url = f"http://127.0.0.1:{system.ports['orchestrator']}/metrics"
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(url)).text
     values: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in (
-            "canvas_orchestrator_batch_messages_sum",
-            "canvas_orchestrator_batch_messages_count",
-        ):
-            values[name.rsplit("_", 1)[1]] = float(value)
-    transactions = values.get("count", 0.0)
+        if name.startswith(
+            ("canvas_orchestrator_batch_messages_", "canvas_orchestrator_append_lock_held_")
+        ) and name.endswith(("_sum", "_count")):
+            values[name.removeprefix("canvas_orchestrator_")] = float(value)
+    transactions = values.get("batch_messages_count", 0.0)
+    appends = values.get("append_lock_held_seconds_count", 0.0)
+    held = values.get("append_lock_held_seconds_sum", 0.0)
     return {
         "transactions": transactions,
-        "messages_per_transaction": round(values.get("sum", 0.0) / transactions, 2)
+        "messages_per_transaction": round(values.get("batch_messages_sum", 0.0) / transactions, 2)
         if transactions
         else 0.0,
+        "append_lock_ms_per_append": round(1000 * held / appends, 3) if appends else 0.0,
+        "append_lock_ms_per_job": round(1000 * held / jobs, 3) if jobs else 0.0,
+        "append_lock_ceiling_jobs_per_s": round(jobs / held) if held else 0.0,
+        "append_lock_ceiling_appends_per_s": round(appends / held) if held else 0.0,
     }
 
 
@@ -413,7 +421,7 @@ async def run_scenario(
         result["processes"]["bench (clients)"] = _cpu_only(
             bench_after - bench_before, scenario.jobs
         )
-        result["orchestrator"] = await orchestrator_figures(system)
+        result["orchestrator"] = await orchestrator_figures(system, scenario.jobs)
         busy = machine_after[0] - machine_before[0]
         result["machine_busy_pct"] = round(
             100 * busy / max(1, machine_after[1] - machine_before[1]), 1
@@ -442,7 +450,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(
             f"-- {r['scenario']['name']} (reference {r['reference_msgs_per_s']:.0f} msg/s; "
             f"orchestrator: {o.get('messages_per_transaction')} messages per transaction; "
-            f"machine {r.get('machine_busy_pct')}% busy)"
+            f"machine {r.get('machine_busy_pct')}% busy; {r.get('post_retries', 0)} POSTs "
+            "retried)"
+        )
+        print(
+            f"   append lock held {o.get('append_lock_ms_per_append')} ms per append, "
+            f"{o.get('append_lock_ms_per_job')} ms per job: a ceiling of "
+            f"{o.get('append_lock_ceiling_appends_per_s')} appends/s, "
+            f"{o.get('append_lock_ceiling_jobs_per_s')} jobs/s for any number of orchestrators"
         )
         for name, proc in r["processes"].items():
             print(

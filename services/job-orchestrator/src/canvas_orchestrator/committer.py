@@ -25,6 +25,7 @@ decides again on a fresh read.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Final
 from uuid import UUID
 
 import asyncpg
+from prometheus_client import Histogram
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import Event, parse_event
@@ -113,6 +115,8 @@ class Transaction:
         # are appended in, so that positions tell the order the decisions were made in
         # (the first job on a new canvas is the one that owns it, on replay too).
         self.changed: dict[UUID, Stream] = {}
+        # When the append began (perf_counter), once it has: the append lock's hold.
+        self.appended_at: float | None = None
 
     async def lock(self, job_ids: Sequence[UUID], *, messages: Sequence[UUID] = ()) -> set[UUID]:
         """Lock ``job_ids`` (sorted) and mark ``messages`` processed; the message ids
@@ -205,6 +209,8 @@ class Transaction:
         """Project, then append every changed stream in one statement."""
         for stream in self.changed.values():
             await project(self.conn, _unpositioned(stream, self.now))
+        if self.changed:
+            self.appended_at = time.perf_counter()
         recorded = await append_streams(
             self.conn,
             [Append(s.job_id, s.base_version, s.staged) for s in self.changed.values()],
@@ -219,9 +225,17 @@ class Transaction:
 class Committer:
     """Opens the transactions decisions are recorded in, and keeps the stream cache."""
 
-    def __init__(self, database: Database, *, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        clock: Callable[[], datetime],
+        lock_held: Histogram | None = None,
+    ) -> None:
         self._database = database
         self._clock = clock
+        # Observes how long each transaction held the append lock (append to commit).
+        self._lock_held = lock_held
         # The streams of the running jobs this process recorded last, newest last.
         self._known: OrderedDict[UUID, Stream] = OrderedDict()
 
@@ -234,6 +248,8 @@ class Committer:
                 tx = Transaction(conn, self._clock(), self._known)
                 yield tx
                 await tx._flush()
+            if tx.appended_at is not None and self._lock_held is not None:
+                self._lock_held.observe(time.perf_counter() - tx.appended_at)
             for stream in tx.changed.values():
                 self._remember(stream)
 

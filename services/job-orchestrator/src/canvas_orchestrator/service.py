@@ -66,7 +66,9 @@ class Service:
         )
         policy = policy_of(settings)
         # Messages and timers record their decisions the same way, in the same cache.
-        self.committer = Committer(self.database, clock=clock)
+        self.committer = Committer(
+            self.database, clock=clock, lock_held=self.metrics.append_lock_held
+        )
         self.handler = Handler(self.committer, policy, self.metrics, new_id=new_id)
         self.broker.add_consumer(
             Consumer(
