@@ -398,14 +398,16 @@ class InMemoryBroker:
     async def _carry_out(
         self, delivery: _Delivery, incoming: AbstractIncomingMessage, verdict: Verdict
     ) -> None:
-        """What the Broker does with a verdict on RabbitMQ, done in memory."""
+        """What the Broker does with a verdict on RabbitMQ, done in memory. A delivery is
+        settled only after its last pause: one cancelled during a pause goes back."""
         queue, message = delivery.queue, delivery.message
         consumer = delivery.subscription.consumer
-        delivery.settled = True
         if isinstance(verdict, Ack):
+            delivery.settled = True
             return
         if isinstance(verdict, Requeue):
             await self._sleep(verdict.delay)
+            delivery.settled = True
             self._put_back(queue, message)
             return
         parts = verdict.parts if isinstance(verdict, Split) else (Part(message.body, verdict),)
@@ -421,6 +423,7 @@ class InMemoryBroker:
             if target is None:
                 # No dead-letter queue takes it: keep the message and try again later.
                 await self._sleep(consumer.retry_delay)
+                delivery.settled = True
                 self._put_back(queue, message)
                 return
             headers = dead_letter_headers(consumer, incoming, part.verdict)
@@ -430,6 +433,7 @@ class InMemoryBroker:
                 routing_key=target.name,
             )
             self._enqueue(target, copy)
+        delivery.settled = True
 
     # -- reading ---------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from canvas_events.events import Event, parse_event
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database
 from canvas_orchestrator import domain
 from canvas_orchestrator.domain import JobState
-from canvas_orchestrator.projections import project
+from canvas_orchestrator.projections import project_streams
 from canvas_store import cancels
 from canvas_store.errors import ConcurrencyError
 from canvas_store.events import Append, RecordedEvent, append_streams, load_streams
@@ -207,8 +207,9 @@ class Transaction:
 
     async def _flush(self) -> None:
         """Project, then append every changed stream in one statement."""
-        for stream in self.changed.values():
-            await project(self.conn, _unpositioned(stream, self.now))
+        await project_streams(
+            self.conn, [_unpositioned(stream, self.now) for stream in self.changed.values()]
+        )
         if self.changed:
             self.appended_at = time.perf_counter()
         recorded = await append_streams(

@@ -6,9 +6,9 @@
 
 Every value comes from the events (times are their ``occurred_at``, never ``now()``),
 so :func:`rebuild` reproduces the tables exactly, beside the live ones while the system
-runs. The events of one append become one
-statement per table: the changes of each event are merged in order, as applying them
-one by one would leave them.
+runs. The changes of each event are merged in order, as applying them one by one would
+leave them; the changes of every running job one transaction touches become one
+``UPDATE`` (a new job's rows are inserted one by one, in order).
 """
 
 from __future__ import annotations
@@ -143,25 +143,40 @@ def merge(changes: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 async def project(conn: asyncpg.Connection, recorded: Sequence[RecordedEvent]) -> None:
     """Apply the events of one append (one stream, in version order) to the read models."""
-    if not recorded:
-        return
-    stream_id = recorded[0].stream_id
-    assert all(item.stream_id == stream_id for item in recorded)
-    changes = merge([job_changes(item) for item in recorded])
-    if recorded[0].envelope.type == JobRequested.type_name():
-        await _insert_job(conn, changes)
-        await conn.execute(
-            "INSERT INTO canvases (id, user_id, created_at) VALUES ($1, $2, $3) "
-            "ON CONFLICT (id) DO NOTHING",
-            changes["canvas_id"],
-            changes["user_id"],
-            changes["created_at"],
-        )
-    else:
-        await _update_job(conn, stream_id, changes)
-    for index, item in enumerate(recorded):
-        if item.envelope.type == JobCompleted.type_name():
-            await _place_objects(conn, item, recorded[:index])
+    await project_streams(conn, [recorded])
+
+
+async def project_streams(
+    conn: asyncpg.Connection, streams: Sequence[Sequence[RecordedEvent]]
+) -> None:
+    """Apply the events of several streams (each in version order) to the read models:
+    a new job's rows one stream at a time, in the order given (the first job on a new
+    canvas owns it), every other job's changes in one statement."""
+    updates: dict[Any, dict[str, Any]] = {}
+    for recorded in streams:
+        if not recorded:
+            continue
+        stream_id = recorded[0].stream_id
+        assert all(item.stream_id == stream_id for item in recorded)
+        changes = merge([job_changes(item) for item in recorded])
+        if recorded[0].envelope.type == JobRequested.type_name():
+            await _insert_job(conn, changes)
+            await conn.execute(
+                "INSERT INTO canvases (id, user_id, created_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (id) DO NOTHING",
+                changes["canvas_id"],
+                changes["user_id"],
+                changes["created_at"],
+            )
+        else:
+            # One row per job in the statement: a stream given twice, in order.
+            earlier = updates.get(stream_id)
+            updates[stream_id] = changes if earlier is None else merge([earlier, changes])
+    await _update_jobs(conn, updates)
+    for recorded in streams:
+        for index, item in enumerate(recorded):
+            if item.envelope.type == JobCompleted.type_name():
+                await _place_objects(conn, item, recorded[:index])
 
 
 async def rebuild(pool: asyncpg.Pool, *, batch_size: int = 1_000) -> int:
@@ -219,8 +234,7 @@ async def _replay(
             streams: dict[Any, list[RecordedEvent]] = {}
             for recorded in page:
                 streams.setdefault(recorded.stream_id, []).append(recorded)
-            for events in streams.values():
-                await project(conn, events)
+            await project_streams(conn, list(streams.values()))
         if not page:
             return count, after
         count += len(page)
@@ -272,21 +286,50 @@ async def _insert_job(conn: asyncpg.Connection, changes: dict[str, Any]) -> None
         raise ConcurrencyError(f"job {changes['id']} was recorded meanwhile") from exc
 
 
-async def _update_job(conn: asyncpg.Connection, stream_id: Any, changes: dict[str, Any]) -> None:
-    columns = list(changes)
-    assignments = ", ".join(
-        f"{column} = COALESCE({column}, ${number})"
-        if column in _KEEP_FIRST
-        else f"{column} = ${number}"
-        for number, column in enumerate(columns, start=2)
-    )
-    status = await conn.execute(
-        # Column names come from job_changes, never from input.
-        f"UPDATE jobs SET {assignments} WHERE id = $1",  # noqa: S608
-        stream_id,
-        *(changes[column] for column in columns),
-    )
-    if status != "UPDATE 1":
+# The columns an event after a job's JobRequested may set (job_changes).
+_UPDATED: Final = (
+    "version",
+    "last_position",
+    "updated_at",
+    "status",
+    "retry_count",
+    "next_attempt_at",
+    "attempt",
+    "attempt_id",
+    "lease_expires_at",
+    "started_at",
+    "error_message",
+    "completed_at",
+    "result",
+)
+
+
+def _assignment(column: str) -> str:
+    """``column`` set from the change's record when the change names it, else kept."""
+    value = f"COALESCE(j.{column}, r.{column})" if column in _KEEP_FIRST else f"r.{column}"
+    return f"{column} = CASE WHEN c.changes ? '{column}' THEN {value} ELSE j.{column} END"
+
+
+# One statement for every job a transaction changed: each change is a JSON object of the
+# columns it sets, read into a jobs record by jsonb_populate_record (so each value takes
+# its column's type); a column the change does not name keeps its value.
+_UPDATE_JOBS: Final = f"""
+UPDATE jobs AS j SET {", ".join(_assignment(column) for column in _UPDATED)}
+FROM unnest($1::uuid[], $2::jsonb[]) AS c(id, changes)
+CROSS JOIN LATERAL jsonb_populate_record(NULL::jobs, c.changes) AS r
+WHERE j.id = c.id
+RETURNING j.id
+"""  # noqa: S608 (column names are the constants above)
+
+
+async def _update_jobs(conn: asyncpg.Connection, updates: dict[Any, dict[str, Any]]) -> None:
+    """Every job's ``updates`` (its changed columns, by job id) in one statement."""
+    if not updates:
+        return
+    unknown = {column for changes in updates.values() for column in changes} - set(_UPDATED)
+    assert not unknown, f"job_changes set columns the update does not know: {unknown}"
+    rows = await conn.fetch(_UPDATE_JOBS, list(updates), list(updates.values()))
+    for stream_id in set(updates) - {row["id"] for row in rows}:
         # A stream without its JobRequested row: the read model is behind the store.
         log.error("jobs row missing for an event; run rebuild-projections", job_id=str(stream_id))
 
