@@ -94,6 +94,9 @@ class Client:
         # connection's last replay began; None when there was none. A new queue makes
         # every connection that did not replay under it replay again.
         self.synced_with: int | None = None
+        # Whether a replay has read for this connection yet (its first may still be
+        # waiting to begin: it then binds to whatever queue is current when it reads).
+        self.replayed = False
         self._limit = limit
         self._frames: deque[Frame] = deque()
         self._control: deque[bytes] = deque()
