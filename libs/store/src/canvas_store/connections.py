@@ -4,6 +4,7 @@ services' session settings, one way for every pool and every single connection."
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -12,7 +13,15 @@ from canvas_events.postgres import SESSION_SETTINGS
 
 
 def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=_unknown).decode()
+
+
+def _unknown(value: Any) -> str:
+    """What orjson does not take itself: asyncpg's own UUID type (a subclass of
+    uuid.UUID, which orjson takes only exactly), as rows hand it back."""
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:

@@ -72,6 +72,14 @@ async def canvas_owner(conn: Queryable, canvas_id: str) -> str | None:
     return owner
 
 
+async def canvas_owners(conn: Queryable, canvas_ids: list[str]) -> dict[str, str]:
+    """The owners of those of ``canvas_ids`` somebody drew on (the others are absent)."""
+    rows = await conn.fetch(
+        "SELECT id, user_id FROM canvases WHERE id = ANY($1::text[])", canvas_ids
+    )
+    return {row["id"]: row["user_id"] for row in rows}
+
+
 async def job_owner(conn: Queryable, job_id: UUID) -> str | None:
     """The user of a recorded job; None when the job is not recorded."""
     owner: str | None = await conn.fetchval("SELECT user_id FROM jobs WHERE id = $1", job_id)

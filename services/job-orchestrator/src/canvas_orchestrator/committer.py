@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
@@ -45,7 +45,7 @@ from canvas_orchestrator.projections import project_streams
 from canvas_store import cancels
 from canvas_store.errors import ConcurrencyError
 from canvas_store.events import Append, RecordedEvent, append_streams, load_streams
-from canvas_store.jobs import canvas_owner
+from canvas_store.jobs import canvas_owners
 
 Clock = Callable[[], datetime]
 
@@ -117,6 +117,8 @@ class Transaction:
         self.changed: dict[UUID, Stream] = {}
         # When the append began (perf_counter), once it has: the append lock's hold.
         self.appended_at: float | None = None
+        # The owners of the canvases locked so far (None: nobody drew on it yet).
+        self._canvas_owners: dict[str, str | None] = {}
 
     async def lock(self, job_ids: Sequence[UUID], *, messages: Sequence[UUID] = ()) -> set[UUID]:
         """Lock ``job_ids`` (sorted) and mark ``messages`` processed; the message ids
@@ -196,13 +198,28 @@ class Transaction:
             stream.stage(decided, cause, self.now)
             self.changed.setdefault(stream.job_id, stream)
 
+    async def lock_canvases(self, canvas_ids: Iterable[str]) -> None:
+        """Lock the canvases new jobs of this transaction name, in id order and in one
+        statement, then read their owners in another (read after the locks are held, so
+        the first job on a new canvas is seen by any other that names it)."""
+        wanted = sorted(set(canvas_ids) - set(self._canvas_owners))
+        if not wanted:
+            return
+        # A volatile function in the select list runs after the sort: in id order.
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext(id)) FROM unnest($2::text[]) AS id "
+            "ORDER BY id",
+            CANVAS_LOCK_CLASS,
+            wanted,
+        )
+        owners = await canvas_owners(self.conn, wanted)
+        self._canvas_owners.update({canvas_id: owners.get(canvas_id) for canvas_id in wanted})
+
     async def canvas_available(self, canvas_id: str, user_id: str | None) -> bool:
         """Whether ``user_id`` may draw on ``canvas_id``: it is new, or it is theirs. Two
         first jobs on one new canvas by two users: the second waits, then sees the first."""
-        await self.conn.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))", CANVAS_LOCK_CLASS, canvas_id
-        )
-        owner = await canvas_owner(self.conn, canvas_id)
+        await self.lock_canvases([canvas_id])
+        owner = self._canvas_owners[canvas_id]
         return owner is None or owner == user_id
 
     async def _flush(self) -> None:

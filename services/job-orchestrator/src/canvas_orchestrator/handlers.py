@@ -148,6 +148,12 @@ class Handler:
                 return [Handled("duplicate") for _ in batch]
             requests = await self._requests(tx, batch)
             streams = await tx.load(job_ids)
+            # The canvases of the batch's new jobs, locked together.
+            await tx.lock_canvases(
+                m.event.canvas_id
+                for m in batch
+                if isinstance(m.event, JobRequested) and not streams[m.job_id].state.exists
+            )
             results, spans = await self._decide_all(tx, batch, streams, requests, fresh)
             await _settle_requests(tx, requests, streams)
         self._metrics.batch_messages.observe(len(batch))
