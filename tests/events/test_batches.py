@@ -13,7 +13,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from canvas_events.broker import (
     ACK,
     ATTEMPTS_HEADER,
-    BATCH_TYPE,
     ERROR_HEADER,
     Outcome,
     Retry,
@@ -71,7 +70,7 @@ async def test_a_batch_is_handled_event_by_event_in_order_and_acked_once(
     await broker.publish_batch(_batch(*sent), BATCH_KEY)
     await recorder.wait_for(5)
     assert recorder.ids() == [str(e.event_id) for e in sent]
-    assert {message.type for _, message in recorder.seen} == {BATCH_TYPE}
+    assert {message.type for _, message in recorder.seen} == {BATCH}
     assert await broker.queue_stats(brokers.topology.orchestrator.name) == (0, 1)
     assert await brokers.dead_letters(0) == []
 
@@ -111,7 +110,7 @@ async def test_a_batch_with_an_event_that_met_an_outage_comes_back_whole(
     await recorder.wait_for(4)
     # Redelivered as it was (consumers are idempotent: the first changes nothing twice).
     assert recorder.ids() == 2 * [str(first.event_id), str(second.event_id)]
-    assert recorder.seen[2][1].type == BATCH_TYPE
+    assert recorder.seen[2][1].type == BATCH
     assert await brokers.dead_letters(0) == []
 
 
@@ -144,7 +143,7 @@ async def test_a_lone_event_goes_alone_and_events_that_wait_together_go_together
     assert (first.type, first.routing_key) == ("JobRequested", "gateway.JobRequested")
     # The burst was all waiting when the publisher's turn came: one message.
     kinds = {(message.type, message.routing_key) for _, message in recorder.seen[1:]}
-    assert kinds == {(BATCH_TYPE, BATCH_KEY)}
+    assert kinds == {(BATCH, BATCH_KEY)}
     assert len({id(message) for _, message in recorder.seen[1:]}) == 1
 
 

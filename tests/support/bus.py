@@ -23,10 +23,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from canvas_events.broker import BATCH_TYPE, Broker, envelopes_of
+from canvas_events.broker import Broker, envelopes_of
 from canvas_events.envelope import Envelope
 from canvas_events.events import Event, GenerationRequested, JobRequested
-from canvas_events.topology import GATEWAY, GENERATOR, JOB, Topology, routing_key
+from canvas_events.topology import BATCH, GATEWAY, GENERATOR, JOB, Topology, routing_key
 from tests.support.waiting import eventually
 
 # Who publishes: `publish(envelope, GATEWAY)` routes as the gateway would.
@@ -88,7 +88,7 @@ class Bus:
         source = (message.routing_key or "").split(".", 1)[0]
         for envelope in envelopes_of(message):
             key = message.routing_key or ""
-            if message.type == BATCH_TYPE:
+            if message.type == BATCH:
                 key = routing_key(source, envelope.type)
             self.messages.append(Seen(key, message.priority, envelope))
             self.arrivals.put_nowait(envelope)

@@ -64,7 +64,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from canvas_events.envelope import Envelope
+from canvas_events.envelope import Envelope, parse_json
 from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.events import event_class
 from canvas_events.logging import redact
@@ -133,11 +133,16 @@ class Part:
     type: str | None = None
 
     @classmethod
-    def of_event(cls, item: Any, body: bytes, verdict: DeadLetter | Redeliver) -> Part:
-        """The part for a batch's ``item`` (its JSON ``body``), readable or not."""
+    def of_event(cls, item: Any, verdict: DeadLetter | Redeliver) -> Part:
+        """The part for a batch's ``item`` (as parsed), readable or not; its body is
+        serialised here, only for the events that need a message of their own."""
         fields = item if isinstance(item, dict) else {}
         ids = [fields.get(name) for name in ("event_id", "correlation_id", "type")]
-        return cls(body, verdict, *(value if isinstance(value, str) else None for value in ids))
+        return cls(
+            orjson.dumps(item),
+            verdict,
+            *(value if isinstance(value, str) else None for value in ids),
+        )
 
     def ids(self, message: AbstractIncomingMessage) -> tuple[str | None, str | None, str | None]:
         """The message id, correlation id and type of the copy that carries this part."""
@@ -161,10 +166,6 @@ Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[Outcome | None
 # What happens to a delivered message. A DeadLetter verdict's reason is final: redacted
 # and cut to MAX_REASON_CHARS, as the dead-letter queue gets it.
 Verdict = Ack | DeadLetter | Requeue | Redeliver | Split
-
-# The AMQP type of a message whose body is a JSON array of envelopes (docs/events.md,
-# "Batches"): published where several events wait for one destination at once.
-BATCH_TYPE: Final = BATCH
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -215,11 +216,11 @@ class Deliveries:
     async def handle(self, consumer: Consumer, message: AbstractIncomingMessage) -> Verdict:
         """Run ``consumer``'s handler on ``message`` (on each of its events, for a
         batch); say what to do with the message."""
-        if message.type == BATCH_TYPE:
+        if message.type == BATCH:
             return await self._handle_batch(consumer, message)
         structlog.contextvars.clear_contextvars()
         try:
-            envelope = _readable(message.body)
+            envelope = _known(Envelope.from_json(message.body))
         except PoisonMessage as exc:
             return self.dead_letter(consumer, message, str(exc))
         return await self._run(consumer, message, envelope)
@@ -230,32 +231,29 @@ class Deliveries:
         whole batch is requeued when one of them met an outage (handlers are
         idempotent: those already taken change nothing the second time)."""
         try:
-            items = orjson.loads(message.body)
-        except orjson.JSONDecodeError as exc:
-            return self.dead_letter(consumer, message, f"batch body is not JSON: {exc}")
-        if not isinstance(items, list):
-            return self.dead_letter(consumer, message, "batch body is not a JSON array")
+            items = _batch_items(message.body)
+        except PoisonMessage as exc:
+            return self.dead_letter(consumer, message, str(exc))
 
-        async def one(item: Any) -> tuple[Any, bytes, Verdict]:
+        async def one(item: Any) -> tuple[Any, Verdict]:
             structlog.contextvars.clear_contextvars()
-            body = orjson.dumps(item)
             try:
-                envelope = _readable(body)
+                envelope = _known(Envelope.from_parsed(item))
             except PoisonMessage as exc:
-                return item, body, self.dead_letter(consumer, message, str(exc))
-            return item, body, await self._run(consumer, message, envelope)
+                return item, self.dead_letter(consumer, message, str(exc))
+            return item, await self._run(consumer, message, envelope)
 
         if consumer.concurrent_batches:
             # gather() runs each in a task of its own, with a copy of the log context.
             results = await asyncio.gather(*(one(item) for item in items))
         else:
             results = [await one(item) for item in items]
-        requeues = [verdict.delay for *_, verdict in results if isinstance(verdict, Requeue)]
+        requeues = [verdict.delay for _, verdict in results if isinstance(verdict, Requeue)]
         if requeues:
             return Requeue(max(requeues))
         parts = tuple(
-            Part.of_event(item, body, verdict)
-            for item, body, verdict in results
+            Part.of_event(item, verdict)
+            for item, verdict in results
             if isinstance(verdict, DeadLetter | Redeliver)
         )
         return Split(parts) if parts else ACK
@@ -342,27 +340,52 @@ class Deliveries:
         return delay
 
 
-def _readable(body: bytes) -> Envelope:
-    """The envelope in ``body``. Unknown types and newer schemas are poison for every
-    consumer, also for one whose handler would skip the event unread (the notifier skips
-    what it does not show): otherwise a message this build cannot read vanishes unseen."""
-    envelope = Envelope.from_json(body)
+def _known(envelope: Envelope) -> Envelope:
+    """``envelope``, if this build knows its type and schema. Unknown types and newer
+    schemas are poison for every consumer, also for one whose handler would skip the
+    event unread (the notifier skips what it does not show): otherwise a message this
+    build cannot read vanishes unseen."""
     event_class(envelope)
     return envelope
+
+
+def _batch_items(body: bytes) -> list[Any]:
+    """The parsed items of a batch's body (a PoisonMessage unless a JSON array)."""
+    items = parse_json(body)
+    if not isinstance(items, list):
+        raise PoisonMessage("batch body is not a JSON array")
+    return items
 
 
 def envelopes_of(message: AbstractIncomingMessage) -> list[Envelope]:
     """The envelopes ``message`` carries: its one, or a batch's, in order (raises
     :class:`~canvas_events.errors.PoisonMessage` for a body that is neither)."""
-    if message.type != BATCH_TYPE:
+    if message.type != BATCH:
         return [Envelope.from_json(message.body)]
-    try:
-        items = orjson.loads(message.body)
-    except orjson.JSONDecodeError as exc:
-        raise PoisonMessage(f"batch body is not JSON: {exc}") from None
-    if not isinstance(items, list):
-        raise PoisonMessage("batch body is not a JSON array")
-    return [Envelope.from_json(orjson.dumps(item)) for item in items]
+    return [Envelope.from_parsed(item) for item in _batch_items(message.body)]
+
+
+def envelope_properties(envelope: Envelope, priority: int | None) -> aiormq.spec.Basic.Properties:
+    """The AMQP properties of a message that carries ``envelope``."""
+    return aiormq.spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_id=str(envelope.event_id),
+        correlation_id=envelope.correlation_id,
+        message_type=envelope.type,
+        timestamp=envelope.occurred_at,
+        priority=priority,
+    )
+
+
+def batch_properties() -> aiormq.spec.Basic.Properties:
+    """The AMQP properties of a batch (docs/events.md, "Batches")."""
+    return aiormq.spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_type=BATCH,
+        timestamp=datetime.now(UTC),
+    )
 
 
 def batch_body(bodies: Iterable[bytes]) -> bytes:
@@ -645,15 +668,7 @@ class Broker:
         """
         # The properties go to aio-pika's own channel as they are: an aio_pika.Message
         # would be built only to be turned into these (a third of a relayed event's CPU).
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            message_id=str(envelope.event_id),
-            correlation_id=envelope.correlation_id,
-            message_type=envelope.type,
-            timestamp=envelope.occurred_at,
-            priority=priority,
-        )
+        properties = envelope_properties(envelope, priority)
         await self._publish(envelope.to_json(), routing_key, properties, mandatory, timeout)
 
     async def publish_batch(
@@ -665,13 +680,8 @@ class Broker:
         mandatory: bool = True,
     ) -> None:
         """Publish several envelopes (their JSON ``bodies``, in order) as one message of
-        type :data:`BATCH_TYPE`, as :meth:`publish` does one."""
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            message_type=BATCH_TYPE,
-            timestamp=datetime.now(UTC),
-        )
+        type :data:`~canvas_events.topology.BATCH`, as :meth:`publish` does one."""
+        properties = batch_properties()
         await self._publish(batch_body(bodies), routing_key, properties, mandatory, timeout)
 
     async def _publish(

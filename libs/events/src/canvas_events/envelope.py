@@ -92,16 +92,26 @@ class Envelope(BaseModel):
     @classmethod
     def from_json(cls, body: bytes | str) -> Envelope:
         """Parse a message body; anything that is not a valid envelope is a PoisonMessage."""
-        try:
-            raw = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise PoisonMessage(f"body is not JSON: {exc}") from None
+        return cls.from_parsed(parse_json(body))
+
+    @classmethod
+    def from_parsed(cls, raw: object) -> Envelope:
+        """A body already parsed from JSON (an item of a batch) as an envelope; anything
+        that is not a valid envelope is a PoisonMessage."""
         if not isinstance(raw, dict):
             raise PoisonMessage("body is not a JSON object")
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise PoisonMessage(f"not a valid envelope: {_summary(exc)}") from None
+
+
+def parse_json(body: bytes | str) -> Any:
+    """``body`` parsed, or a PoisonMessage saying it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonMessage(f"body is not JSON: {exc}") from None
 
 
 def _summary(exc: ValidationError) -> str:

@@ -46,7 +46,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp.header import ContentHeader
 
 from canvas_events.broker import (
-    BATCH_TYPE,
     Ack,
     Consumer,
     Deliveries,
@@ -56,7 +55,9 @@ from canvas_events.broker import (
     Split,
     Verdict,
     batch_body,
+    batch_properties,
     dead_letter_headers,
+    envelope_properties,
     redeliver_headers,
 )
 from canvas_events.envelope import Envelope
@@ -290,7 +291,7 @@ class InMemoryBroker:
         events exchange, with the same properties; :class:`PublishError` when not
         started, or when the message is ``mandatory`` and no queue takes it.
         ``timeout`` is accepted and unused: nothing here waits for a confirm."""
-        properties = _properties(envelope, priority)
+        properties = envelope_properties(envelope, priority)
         self._route(envelope.to_json(), routing_key, properties, mandatory=mandatory)
         self.published.append(Published(routing_key, envelope, priority, mandatory))
 
@@ -304,13 +305,7 @@ class InMemoryBroker:
     ) -> None:
         """As :meth:`Broker.publish_batch <canvas_events.broker.Broker.publish_batch>`:
         one message of type ``Batch``; each valid envelope is recorded in :attr:`published`."""
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-            message_type=BATCH_TYPE,
-            timestamp=datetime.now(UTC),
-        )
-        self._route(batch_body(bodies), routing_key, properties, mandatory=mandatory)
+        self._route(batch_body(bodies), routing_key, batch_properties(), mandatory=mandatory)
         for body in bodies:
             with contextlib.suppress(PoisonMessage):
                 envelope = Envelope.from_json(body)
@@ -487,27 +482,13 @@ def delivered_message(
     :class:`~canvas_events.broker.Deliveries`) with directly: an envelope gets the
     properties :meth:`InMemoryBroker.publish` gives it, bytes none but ``headers``."""
     if isinstance(body, Envelope):
-        properties = _properties(body, priority)
+        properties = envelope_properties(body, priority)
         properties.headers = headers
         body = body.to_json()
     else:
         properties = aiormq.spec.Basic.Properties(headers=headers, priority=priority)
     message = _Message(body, properties, "", routing_key, 0, redelivered)
     return _incoming(message, "in-memory.ctag-test", 1)
-
-
-def _properties(envelope: Envelope, priority: int | None) -> aiormq.spec.Basic.Properties:
-    """The properties :meth:`Broker.publish <canvas_events.broker.Broker.publish>` gives
-    an envelope."""
-    return aiormq.spec.Basic.Properties(
-        content_type="application/json",
-        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-        message_id=str(envelope.event_id),
-        correlation_id=envelope.correlation_id,
-        message_type=envelope.type,
-        timestamp=envelope.occurred_at,
-        priority=priority,
-    )
 
 
 def _copy(
