@@ -6,17 +6,16 @@ confirm. A publish that finds nothing in flight goes at once, alone, as
 service adds no latency. Publishes that arrive while a message waits for its confirm
 go together in the next one, a batch (docs/events.md, "Batches"): under load, one
 message, one confirm and one delivery carry many events. Order is kept: one message
-in flight at a time, and a batch holds its events in the order they were given.
+in flight at a time, and a batch holds its events in the order they were given (the
+same mechanism as the orchestrator's group commit: :mod:`canvas_events.batching`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final, Protocol
 
+from canvas_events.batching import Batches
 from canvas_events.envelope import Envelope
 from canvas_events.topology import BATCH, routing_key
 
@@ -47,12 +46,6 @@ class Publisher(Protocol):
     ) -> None: ...
 
 
-@dataclass
-class _Waiting:
-    envelope: Envelope
-    done: asyncio.Future[None]
-
-
 class BatchPublisher:
     """Publishes the events of ``source`` (``<source>.<Type>``, or ``<source>.Batch``
     for several); see the module docstring."""
@@ -68,55 +61,25 @@ class BatchPublisher:
         self._broker = broker
         self._source = source
         self._mandatory = mandatory
-        self._max_batch = max_batch
-        self._waiting: list[_Waiting] = []
-        self._task: asyncio.Task[None] | None = None
+        self._batches: Batches[Envelope, None] = Batches(
+            self._send, max_batch=max_batch, name=f"publish-{source}"
+        )
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish ``envelope`` and wait for the broker's confirm of the message that
         carried it; raises what that publish raised (a
         :class:`~canvas_events.errors.PublishError`)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(envelope, done))
-        if self._task is None:
-            # A context of its own: the task publishes for many callers.
-            self._task = asyncio.create_task(
-                self._work(), name=f"publish-{self._source}", context=contextvars.Context()
-            )
-        await done
+        await self._batches.submit(envelope)
 
-    async def _work(self) -> None:
-        try:
-            # No await between the last empty take and leaving: a publish queued after it
-            # finds no task and starts one.
-            while self._waiting:
-                batch = self._waiting[: self._max_batch]
-                del self._waiting[: self._max_batch]
-                try:
-                    await self._send([item.envelope for item in batch])
-                except Exception as exc:
-                    for item in batch:
-                        if not item.done.done():
-                            item.done.set_exception(exc)
-                except BaseException:
-                    for item in batch:
-                        item.done.cancel()
-                    raise
-                else:
-                    for item in batch:
-                        if not item.done.done():
-                            item.done.set_result(None)
-        finally:
-            self._task = None
-
-    async def _send(self, envelopes: list[Envelope]) -> None:
+    async def _send(self, envelopes: Sequence[Envelope]) -> list[None]:
         if len(envelopes) == 1:
             (envelope,) = envelopes
             key = routing_key(self._source, envelope.type)
             await self._broker.publish(envelope, key, mandatory=self._mandatory)
-            return
-        await self._broker.publish_batch(
-            [envelope.to_json() for envelope in envelopes],
-            routing_key(self._source, BATCH),
-            mandatory=self._mandatory,
-        )
+        else:
+            await self._broker.publish_batch(
+                [envelope.to_json() for envelope in envelopes],
+                routing_key(self._source, BATCH),
+                mandatory=self._mandatory,
+            )
+        return [None] * len(envelopes)
