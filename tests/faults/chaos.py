@@ -231,38 +231,31 @@ class Workload:
         return None
 
 
+@dataclass(eq=False)
 class Nemesis:
     """Picks a fault every few seconds; each fault heals itself after its time, and
     :meth:`heal` heals whatever is still broken."""
 
-    def __init__(
-        self,
-        system: System,
-        broker: PrivateRabbitMQ,
-        database: PrivatePostgres,
-        rng: random.Random,
-        tally: Tally,
-    ) -> None:
-        self._system = system
-        self._broker = broker
-        self._database = database
-        self._rng = rng
-        self._tally = tally
-        self._busy: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+    system: System
+    broker: PrivateRabbitMQ
+    database: PrivatePostgres
+    rng: random.Random
+    tally: Tally
+    _busy: set[str] = field(init=False, default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._rng.uniform(2, 6))
+                await asyncio.wait_for(stop.wait(), self.rng.uniform(2, 6))
             if stop.is_set():
                 return
-            kind = self._rng.choice(FAULTS)
+            kind = self.rng.choice(FAULTS)
             resource = self._resource(kind)
             if resource is None:
                 continue
             self._busy.add(resource)
-            self._tally.faults[kind] += 1
+            self.tally.faults[kind] += 1
             task = asyncio.create_task(self._inflict(kind, resource))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -271,7 +264,7 @@ class Nemesis:
         """A resource ``kind`` may break now (None: all taken)."""
         if kind in ("kill", "freeze"):
             free = [name for name in SERVICES if name not in self._busy]
-            return self._rng.choice(free) if free else None
+            return self.rng.choice(free) if free else None
         resource = {"read_only": "database", "db_restart": "database"}.get(kind, kind)
         if kind.startswith("model"):
             resource = "model"
@@ -281,40 +274,40 @@ class Nemesis:
         try:
             match kind:
                 case "kill":
-                    process = self._system.processes[resource]
+                    process = self.system.processes[resource]
                     process.kill()
-                    await asyncio.sleep(self._rng.uniform(1, 4))
+                    await asyncio.sleep(self.rng.uniform(1, 4))
                     process.start()
                 case "freeze":
-                    process = self._system.processes[resource]
+                    process = self.system.processes[resource]
                     process.freeze()
                     try:
-                        await asyncio.sleep(self._rng.uniform(5, 20))
+                        await asyncio.sleep(self.rng.uniform(5, 20))
                     finally:
                         process.thaw()
                 case "connections":
                     # Every connection, or one process's.
                     of_pid = None
-                    process = self._system.processes[self._rng.choice(SERVICES)]
-                    if self._rng.random() < 0.5 and process.process is not None:
+                    process = self.system.processes[self.rng.choice(SERVICES)]
+                    if self.rng.random() < 0.5 and process.process is not None:
                         of_pid = process.pid
                     await asyncio.to_thread(
-                        functools.partial(self._broker.close_connections, of_pid=of_pid)
+                        functools.partial(self.broker.close_connections, of_pid=of_pid)
                     )
                 case "read_only":
-                    await set_read_only(self._system.database_url, True)
+                    await set_read_only(self.system.database_url, True)
                     try:
-                        await asyncio.sleep(self._rng.uniform(3, 10))
+                        await asyncio.sleep(self.rng.uniform(3, 10))
                     finally:
-                        await set_read_only(self._system.database_url, False)
+                        await set_read_only(self.system.database_url, False)
                 case "db_restart":
-                    await asyncio.to_thread(self._database.restart)
+                    await asyncio.to_thread(self.database.restart)
                 case "model_errors" | "model_hang":
                     modes = "429,500" if kind == "model_errors" else "timeout"
                     rate = 0.5 if kind == "model_errors" else 0.3
                     await self._model({"failure_rate": rate, "failure_modes": modes})
                     try:
-                        await asyncio.sleep(self._rng.uniform(3, 10))
+                        await asyncio.sleep(self.rng.uniform(3, 10))
                     finally:
                         await self._model({"failure_rate": 0})
         except Exception as exc:
@@ -324,7 +317,7 @@ class Nemesis:
 
     async def _model(self, change: dict[str, Any]) -> None:
         async with httpx.AsyncClient(timeout=5) as http:
-            await http.put(f"{self._system.fake_openai_url}/_fake/config", json=change)
+            await http.put(f"{self.system.fake_openai_url}/_fake/config", json=change)
 
     async def heal(self) -> None:
         """Let every fault in progress end (each heals itself), then make sure: every
@@ -332,15 +325,15 @@ class Nemesis:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
         for name in SERVICES:
-            process = self._system.processes[name]
+            process = self.system.processes[name]
             process.thaw()
             if process.process is None or process.process.poll() is not None:
                 process.start()
-        if not self._database.running():
-            await asyncio.to_thread(self._database.start)
-        await set_read_only(self._system.database_url, False)
+        if not self.database.running():
+            await asyncio.to_thread(self.database.start)
+        await set_read_only(self.system.database_url, False)
         await self._model({"failure_rate": 0})
-        await asyncio.gather(*(self._system.processes[name].wait_ready(120) for name in SERVICES))
+        await asyncio.gather(*(self.system.processes[name].wait_ready(120) for name in SERVICES))
 
 
 async def soak(minutes: float, rate: float, seed: int, settle_seconds: float) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import websockets
@@ -167,25 +168,23 @@ async def open_stream(notifier_url: str, token: str, after: int | None = None) -
         ) from None
 
 
+@dataclass(eq=False)
 class Follower:
     """Follows one job to its end (see the module's docstring)."""
 
-    def __init__(
-        self, gateway: Gateway, notifier_url: str, token: str, view: JobView, sink: Sink
-    ) -> None:
-        self.gateway = gateway
-        self.notifier_url = notifier_url
-        self._token = token
-        self.view = view
-        self.sink = sink
-        # The highest position the socket delivered, of any job: where a reconnect resumes.
-        self._stream_position: int | None = None
-        self.connected = True
+    gateway: Gateway
+    notifier_url: str
+    token: str = field(repr=False)
+    view: JobView
+    sink: Sink
+    # The highest position the socket delivered, of any job: where a reconnect resumes.
+    _stream_position: int | None = field(init=False, default=None)
+    connected: bool = field(init=False, default=True)
 
     async def connect(self, after: int | None = None) -> ClientConnection | None:
         """A new notifier connection, or None (the watch then polls the gateway)."""
         try:
-            return await open_stream(self.notifier_url, self._token, after)
+            return await open_stream(self.notifier_url, self.token, after)
         except CliError as exc:
             self._lost(exc.message)
             return None

@@ -23,7 +23,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -63,27 +63,18 @@ class Completion:
     finish_reason: str | None
 
 
+@dataclass(eq=False, kw_only=True)
 class ModelClient:
     """The ``openai`` client, made on first use: no network call and no key check happen
     at start, so the service starts (and says so in /ready) without either."""
 
-    def __init__(
-        self,
-        *,
-        api_key: str | None,
-        base_url: str | None,
-        model: str,
-        timeout_seconds: float,
-        stream: bool = True,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._api_key = api_key
-        self._base_url = base_url
-        self.model = model
-        self.timeout_seconds = timeout_seconds
-        self.stream = stream
-        self._metrics = metrics if metrics is not None else Metrics()
-        self._client: openai.AsyncOpenAI | None = None
+    api_key: str | None = field(repr=False)
+    base_url: str | None
+    model: str
+    timeout_seconds: float
+    stream: bool = True
+    metrics: Metrics = field(default_factory=Metrics)
+    _client: openai.AsyncOpenAI | None = field(init=False, default=None)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> ModelClient:
@@ -94,16 +85,16 @@ class ModelClient:
             model=settings.openai_model,
             timeout_seconds=settings.openai_timeout_seconds,
             stream=settings.openai_stream,
-            metrics=metrics,
+            metrics=metrics if metrics is not None else Metrics(),
         )
 
     def _openai(self) -> openai.AsyncOpenAI:
-        if self._api_key is None:
+        if self.api_key is None:
             raise MissingApiKey()
         if self._client is None:
             self._client = openai.AsyncOpenAI(
-                api_key=self._api_key,
-                base_url=self._base_url,
+                api_key=self.api_key,
+                base_url=self.base_url,
                 timeout=self.timeout_seconds,
                 # Every attempt is one call, visible in the job's history and retried by
                 # the orchestrator's backoff (docs/settings.md, MAX_JOB_RETRIES).
@@ -131,7 +122,7 @@ class ModelClient:
         except TimeoutError as exc:
             raise classify(exc, timeout_seconds=self.timeout_seconds) from exc
         finally:
-            self._metrics.openai_request_seconds.observe(time.perf_counter() - started)
+            self.metrics.openai_request_seconds.observe(time.perf_counter() - started)
 
     async def _whole(
         self, client: openai.AsyncOpenAI, messages: list[ChatCompletionMessageParam], started: float
@@ -231,7 +222,7 @@ class ModelClient:
                     error,
                     received_chars=reply.received,
                     timeout_seconds=self.timeout_seconds,
-                    secrets=(self._api_key,),
+                    secrets=(self.api_key,),
                 ) from error
             # Outside the try: what on_text raises reaches the caller unchanged.
             if on_text is not None:
@@ -239,7 +230,7 @@ class ModelClient:
                     on_text(piece)
 
     def _classify(self, exc: Exception) -> Exception:
-        return classify(exc, timeout_seconds=self.timeout_seconds, secrets=(self._api_key,))
+        return classify(exc, timeout_seconds=self.timeout_seconds, secrets=(self.api_key,))
 
     async def aclose(self) -> None:
         """Close the HTTP connections, if any were opened."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +24,7 @@ from canvas_generator.metrics import Metrics
 Publish = Callable[[Envelope], Awaitable[None]]
 
 
+@dataclass(eq=False)
 class Progress:
     """The GenerationProgressed events of one attempt, in order; see the module docstring.
 
@@ -30,25 +32,18 @@ class Progress:
     GenerationSucceeded must carry.
     """
 
-    def __init__(
-        self,
-        publish: Publish,
-        request: Envelope,
-        attempt_id: UUID,
-        run_id: UUID | None = None,
-        *,
-        metrics: Metrics,
-    ) -> None:
-        self._publish = publish
-        self._metrics = metrics
-        self._request = request
-        self._attempt_id = attempt_id
-        self._run_id = run_id
-        # None ends the publishing task (drain); unbounded, as a reply holds at most a
-        # few hundred objects.
-        self._queue: asyncio.Queue[tuple[Envelope, float] | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self.objects: list[dict[str, Any]] = []
+    publish: Publish
+    request: Envelope
+    attempt_id: UUID
+    run_id: UUID | None = None
+    metrics: Metrics = field(kw_only=True)
+    # None ends the publishing task (drain); unbounded, as a reply holds at most a few
+    # hundred objects.
+    _queue: asyncio.Queue[tuple[Envelope, float] | None] = field(
+        init=False, default_factory=asyncio.Queue
+    )
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    objects: list[dict[str, Any]] = field(init=False, default_factory=list)
 
     def put(self, index: int, obj: dict[str, Any]) -> None:
         """Publish object ``index`` soon, without waiting. Raises the error of an earlier
@@ -60,11 +55,11 @@ class Progress:
             raise ValueError(f"progress index {index} out of order: {len(self.objects)} expected")
         self.objects.append(obj)
         event = GenerationProgressed(
-            attempt_id=self._attempt_id, index=index, object=obj, run_id=self._run_id
+            attempt_id=self.attempt_id, index=index, object=obj, run_id=self.run_id
         )
-        self._queue.put_nowait((self._request.follow(event), time.perf_counter()))
+        self._queue.put_nowait((self.request.follow(event), time.perf_counter()))
         if self._task is None:
-            self._task = asyncio.create_task(self._work(), name=f"progress-{self._attempt_id}")
+            self._task = asyncio.create_task(self._work(), name=f"progress-{self.attempt_id}")
 
     async def _work(self) -> None:
         while True:
@@ -76,14 +71,14 @@ class Progress:
                 items.append(self._queue.get_nowait())
             ready = [item for item in items if item is not None]
             results = await asyncio.gather(
-                *(self._publish(envelope) for envelope, _ in ready), return_exceptions=True
+                *(self.publish(envelope) for envelope, _ in ready), return_exceptions=True
             )
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
             now = time.perf_counter()
             for _, found_at in ready:
-                self._metrics.progress_publish_seconds.observe(now - found_at)
+                self.metrics.progress_publish_seconds.observe(now - found_at)
             if len(ready) < len(items):
                 return  # drain() asked to stop: all before it is confirmed
 
