@@ -24,6 +24,16 @@ pytest.register_assert_rewrite("tests.faults.harness")
 
 MakeSystem = Callable[..., Awaitable[System]]
 
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every fault test starts the services as real processes: marked ``e2e`` here, once."""
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.e2e)
+
+
 # Settings every fault system starts with; a test overrides what it is about.
 DEFAULTS: dict[str, str] = {
     # One user submits every job of a test: the per-user limit is not what is tested.

@@ -21,13 +21,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import eventually, restart_mid_run
 from tests.support.servers import PrivateRabbitMQ
-
-pytestmark = pytest.mark.e2e
 
 
 async def test_broker_restarted_mid_run_services_reconnect_and_nothing_is_lost(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
@@ -26,8 +24,6 @@ from tests.faults.harness import (
     log_problems,
     query,
 )
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 20
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
@@ -33,8 +31,6 @@ from tests.faults.harness import (
     wait_in_flight,
 )
 from tests.support.servers import PrivateRabbitMQ
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 4
 

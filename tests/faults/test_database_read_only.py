@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 
 import httpx
-import pytest
 
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
@@ -32,8 +31,6 @@ from tests.faults.harness import (
     query,
     set_read_only,
 )
-
-pytestmark = pytest.mark.e2e
 
 OUTAGE_SECONDS = 10.0
 

@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import answers_200, eventually, restart_mid_run
 from tests.support.servers import PrivatePostgres
-
-pytestmark = pytest.mark.e2e
 
 
 async def test_database_restarted_mid_run_services_recover_and_nothing_is_lost(

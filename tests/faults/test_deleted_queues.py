@@ -21,8 +21,6 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-import pytest
-
 from canvas_events.topology import Topology
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
@@ -37,8 +35,6 @@ from tests.faults.harness import (
     query,
 )
 from tests.support.servers import PrivateRabbitMQ
-
-pytestmark = pytest.mark.e2e
 
 WITHIN = 30.0
 

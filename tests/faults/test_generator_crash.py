@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
@@ -25,8 +23,6 @@ from tests.faults.harness import (
     query,
     wait_in_flight,
 )
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 16
 KILLS = 2

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import Client, assert_completed, figures, log_problems, query
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 30
 TRANSIENT_KINDS = {"server_error", "rate_limited", "timeout"}

@@ -10,8 +10,6 @@ event store for the relay of the restarted process (transactional outbox).
 
 from __future__ import annotations
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     FINAL,
@@ -23,8 +21,6 @@ from tests.faults.harness import (
     log_problems,
     query,
 )
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 50
 

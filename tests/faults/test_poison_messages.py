@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from canvas_events.broker import ERROR_HEADER
@@ -37,8 +36,6 @@ from tests.faults.harness import (
     query,
 )
 from tests.support.system import System
-
-pytestmark = pytest.mark.e2e
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import Client, count_status, query
-
-pytestmark = pytest.mark.e2e
 
 COMMAND = str(Path(sys.executable).parent / "canvas-orchestrator")
 READ_MODELS = ("jobs", "canvases", "canvas_objects")

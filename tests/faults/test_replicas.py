@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
-
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import (
     Client,
@@ -35,8 +33,6 @@ from tests.faults.harness import (
     overlapping_runs,
     query,
 )
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 40
 

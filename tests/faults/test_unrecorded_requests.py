@@ -13,14 +13,11 @@ user's limit (tests/gateway covers that part).
 from __future__ import annotations
 
 import aio_pika
-import pytest
 
 from canvas_events.broker import envelopes_of
 from canvas_events.topology import Topology
 from tests.faults.conftest import MakeSystem
 from tests.faults.harness import Client, assert_completed, figures, lines, log_problems, query
-
-pytestmark = pytest.mark.e2e
 
 JOBS = 3
 

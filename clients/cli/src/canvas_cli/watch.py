@@ -64,10 +64,20 @@ class Sink(Protocol):
         """The live stream was lost (``connected`` False) or is back."""
 
     def close(self, view: JobView) -> None:
-        """The watch is over (the job ended, or the watch stopped)."""
+        """The watch is over (the job ended, or the watch stopped); nothing by default."""
+        return
 
 
-class LinesSink:
+def warn_polling(err: Console, reason: str | None) -> None:
+    """Say on stderr that the watch lost its live stream and polls instead."""
+    because = f" ({reason})" if reason else ""
+    err.print(
+        f"canvas-jobs: warning: live updates unavailable{because}; polling the gateway",
+        markup=False,
+    )
+
+
+class LinesSink(Sink):
     """One line per frame: for pipes, logs and tests (stdout not a terminal)."""
 
     def __init__(self, out: Console, err: Console) -> None:
@@ -80,17 +90,10 @@ class LinesSink:
         if connected:
             self.err.print("canvas-jobs: live updates are back", markup=False)
         else:
-            because = f" ({reason})" if reason else ""
-            self.err.print(
-                f"canvas-jobs: warning: live updates unavailable{because}; polling the gateway",
-                markup=False,
-            )
-
-    def close(self, view: JobView) -> None:
-        return None
+            warn_polling(self.err, reason)
 
 
-class JsonSink:
+class JsonSink(Sink):
     """Each of the job's frames as one JSON line, exactly as the notifier sends them."""
 
     def __init__(self, err: Console) -> None:
@@ -101,14 +104,7 @@ class JsonSink:
 
     def connection(self, view: JobView, connected: bool, reason: str | None = None) -> None:
         if not connected:
-            because = f" ({reason})" if reason else ""
-            self.err.print(
-                f"canvas-jobs: warning: live updates unavailable{because}; polling the gateway",
-                markup=False,
-            )
-
-    def close(self, view: JobView) -> None:
-        return None
+            warn_polling(self.err, reason)
 
 
 class LiveSink:

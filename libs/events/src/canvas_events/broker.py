@@ -231,7 +231,7 @@ class Deliveries:
         whole batch is requeued when one of them met an outage (handlers are
         idempotent: those already taken change nothing the second time)."""
         try:
-            items = _batch_items(message.body)
+            items = batch_items(message.body)
         except PoisonMessage as exc:
             return self.dead_letter(consumer, message, str(exc))
 
@@ -349,7 +349,7 @@ def _known(envelope: Envelope) -> Envelope:
     return envelope
 
 
-def _batch_items(body: bytes) -> list[Any]:
+def batch_items(body: bytes) -> list[Any]:
     """The parsed items of a batch's body (a PoisonMessage unless a JSON array)."""
     items = parse_json(body)
     if not isinstance(items, list):
@@ -362,7 +362,7 @@ def envelopes_of(message: AbstractIncomingMessage) -> list[Envelope]:
     :class:`~canvas_events.errors.PoisonMessage` for a body that is neither)."""
     if message.type != BATCH:
         return [Envelope.from_json(message.body)]
-    return [Envelope.from_parsed(item) for item in _batch_items(message.body)]
+    return [Envelope.from_parsed(item) for item in batch_items(message.body)]
 
 
 def envelope_properties(envelope: Envelope, priority: int | None) -> aiormq.spec.Basic.Properties:
@@ -424,7 +424,84 @@ def dead_letter_headers(
     }
 
 
-class Broker:
+class BrokerBase:
+    """What every broker a service works with shares (:class:`Broker`, and the in-memory
+    one of tests): the connection's state as the service sees it (up or not, since when,
+    how many times it came up, and why not), and the publishing API, which builds each
+    message's properties and body; a kind of broker supplies :meth:`_publish`."""
+
+    def __init__(self) -> None:
+        self._connected = asyncio.Event()
+        self.last_error: str | None = "not connected yet"
+        self.connect_count = 0
+        # When the current connection's consumers were all started (None while down).
+        self.connected_at: datetime | None = None
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the connection is up (raises TimeoutError after ``timeout``)."""
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection, the publishing channel and every consumer are up."""
+        return self._connected.is_set()
+
+    def _up(self) -> None:
+        """The connection and every consumer have just come up."""
+        self.connect_count += 1
+        self.connected_at = datetime.now(UTC)
+        self.last_error = None
+        self._connected.set()
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        routing_key: str,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish a persistent message and wait for the broker's confirm.
+
+        Raises :class:`PublishError` when the broker is away, nacks, does not confirm
+        within ``timeout`` (default: the broker's ``publish_timeout``), or, for a
+        ``mandatory`` message, no queue takes it: the message may then not be queued,
+        and the caller must say so (a 503) or try again. Publish with
+        ``mandatory=False`` what may rightly reach no queue (events for notifiers,
+        which may all be away).
+        """
+        # The properties go to aio-pika's own channel as they are: an aio_pika.Message
+        # would be built only to be turned into these (a third of a relayed event's CPU).
+        properties = envelope_properties(envelope, priority)
+        await self._publish(envelope.to_json(), routing_key, properties, mandatory, timeout)
+
+    async def publish_batch(
+        self,
+        bodies: Sequence[bytes],
+        routing_key: str,
+        *,
+        timeout: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish several envelopes (their JSON ``bodies``, in order) as one message of
+        type :data:`~canvas_events.topology.BATCH`, as :meth:`publish` does one."""
+        properties = batch_properties()
+        await self._publish(batch_body(bodies), routing_key, properties, mandatory, timeout)
+
+    async def _publish(
+        self,
+        body: bytes,
+        routing_key: str,
+        properties: aiormq.spec.Basic.Properties,
+        mandatory: bool,
+        timeout: float | None,
+    ) -> None:
+        """Send one message and wait for the broker's confirm (see :meth:`publish`)."""
+        raise NotImplementedError
+
+
+class Broker(BrokerBase):
     """One connection to RabbitMQ for one service process.
 
     ``start()`` returns at once; the connection comes up in the background and is made
@@ -454,7 +531,6 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
-        self._connected = asyncio.Event()
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -465,10 +541,7 @@ class Broker:
         self._redeclare = asyncio.Event()
         # Decides what happens to each delivered message; this class only carries it out.
         self._deliveries = Deliveries()
-        self.last_error: str | None = "not connected yet"
-        self.connect_count = 0
-        # When the current connection's consumers were all started (None while down).
-        self.connected_at: datetime | None = None
+        super().__init__()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -480,15 +553,6 @@ class Broker:
         """Start connecting in the background."""
         if self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
-
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until the connection is up (raises TimeoutError after ``timeout``)."""
-        await asyncio.wait_for(self._connected.wait(), timeout)
-
-    @property
-    def connected(self) -> bool:
-        """Whether the connection, the publishing channel and every consumer are up."""
-        return self._connected.is_set()
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop consuming, let handlers in flight finish (up to ``drain_timeout``), close."""
@@ -555,10 +619,7 @@ class Broker:
         self._exchange, self._dead_letter_exchange = await declare_topology(channel, self.topology)
         for consumer in self._consumers:
             await self._start_consumer(connection, consumer)
-        self.connect_count += 1
-        self.connected_at = datetime.now(UTC)
-        self.last_error = None
-        self._connected.set()
+        self._up()
 
     async def _start_consumer(self, connection: AbstractConnection, consumer: Consumer) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -647,42 +708,6 @@ class Broker:
                 await connection.close()
 
     # -- publishing ------------------------------------------------------------------
-
-    async def publish(
-        self,
-        envelope: Envelope,
-        routing_key: str,
-        *,
-        priority: int | None = None,
-        timeout: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        """Publish a persistent message and wait for the broker's confirm.
-
-        Raises :class:`PublishError` when the broker is away, nacks, does not confirm
-        within ``timeout`` (default: the broker's ``publish_timeout``), or, for a
-        ``mandatory`` message, no queue takes it: the message may then not be queued,
-        and the caller must say so (a 503) or try again. Publish with
-        ``mandatory=False`` what may rightly reach no queue (events for notifiers,
-        which may all be away).
-        """
-        # The properties go to aio-pika's own channel as they are: an aio_pika.Message
-        # would be built only to be turned into these (a third of a relayed event's CPU).
-        properties = envelope_properties(envelope, priority)
-        await self._publish(envelope.to_json(), routing_key, properties, mandatory, timeout)
-
-    async def publish_batch(
-        self,
-        bodies: Sequence[bytes],
-        routing_key: str,
-        *,
-        timeout: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        """Publish several envelopes (their JSON ``bodies``, in order) as one message of
-        type :data:`~canvas_events.topology.BATCH`, as :meth:`publish` does one."""
-        properties = batch_properties()
-        await self._publish(batch_body(bodies), routing_key, properties, mandatory, timeout)
 
     async def _publish(
         self,

@@ -13,37 +13,15 @@ same mechanism as the orchestrator's group commit: :mod:`canvas_events.batching`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Final
 
 from canvas_events.batching import Batches
+from canvas_events.broker import BrokerBase
 from canvas_events.envelope import Envelope
 from canvas_events.topology import BATCH, routing_key
 
 # The most events one message carries (a streamed reply's objects are a few KiB each).
 MAX_BATCH: Final = 100
-
-
-class Publisher(Protocol):
-    """What a BatchPublisher publishes through: a Broker, or the in-memory one."""
-
-    async def publish(
-        self,
-        envelope: Envelope,
-        routing_key: str,
-        *,
-        priority: int | None = None,
-        timeout: float | None = None,
-        mandatory: bool = True,
-    ) -> None: ...
-
-    async def publish_batch(
-        self,
-        bodies: Sequence[bytes],
-        routing_key: str,
-        *,
-        timeout: float | None = None,
-        mandatory: bool = True,
-    ) -> None: ...
 
 
 class BatchPublisher:
@@ -52,7 +30,7 @@ class BatchPublisher:
 
     def __init__(
         self,
-        broker: Publisher,
+        broker: BrokerBase,
         source: str,
         *,
         mandatory: bool = True,

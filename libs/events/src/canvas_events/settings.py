@@ -9,11 +9,15 @@ unreachable database or broker does not (the service waits for them, /ready says
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
+import structlog
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from canvas_events.logging import configure_logging, register_secret
 from canvas_events.topology import Topology
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/canvas_jobs"
@@ -110,3 +114,37 @@ def load_settings(cls: type[S], program: str) -> S:
             name = str(err["loc"][0]).upper() if err["loc"] else "<settings>"
             print(f"{program}: invalid setting {name}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def start_logging(
+    service: str,
+    settings: ServiceSettings,
+    *,
+    secrets: Iterable[str | None] = (),
+    urls: Iterable[str] = (),
+    serving: bool = True,
+) -> None:
+    """What every service does first: configure its JSON logs, mask every secret it
+    holds in them (JWT_SECRET, ``secrets``, the passwords of DATABASE_URL, AMQP_URL and
+    ``urls``), and, when ``serving`` (not a one-off command), warn loudly when
+    JWT_SECRET is the development one."""
+    configure_logging(service, settings.log_level, settings.log_format)
+    for secret in (settings.secret, *secrets):
+        register_secret(secret)
+    for url in (settings.database_url.get_secret_value(), settings.amqp_url.get_secret_value()):
+        register_secret(_password(url))
+    for url in urls:
+        register_secret(_password(url))
+    if serving and settings.jwt_secret_is_default:
+        structlog.get_logger(service).warning(
+            "JWT_SECRET IS NOT SET: using the public development secret (CANVAS_ENV="
+            "development); anyone can mint tokens. Set JWT_SECRET outside development.",
+            setting="JWT_SECRET",
+        )
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:  # not a URL urlsplit can read: nothing to mask
+        return None

@@ -34,7 +34,7 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -47,6 +47,7 @@ from pamqp.header import ContentHeader
 
 from canvas_events.broker import (
     Ack,
+    BrokerBase,
     Consumer,
     Deliveries,
     Part,
@@ -54,15 +55,14 @@ from canvas_events.broker import (
     Requeue,
     Split,
     Verdict,
-    batch_body,
-    batch_properties,
+    batch_items,
     dead_letter_headers,
     envelope_properties,
     redeliver_headers,
 )
 from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage, PublishError
-from canvas_events.topology import QueueSpec, Topology
+from canvas_events.topology import BATCH, QueueSpec, Topology
 
 __all__ = ["InMemoryBroker", "Published", "delivered_message", "topic_matches"]
 
@@ -180,7 +180,18 @@ class _Queue:
         return None
 
 
-class InMemoryBroker:
+def _envelopes(body: bytes, properties: aiormq.spec.Basic.Properties) -> list[Envelope]:
+    """The valid envelopes a message published by a service carries."""
+    if properties.message_type != BATCH:
+        return [Envelope.from_json(body)]
+    envelopes = []
+    for item in batch_items(body):
+        with contextlib.suppress(PoisonMessage):
+            envelopes.append(Envelope.from_parsed(item))
+    return envelopes
+
+
+class InMemoryBroker(BrokerBase):
     """What :class:`canvas_events.broker.Broker` does for a service, in memory.
 
     Same lifecycle (``add_consumer``, ``start``, ``wait_connected``, ``connected``,
@@ -209,11 +220,8 @@ class InMemoryBroker:
         self._seq = itertools.count(1)
         self._delivery_tags = itertools.count(1)
         self._consumer_tags = itertools.count(1)
-        self._connected = asyncio.Event()
         self.published: list[Published] = []
-        self.last_error: str | None = "not connected yet"
-        self.connect_count = 0
-        self.connected_at: datetime | None = None
+        super().__init__()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -233,19 +241,7 @@ class InMemoryBroker:
             self._declare(spec)
         for consumer in self._consumers:
             self._subscribe(consumer)
-        self.connect_count += 1
-        self.connected_at = datetime.now(UTC)
-        self.last_error = None
-        self._connected.set()
-
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until started (raises TimeoutError after ``timeout``)."""
-        await asyncio.wait_for(self._connected.wait(), timeout)
-
-    @property
-    def connected(self) -> bool:
-        """Whether started and not stopped."""
-        return self._connected.is_set()
+        self._up()
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop consuming, let handlers in flight finish (up to ``drain_timeout``; the
@@ -278,38 +274,21 @@ class InMemoryBroker:
 
     # -- publishing ------------------------------------------------------------------
 
-    async def publish(
+    async def _publish(
         self,
-        envelope: Envelope,
+        body: bytes,
         routing_key: str,
-        *,
-        priority: int | None = None,
-        timeout: float | None = None,
-        mandatory: bool = True,
+        properties: aiormq.spec.Basic.Properties,
+        mandatory: bool,
+        timeout: float | None,
     ) -> None:
-        """As :meth:`Broker.publish <canvas_events.broker.Broker.publish>`: onto the
-        events exchange, with the same properties; :class:`PublishError` when not
-        started, or when the message is ``mandatory`` and no queue takes it.
-        ``timeout`` is accepted and unused: nothing here waits for a confirm."""
-        properties = envelope_properties(envelope, priority)
-        self._route(envelope.to_json(), routing_key, properties, mandatory=mandatory)
-        self.published.append(Published(routing_key, envelope, priority, mandatory))
-
-    async def publish_batch(
-        self,
-        bodies: Sequence[bytes],
-        routing_key: str,
-        *,
-        timeout: float | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        """As :meth:`Broker.publish_batch <canvas_events.broker.Broker.publish_batch>`:
-        one message of type ``Batch``; each valid envelope is recorded in :attr:`published`."""
-        self._route(batch_body(bodies), routing_key, batch_properties(), mandatory=mandatory)
-        for body in bodies:
-            with contextlib.suppress(PoisonMessage):
-                envelope = Envelope.from_json(body)
-                self.published.append(Published(routing_key, envelope, None, mandatory))
+        """Onto the events exchange (``timeout`` unused: nothing here waits for a
+        confirm); :class:`PublishError` when not started, or when the message is
+        ``mandatory`` and no queue takes it. Each valid envelope it carries is recorded
+        in :attr:`published`."""
+        self._route(body, routing_key, properties, mandatory=mandatory)
+        for envelope in _envelopes(body, properties):
+            self.published.append(Published(routing_key, envelope, properties.priority, mandatory))
 
     async def publish_raw(
         self,

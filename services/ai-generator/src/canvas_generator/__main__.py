@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-from urllib.parse import urlsplit
 
 import structlog
 
-from canvas_events.logging import configure_logging, redact, register_secret
+from canvas_events.logging import redact
 from canvas_events.runtime import run
-from canvas_events.settings import load_settings
+from canvas_events.settings import load_settings, start_logging
 from canvas_generator.service import serve
 from canvas_generator.settings import Settings
 
@@ -17,23 +16,13 @@ from canvas_generator.settings import Settings
 def main() -> None:
     """Read the settings (exit 2 on a bad value), set up logging, run until SIGTERM."""
     settings = load_settings(Settings, "canvas-generator")
-    configure_logging("ai-generator", settings.log_level, settings.log_format)
-    register_secret(settings.api_key)
-    register_secret(settings.secret)
-    for url in (
-        settings.amqp_url.get_secret_value(),
-        settings.database_url.get_secret_value(),
-        settings.openai_base_url or "",
-        settings.orchestrator_url,
-    ):
-        register_secret(urlsplit(url).password)
+    start_logging(
+        "ai-generator",
+        settings,
+        secrets=[settings.api_key],
+        urls=[settings.openai_base_url or "", settings.orchestrator_url],
+    )
     log = structlog.get_logger("canvas_generator")
-    if settings.jwt_secret_is_default:
-        log.warning(
-            "JWT_SECRET IS NOT SET: using the public development secret for service "
-            "credentials (CANVAS_ENV=development)",
-            setting="JWT_SECRET",
-        )
     if settings.api_key is None:
         log.warning(
             "OPENAI_API_KEY is not set: every attempt will fail until it is",

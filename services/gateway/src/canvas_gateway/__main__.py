@@ -8,12 +8,10 @@ import functools
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 from canvas_events.auth import mint_token
-from canvas_events.logging import configure_logging, register_secret
 from canvas_events.runtime import run
-from canvas_events.settings import load_settings
+from canvas_events.settings import load_settings, start_logging
 from canvas_gateway.service import serve
 from canvas_gateway.settings import Settings
 
@@ -49,13 +47,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = load_settings(Settings, PROGRAM)
@@ -68,10 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         secret = settings.secret
         print(mint_token(args.user, secret, admin=args.admin, ttl=timedelta(hours=args.ttl_hours)))
         return
-    configure_logging("gateway", settings.log_level, settings.log_format)
-    register_secret(settings.secret)
-    register_secret(_url_password(settings.database_url.get_secret_value()))
-    register_secret(_url_password(settings.amqp_url.get_secret_value()))
+    start_logging("gateway", settings)
     run(functools.partial(serve, settings))
 
 

@@ -32,6 +32,14 @@ _JOB_ID = "3f1c9a52-8d7e-4b1a-9c33-2f5d6e7a8b90"
 _CANVAS_ID = "team-board-42"
 
 
+def examples(*shown: dict[str, Any], extra: Literal["forbid"] | None = None) -> ConfigDict:
+    """A model's config whose OpenAPI schema shows ``shown`` as its examples."""
+    config = ConfigDict(json_schema_extra={"examples": list(shown)})
+    if extra is not None:
+        config["extra"] = extra
+    return config
+
+
 def storable(text: str) -> str:
     """``text`` when the store can hold it: PostgreSQL's text and jsonb refuse NUL, and
     UTF-8 (every wire on the way) has no lone surrogates. Else a ValueError (a 422)."""
@@ -60,19 +68,15 @@ def _storable_json(value: Any) -> None:
 class JobCreate(BaseModel):
     """What to draw, and where."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"query": "a flowchart of a login process"},
-                {
-                    "query": "a kanban board with three columns",
-                    "canvas_id": _CANVAS_ID,
-                    "priority": 7,
-                    "options": {"style": "minimal"},
-                },
-            ]
+    model_config = examples(
+        {"query": "a flowchart of a login process"},
+        {
+            "query": "a kanban board with three columns",
+            "canvas_id": _CANVAS_ID,
+            "priority": 7,
+            "options": {"style": "minimal"},
         },
+        extra="forbid",
     )
 
     query: Annotated[
@@ -111,17 +115,13 @@ class JobCreate(BaseModel):
 class JobAccepted(BaseModel):
     """The broker confirmed the request: the job exists and waits for a generator."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "job_id": _JOB_ID,
-                    "status": "queued",
-                    "canvas_id": _CANVAS_ID,
-                    "status_url": f"/api/ai-agent/job/{_JOB_ID}/status",
-                    "events_url": f"/api/ai-agent/job/{_JOB_ID}/events",
-                }
-            ]
+    model_config = examples(
+        {
+            "job_id": _JOB_ID,
+            "status": "queued",
+            "canvas_id": _CANVAS_ID,
+            "status_url": f"/api/ai-agent/job/{_JOB_ID}/status",
+            "events_url": f"/api/ai-agent/job/{_JOB_ID}/events",
         }
     )
 
@@ -135,30 +135,26 @@ class JobAccepted(BaseModel):
 class JobPublic(BaseModel):
     """One job as its read model shows it."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": _JOB_ID,
-                    "status": "completed",
-                    "canvas_id": _CANVAS_ID,
-                    "priority": 5,
-                    "created_at": "2025-01-01T12:00:00Z",
-                    "started_at": "2025-01-01T12:00:01Z",
-                    "completed_at": "2025-01-01T12:00:04Z",
-                    "error_message": None,
-                    "retry_count": 0,
-                    "next_attempt_at": None,
-                    "result": {
-                        "object_count": 2,
-                        "object_ids": ["5d0c...", "9a1e..."],
-                        "dropped_objects": 0,
-                        "model": "gpt-4o-mini",
-                        "usage": {"prompt_tokens": 120, "completion_tokens": 80},
-                        "latency_ms": 2900,
-                    },
-                }
-            ]
+    model_config = examples(
+        {
+            "id": _JOB_ID,
+            "status": "completed",
+            "canvas_id": _CANVAS_ID,
+            "priority": 5,
+            "created_at": "2025-01-01T12:00:00Z",
+            "started_at": "2025-01-01T12:00:01Z",
+            "completed_at": "2025-01-01T12:00:04Z",
+            "error_message": None,
+            "retry_count": 0,
+            "next_attempt_at": None,
+            "result": {
+                "object_count": 2,
+                "object_ids": ["5d0c...", "9a1e..."],
+                "dropped_objects": 0,
+                "model": "gpt-4o-mini",
+                "usage": {"prompt_tokens": 120, "completion_tokens": 80},
+                "latency_ms": 2900,
+            },
         }
     )
 
@@ -203,29 +199,25 @@ class JobEventPublic(BaseModel):
 class JobEventsPublic(BaseModel):
     """A job's whole stream, in order."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
+    model_config = examples(
+        {
+            "job_id": _JOB_ID,
+            "events": [
                 {
-                    "job_id": _JOB_ID,
-                    "events": [
-                        {
-                            "type": "JobRequested",
-                            "version": 1,
-                            "position": 101,
-                            "occurred_at": "2025-01-01T12:00:00Z",
-                            "data": {"query": "a flowchart", "canvas_id": _CANVAS_ID},
-                        },
-                        {
-                            "type": "JobQueued",
-                            "version": 2,
-                            "position": 102,
-                            "occurred_at": "2025-01-01T12:00:00Z",
-                            "data": {"priority": 5, "retry_count": 0},
-                        },
-                    ],
-                }
-            ]
+                    "type": "JobRequested",
+                    "version": 1,
+                    "position": 101,
+                    "occurred_at": "2025-01-01T12:00:00Z",
+                    "data": {"query": "a flowchart", "canvas_id": _CANVAS_ID},
+                },
+                {
+                    "type": "JobQueued",
+                    "version": 2,
+                    "position": 102,
+                    "occurred_at": "2025-01-01T12:00:00Z",
+                    "data": {"priority": 5, "retry_count": 0},
+                },
+            ],
         }
     )
 
@@ -236,9 +228,7 @@ class JobEventsPublic(BaseModel):
 class CancelAccepted(BaseModel):
     """The cancellation is on its way; the job ends ``cancelled``."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"job_id": _JOB_ID, "status": "cancelling"}]}
-    )
+    model_config = examples({"job_id": _JOB_ID, "status": "cancelling"})
 
     job_id: UUID
     status: Literal["cancelling"] = "cancelling"
@@ -247,25 +237,21 @@ class CancelAccepted(BaseModel):
 class CanvasObjectsPublic(BaseModel):
     """The objects that completed jobs put on a canvas, oldest first."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
+    model_config = examples(
+        {
+            "canvas_id": _CANVAS_ID,
+            "objects": [
                 {
-                    "canvas_id": _CANVAS_ID,
-                    "objects": [
-                        {
-                            "id": "5d0c2f9e-...",
-                            "job_id": _JOB_ID,
-                            "type": "rectangle",
-                            "x": 100,
-                            "y": 80,
-                            "width": 200,
-                            "height": 60,
-                            "text": "Login",
-                        }
-                    ],
+                    "id": "5d0c2f9e-...",
+                    "job_id": _JOB_ID,
+                    "type": "rectangle",
+                    "x": 100,
+                    "y": 80,
+                    "width": 200,
+                    "height": 60,
+                    "text": "Login",
                 }
-            ]
+            ],
         }
     )
 
@@ -297,44 +283,40 @@ class JobProcessor(BaseModel):
 class HealthPublic(BaseModel):
     """The system as the gateway sees it."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "status": "healthy",
-                    "database": "ok",
-                    "broker": "ok",
-                    "job_processor": {
-                        "work_queue": "canvas.ai-generator.work",
-                        "queued_messages": 0,
-                        "generator_consumers": 2,
-                        "orchestrator_consumers": 1,
-                        "oldest_queued_age_seconds": 0.4,
-                        "outbox_lag": 0,
-                        "oldest_unpublished_age_seconds": None,
-                    },
-                    "issues": [],
-                },
-                {
-                    "status": "degraded",
-                    "database": "ok",
-                    "broker": "ok",
-                    "job_processor": {
-                        "work_queue": "canvas.ai-generator.work",
-                        "queued_messages": 12,
-                        "generator_consumers": 0,
-                        "orchestrator_consumers": 1,
-                        "oldest_queued_age_seconds": 75.2,
-                        "outbox_lag": 0,
-                        "oldest_unpublished_age_seconds": None,
-                    },
-                    "issues": [
-                        "no generator consumes the work queue",
-                        "the oldest queued job has waited 75 s (threshold 60 s)",
-                    ],
-                },
-            ]
-        }
+    model_config = examples(
+        {
+            "status": "healthy",
+            "database": "ok",
+            "broker": "ok",
+            "job_processor": {
+                "work_queue": "canvas.ai-generator.work",
+                "queued_messages": 0,
+                "generator_consumers": 2,
+                "orchestrator_consumers": 1,
+                "oldest_queued_age_seconds": 0.4,
+                "outbox_lag": 0,
+                "oldest_unpublished_age_seconds": None,
+            },
+            "issues": [],
+        },
+        {
+            "status": "degraded",
+            "database": "ok",
+            "broker": "ok",
+            "job_processor": {
+                "work_queue": "canvas.ai-generator.work",
+                "queued_messages": 12,
+                "generator_consumers": 0,
+                "orchestrator_consumers": 1,
+                "oldest_queued_age_seconds": 75.2,
+                "outbox_lag": 0,
+                "oldest_unpublished_age_seconds": None,
+            },
+            "issues": [
+                "no generator consumes the work queue",
+                "the oldest queued job has waited 75 s (threshold 60 s)",
+            ],
+        },
     )
 
     status: Literal["healthy", "degraded", "unhealthy"] = Field(

@@ -58,11 +58,6 @@ class Service:
 
     async def start(self) -> None:
         """Connect in the background: the gateway serves /health before they are up."""
-        if self.settings.jwt_secret_is_default:
-            log.warning(
-                "JWT_SECRET IS NOT SET: using the public development secret; anyone can "
-                "mint tokens. Set JWT_SECRET outside development."
-            )
         await self.database.start()
         await self.broker.start()
         await self.ledger.start()

@@ -8,14 +8,13 @@ import asyncio
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
 
-from canvas_events.logging import configure_logging, redact, register_secret
+from canvas_events.logging import redact
 from canvas_events.runtime import run
-from canvas_events.settings import load_settings
+from canvas_events.settings import load_settings, start_logging
 from canvas_orchestrator import dlq
 from canvas_orchestrator.projections import rebuild
 from canvas_orchestrator.retention import prune
@@ -50,16 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = args.command or "serve"
     settings = load_settings(Settings if command == "serve" else CommandSettings, PROGRAM)
-    configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
-    register_secret(settings.secret)
-    for url in (settings.database_url, settings.amqp_url):
-        register_secret(urlsplit(url.get_secret_value()).password)
-    if command == "serve" and settings.jwt_secret_is_default:
-        log.warning(
-            "JWT_SECRET IS NOT SET: using the public development secret for service "
-            "credentials (CANVAS_ENV=development)",
-            setting="JWT_SECRET",
-        )
+    start_logging(SERVICE_NAME, settings, serving=command == "serve")
 
     if args.command == "rebuild-projections":
         raise SystemExit(asyncio.run(with_pool(settings, rebuild_projections)))

@@ -26,7 +26,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Final, TypeAlias
 
 import asyncpg
@@ -82,29 +82,22 @@ class _Cursor:
         return cls(checkpoint=checkpoint, read=checkpoint)
 
 
+@dataclass(eq=False)
 class Relay(Background):
     """Publishes the event store to RabbitMQ while it holds the relay lock."""
 
     name = "relay"
 
-    def __init__(
-        self,
-        dsn: str,
-        broker: Broker,
-        metrics: Metrics,
-        *,
-        batch_size: int = 200,
-        poll_interval: float = 1.0,
-        checkpoint: str = CHECKPOINT,
-        schema_ready: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self._dsn = dsn
-        self._broker = broker
-        self._metrics = metrics
-        self._batch_size = batch_size
-        self._poll_interval = poll_interval
-        self._checkpoint = checkpoint
-        self._schema_ready = schema_ready
+    dsn: str
+    broker: Broker
+    metrics: Metrics
+    _: KW_ONLY
+    batch_size: int = 200
+    poll_interval: float = 1.0
+    checkpoint: str = CHECKPOINT
+    schema_ready: Callable[[], Awaitable[None]] | None = None
+
+    def __post_init__(self) -> None:
         super().__init__()
         self._wake = asyncio.Event()
         # A NOTIFY came (or a stop): read the store again.
@@ -120,16 +113,16 @@ class Relay(Background):
     async def run(self) -> None:
         """Connect, wait for the lock, publish; again after any failure."""
         # relay_checkpoints exists once the service's pool has migrated the schema.
-        if self._schema_ready is not None and not await self.unless_stopped(self._schema_ready()):
+        if self.schema_ready is not None and not await self.unless_stopped(self.schema_ready()):
             return
         delay = 0.5
         while not self.stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
                 conn = await connect(
-                    self._dsn,
+                    self.dsn,
                     application_name=APPLICATION_NAME,
-                    idle_session_seconds=max(SESSION_SECONDS, 5 * self._poll_interval),
+                    idle_session_seconds=max(SESSION_SECONDS, 5 * self.poll_interval),
                 )
                 delay = 0.5
                 await self._standby(conn)
@@ -143,7 +136,7 @@ class Relay(Background):
                 if self.active:
                     log.info("relay released")
                 self.active = False
-                self._metrics.relay_active.set(0)
+                self.metrics.relay_active.set(0)
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 5)
@@ -154,18 +147,18 @@ class Relay(Background):
         """Wait until this process holds the relay lock (or is asked to stop). Without a
         broker it could publish nothing: it leaves the lock to one that can."""
         while not self.stopping.is_set():
-            if not self._broker.connected:
+            if not self.broker.connected:
                 await self._measure_lag(conn)  # also keeps the session from going idle
                 with contextlib.suppress(TimeoutError):
-                    await self._broker.wait_connected(self._poll_interval)
+                    await self.broker.wait_connected(self.poll_interval)
                 continue
             if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY):
                 self.active = True
-                self._metrics.relay_active.set(1)
+                self.metrics.relay_active.set(1)
                 log.info("relay active")
                 return
             await self._measure_lag(conn)
-            await self.pause(self._poll_interval)
+            await self.pause(self.poll_interval)
 
     async def _publish_loop(self, conn: asyncpg.Connection) -> None:
         """Publish what is recorded, in position order, until asked to stop (then what
@@ -198,7 +191,7 @@ class Relay(Background):
                 elif not cursor.more or room <= 0:
                     # Woken by a NOTIFY, a confirm, a stop, or the poll interval.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
                     cursor.more = cursor.more or not self._wake.is_set()  # a poll reads again
         finally:
             await _settled(cursor.in_flight)
@@ -210,17 +203,17 @@ class Relay(Background):
         await conn.execute(
             "INSERT INTO relay_checkpoints (name, position) VALUES ($1, 0) "
             "ON CONFLICT (name) DO NOTHING",
-            self._checkpoint,
+            self.checkpoint,
         )
         position: int = await conn.fetchval(
-            "SELECT position FROM relay_checkpoints WHERE name = $1", self._checkpoint
+            "SELECT position FROM relay_checkpoints WHERE name = $1", self.checkpoint
         )
         return position
 
     async def _fill(self, conn: asyncpg.Connection, cursor: _Cursor) -> int:
         """Start publishing what follows ``cursor.read``, as far as the window allows;
         the room the window had."""
-        room = self._batch_size - len(cursor.in_flight)
+        room = self.batch_size - len(cursor.in_flight)
         if room > 0 and (cursor.more or self._notified):
             self._notified = False
             batch = await read_after(conn, cursor.read, room)
@@ -241,7 +234,7 @@ class Relay(Background):
             cursor.checkpoint = confirmed.position
             await conn.execute(
                 "UPDATE relay_checkpoints SET position = $2 WHERE name = $1 AND position < $2",
-                self._checkpoint,
+                self.checkpoint,
                 cursor.checkpoint,
             )
         if failed:
@@ -291,7 +284,7 @@ class Relay(Background):
                         position=item.position,
                     )
                     return confirmed, True
-                self._metrics.outbox_published.inc()
+                self.metrics.outbox_published.inc()
             in_flight.popleft()
             confirmed = item
         return confirmed, False
@@ -300,7 +293,7 @@ class Relay(Background):
         if len(message) > 1:
             # Status events for the notifiers, which may all be away.
             bodies = [item.envelope.to_json() for item in message]
-            await self._broker.publish_batch(bodies, routing_key(JOB, BATCH), mandatory=False)
+            await self.broker.publish_batch(bodies, routing_key(JOB, BATCH), mandatory=False)
             return
         envelope = message[0].envelope
         priority = None
@@ -310,7 +303,7 @@ class Relay(Background):
             priority = int(envelope.data.get("priority", 0))
         # Work must reach the (durable) work queue; the other events go to per-process
         # queues of notifiers and generators, of which there may be none at the moment.
-        await self._broker.publish(
+        await self.broker.publish(
             envelope, routing_key(JOB, envelope.type), priority=priority, mandatory=work
         )
 
@@ -318,10 +311,10 @@ class Relay(Background):
         lag = await conn.fetchval(
             "SELECT COALESCE((SELECT max(position) FROM events), 0) "
             "- COALESCE($2::bigint, (SELECT position FROM relay_checkpoints WHERE name = $1), 0)",
-            self._checkpoint,
+            self.checkpoint,
             checkpoint,
         )
-        self._metrics.outbox_lag.set(max(0, lag))
+        self.metrics.outbox_lag.set(max(0, lag))
 
 
 def _messages(batch: list[RecordedEvent]) -> list[list[RecordedEvent]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Final, Literal
 from uuid import UUID, uuid4
 
@@ -52,50 +53,43 @@ _DUE: Final[dict[Kind, str]] = {
 }
 
 
+@dataclass(eq=False)
 class Timers(Background):
     """The polling loop that fires due retries and expired leases."""
 
     name = "timers"
 
-    def __init__(
-        self,
-        database: Database,
-        committer: Committer,
-        policy: Policy,
-        metrics: Metrics,
-        *,
-        new_id: Callable[[], UUID] = uuid4,
-        interval: float = 0.5,
-        max_per_tick: int = 200,
-    ) -> None:
-        self._database = database
-        self._committer = committer
-        self._policy = policy
-        self._metrics = metrics
-        self._new_id = new_id
-        self._interval = interval
-        self._max_per_tick = max_per_tick
+    database: Database
+    committer: Committer
+    policy: Policy
+    metrics: Metrics
+    _: KW_ONLY
+    new_id: Callable[[], UUID] = uuid4
+    interval: float = 0.5
+    max_per_tick: int = 200
+
+    def __post_init__(self) -> None:
         super().__init__()
         # Jobs whose timer could not fire, and until when (monotonic) they are left out.
         self._skipped: dict[UUID, float] = {}
 
     async def run(self) -> None:
         """Poll until stopped; a stop lets the timer in hand finish."""
-        if not await self.unless_stopped(self._database.wait_ready()):
+        if not await self.unless_stopped(self.database.wait_ready()):
             return
         while True:
             try:
                 await self.tick()
             except Exception as exc:
                 log.warning("timer poll failed; retrying", error=redact(repr(exc)))
-            if not await self.pause(self._interval):
+            if not await self.pause(self.interval):
                 return
 
     async def tick(self) -> int:
         """Fire every timer due now (up to ``max_per_tick`` of each kind); how many fired."""
         fired = 0
         for kind in ("retry_due", "lease_expired"):
-            for _ in range(self._max_per_tick):
+            for _ in range(self.max_per_tick):
                 if self.stopping.is_set():
                     return fired
                 outcome = await self._fire_one(kind)
@@ -109,7 +103,7 @@ class Timers(Background):
         out not to be due after all (or could not fire), None when nothing is due."""
         job_id: UUID | None = None
         try:
-            async with self._committer.transaction() as tx:
+            async with self.committer.transaction() as tx:
                 job_id = await tx.conn.fetchval(_DUE[kind], tx.now, self._left_out())
                 if job_id is None:
                     return None
@@ -134,9 +128,9 @@ class Timers(Background):
             job_id=str(job_id), correlation_id=stream.staged[-1].correlation_id
         ):
             log.info("timer fired", kind=kind)
-            self._metrics.timers.labels(kind).inc()
+            self.metrics.timers.labels(kind).inc()
             seconds = attempt_seconds(stream.history, stream.recorded, tx.now)
-            report(Handled("recorded", stream.recorded, attempt_seconds=seconds), self._metrics)
+            report(Handled("recorded", stream.recorded, attempt_seconds=seconds), self.metrics)
         return 1
 
     def _decide(
@@ -153,11 +147,9 @@ class Timers(Background):
             assert isinstance(event, JobCancelRequested)
             new = domain.cancel(stream.state, event)
         elif kind == "retry_due":
-            new = domain.retry_due(
-                stream.state, now=tx.now, policy=self._policy, new_id=self._new_id
-            )
+            new = domain.retry_due(stream.state, now=tx.now, policy=self.policy, new_id=self.new_id)
         else:
-            new = domain.lease_expired(stream.state, now=tx.now, policy=self._policy)
+            new = domain.lease_expired(stream.state, now=tx.now, policy=self.policy)
         tx.stage(stream, new, request if request is not None else stream.history[-1].envelope)
         return bool(new)
 

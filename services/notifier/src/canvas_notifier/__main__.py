@@ -5,13 +5,11 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-from urllib.parse import urlsplit
 
 import structlog
 
-from canvas_events.logging import configure_logging, register_secret
 from canvas_events.runtime import run
-from canvas_events.settings import load_settings
+from canvas_events.settings import load_settings, start_logging
 from canvas_notifier.service import serve
 from canvas_notifier.settings import Settings
 
@@ -23,19 +21,10 @@ GC_YOUNG_THRESHOLD = 10_000
 def main() -> None:
     """Read the settings (exit 2 on a bad value), set up logging, run until SIGTERM."""
     settings = load_settings(Settings, "canvas-notifier")
-    configure_logging("notifier", settings.log_level, settings.log_format)
+    start_logging("notifier", settings)
     # websockets logs every probe answered over plain HTTP ("connection rejected") at INFO.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
-    register_secret(settings.secret)
-    for url in (settings.amqp_url.get_secret_value(), settings.database_url.get_secret_value()):
-        register_secret(urlsplit(url).password)
-    log = structlog.get_logger("canvas_notifier")
-    if settings.jwt_secret_is_default:
-        log.warning(
-            "JWT_SECRET is not set: using the development secret; anyone can mint tokens",
-            setting="JWT_SECRET",
-        )
-    log.info(
+    structlog.get_logger("canvas_notifier").info(
         "notifier starting",
         port=settings.notifier_port,
         topology_prefix=settings.amqp_topology_prefix,
