@@ -50,7 +50,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
 import aiormq
@@ -71,6 +71,9 @@ from canvas_events.logging import redact
 from canvas_events.postgres import is_outage
 from canvas_events.runtime import cancel_and_wait
 from canvas_events.topology import BATCH, QueueSpec, Topology
+
+if TYPE_CHECKING:
+    from canvas_events.settings import CommonSettings
 
 log = structlog.get_logger("canvas_events.broker")
 
@@ -542,6 +545,17 @@ class Broker(BrokerBase):
         # Decides what happens to each delivered message; this class only carries it out.
         self._deliveries = Deliveries()
         super().__init__()
+
+    @classmethod
+    def of(cls, settings: CommonSettings, connection_name: str, **options: Any) -> Broker:
+        """A broker for the settings' AMQP_URL and topology; ``connection_name`` is what
+        the management UI shows for the connection."""
+        return cls(
+            settings.amqp_url.get_secret_value(),
+            settings.topology,
+            connection_name=connection_name,
+            **options,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 

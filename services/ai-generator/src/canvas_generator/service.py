@@ -29,11 +29,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.generator_id = instance_id("ai-generator")
-        self.broker = Broker(
-            settings.amqp_url.get_secret_value(),
-            settings.topology,
-            connection_name=self.generator_id,
-        )
+        self.broker = Broker.of(settings, self.generator_id)
         self.metrics = Metrics()
         self.client = ModelClient.from_settings(settings, self.metrics)
         self.checker = AttemptChecker(

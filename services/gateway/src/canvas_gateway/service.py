@@ -35,10 +35,9 @@ class Service:
             max_size=10,
             init=init_connection,
         )
-        self.broker = Broker(
-            settings.amqp_url.get_secret_value(),
-            settings.topology,
-            connection_name=instance_id("gateway"),
+        self.broker = Broker.of(
+            settings,
+            instance_id("gateway"),
             publish_timeout=settings.publish_timeout_seconds,
         )
         # JobRequested and JobCancelRequested: those of requests that arrive together

@@ -59,11 +59,7 @@ class Service:
         self._dsn = dsn
         self.metrics = Metrics()
         self.database = Database(dsn, max_size=20, init=init_connection, on_connect=migrate_pool)
-        self.broker = Broker(
-            settings.amqp_url.get_secret_value(),
-            settings.topology,
-            connection_name=instance_id(SERVICE_NAME),
-        )
+        self.broker = Broker.of(settings, instance_id(SERVICE_NAME))
         policy = policy_of(settings)
         # Messages and timers record their decisions the same way, in the same cache.
         self.committer = Committer(
@@ -82,11 +78,7 @@ class Service:
         # A connection of its own: RabbitMQ throttles publishing connections under memory
         # pressure, which must not stall the consumer, and the relay can still publish
         # what the consumer recorded while it drained at shutdown.
-        self.publisher = Broker(
-            settings.amqp_url.get_secret_value(),
-            settings.topology,
-            connection_name=f"{instance_id(SERVICE_NAME)}-relay",
-        )
+        self.publisher = Broker.of(settings, f"{instance_id(SERVICE_NAME)}-relay")
         self.relay = Relay(
             dsn,
             self.publisher,

@@ -117,11 +117,7 @@ class Notifier:
         self.database = Database(
             settings.database_url.get_secret_value(), min_size=1, init=init_connection
         )
-        self.broker = Broker(
-            settings.amqp_url.get_secret_value(),
-            settings.topology,
-            connection_name=self.instance_id,
-        )
+        self.broker = Broker.of(settings, self.instance_id)
         self.broker.add_consumer(
             Consumer(
                 settings.topology.notifier(self.instance_id), self._on_event, prefetch=PREFETCH
