@@ -5,8 +5,8 @@ What a frozen process holds, and what takes it back:
 
 - the relay's session lock, on a connection whose session the database ends after
   ``idle_session_timeout`` (the relay queries every poll interval while it is alive);
-- row and append locks of a transaction it was in, ended by
-  ``idle_in_transaction_session_timeout``;
+- row locks of a transaction it was in, and the event store's readers, which stop below
+  that transaction, ended by ``idle_in_transaction_session_timeout``;
 - the messages its consumer had taken, which the broker hands to the other replica once
   the frozen connection misses its heartbeats.
 

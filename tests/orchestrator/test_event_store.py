@@ -130,32 +130,34 @@ async def test_read_after_pages_through_every_stream_in_position_order(pool):
 
 async def test_a_reader_never_sees_a_later_position_before_an_earlier_one(pool):
     writers, appends_each = 8, 30
-    total = 0
+    start = await _last(pool)
+    recorded: list[int] = []
     done = asyncio.Event()
 
     async def writer() -> None:
-        nonlocal total
         for _ in range(appends_each):
             stream_id = uuid4()
             count = random.randint(1, 3)
             async with pool.acquire() as conn, conn.transaction():
-                await append(conn, stream_id, 0, [_envelope(stream_id) for _ in range(count)])
-                # Hold the transaction open a little after the insert: without the append
-                # lock, later positions would often commit before earlier ones.
+                appended = await append(
+                    conn, stream_id, 0, [_envelope(stream_id) for _ in range(count)]
+                )
+                # Hold the transaction open a little after the insert: younger
+                # transactions (higher positions) then often commit first.
                 await conn.execute("SELECT pg_sleep($1)", random.random() / 1000)
-            total += count
+            recorded.extend(item.position for item in appended)
 
     async def reader() -> list[int]:
         seen: list[int] = []
-        last = 0
+        last = start
         async with pool.acquire() as conn:
             while True:
                 finished = done.is_set()
                 batch = await read_after(conn, last, 50)
                 for item in batch:
-                    # No rollbacks here, so positions are dense: a gap would mean a
-                    # smaller position was still to commit after a larger one was seen.
-                    assert item.position == last + 1, (last, item.position)
+                    # A position at or below one already read: the reader would have
+                    # passed it by (read_after asks for what follows the last one).
+                    assert item.position > last, (last, item.position)
                     last = item.position
                     seen.append(item.position)
                 if finished and not batch:
@@ -167,8 +169,69 @@ async def test_a_reader_never_sees_a_later_position_before_an_earlier_one(pool):
     done.set()
     seen = await read
 
-    assert len(seen) == total
-    assert seen == list(range(1, total + 1))
+    # Every event, once, in position order: nothing skipped.
+    assert seen == sorted(recorded)
+    assert len(seen) == len(set(seen)) == sum(1 for _ in recorded)
+
+
+async def test_a_reader_stops_below_a_transaction_still_in_flight(pool):
+    start = await _last(pool)
+    older, younger = uuid4(), uuid4()
+    async with pool.acquire() as slow:
+        transaction = slow.transaction()
+        await transaction.start()
+        try:
+            [first] = await append(slow, older, 0, [_envelope(older)])
+            [second] = await _append(pool, younger, 0)  # commits while the older is open
+            assert second.position > first.position
+
+            async with pool.acquire() as conn:
+                # The younger one is committed, but an older transaction may still add a
+                # smaller position: nothing after it is read yet.
+                assert await read_after(conn, start, 10) == []
+                assert await last_position(conn) <= start
+        finally:
+            await transaction.commit()
+
+    async with pool.acquire() as conn:
+        read = await read_after(conn, start, 10)
+    assert [item.position for item in read] == [first.position, second.position]
+
+
+async def test_an_append_overtaken_by_a_younger_transaction_conflicts_and_succeeds_again(pool):
+    stream_id = uuid4()
+    async with pool.acquire() as old:
+        transaction = old.transaction()
+        await transaction.start()
+        try:
+            await old.execute("SELECT pg_current_xact_id()")  # its id: older than the next
+            [version_1] = await _append(pool, stream_id, 0)  # younger, committed first
+            with pytest.raises(ConcurrencyError, match="younger transaction"):
+                await append(old, stream_id, 1, [_envelope(stream_id, 1)])
+        finally:
+            await transaction.rollback()
+
+    [version_2] = await _append(pool, stream_id, 1)  # decided again: a younger transaction
+
+    assert version_2.position > version_1.position
+    async with pool.acquire() as conn:
+        assert [item.version for item in await load(conn, stream_id)] == [1, 2]
+
+
+async def test_one_transaction_appends_at_most_4096_events(pool):
+    stream_id = uuid4()
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.ProgramLimitExceededError, match="4096"):
+            async with conn.transaction():
+                await append(conn, stream_id, 0, [_envelope(stream_id) for _ in range(4097)])
+        assert await load(conn, stream_id) == []
+
+
+async def _last(pool: asyncpg.Pool) -> int:
+    """The highest position so far, settled or not."""
+    async with pool.acquire() as conn:
+        value: int = await conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        return value
 
 
 async def test_an_append_notifies_listeners_when_it_commits(pool, database_url):

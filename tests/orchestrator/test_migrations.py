@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from uuid import uuid4
 
 import asyncpg
 
+from canvas_events.envelope import Envelope
+from canvas_events.events import JobQueued
 from canvas_store.connections import connect
+from canvas_store.events import append, read_after
 from canvas_store.migrations import available, migrate
 
 
@@ -61,3 +65,50 @@ async def test_orchestrators_starting_at_once_apply_each_migration_exactly_once(
     finally:
         for conn in conns:
             await conn.close()
+
+
+async def test_events_recorded_before_0006_stay_first_in_the_global_order(database_url: str):
+    conn = await connect(database_url)
+    try:
+        # A store as the releases before 0006 left it: identity positions 1, 2, 3.
+        await conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz "
+            "NOT NULL DEFAULT now())"
+        )
+        for name, sql in available():
+            if name < "0006":
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        old_stream = uuid4()
+        for version in (1, 2, 3):
+            await conn.execute(
+                "INSERT INTO events (stream_id, version, event_id, type, schema_version, "
+                "occurred_at, correlation_id, user_id, data) "
+                "VALUES ($1, $2, $3, 'JobQueued', 1, now(), 'c', 'alice', '{}')",
+                old_stream,
+                version,
+                uuid4(),
+            )
+
+        assert await migrate(conn) == ["0006_positions_without_a_lock"]
+        new_stream = uuid4()
+        async with conn.transaction():
+            envelope = Envelope.wrap(
+                JobQueued(priority=5, retry_count=0),
+                correlation_id="c",
+                job_id=new_stream,
+                user_id="alice",
+            )
+            [new] = await append(conn, new_stream, 0, [envelope])
+
+        read = await read_after(conn, 0, 10)
+        assert [(item.stream_id, item.version) for item in read] == [
+            (old_stream, 1),
+            (old_stream, 2),
+            (old_stream, 3),
+            (new_stream, 1),
+        ]
+        assert [item.position for item in read][:3] == [1, 2, 3]
+        assert new.position > 3
+    finally:
+        await conn.close()

@@ -39,9 +39,9 @@ JOB_RECORDING_LOCK_CLASS: Final = 0x63610003
 
 # Session settings of every service connection. A process that freezes (SIGSTOP, a
 # paused VM, a partition) must not hold what others wait for: a transaction it left open
-# (row locks, the event store's append lock) ends after IDLE_IN_TRANSACTION_SECONDS, and
-# TCP keepalives tell a vanished peer from an idle one within about 20 s. No service
-# transaction waits on its client for more than a moment.
+# (its row locks; the event store's readers stop below it) ends after
+# IDLE_IN_TRANSACTION_SECONDS, and TCP keepalives tell a vanished peer from an idle one
+# within about 20 s. No service transaction waits on its client for more than a moment.
 IDLE_IN_TRANSACTION_SECONDS: Final = 15
 SESSION_SETTINGS: Final = {
     "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_SECONDS * 1000),

@@ -1,14 +1,25 @@
 """The append-only event store: one stream per job in the ``events`` table.
 
-Optimistic concurrency comes from the primary key (stream_id, version). Global order
-comes from ``position``, taken while the appending transaction holds one advisory lock
-until it commits: appends commit one after another, so a reader that has seen position
-N never later finds a smaller one (an identity column alone does not promise that: two
-transactions take 7 and 8, 8 commits first, and a reader that saw 8 skips 7 forever).
-Rolled-back appends leave holes in the numbering; readers ask for "after N", never for
-"N + 1".
+Optimistic concurrency comes from the primary key (stream_id, version).
 
-Every read here maps rows to envelopes one way, :func:`recorded_of`.
+Global order comes from ``position``, which appends take side by side, with no lock
+between them: an event's position is its transaction's id (``pg_current_xact_id()``)
+times 4096 plus its number within the transaction (migration 0006). Transaction ids are
+handed out in order, but transactions commit in any order, so a reader must not read
+past the oldest transaction still in flight: every read of the global order here stops
+below ``canvas_settled_positions_below()`` (that transaction's first possible position,
+from ``pg_snapshot_xmin(pg_current_snapshot())``). Below it nothing can be added any
+more, so a reader that has read up to position N never later finds a smaller one. The
+price: a transaction left open anywhere in the cluster holds readers back until it ends
+(every service session ends an idle transaction after 15 s).
+
+Within a stream, positions follow versions: an append whose stream's last version was
+written by a younger transaction (one that began after this one and committed first)
+appends nothing and raises :class:`ConcurrencyError`; decided again in a new
+transaction, it gets a younger id.
+
+Positions are unique and increasing, not dense: readers ask for "after N", never for
+"N + 1". Every read here maps rows to envelopes one way, :func:`recorded_of`.
 """
 
 from __future__ import annotations
@@ -24,8 +35,8 @@ import asyncpg
 from canvas_events.envelope import Envelope
 from canvas_store.errors import ConcurrencyError
 
-# Any constant unique to this purpose; held per transaction, from the INSERT to COMMIT.
-APPEND_LOCK_KEY: Final = 0x63616E7661730001
+# Positions per transaction id (migration 0006): the most events one transaction appends.
+EVENTS_PER_TRANSACTION: Final = 4096
 # Woken at every commit that appended events (NOTIFY is delivered at commit).
 NOTIFY_CHANNEL: Final = "canvas_events_appended"
 
@@ -71,11 +82,17 @@ class Append:
     envelopes: Sequence[Envelope]
 
 
-# One round trip: the lock CTE is joined into the rows, so it is taken before any row
-# (and its identity position) is produced, and held until commit.
+# One round trip. ``overtaken``: a stream whose last version was appended by a younger
+# transaction (see the module docstring); then nothing is inserted. The notification is
+# delivered at commit (and dropped by a rollback).
 _APPEND: Final = """
-WITH append_lock AS (
-    SELECT pg_advisory_xact_lock($13), pg_notify($14, '')
+WITH notified AS (
+    SELECT pg_notify($13, '')
+), overtaken AS (
+    SELECT 1 FROM events AS last
+    JOIN unnest($14::uuid[], $15::int[]) AS s(stream_id, version)
+      ON last.stream_id = s.stream_id AND last.version = s.version
+    WHERE last.position >> 12 > pg_current_xact_id()::text::bigint
 ), appended AS (
     INSERT INTO events (stream_id, version, event_id, type, schema_version,
                         occurred_at, correlation_id, causation_id, user_id,
@@ -83,13 +100,14 @@ WITH append_lock AS (
     SELECT e.stream_id, e.version, e.event_id, e.type, e.schema_version,
            e.occurred_at, e.correlation_id, e.causation_id, e.user_id,
            e.canvas_id, e.data
-    FROM append_lock,
+    FROM notified,
          unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::int[],
                 $6::timestamptz[], $7::text[], $8::uuid[], $9::text[],
                 $10::text[], $11::jsonb[])
          WITH ORDINALITY
          AS e(stream_id, version, event_id, type, schema_version, occurred_at,
               correlation_id, causation_id, user_id, canvas_id, data, n)
+    WHERE NOT EXISTS (SELECT 1 FROM overtaken)
     ORDER BY e.n
     RETURNING stream_id, version, position, recorded_at
 ), positioned AS (
@@ -114,8 +132,7 @@ async def append_streams(
 
     With ``position_job``, the same statement sets each stream's ``jobs`` row's
     ``last_position`` to its last appended position: a caller that projected the events
-    before appending them (so that the append lock is held for this statement and the
-    commit only) gets the one column that needs positions filled in.
+    before appending them gets the one column that needs positions filled in.
     """
     rows = [
         (item.stream_id, item.expected_version + number, envelope)
@@ -127,15 +144,26 @@ async def append_streams(
     assert conn.is_in_transaction(), "append must run inside the caller's transaction"
     if any(envelope.user_id is None for _, _, envelope in rows):
         raise ValueError("every recorded event needs a user_id")
+    followed = [item for item in appends if item.expected_version > 0]
     try:
         stored = await conn.fetch(
-            _APPEND, *_columns(rows), position_job, APPEND_LOCK_KEY, NOTIFY_CHANNEL
+            _APPEND,
+            *_columns(rows),
+            position_job,
+            NOTIFY_CHANNEL,
+            [item.stream_id for item in followed],
+            [item.expected_version for item in followed],
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_pkey":
-            moved = ", ".join(f"{item.stream_id}@{item.expected_version}" for item in appends)
-            raise ConcurrencyError(f"a stream moved past its expected version ({moved})") from exc
+            raise ConcurrencyError(
+                f"a stream moved past its expected version ({_streams(appends)})"
+            ) from exc
         raise
+    if len(stored) != len(rows):
+        raise ConcurrencyError(
+            f"a younger transaction appended to a stream first ({_streams(appends)})"
+        )
     by_key = {(row["stream_id"], row["version"]): row for row in stored}
     recorded = []
     for stream_id, version, envelope in rows:
@@ -152,6 +180,10 @@ async def append_streams(
             )
         )
     return recorded
+
+
+def _streams(appends: Sequence[Append]) -> str:
+    return ", ".join(f"{item.stream_id}@{item.expected_version}" for item in appends)
 
 
 def _columns(rows: Sequence[tuple[UUID, int, Envelope]]) -> list[list[Any]]:
@@ -200,20 +232,56 @@ async def load(conn: asyncpg.Connection, stream_id: UUID) -> list[RecordedEvent]
     return [recorded_of(row) for row in rows]
 
 
-async def read_after(conn: asyncpg.Connection, position: int, limit: int) -> list[RecordedEvent]:
+# Every read of the global order stops here (see the module docstring).
+_SETTLED: Final = "position < canvas_settled_positions_below()"
+
+
+async def read_after(
+    conn: asyncpg.Connection, position: int, limit: int, *, settled: bool = True
+) -> list[RecordedEvent]:
     """Up to ``limit`` events of every stream with a position above ``position``, in
-    position order."""
+    position order, settled ones only (see the module docstring). ``settled=False``
+    reads every committed one: only for a caller that holds off every writer itself
+    (the rebuild's swap, under its table locks)."""
+    if not settled:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",  # noqa: S608 (constant columns)
+            position,
+            limit,
+        )
+        return [recorded_of(row) for row in rows]
+    events, _ = await read_settled_after(conn, position, limit)
+    return events
+
+
+async def read_settled_after(
+    conn: asyncpg.Connection, position: int, limit: int
+) -> tuple[list[RecordedEvent], bool]:
+    """:func:`read_after`, and whether committed events follow that are not settled yet
+    (an older transaction is still in flight): a reader should then look again soon,
+    as the commit that settles them may notify nobody."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",  # noqa: S608 (constant columns)
+        f"SELECT {_COLUMNS}, canvas_settled_positions_below() AS settled_below "  # noqa: S608 (constant columns)
+        "FROM events WHERE position > $1 ORDER BY position LIMIT $2",
         position,
         limit,
     )
-    return [recorded_of(row) for row in rows]
+    settled = [row for row in rows if row["position"] < row["settled_below"]]
+    return [recorded_of(row) for row in settled], len(settled) < len(rows)
 
 
 async def last_position(conn: asyncpg.Connection) -> int:
-    """The highest position recorded so far (0 for an empty store)."""
-    value: int = await conn.fetchval("SELECT COALESCE(max(position), 0) FROM events")
+    """The highest settled position so far (0 for an empty store)."""
+    value: int = await conn.fetchval(
+        f"SELECT COALESCE(max(position), 0) FROM events WHERE {_SETTLED}"  # noqa: S608 (constant)
+    )
+    return value
+
+
+async def count_after(conn: asyncpg.Connection, position: int) -> int:
+    """How many events have a position above ``position`` (settled or not): what a
+    reader at ``position`` has still to read."""
+    value: int = await conn.fetchval("SELECT count(*) FROM events WHERE position > $1", position)
     return value
 
 
@@ -229,7 +297,7 @@ async def user_events_after(
     replay after a reconnect)."""
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM events "  # noqa: S608 (constant columns)
-        "WHERE user_id = $1 AND position > $2 AND type = ANY($3::text[]) "
+        f"WHERE user_id = $1 AND position > $2 AND type = ANY($3::text[]) AND {_SETTLED} "
         "ORDER BY position LIMIT $4",
         user_id,
         position,
@@ -240,9 +308,10 @@ async def user_events_after(
 
 
 async def user_head(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> int:
-    """The highest position of ``user_id``'s events (0 when there is none)."""
+    """The highest settled position of ``user_id``'s events (0 when there is none)."""
     value = await conn.fetchval(
-        "SELECT coalesce(max(position), 0) FROM events WHERE user_id = $1", user_id
+        f"SELECT coalesce(max(position), 0) FROM events WHERE user_id = $1 AND {_SETTLED}",  # noqa: S608 (constant)
+        user_id,
     )
     return int(value)
 

@@ -122,7 +122,7 @@ class Backlog:
     # no job is queued. Requests the orchestrator has not recorded yet are not counted:
     # its queue's depth and consumers tell about those.
     oldest_queued_age_seconds: float | None
-    # Positions recorded but not yet published by the relay (max position - checkpoint).
+    # Events recorded but not yet published by the relay (those after its checkpoint).
     outbox_lag: int
     # Seconds the oldest of those has waited; None when the relay is caught up.
     oldest_unpublished_age_seconds: float | None
@@ -139,8 +139,8 @@ WITH checkpoint AS (
 SELECT
     (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(updated_at))
        FROM jobs WHERE status = 'queued') AS oldest_queued_age,
-    COALESCE((SELECT max(position) FROM events), 0)
-      - (SELECT position FROM checkpoint) AS outbox_lag,
+    (SELECT count(*) FROM events
+       WHERE position > (SELECT position FROM checkpoint)) AS outbox_lag,
     (SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(recorded_at))
        FROM events WHERE position > (SELECT position FROM checkpoint)) AS oldest_unpublished_age
 """

@@ -13,10 +13,8 @@ In one :meth:`Committer.transaction`:
 3. the caller decides, and ``record`` stages each decision's events on its stream,
    evolving the job's state as it goes;
 4. at the end: the read models are projected, then every stream is appended in one
-   statement, and the transaction commits. Every append holds the lock that keeps
-   positions in commit order until it commits; projecting first leaves only the append
-   and the commit inside it, and one append for many jobs is what lets the store keep
-   up under load.
+   statement, and the transaction commits. One append for many jobs is what lets the
+   store keep up under load.
 
 A writer that lost a race (another appended first) gets one of :data:`CONFLICTS` and
 decides again on a fresh read.
@@ -115,7 +113,7 @@ class Transaction:
         # are appended in, so that positions tell the order the decisions were made in
         # (the first job on a new canvas is the one that owns it, on replay too).
         self.changed: dict[UUID, Stream] = {}
-        # When the append began (perf_counter), once it has: the append lock's hold.
+        # When the append began (perf_counter), once it has: append to commit.
         self.appended_at: float | None = None
         # The owners of the canvases locked so far (None: nobody drew on it yet).
         self._canvas_owners: dict[str, str | None] = {}
@@ -248,12 +246,12 @@ class Committer:
         database: Database,
         *,
         clock: Callable[[], datetime],
-        lock_held: Histogram | None = None,
+        append_commit: Histogram | None = None,
     ) -> None:
         self._database = database
         self._clock = clock
-        # Observes how long each transaction held the append lock (append to commit).
-        self._lock_held = lock_held
+        # Observes each appending transaction's time from its append to its commit.
+        self._append_commit = append_commit
         # The streams of the running jobs this process recorded last, newest last.
         self._known: OrderedDict[UUID, Stream] = OrderedDict()
 
@@ -266,8 +264,8 @@ class Committer:
                 tx = Transaction(conn, self._clock(), self._known)
                 yield tx
                 await tx._flush()
-            if tx.appended_at is not None and self._lock_held is not None:
-                self._lock_held.observe(time.perf_counter() - tx.appended_at)
+            if tx.appended_at is not None and self._append_commit is not None:
+                self._append_commit.observe(time.perf_counter() - tx.appended_at)
             for stream in tx.changed.values():
                 self._remember(stream)
 

@@ -10,7 +10,7 @@ from canvas_events.ops import MetricSet
 # Model calls take seconds; a lease is minutes.
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
-_LOCK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 
 
 class Metrics(MetricSet):
@@ -34,11 +34,10 @@ class Metrics(MetricSet):
             "Messages of one job handled in one transaction.",
             buckets=_BATCH_BUCKETS,
         )
-        self.append_lock_held = self.histogram(
-            "canvas_orchestrator_append_lock_held_seconds",
-            "From a transaction's append (which takes the event store's append lock, one "
-            "writer at a time across the cluster) to its commit (which releases it).",
-            buckets=_LOCK_BUCKETS,
+        self.append_commit = self.histogram(
+            "canvas_orchestrator_append_commit_seconds",
+            "From a transaction's append to its commit: the commit's share of recording.",
+            buckets=_COMMIT_BUCKETS,
         )
         self.attempt_duration = self.histogram(
             "canvas_attempt_duration_seconds",
@@ -53,7 +52,7 @@ class Metrics(MetricSet):
         )
         self.outbox_lag = self.gauge(
             "canvas_outbox_lag_events",
-            "Recorded events not yet published by the relay (last position - checkpoint).",
+            "Recorded events not yet published by the relay (those after its checkpoint).",
         )
         self.outbox_published = self.counter(
             "canvas_outbox_published_total",

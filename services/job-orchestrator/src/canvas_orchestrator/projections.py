@@ -227,7 +227,9 @@ async def _replay(
     count = 0
     while True:
         async with conn.transaction() if transaction else contextlib.nullcontext():
-            page = await read_after(conn, after, batch_size)
+            # In the swap (no transaction of its own) the caller's table locks hold off
+            # every writer: every committed event is there to read, settled or not.
+            page = await read_after(conn, after, batch_size, settled=transaction)
             # Each stream's events projected together, the streams in the order of their
             # first event in the page (so a new canvas still goes to the first job on it):
             # what projecting them one by one leaves, in far fewer statements.

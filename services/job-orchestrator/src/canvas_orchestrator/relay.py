@@ -45,7 +45,7 @@ from canvas_events.topology import (
 )
 from canvas_orchestrator.metrics import Metrics
 from canvas_store.connections import connect
-from canvas_store.events import NOTIFY_CHANNEL, RecordedEvent, read_after
+from canvas_store.events import NOTIFY_CHANNEL, RecordedEvent, count_after, read_settled_after
 
 log = structlog.get_logger("canvas_orchestrator.relay")
 
@@ -54,6 +54,10 @@ RELAY_LOCK_KEY: Final = 0x63616E7661730002
 SESSION_SECONDS: Final = 10.0
 # A relay that could publish nothing for this long hands the relay over.
 BROKER_GRACE_SECONDS: Final = 10.0
+# Events held back by an older transaction in flight: read again this soon (then twice
+# as late each time, up to the poll interval). That transaction's commit settles them
+# but may notify nobody (it appended nothing); service transactions last milliseconds.
+HELD_BACK_SECONDS: Final = 0.005
 # Shown in pg_stat_activity, so an operator can tell which session holds the relay lock.
 APPLICATION_NAME: Final = "canvas-orchestrator-relay"
 CHECKPOINT: Final = "job-events"
@@ -72,6 +76,10 @@ class _Cursor:
     read: int
     # The store may hold events after ``read``.
     more: bool = True
+    # Reads in a row that found committed events after ``read`` waiting for an older
+    # transaction to end (canvas_store.events): read again soon, not after the poll
+    # interval, backing off from HELD_BACK_SECONDS.
+    held_back: int = 0
     # Since when every publish failed (None: the last one went through).
     failing_since: float | None = None
     next_lag_at: float = 0.0
@@ -190,8 +198,11 @@ class Relay(Background):
                     await self.pause(1.0)  # do not spin while the broker is away
                 elif not cursor.more or room <= 0:
                     # Woken by a NOTIFY, a confirm, a stop, or the poll interval.
+                    wait = self.poll_interval
+                    if cursor.held_back:
+                        wait = min(wait, HELD_BACK_SECONDS * 2 ** (cursor.held_back - 1))
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                        await asyncio.wait_for(self._wake.wait(), wait)
                     cursor.more = cursor.more or not self._wake.is_set()  # a poll reads again
         finally:
             await _settled(cursor.in_flight)
@@ -214,9 +225,10 @@ class Relay(Background):
         """Start publishing what follows ``cursor.read``, as far as the window allows;
         the room the window had."""
         room = self.batch_size - len(cursor.in_flight)
-        if room > 0 and (cursor.more or self._notified):
+        if room > 0 and (cursor.more or self._notified or cursor.held_back):
             self._notified = False
-            batch = await read_after(conn, cursor.read, room)
+            batch, held_back = await read_settled_after(conn, cursor.read, room)
+            cursor.held_back = cursor.held_back + 1 if held_back else 0
             for message in _messages(batch):
                 task = self._start_publish(message)
                 cursor.in_flight.extend((item, task) for item in message)
@@ -308,13 +320,12 @@ class Relay(Background):
         )
 
     async def _measure_lag(self, conn: asyncpg.Connection, checkpoint: int | None = None) -> None:
-        lag = await conn.fetchval(
-            "SELECT COALESCE((SELECT max(position) FROM events), 0) "
-            "- COALESCE($2::bigint, (SELECT position FROM relay_checkpoints WHERE name = $1), 0)",
-            self.checkpoint,
-            checkpoint,
-        )
-        self.metrics.outbox_lag.set(max(0, lag))
+        if checkpoint is None:
+            checkpoint = await conn.fetchval(
+                "SELECT COALESCE((SELECT position FROM relay_checkpoints WHERE name = $1), 0)",
+                self.checkpoint,
+            )
+        self.metrics.outbox_lag.set(await count_after(conn, checkpoint or 0))
 
 
 def _messages(batch: list[RecordedEvent]) -> list[list[RecordedEvent]]:

@@ -63,7 +63,7 @@ class Service:
         policy = policy_of(settings)
         # Messages and timers record their decisions the same way, in the same cache.
         self.committer = Committer(
-            self.database, clock=clock, lock_held=self.metrics.append_lock_held
+            self.database, clock=clock, append_commit=self.metrics.append_commit
         )
         self.handler = Handler(self.committer, policy, self.metrics, new_id=new_id)
         self.broker.add_consumer(
