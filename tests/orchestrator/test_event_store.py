@@ -19,6 +19,7 @@ from canvas_store.events import (
     last_position,
     load,
     read_after,
+    read_settled_after,
 )
 
 
@@ -190,12 +191,15 @@ async def test_a_reader_stops_below_a_transaction_still_in_flight(pool):
                 # smaller position: nothing after it is read yet.
                 assert await read_after(conn, start, 10) == []
                 assert await last_position(conn) <= start
+                # ... and a reader is told that committed events wait behind it.
+                assert await read_settled_after(conn, start, 10) == ([], True)
         finally:
             await transaction.commit()
 
     async with pool.acquire() as conn:
-        read = await read_after(conn, start, 10)
+        read, held_back = await read_settled_after(conn, start, 10)
     assert [item.position for item in read] == [first.position, second.position]
+    assert not held_back
 
 
 async def test_an_append_overtaken_by_a_younger_transaction_conflicts_and_succeeds_again(pool):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -427,6 +428,90 @@ def dead_letter_headers(
     }
 
 
+class Acks:
+    """The acks of one consuming channel, sent together.
+
+    A handler's ack does not go out at once: at the end of the event loop's turn, the
+    longest run of delivered messages that are all settled is acked with one
+    ``basic.ack(multiple=True)`` (a group commit settles dozens of messages at once: one
+    frame instead of dozens). A message settled behind one still in hand (a slow
+    handler, a pause before a retry) is acked on its own after ``straggler_delay``, so
+    that it does not hold the prefetch window. Nacks go out at once, as before; a tag
+    counts as settled only once its nack is queued, so that no multiple ack covers it.
+    """
+
+    def __init__(
+        self, channel: aiormq.abc.AbstractChannel, *, straggler_delay: float = 0.05
+    ) -> None:
+        self._channel = channel
+        self._straggler_delay = straggler_delay
+        # Tags delivered and not yet passed by a multiple ack, lowest first.
+        self._delivered: list[int] = []
+        # Settled tags among them: True when the tag still needs its ack.
+        self._settled: dict[int, bool] = {}
+        self._flush_scheduled = False
+        self._stragglers: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def delivered(self, tag: int) -> None:
+        """A message came with ``tag`` (in delivery order)."""
+        heapq.heappush(self._delivered, tag)
+
+    def ack(self, tag: int) -> None:
+        """Ack ``tag`` soon (see the class docstring)."""
+        self._settled[tag] = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def nacked(self, tag: int) -> None:
+        """``tag`` was nacked or rejected on its own (the frame is queued)."""
+        self._settled[tag] = False
+        self.ack_pending_prefix()
+
+    def ack_pending_prefix(self) -> None:
+        """Send the ack of the settled run of tags now (if it has any to ack)."""
+        top = None
+        while self._delivered and self._delivered[0] in self._settled:
+            tag = heapq.heappop(self._delivered)
+            if self._settled.pop(tag):
+                top = tag
+        if top is not None:
+            self._send(top, multiple=True)
+
+    def flush(self) -> None:
+        """Send every ack now: the settled run as one, the stragglers one by one."""
+        self.ack_pending_prefix()
+        for tag, needs_ack in list(self._settled.items()):
+            if needs_ack:
+                self._settled[tag] = False
+                self._send(tag, multiple=False)
+
+    async def sent(self) -> None:
+        """Wait until every ack sent so far is written."""
+        if self._sending:
+            await asyncio.wait(set(self._sending))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.ack_pending_prefix()
+        if any(self._settled.values()) and self._stragglers is None:
+            loop = asyncio.get_running_loop()
+            self._stragglers = loop.call_later(self._straggler_delay, self._ack_stragglers)
+
+    def _ack_stragglers(self) -> None:
+        self._stragglers = None
+        self.flush()
+
+    def _send(self, tag: int, *, multiple: bool) -> None:
+        # A channel closed meanwhile redelivers what it did not get the ack of.
+        task = asyncio.ensure_future(
+            _settle(self._channel.basic_ack(delivery_tag=tag, multiple=multiple))
+        )
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+
 class BrokerBase:
     """What every broker a service works with shares (:class:`Broker`, and the in-memory
     one of tests): the connection's state as the service sees it (up or not, since when,
@@ -538,6 +623,8 @@ class Broker(BrokerBase):
         self._supervisor: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._subscriptions: list[tuple[AbstractQueue, str]] = []
+        # Per consumed queue, the acks of its current channel.
+        self._acks: dict[str, Acks] = {}
         # Set when the current connection is gone, whoever closed it.
         self._lost = asyncio.Event()
         # Set to declare the topology again now (a publish came back unrouted).
@@ -579,6 +666,11 @@ class Broker(BrokerBase):
                 await queue.cancel(tag)
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+        # What the handlers settled goes out before the connection closes (else it would
+        # all be delivered again).
+        for acks in self._acks.values():
+            acks.flush()
+        await asyncio.gather(*(acks.sent() for acks in self._acks.values()))
         if self._supervisor is not None:
             await cancel_and_wait(self._supervisor)
         await self._close_connection()
@@ -640,16 +732,22 @@ class Broker(BrokerBase):
         await channel.set_qos(prefetch_count=consumer.prefetch)
         queue = await declare_queue(channel, consumer.queue, self.topology)
 
+        acks = self._acks[consumer.queue.name] = Acks(await channel.get_underlay_channel())
+
         async def on_message(message: AbstractIncomingMessage) -> None:
+            tag = message.delivery_tag
+            assert tag is not None  # consumed with acks
+            acks.delivered(tag)
             if self._stopping:
                 # Delivered just before the cancel: leave it to another consumer.
                 await _settle(message.nack(requeue=True))
+                acks.nacked(tag)
                 return
             task = asyncio.current_task()
             if task is not None:
                 self._in_flight.add(task)
             try:
-                await self._handle(consumer, message)
+                await self._handle(consumer, message, acks)
             finally:
                 if task is not None:
                     self._in_flight.discard(task)
@@ -785,14 +883,19 @@ class Broker(BrokerBase):
 
     # -- consuming -------------------------------------------------------------------
 
-    async def _handle(self, consumer: Consumer, message: AbstractIncomingMessage) -> None:
+    async def _handle(
+        self, consumer: Consumer, message: AbstractIncomingMessage, acks: Acks
+    ) -> None:
+        tag = message.delivery_tag
+        assert tag is not None
         verdict = await self._deliveries.handle(consumer, message)
         if isinstance(verdict, Ack):
-            await _settle(message.ack())
+            acks.ack(tag)
             return
         if isinstance(verdict, Requeue):
             await asyncio.sleep(verdict.delay)
             await _settle(message.nack(requeue=True))
+            acks.nacked(tag)
             return
         parts = verdict.parts if isinstance(verdict, Split) else (Part(message.body, verdict),)
         if delays := [part.verdict.delay for part in parts if isinstance(part.verdict, Redeliver)]:
@@ -808,8 +911,9 @@ class Broker(BrokerBase):
                 sent = await self._redeliver(consumer, message, part)
             if not sent:
                 await _settle(message.nack(requeue=True))
+                acks.nacked(tag)
                 return
-        await _settle(message.ack())
+        acks.ack(tag)
 
     async def _redeliver(
         self, consumer: Consumer, message: AbstractIncomingMessage, part: Part

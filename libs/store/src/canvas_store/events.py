@@ -259,15 +259,27 @@ async def read_settled_after(
 ) -> tuple[list[RecordedEvent], bool]:
     """:func:`read_after`, and whether committed events follow that are not settled yet
     (an older transaction is still in flight): a reader should then look again soon,
-    as the commit that settles them may notify nobody."""
-    rows = await conn.fetch(
-        f"SELECT {_COLUMNS}, canvas_settled_positions_below() AS settled_below "  # noqa: S608 (constant columns)
-        "FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-        position,
-        limit,
-    )
-    settled = [row for row in rows if row["position"] < row["settled_below"]]
-    return [recorded_of(row) for row in settled], len(settled) < len(rows)
+    as the commit that settles them may notify nobody. One round trip, and no row past
+    the bound is read."""
+    rows = await conn.fetch(_READ_SETTLED, position, limit)
+    return [recorded_of(row) for row in rows if row["position"] is not None], rows[0]["held"]
+
+
+# Always one row at least (``held``), with the page's events, if any, beside it.
+_READ_SETTLED: Final = f"""
+WITH bound AS (
+    SELECT b.below, EXISTS (
+        SELECT 1 FROM events WHERE position >= b.below AND position > $1
+    ) AS held
+    FROM (SELECT canvas_settled_positions_below() AS below) AS b
+)
+SELECT page.*, bound.held
+FROM bound LEFT JOIN LATERAL (
+    SELECT {_COLUMNS} FROM events
+    WHERE position > $1 AND position < bound.below
+    ORDER BY position LIMIT $2
+) AS page ON true
+"""  # noqa: S608 (constant columns)
 
 
 async def last_position(conn: asyncpg.Connection) -> int:
