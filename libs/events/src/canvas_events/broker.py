@@ -577,16 +577,11 @@ class BrokerBase:
         properties = batch_properties()
         await self._publish(batch_body(bodies), routing_key, properties, mandatory, timeout)
 
-    async def _publish(
-        self,
-        body: bytes,
-        routing_key: str,
-        properties: aiormq.spec.Basic.Properties,
-        mandatory: bool,
-        timeout: float | None,
-    ) -> None:
-        """Send one message and wait for the broker's confirm (see :meth:`publish`)."""
-        raise NotImplementedError
+    #: Sends one message (body, routing key, properties, mandatory, timeout) and waits for
+    #: the broker's confirm (see :meth:`publish`): what each kind of broker supplies.
+    _publish: Callable[
+        [bytes, str, aiormq.spec.Basic.Properties, bool, float | None], Awaitable[None]
+    ]
 
 
 class Broker(BrokerBase):
