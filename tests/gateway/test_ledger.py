@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from canvas_events.envelope import Envelope
+from canvas_store import ledger
 from canvas_store.ledger import GIVEN_UP_ERROR
 from tests.gateway.conftest import token
 from tests.support.waiting import eventually
@@ -79,3 +80,27 @@ async def test_a_job_the_orchestrator_recorded_is_never_sent_again(
         )
         assert first.job_id == job_id
         assert rows[0]["resends"] == 0
+
+
+async def test_requests_published_together_are_confirmed_together(
+    make_gateway: Callable[..., Any], monkeypatch: Any
+) -> None:
+    statements: list[int] = []
+    confirm = ledger.confirm
+
+    async def counted(conn: Any, job_ids: list[uuid.UUID]) -> None:
+        statements.append(len(job_ids))
+        await confirm(conn, job_ids)
+
+    monkeypatch.setattr(ledger, "confirm", counted)
+    burst = 40
+    async with make_gateway(max_active_jobs_per_user=burst) as gateway:
+        answers = await asyncio.gather(*(gateway.create() for _ in range(burst)))
+        assert [answer.status_code for answer in answers] == [202] * burst
+
+        rows = await gateway.sql("SELECT confirmed_at FROM gateway_job_requests")
+    assert len(rows) == burst
+    assert all(row["confirmed_at"] is not None for row in rows)
+    assert sum(statements) == burst
+    # Confirms that waited together went in one UPDATE each time: far fewer than 40.
+    assert len(statements) < burst / 2, statements

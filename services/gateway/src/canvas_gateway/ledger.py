@@ -76,7 +76,7 @@ class LedgerSweep(Background):
         """One round; how many requests were sent again or given up."""
         if self._unconfirmed:
             pending = set(self._unconfirmed)
-            await self._store.confirm(*pending)
+            await self._store.confirm_all(list(pending))
             self._unconfirmed -= pending
         claimed = await self._store.claim_unrecorded(
             resend_after=self._resend_after, max_resends=self._max_resends, limit=BATCH

@@ -9,13 +9,14 @@ Until the job-orchestrator has migrated the database, every call raises
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from canvas_events.batching import Batches
 from canvas_events.envelope import Envelope
 from canvas_events.logging import redact
 from canvas_events.postgres import Database, is_outage
@@ -33,6 +34,10 @@ class Store:
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        # The confirms of requests published meanwhile go in one UPDATE (one commit).
+        self._confirms: Batches[UUID, None] = Batches(
+            self._confirm_all, max_batch=500, name="ledger-confirm"
+        )
 
     @contextlib.asynccontextmanager
     async def _connection(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -68,10 +73,19 @@ class Store:
         async with self._connection(transaction=True) as conn:
             return await ledger.admit(conn, request, canvas_given=canvas_given, limits=limits)
 
-    async def confirm(self, *job_ids: UUID) -> None:
+    async def confirm(self, job_id: UUID) -> None:
+        """The broker confirmed this request: it may now be shown. Confirms that wait
+        together are written together."""
+        await self._confirms.submit(job_id)
+
+    async def confirm_all(self, job_ids: Sequence[UUID]) -> None:
         """The broker confirmed these requests: they may now be shown."""
         async with self._connection() as conn:
             await ledger.confirm(conn, list(job_ids))
+
+    async def _confirm_all(self, job_ids: Sequence[UUID]) -> list[None]:
+        await self.confirm_all(job_ids)
+        return [None] * len(job_ids)
 
     async def claim_unrecorded(
         self, *, resend_after: float, max_resends: int, limit: int
