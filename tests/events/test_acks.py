@@ -26,7 +26,7 @@ class Channel:
     def __init__(self) -> None:
         self.acks: list[tuple[int, bool]] = []
 
-    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
         self.acks.append((delivery_tag, multiple))
 
 
@@ -105,9 +105,11 @@ async def test_a_burst_on_rabbitmq_is_acked_in_a_few_frames_and_nothing_stays_un
     sent: list[tuple[int, bool]] = []
     basic_ack = aiormq.Channel.basic_ack
 
-    async def counted(self: aiormq.Channel, delivery_tag: int, multiple: bool = False) -> None:
+    async def counted(
+        self: aiormq.Channel, delivery_tag: int, multiple: bool = False, wait: bool = True
+    ) -> None:
         sent.append((delivery_tag, multiple))
-        await basic_ack(self, delivery_tag, multiple)
+        await basic_ack(self, delivery_tag, multiple, wait)
 
     monkeypatch.setattr(aiormq.Channel, "basic_ack", counted)
     messages = 50

@@ -487,10 +487,10 @@ class Acks:
                 self._settled[tag] = False
                 self._send(tag, multiple=False)
 
-    async def sent(self) -> None:
-        """Wait until every ack sent so far is written."""
+    async def sent(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout``) until every ack sent so far is queued to be written."""
         if self._sending:
-            await asyncio.wait(set(self._sending))
+            await asyncio.wait(set(self._sending), timeout=timeout)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -504,10 +504,10 @@ class Acks:
         self.flush()
 
     def _send(self, tag: int, *, multiple: bool) -> None:
+        # Queued, not drained: the channel's frames go out in order, a close after them.
         # A channel closed meanwhile redelivers what it did not get the ack of.
-        task = asyncio.ensure_future(
-            _settle(self._channel.basic_ack(delivery_tag=tag, multiple=multiple))
-        )
+        ack = self._channel.basic_ack(delivery_tag=tag, multiple=multiple, wait=False)
+        task = asyncio.ensure_future(_settle(ack))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
@@ -516,7 +516,7 @@ class BrokerBase:
     """What every broker a service works with shares (:class:`Broker`, and the in-memory
     one of tests): the connection's state as the service sees it (up or not, since when,
     how many times it came up, and why not), and the publishing API, which builds each
-    message's properties and body; a kind of broker supplies :meth:`_publish`."""
+    message's properties and body; a kind of broker supplies ``_publish``."""
 
     def __init__(self) -> None:
         self._connected = asyncio.Event()
