@@ -63,7 +63,23 @@ SELECT (SELECT count(*) FROM jobs
          WHERE r.user_id = $1 AND r.recorded_at IS NULL AND r.given_up_at IS NULL
            AND (r.confirmed_at IS NOT NULL
                 OR r.created_at > now() - make_interval(secs => $2))
-           AND {UNPROJECTED})
+           AND {UNPROJECTED}) AS active
+"""  # noqa: S608 (constants only)
+# The request inserted created now, in the same round trip as the count, unless the user
+# is at the limit ($10) or its job id is in the ledger already; ``active`` either way.
+_ADMIT: Final = f"""
+WITH counted AS ({_ACTIVE_JOBS}), inserted AS (
+    INSERT INTO gateway_job_requests (job_id, user_id, canvas_id, priority, query,
+                                      options, idempotency_key, correlation_id,
+                                      created_at)
+    SELECT $3::uuid, $1::text, $4::text, $5::smallint, $6::text, $7::jsonb, $8::text,
+           $9::text, now()
+    WHERE (SELECT active FROM counted) < $10
+    ON CONFLICT DO NOTHING
+    RETURNING *
+)
+SELECT (SELECT active FROM counted) AS active, inserted.*
+FROM (SELECT 1) AS one LEFT JOIN inserted ON true
 """  # noqa: S608 (constants only)
 # Statements are built from these constants only (hence the noqa: S608); values are
 # always bound parameters.
@@ -150,11 +166,23 @@ async def admit(
             return Admission(earlier, duplicate=True)
     if canvas_given and await _canvas_taken(conn, request.canvas_id, request.user_id):
         raise CanvasTaken(request.canvas_id)
-    active = await conn.fetchval(_ACTIVE_JOBS, request.user_id, limits.in_flight_seconds)
-    if active >= limits.active:
-        raise LimitReached(active, limits.active)
-    inserted = await _insert(conn, request)
-    if inserted is None:  # the same key, inserted before the lock was taken
+    row = await conn.fetchrow(
+        _ADMIT,
+        request.user_id,
+        limits.in_flight_seconds,
+        request.job_id,
+        request.canvas_id,
+        request.priority,
+        request.query,
+        request.options,
+        request.idempotency_key,
+        request.correlation_id,
+        limits.active,
+    )
+    assert row is not None
+    if row["active"] >= limits.active:
+        raise LimitReached(row["active"], limits.active)
+    if row["job_id"] is None:  # the same key, inserted before the lock was taken
         row = await conn.fetchrow(
             "SELECT * FROM gateway_job_requests WHERE job_id = $1", request.job_id
         )
@@ -162,7 +190,7 @@ async def admit(
         assert row is not None
         assert row["user_id"] == request.user_id
         return Admission(_request(row), duplicate=True)
-    return Admission(inserted, duplicate=False)
+    return Admission(_request(row), duplicate=False)
 
 
 async def _keyed(conn: asyncpg.Connection, request: JobRequest) -> JobRequest | None:
@@ -180,29 +208,6 @@ async def _keyed(conn: asyncpg.Connection, request: JobRequest) -> JobRequest | 
         request.user_id,
         request.idempotency_key,
         request.job_id,
-    )
-    return _request(row) if row is not None else None
-
-
-async def _insert(conn: asyncpg.Connection, request: JobRequest) -> JobRequest | None:
-    """Insert ``request`` created now; None when its job id is in the ledger already."""
-    row = await conn.fetchrow(
-        """
-        INSERT INTO gateway_job_requests (job_id, user_id, canvas_id, priority, query,
-                                          options, idempotency_key, correlation_id,
-                                          created_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
-        ON CONFLICT DO NOTHING
-        RETURNING *
-        """,
-        request.job_id,
-        request.user_id,
-        request.canvas_id,
-        request.priority,
-        request.query,
-        request.options,
-        request.idempotency_key,
-        request.correlation_id,
     )
     return _request(row) if row is not None else None
 
