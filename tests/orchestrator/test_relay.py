@@ -13,7 +13,14 @@ from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.events import GenerationRequested, JobQueued
 from canvas_orchestrator.metrics import Metrics
-from canvas_orchestrator.relay import APPLICATION_NAME, CHECKPOINT, RELAY_LOCK_KEY, Relay
+from canvas_orchestrator.relay import (
+    APPLICATION_NAME,
+    CHECKPOINT,
+    HELD_BACK_SECONDS,
+    RELAY_LOCK_KEY,
+    Relay,
+    next_read_in,
+)
 from canvas_store.events import RecordedEvent, append
 from tests.orchestrator.harness import eventually
 
@@ -194,3 +201,13 @@ async def test_events_wait_in_the_store_until_the_broker_confirms_them(pool, bus
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_a_relay_held_back_reads_again_soon_then_backs_off_to_its_poll_interval() -> None:
+    assert next_read_in(0, 1.0) == 1.0  # nothing held back: woken by NOTIFY, or polls
+    waits = [next_read_in(reads, 1.0) for reads in range(1, 12)]
+    assert waits[0] == HELD_BACK_SECONDS
+    assert waits == sorted(waits)
+    assert waits[-1] == 1.0
+    # An operator's transaction open for hours: still the poll interval, no overflow.
+    assert next_read_in(100_000, 1.0) == 1.0

@@ -198,9 +198,7 @@ class Relay(Background):
                     await self.pause(1.0)  # do not spin while the broker is away
                 elif not cursor.more or room <= 0:
                     # Woken by a NOTIFY, a confirm, a stop, or the poll interval.
-                    wait = self.poll_interval
-                    if cursor.held_back:
-                        wait = min(wait, HELD_BACK_SECONDS * 2 ** (cursor.held_back - 1))
+                    wait = next_read_in(cursor.held_back, self.poll_interval)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
                     cursor.more = cursor.more or not self._wake.is_set()  # a poll reads again
@@ -326,6 +324,16 @@ class Relay(Background):
                 self.checkpoint,
             )
         self.metrics.outbox_lag.set(await count_after(conn, checkpoint or 0))
+
+
+def next_read_in(held_back: int, poll_interval: float) -> float:
+    """How long an idle relay waits before it reads again, after ``held_back`` reads in a
+    row found events waiting behind an older transaction: soon, then twice as late each
+    time, never later than the poll interval (however long the hold lasts)."""
+    if not held_back:
+        return poll_interval
+    doublings: int = min(held_back - 1, 16)
+    return min(poll_interval, HELD_BACK_SECONDS * float(2**doublings))
 
 
 def _messages(batch: list[RecordedEvent]) -> list[list[RecordedEvent]]:
