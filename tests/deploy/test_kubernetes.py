@@ -39,8 +39,13 @@ NAMESPACE = "canvas-jobs"
 CONFIG_MAP = "canvas-jobs-config"
 SECRET = "canvas-jobs-secrets"
 SECRET_KEYS = frozenset({"JWT_SECRET", "OPENAI_API_KEY", "DATABASE_URL", "AMQP_URL"})
-# Beyond docs/settings.md's table: the topology prefix, the drain, where the orchestrator is.
-EXTRA_CONFIG = frozenset({"AMQP_TOPOLOGY_PREFIX", "SHUTDOWN_GRACE_SECONDS", "ORCHESTRATOR_URL"})
+# Read by KEDA only, never by a service.
+KEDA_SECRET_KEYS = frozenset({"RABBITMQ_MANAGEMENT_URL"})
+# Beyond docs/settings.md's table: the topology prefix, the drain, where the orchestrator is,
+# where browsers find the notifier (behind the Ingress).
+EXTRA_CONFIG = frozenset(
+    {"AMQP_TOPOLOGY_PREFIX", "SHUTDOWN_GRACE_SECONDS", "ORCHESTRATOR_URL", "NOTIFIER_PUBLIC_URL"}
+)
 # Oldest Kubernetes we claim (deploy/README.md) and the newest the schemas know.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Services whose Service sends them requests: they wait for endpoints to go (preStop).
@@ -316,7 +321,7 @@ def test_example_secret_has_exactly_the_secret_keys_and_only_placeholders() -> N
         "namespace": NAMESPACE,
         "labels": {"app.kubernetes.io/part-of": "canvas-jobs"},
     }
-    assert set(values) == SECRET_KEYS
+    assert set(values) == SECRET_KEYS | KEDA_SECRET_KEYS
     assert all("REPLACE" in value for value in values.values())
 
 
@@ -549,7 +554,8 @@ def test_scaled_object_follows_the_depth_of_the_work_queue() -> None:
 
     assert trigger["type"] == "rabbitmq"
     assert metadata["mode"] == "QueueLength"
-    assert metadata["protocol"] == "amqp"
+    # Over the management API: ready plus unacked, so running attempts count.
+    assert metadata["protocol"] == "http"
     assert metadata["queueName"] == Topology().generator_work.name
     assert metadata["queueName"] == Topology(config()["AMQP_TOPOLOGY_PREFIX"]).generator_work.name
     # One pod takes MAX_CONCURRENT_JOBS at once: that many waiting is one more pod's work.
@@ -564,9 +570,15 @@ def test_trigger_authentication_reads_the_amqp_url_from_the_secret() -> None:
 
     assert authentication["apiVersion"] == KEDA_API
     assert authentication["spec"]["secretTargetRef"] == [
-        {"parameter": "host", "name": SECRET, "key": "AMQP_URL"}
+        {"parameter": "host", "name": SECRET, "key": "RABBITMQ_MANAGEMENT_URL"}
     ]
     assert set(authentication["spec"]) == {"secretTargetRef"}
+    # The management API of the same broker, from KEDA's namespace.
+    placeholders = secret_example()["stringData"]
+    api = urlsplit(placeholders["RABBITMQ_MANAGEMENT_URL"])
+    broker = urlsplit(placeholders["AMQP_URL"])
+    assert (api.scheme, api.hostname, api.port) == ("http", broker.hostname, 15672)
+    assert str(api.hostname).endswith(f".{NAMESPACE}.svc")
 
 
 def test_only_the_systems_own_pods_and_prometheus_reach_the_orchestrators_port() -> None:
@@ -586,3 +598,80 @@ def test_only_the_systems_own_pods_and_prometheus_reach_the_orchestrators_port()
     # the orchestrator before each model call).
     for app in APP_SERVICES:
         assert pod_labels(app)["app.kubernetes.io/part-of"] == "canvas-jobs"
+
+
+# -- reaching it: the Ingress, and Prometheus -------------------------------------------
+
+
+def _backends(ingress: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """{path: (path type, Service name, port name)} of the Ingress's one host."""
+    [rule] = ingress["spec"]["rules"]
+    return {
+        path["path"]: (
+            path["pathType"],
+            path["backend"]["service"]["name"],
+            path["backend"]["service"]["port"]["name"],
+        )
+        for path in rule["http"]["paths"]
+    }
+
+
+def _service_port_names(name: str) -> set[str]:
+    return {port["name"] for port in resource("Service", name)["spec"]["ports"]}
+
+
+def test_ingress_serves_page_and_api_from_the_gateway_and_the_websocket_from_the_notifier() -> None:
+    ingress = resource("Ingress", "canvas-jobs")
+    backends = _backends(ingress)
+
+    assert backends == {
+        "/ws": ("Exact", "notifier", "http"),
+        "/api": ("Prefix", "gateway", "http"),
+        "/": ("Prefix", "gateway", "http"),
+    }
+    for _, service, port in backends.values():
+        assert port in _service_port_names(service)
+    # The notifier's WebSocket is served at /ws, the one path the Ingress sends it.
+    notifier = next(app for app in APP_SERVICES if app.name == "notifier")
+    assert container_port(notifier, "http") == notifier.port
+    # TLS for the host the rules serve: browsers get wss:// and https://.
+    [rule] = ingress["spec"]["rules"]
+    [tls] = ingress["spec"]["tls"]
+    assert tls["hosts"] == [rule["host"]]
+
+
+def test_the_page_behind_the_ingress_sends_browsers_to_its_websocket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway = next(app for app in APP_SERVICES if app.name == "gateway")
+    for name in DOCUMENTED_ENV | EXTRA_CONFIG:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment(gateway).items():
+        monkeypatch.setenv(name, value)
+    settings = importlib.import_module("canvas_gateway.settings").Settings()
+    page = importlib.import_module("canvas_gateway.routes.page")
+    [rule] = resource("Ingress", "canvas-jobs")["spec"]["rules"]
+
+    # What /config.json hands the page, whatever host the request came by.
+    url = urlsplit(page.notifier_url(settings, None))
+
+    assert (url.scheme, url.hostname, url.port, url.path) == ("wss", rule["host"], None, "/ws")
+    assert _backends(resource("Ingress", "canvas-jobs"))[url.path][1] == "notifier"
+
+
+def test_service_monitor_scrapes_every_service_on_its_metrics_path() -> None:
+    [monitor] = [
+        d for d in yaml.safe_load_all((KUSTOMIZE_DIR / "service-monitor.yaml").read_text()) if d
+    ]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    ports = {endpoint["port"]: endpoint["path"] for endpoint in monitor["spec"]["endpoints"]}
+
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    for app in APP_SERVICES:
+        service = resource("Service", app.name)
+        assert selector.items() <= service["metadata"]["labels"].items(), app.name
+        scraped = _service_port_names(app.name) & set(ports)
+        assert len(scraped) == 1, (app.name, scraped)
+        # The path the Deployment tells Prometheus' annotations too.
+        annotations = deployment(app)["spec"]["template"]["metadata"]["annotations"]
+        assert ports[scraped.pop()] == annotations["prometheus.io/path"] == "/metrics"
