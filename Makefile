@@ -10,7 +10,7 @@ MEMBERS := libs/events libs/store services/gateway services/job-orchestrator ser
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test lint format dev bench bench-notifier chaos token browser require-browser clean
+.PHONY: help install lock test lint format dev bench bench-notifier chaos token browser require-browser promtool require-promtool clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -29,7 +29,7 @@ install: $(VENV)/.installed ## create .venv from the pinned lock, every member e
 lock: | $(BIN)/uv ## re-pin requirements.lock from requirements.in
 	$(BIN)/uv pip compile --quiet --python-version 3.11 requirements.in -o requirements.lock
 
-test: require-browser install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
+test: require-browser require-promtool install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
 	$(BIN)/python -m tests.preflight
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -68,6 +68,17 @@ browser: ## install Debian's chromium for the page's tests (apt-get, as root), u
 require-browser:
 	@command -v chromium >/dev/null || { echo "make test: chromium is missing; the page's" \
 	  "tests (tests/e2e/test_page.py) drive Debian's chromium: run 'make browser' as root" >&2; exit 1; }
+
+promtool: ## install Debian's prometheus package for promtool (the rules' check), unless it is there
+	@if command -v promtool >/dev/null; then echo "promtool: $$(command -v promtool)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+	else echo "make promtool: promtool is missing and installing it needs root:" \
+	  "sudo apt-get install prometheus" >&2; exit 1; fi
+
+require-promtool:
+	@command -v promtool >/dev/null || { echo "make test: promtool is missing; the Prometheus" \
+	  "rules' test (tests/deploy/test_prometheus_rules.py) runs it: run 'make promtool' as root" >&2; exit 1; }
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
