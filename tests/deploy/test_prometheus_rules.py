@@ -1,9 +1,11 @@
-"""deploy/prometheus/canvas-jobs.rules.yaml: every rule well formed, and every metric it
-names one that a service really exports (read from the services' own Metrics)."""
+"""deploy/prometheus/canvas-jobs.rules.yaml and deploy/grafana/canvas-jobs.json: every
+rule well formed and accepted by promtool, and every metric a rule or a panel names one
+that a service really exports (read from the services' own Metrics)."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 import subprocess
@@ -94,3 +96,38 @@ def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
     broken = tmp_path / "broken.rules.yaml"
     broken.write_text(RULES.read_text().replace("> 300", "> > 300", 1))
     assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+# -- the Grafana dashboard ----------------------------------------------------------------
+
+DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "canvas-jobs.json"
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def test_every_dashboard_query_names_exported_metrics_or_recorded_rules() -> None:
+    queries = [target["expr"] for panel in dashboard()["panels"] for target in panel["targets"]]
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+
+    assert queries
+    assert unknown_metrics(queries, exported()) == set()
+    assert {name for query in queries for name in _RECORDED.findall(query)} <= recorded
+
+
+def test_dashboard_panels_have_a_title_a_query_and_the_chosen_datasource() -> None:
+    board = dashboard()
+    [variable] = board["templating"]["list"]
+    assert (variable["name"], variable["type"]) == ("datasource", "datasource")
+    titles = [panel["title"] for panel in board["panels"]]
+    assert len(titles) == len(set(titles))
+    for panel in board["panels"]:
+        assert panel["targets"], panel["title"]
+        for source in (panel["datasource"], *(t["datasource"] for t in panel["targets"])):
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    # The process collectors, under the canvas_ prefix every name carries.
+    queries = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    assert "canvas_process_cpu_seconds_total" in queries
+    assert "canvas_process_resident_memory_bytes" in queries
