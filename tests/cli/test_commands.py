@@ -115,6 +115,18 @@ async def test_status_events_and_jobs_show_a_finished_job(system: System) -> Non
     assert table.code == 0
     assert all(job_id in table.stdout for job_id in submitted)
 
+    # The objects the first job drew, on its canvas.
+    canvas = str(body["canvas_id"])
+    drawn = await run("objects", canvas, "--json", env=env)
+    assert drawn.code == 0, drawn.stderr
+    objects = json.loads(drawn.stdout)["objects"]
+    assert [item["job_id"] for item in objects] == [submitted[0]] * len(objects)
+    assert len(objects) == body["result"]["object_count"]
+    drawn_table = await run("objects", canvas, env=env)
+    assert drawn_table.code == 0
+    assert objects[0]["type"] in drawn_table.stdout
+    assert submitted[0][:8] in drawn_table.stdout
+
 
 async def test_watch_of_a_finished_job_prints_its_outcome_at_once(system: System) -> None:
     token = system.token(_user())

@@ -77,3 +77,20 @@ def test_token_signs_with_jwt_secret(
     principal = decode_token(captured.out.strip(), secret)
     assert principal.user_id == "bob"
     assert not principal.is_admin
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    name, version = capsys.readouterr().out.split()
+    assert name == "canvas-jobs"
+    assert version.count(".") == 2  # the package's own version (pyproject), e.g. 0.1.0
+
+
+def test_shell_completion_script_is_printed_for_bash(capsys: pytest.CaptureFixture[str]) -> None:
+    # Typer's completion options end the process themselves, with status 0.
+    with pytest.raises(SystemExit) as exited:
+        main(["--show-completion", "bash"])
+    assert exited.value.code in (0, None)
+    script = capsys.readouterr().out
+    assert "complete" in script
+    assert "canvas-jobs" in script or "canvas_jobs" in script

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from rich.console import Console
 from canvas_cli.api import MAX_PAGE, Gateway
 from canvas_cli.config import DEFAULT_GATEWAY_URL, DEFAULT_NOTIFIER_URL, Config
 from canvas_cli.errors import CliError, ExitCode
-from canvas_cli.render import events_table, jobs_table, status_table
+from canvas_cli.render import events_table, jobs_table, objects_table, status_table
 from canvas_cli.view import JobView
 from canvas_cli.watch import Follower, JsonSink, LinesSink, LiveSink, Sink
 
@@ -36,7 +37,8 @@ app = typer.Typer(
     "them run.\n\nExit codes: 0 done (a watched job completed), 1 the job failed, "
     "2 it was cancelled, 3 a usage, authentication, HTTP or connection error.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion and --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     # Locals in a traceback could show the token.
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
@@ -105,6 +107,12 @@ def _ttl(value: float) -> float:
     return value
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"{PROGRAM} {importlib.metadata.version('canvas-cli')}")
+        raise typer.Exit()
+
+
 JobArg = Annotated[str, typer.Argument(help="The job's id.", callback=_job_id, show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
@@ -132,6 +140,15 @@ def _global(
             help="Bearer token (JWT) of the user to act as.",
         ),
     ] = None,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Global options come before the command: canvas-jobs --token T status JOB."""
     ctx.obj = Options(gateway_url, notifier_url, token)
@@ -338,6 +355,30 @@ def events(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
         out.print(events_table(found))
     else:
         err.print("no events recorded yet", markup=False)
+
+
+@app.command()
+def objects(
+    ctx: typer.Context,
+    canvas: Annotated[str, typer.Argument(help="The canvas's id.", show_default=False)],
+    json_: JsonOpt = False,
+) -> None:
+    """Show the objects on one of your canvases, in drawing order."""
+    config = _config(ctx)
+
+    async def go() -> list[dict[str, Any]]:
+        async with Gateway(config.gateway_url, config.require_token()) as gateway:
+            return await gateway.canvas_objects(canvas)
+
+    found = _run(go())
+    if json_:
+        _print_json({"canvas_id": canvas, "objects": found})
+        return
+    out, err = _consoles()
+    if found:
+        out.print(objects_table(found))
+    else:
+        err.print("no objects on this canvas yet", markup=False)
 
 
 @app.command()

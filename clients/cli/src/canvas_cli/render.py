@@ -175,6 +175,28 @@ def events_table(events: list[dict[str, Any]]) -> Table:
     return table
 
 
+def objects_table(objects: list[dict[str, Any]]) -> Table:
+    """A canvas's objects, in drawing order: each one's type, job, place and text."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("type", no_wrap=True)
+    table.add_column("job", no_wrap=True)
+    table.add_column("at", no_wrap=True)
+    table.add_column("text", overflow="fold")
+    for item in objects:
+        at = (
+            f"{item['x']:g},{item['y']:g}"
+            if isinstance(item.get("x"), int | float) and isinstance(item.get("y"), int | float)
+            else ""
+        )
+        table.add_row(
+            _plain(str(item.get("type", ""))),
+            _plain(str(item.get("job_id", ""))[:8]),
+            at,
+            _plain(str(item.get("text", ""))),
+        )
+    return table
+
+
 def live_panel(view: JobView, *, connected: bool = True) -> RenderableType:
     """The watched job as the live display draws it: status, objects, errors."""
     head = Text.assemble(
