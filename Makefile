@@ -57,28 +57,34 @@ chaos: install ## soak: two of each service, a random fault every few seconds (M
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
 	@CANVAS_ENV=$${CANVAS_ENV:-development} $(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
 
-browser: ## install Debian's chromium for the page's tests (apt-get, as root), unless it is there
-	@if command -v chromium >/dev/null; then echo "browser: $$(command -v chromium)"; \
+# $(call debian_tool,COMMAND,PACKAGE,TARGET): install Debian's PACKAGE (as root) unless
+# COMMAND is on PATH already.
+define debian_tool
+	@if command -v $(1) >/dev/null; then echo "$(3): $$(command -v $(1))"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
-	else echo "make browser: chromium is missing and installing it needs root:" \
-	  "sudo apt-get install chromium" >&2; exit 1; fi
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(2); \
+	else echo "make $(3): $(1) is missing and installing it needs root:" \
+	  "sudo apt-get install $(2)" >&2; exit 1; fi
+endef
 
-# First of `make test`'s steps: the page's tests never skip, so say at once what is missing.
-require-browser:
-	@command -v chromium >/dev/null || { echo "make test: chromium is missing; the page's" \
-	  "tests (tests/e2e/test_page.py) drive Debian's chromium: run 'make browser' as root" >&2; exit 1; }
+# $(call require_tool,COMMAND,TARGET,WHO): fail at once, saying how to get COMMAND.
+define require_tool
+	@command -v $(1) >/dev/null || { echo "make test: $(1) is missing; $(3)" \
+	  "need it: run 'make $(2)' as root" >&2; exit 1; }
+endef
+
+browser: ## install Debian's chromium for the page's tests (apt-get, as root), unless it is there
+	$(call debian_tool,chromium,chromium,browser)
 
 promtool: ## install Debian's prometheus package for promtool (the rules' check), unless it is there
-	@if command -v promtool >/dev/null; then echo "promtool: $$(command -v promtool)"; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
-	else echo "make promtool: promtool is missing and installing it needs root:" \
-	  "sudo apt-get install prometheus" >&2; exit 1; fi
+	$(call debian_tool,promtool,prometheus,promtool)
+
+# First of `make test`'s steps: those tests never skip, so say at once what is missing.
+require-browser:
+	$(call require_tool,chromium,browser,the page's tests (tests/e2e/test_page.py))
 
 require-promtool:
-	@command -v promtool >/dev/null || { echo "make test: promtool is missing; the Prometheus" \
-	  "rules' test (tests/deploy/test_prometheus_rules.py) runs it: run 'make promtool' as root" >&2; exit 1; }
+	$(call require_tool,promtool,promtool,the Prometheus rules' tests (tests/deploy/test_prometheus_rules.py))
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

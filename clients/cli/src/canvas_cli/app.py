@@ -9,7 +9,7 @@ import importlib.metadata
 import json
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -93,6 +93,36 @@ def _job_id(value: str) -> str:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
+
+
+def _ask(ctx: typer.Context, call: Callable[[Gateway], Awaitable[T]]) -> T:
+    """``call`` on a gateway client with the options' URL and token."""
+    config = _config(ctx)
+
+    async def go() -> T:
+        async with Gateway(config.gateway_url, config.require_token()) as gateway:
+            return await call(gateway)
+
+    return _run(go())
+
+
+def _show_list(
+    found: list[dict[str, Any]],
+    *,
+    json_: bool,
+    as_json: dict[str, Any],
+    table: Callable[[list[dict[str, Any]]], Any],
+    empty: str,
+) -> None:
+    """``as_json`` with --json; else ``found`` as a table, or ``empty`` on stderr."""
+    if json_:
+        _print_json(as_json)
+        return
+    out, err = _consoles()
+    if found:
+        out.print(table(found))
+    else:
+        err.print(empty, markup=False)
 
 
 def _user(value: str) -> str:
@@ -286,13 +316,7 @@ def watch(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
 @app.command()
 def status(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
     """Show a job's status, result or error."""
-    config = _config(ctx)
-
-    async def go() -> dict[str, Any]:
-        async with Gateway(config.gateway_url, config.require_token()) as gateway:
-            return await gateway.status(job)
-
-    answer = _run(go())
+    answer = _ask(ctx, lambda gateway: gateway.status(job))
     if json_:
         _print_json(answer)
     else:
@@ -313,48 +337,28 @@ def jobs(
     json_: JsonOpt = False,
 ) -> None:
     """List your jobs, newest first (following the gateway's pages)."""
-    config = _config(ctx)
 
-    async def go() -> list[dict[str, Any]]:
-        async with Gateway(config.gateway_url, config.require_token()) as gateway:
-            return [
-                job
-                async for job in gateway.jobs(
-                    status=status.value if status else None,
-                    limit=None if all_ else limit,
-                    page_size=page_size,
-                )
-            ]
+    async def listed(gateway: Gateway) -> list[dict[str, Any]]:
+        return [
+            job
+            async for job in gateway.jobs(
+                status=status.value if status else None,
+                limit=None if all_ else limit,
+                page_size=page_size,
+            )
+        ]
 
-    found = _run(go())
-    if json_:
-        _print_json({"jobs": found})
-        return
-    out, err = _consoles()
-    if found:
-        out.print(jobs_table(found))
-    else:
-        err.print("no jobs", markup=False)
+    found = _ask(ctx, listed)
+    _show_list(found, json_=json_, as_json={"jobs": found}, table=jobs_table, empty="no jobs")
 
 
 @app.command()
 def events(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
     """Show a job's recorded events, in order."""
-    config = _config(ctx)
-
-    async def go() -> list[dict[str, Any]]:
-        async with Gateway(config.gateway_url, config.require_token()) as gateway:
-            return await gateway.events(job)
-
-    found = _run(go())
-    if json_:
-        _print_json({"job_id": job, "events": found})
-        return
-    out, err = _consoles()
-    if found:
-        out.print(events_table(found))
-    else:
-        err.print("no events recorded yet", markup=False)
+    found = _ask(ctx, lambda gateway: gateway.events(job))
+    as_json = {"job_id": job, "events": found}
+    empty = "no events recorded yet"
+    _show_list(found, json_=json_, as_json=as_json, table=events_table, empty=empty)
 
 
 @app.command()
@@ -364,21 +368,10 @@ def objects(
     json_: JsonOpt = False,
 ) -> None:
     """Show the objects on one of your canvases, in drawing order."""
-    config = _config(ctx)
-
-    async def go() -> list[dict[str, Any]]:
-        async with Gateway(config.gateway_url, config.require_token()) as gateway:
-            return await gateway.canvas_objects(canvas)
-
-    found = _run(go())
-    if json_:
-        _print_json({"canvas_id": canvas, "objects": found})
-        return
-    out, err = _consoles()
-    if found:
-        out.print(objects_table(found))
-    else:
-        err.print("no objects on this canvas yet", markup=False)
+    found = _ask(ctx, lambda gateway: gateway.canvas_objects(canvas))
+    as_json = {"canvas_id": canvas, "objects": found}
+    empty = "no objects on this canvas yet"
+    _show_list(found, json_=json_, as_json=as_json, table=objects_table, empty=empty)
 
 
 @app.command()
@@ -388,13 +381,7 @@ def cancel(ctx: typer.Context, job: JobArg, json_: JsonOpt = False) -> None:
     It ends cancelled and none of its objects reach the canvas; a job that has already
     ended is an error (exit 3).
     """
-    config = _config(ctx)
-
-    async def go() -> dict[str, Any]:
-        async with Gateway(config.gateway_url, config.require_token()) as gateway:
-            return await gateway.cancel(job)
-
-    answer = _run(go())
+    answer = _ask(ctx, lambda gateway: gateway.cancel(job))
     if json_:
         _print_json(answer)
     else:
