@@ -146,7 +146,7 @@ async def test_watch_of_a_finished_job_prints_its_outcome_at_once(system: System
 async def test_watch_exits_2_when_the_job_is_cancelled(system: System) -> None:
     token = system.token(_user())
     env = cli_env(system, token)
-    submitted = await run("submit", "a slow drawing [[fake:delay_ms=5000]]", env=env)
+    submitted = await run("submit", "a slow drawing [[fake:delay_ms=30000]]", env=env)
     assert submitted.code == 0, submitted.stderr
     job_id = submitted.lines[0]
 
@@ -222,3 +222,52 @@ async def test_submit_with_the_same_idempotency_key_gives_the_same_job(system: S
     second = await run("submit", "a logo", "--idempotency-key", key, "--json", env=env)
     assert first.code == second.code == 0
     assert json.loads(first.stdout)["job_id"] == json.loads(second.stdout)["job_id"]
+
+
+async def test_retry_runs_a_failed_job_again_and_watches_it(system: System) -> None:
+    user = _user()
+    env = cli_env(system, system.token(user))
+    prompt = f"a {uuid.uuid4().hex[:6]} org chart [[fake:status=400,first=1]]"
+    failed = await run("submit", prompt, "--watch", env=env)
+    assert failed.code == 1, failed.stdout + failed.stderr
+    failed_id = failed.lines[0]
+
+    retried = await run("retry", failed_id, "--watch", env=env)
+    assert retried.code == 0, retried.stdout + retried.stderr
+    new_id = retried.lines[0]
+    assert new_id != failed_id
+    assert retried.lines[-1].startswith("completed: ")
+    status = await run("status", new_id, env=env)
+    assert f"runs again  {failed_id}" in " ".join(status.stdout.split("\n"))
+    assert "org chart" in status.stdout
+
+    again = await run("retry", new_id, "--json", env=env)  # completed: final, may run again
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["retry_of"] == new_id
+    running = await run("retry", json.loads(again.stdout)["job_id"], env=env)
+    if running.code != 0:  # unless it already ended
+        assert running.code == 3 and "409" in running.stderr, running.stderr
+
+
+async def test_jobs_all_users_is_for_admins_and_filters(system: System) -> None:
+    alice, bob = _user(), _user()
+    word = uuid.uuid4().hex[:8]
+    await run("submit", f"alice's {word} board", env=cli_env(system, system.token(alice)))
+    await run("submit", f"bob's {word} board", env=cli_env(system, system.token(bob)))
+    await run("submit", "bob's other board", env=cli_env(system, system.token(bob)))
+
+    refused = await run("jobs", "--all-users", env=cli_env(system, system.token(alice)))
+    assert refused.code == 3
+    assert "403" in refused.stderr and "--admin" in refused.stderr
+
+    admin = cli_env(system, system.token("cli-admin", admin=True))
+    found = await run("jobs", "--all-users", "--search", word.upper(), "--json", env=admin)
+    assert found.code == 0, found.stderr
+    jobs = json.loads(found.stdout)["jobs"]
+    assert sorted(job["user_id"] for job in jobs) == sorted([alice, bob])
+    bobs = await run("jobs", "--all-users", "--user", bob, "--since", "2000-01-01", env=admin)
+    assert bobs.code == 0, bobs.stderr
+    assert "bob's other board" in bobs.stdout and bob in bobs.stdout
+    assert alice not in bobs.stdout
+    mixed = await run("jobs", "--search", word, env=admin)
+    assert mixed.code == 3 and "--all-users" in mixed.stderr

@@ -336,6 +336,104 @@ async def test_progress_frames_draw_one_by_one_and_a_failed_job_leaves_nothing(
     assert "model said no" in await listed.inner_text()
 
 
+@pytest.mark.e2e
+async def test_an_admin_finds_another_users_failed_job_reads_its_timeline_and_retries_it(
+    system: System, user: User, page: Page, tmp_path: Path
+) -> None:
+    # The user's job fails for good (the model refuses it once); run again, it works.
+    word = f"ledger-{uuid.uuid4().hex[:6]}"
+    failed = await user.submit(f"a quarterly {word} dashboard [[fake:status=400,first=1]]")
+    assert (await _final_status(user, failed.job_id))["status"] == "failed"
+    async with User(system) as other:
+        await other.submit("a kanban board with three columns")  # another user's noise
+
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    await _sign_in(page, system, system.token(f"ops-{uuid.uuid4().hex[:6]}", admin=True))
+    await page.click('#tabs button[data-tab="admin"]')
+    await page.fill("#admin-q", word.upper())  # case-insensitive
+    await page.click("#admin-filters button[type=submit]")
+    row = page.locator(f'#admin-jobs tr[data-job-id="{failed.job_id}"][data-status="failed"]')
+    await row.wait_for()
+    assert await page.locator("#admin-jobs tr[data-job-id]").count() == 1
+    assert await row.locator("td.user").inner_text() == user.name
+    assert "400" in await row.locator("td.job-error").inner_text()
+
+    await row.locator("td.query").click()
+    timeline = page.locator(f'#admin-timeline[data-job-id="{failed.job_id}"]')
+    await timeline.locator('li[data-type="JobFailed"]').wait_for()
+    types = await timeline.locator("li .type").all_inner_texts()
+    assert types[0] == "JobRequested" and types[-1] == "JobFailed", types
+    assert "GenerationFailed" in types
+    assert (
+        "permanent bad_request"
+        in await timeline.locator('li[data-type="GenerationFailed"]').inner_text()
+    )
+    await page.screenshot(path=tmp_path / "admin-failed.png")
+
+    await row.locator('button[data-action="retry"]').click()
+    # The new job is listed (it matches the same text), selected, and completes.
+    retried = page.locator(
+        f'#admin-jobs tr.selected[data-status="completed"]:not([data-job-id="{failed.job_id}"])'
+    )
+    await retried.wait_for()
+    new_id = str(await retried.get_attribute("data-job-id"))
+    status = await user.status(new_id)  # the owner's job, not the admin's
+    assert (status["status"], status["retry_of"]) == ("completed", failed.job_id)
+    completed = page.locator(
+        f'#admin-timeline[data-job-id="{new_id}"] li[data-type="JobCompleted"]'
+    )
+    await completed.wait_for()
+    assert "tokens" in await completed.inner_text()
+    assert (
+        f"runs job {failed.job_id[:8]} again"
+        in await page.locator(
+            f'#admin-timeline[data-job-id="{new_id}"] li[data-type="JobRequested"]'
+        ).inner_text()
+    )
+    await page.screenshot(path=tmp_path / "admin-retried.png")
+    assert any("/api/admin/jobs?" in url for url in requests)
+
+
+@pytest.mark.e2e
+async def test_a_user_retries_a_failed_job_and_a_new_canvas_is_never_asked_for(
+    system: System, user: User, page: Page
+) -> None:
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    await _sign_in(page, system, user.token)
+    job_id = await _submit(page, f"a {uuid.uuid4().hex[:6]} tree [[fake:status=400,first=1]]")
+    listed = page.locator(f'#jobs li[data-job-id="{job_id}"]')
+    await listed.locator('.status[data-status="failed"]').wait_for()
+    # The list shows the prompt from the API, not a job id.
+    assert "tree" in await listed.locator(".query").inner_text()
+    canvas_id = await page.input_value("#canvas-id")
+    # Nothing ever completed on the canvas the page named: it never asked for its objects.
+    assert not [url for url in asked if "/objects" in url], asked
+
+    await listed.locator('button[data-action="retry"]').click()
+    current = page.locator("#current-job dl[data-job-id]")
+    await page.wait_for_function(
+        "old => { const c = document.querySelector('#current-job dl[data-job-id]');"
+        " return c && c.dataset.jobId !== old; }",
+        arg=job_id,
+    )
+    new_id = str(await current.get_attribute("data-job-id"))
+    status = await _final_status(user, new_id)
+    assert (status["status"], status["retry_of"], status["canvas_id"]) == (
+        "completed",
+        job_id,
+        canvas_id,
+    )
+    await _wait_drawn(page, new_id, status["result"]["object_count"])
+    assert "runs again" in await current.inner_text()
+
+    # Another canvas: the current job is not the old canvas's any more.
+    await page.click("#new-canvas")
+    await page.locator("#current-job p.muted").wait_for()
+    assert await page.locator("#canvas-info").inner_text() == "new canvas: nothing drawn yet"
+
+
 # -- where the page finds the notifier (in process: these need no database or broker) --
 
 
@@ -387,8 +485,9 @@ async def test_config_gives_notifier_public_url_when_set() -> None:
 async def test_only_the_pages_own_files_are_served() -> None:
     transport = httpx.ASGITransport(app=create_app(Service(Settings(jwt_secret=JWT_SECRET))))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-        script = await http.get("/static/app.js")
-        assert script.status_code == 200
-        assert script.headers["content-type"].startswith("text/javascript")
+        for name in ("app.js", "admin.js"):
+            script = await http.get(f"/static/{name}")
+            assert script.status_code == 200
+            assert script.headers["content-type"].startswith("text/javascript")
         for path in ("/static/index.html", "/static/..%2Fapp.py", "/static/nothing.js"):
             assert (await http.get(path)).status_code == 404, path

@@ -27,6 +27,8 @@ class Route:
     method: str
     path: str
     as_another_user: int
+    # What Alice gets for her own (queued) job, when not a success.
+    as_owner: int | None = None
 
 
 ROUTES = [
@@ -34,9 +36,12 @@ ROUTES = [
     Route("GET", "/api/ai-agent/job/{job_id}/status", 404),
     Route("GET", "/api/ai-agent/job/{job_id}/events", 404),
     Route("POST", "/api/ai-agent/job/{job_id}/cancel", 404),
+    Route("POST", "/api/ai-agent/job/{job_id}/retry", 404, as_owner=409),  # not final yet
     Route("GET", "/api/ai-agent/jobs", 200),  # Bob's own (empty) list
     Route("GET", "/api/canvas/{canvas_id}/objects", 404),
     Route("GET", "/api/ai-agent/debug/environment", 403),  # admins only
+    Route("GET", "/api/admin/jobs", 403),
+    Route("GET", "/api/admin/jobs/{job_id}/events", 403),
 ]
 # Anyone may ask these.
 PUBLIC = {("GET", "/api/ai-agent/health")}
@@ -112,4 +117,7 @@ async def test_alice_herself_reaches_every_route(gateway: Gateway) -> None:
     job_id = await _alices_job(gateway)
     for route in ROUTES:
         answer = await _call(gateway, route, job_id, token("alice", admin=True))
-        assert answer.status_code < 400, (route, answer.text)
+        if route.as_owner is not None:
+            assert answer.status_code == route.as_owner, (route, answer.text)
+        else:
+            assert answer.status_code < 400, (route, answer.text)

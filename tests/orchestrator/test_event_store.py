@@ -21,6 +21,7 @@ from canvas_store.events import (
     read_after,
     read_settled_after,
 )
+from tests.support.waiting import eventually
 
 
 def _envelope(stream_id: UUID, retry_count: int = 0) -> Envelope:
@@ -114,9 +115,26 @@ async def test_append_refuses_an_event_without_a_user(pool):
             await append(conn, uuid4(), 0, [envelope])
 
 
+async def _settled(pool: asyncpg.Pool) -> None:
+    """Until every committed event is settled: no transaction older than the last one is
+    still open anywhere in the cluster (another database's tests may hold one briefly)."""
+
+    async def settled() -> bool:
+        async with pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT COALESCE(max(position), 0) < canvas_settled_positions_below() "
+                    "FROM events"
+                )
+            )
+
+    await eventually(settled, timeout=10, what="every committed event settled")
+
+
 async def test_read_after_pages_through_every_stream_in_position_order(pool):
     for _ in range(3):
         await _append(pool, uuid4(), 0, count=2)
+    await _settled(pool)
 
     async with pool.acquire() as conn:
         first = await read_after(conn, 0, 4)
@@ -154,14 +172,16 @@ async def test_a_reader_never_sees_a_later_position_before_an_earlier_one(pool):
         async with pool.acquire() as conn:
             while True:
                 finished = done.is_set()
-                batch = await read_after(conn, last, 50)
+                # held_back: committed events wait behind a transaction still open (any
+                # in the cluster: another database's too), so the reader is not done.
+                batch, held_back = await read_settled_after(conn, last, 50)
                 for item in batch:
                     # A position at or below one already read: the reader would have
                     # passed it by (read_after asks for what follows the last one).
                     assert item.position > last, (last, item.position)
                     last = item.position
                     seen.append(item.position)
-                if finished and not batch:
+                if finished and not batch and not held_back:
                     return seen
                 await asyncio.sleep(0)
 
@@ -196,10 +216,17 @@ async def test_a_reader_stops_below_a_transaction_still_in_flight(pool):
         finally:
             await transaction.commit()
 
-    async with pool.acquire() as conn:
-        read, held_back = await read_settled_after(conn, start, 10)
-    assert [item.position for item in read] == [first.position, second.position]
-    assert not held_back
+    # Once it ended both are read, in order. (Eventually: the horizon is the whole
+    # cluster's, and a transaction of another database, briefly open, holds it too.)
+    async def settled() -> list[int] | None:
+        async with pool.acquire() as conn:
+            read, held_back = await read_settled_after(conn, start, 10)
+        return None if held_back else [item.position for item in read]
+
+    assert await eventually(settled, timeout=10, what="both events settled") == [
+        first.position,
+        second.position,
+    ]
 
 
 async def test_an_append_overtaken_by_a_younger_transaction_conflicts_and_succeeds_again(pool):

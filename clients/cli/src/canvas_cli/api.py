@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -19,6 +21,7 @@ MAX_PAGE: Final = 100
 _HINTS: Final = {
     401: "check CANVAS_TOKEN or --token: it must be signed with the system's JWT_SECRET "
     "and not expired (canvas-jobs token --user NAME mints one)",
+    403: "this needs a token with the admin role (canvas-jobs token --user NAME --admin)",
     404: "a job or canvas that is someone else's answers 404 too",
     429: "too many of your jobs are unfinished; wait for one to end",
     503: "the system cannot take this now; nothing was changed, try again",
@@ -52,6 +55,23 @@ def api_error(status: int, body: Any, retry_after: str | None = None) -> ApiErro
     if retry_after is not None and status in (429, 503):
         hint = f"{hint}; retry after {retry_after} s" if hint else f"retry after {retry_after} s"
     return ApiError(status, detail, hint=hint, retry_after=retry_after)
+
+
+@dataclass(frozen=True)
+class AdminFilter:
+    """Which of every user's jobs an admin lists (each None: no filter)."""
+
+    user_id: str | None = None
+    # Text the job's prompt contains (case-insensitive).
+    text: str | None = None
+    since: datetime | None = None
+
+    def params(self) -> dict[str, str]:
+        """The filter as ``GET /api/admin/jobs`` parameters."""
+        params = {"user_id": self.user_id, "q": self.text}
+        if self.since is not None:
+            params["since"] = self.since.isoformat()
+        return {name: value for name, value in params.items() if value is not None}
 
 
 class Gateway:
@@ -152,28 +172,51 @@ class Gateway:
         result: dict[str, Any] = await self._call("POST", f"/api/ai-agent/job/{job_id}/cancel")
         return result
 
+    async def retry(self, job_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Run a final job again: the 202 answer (``job_id``, ``retry_of``, ...)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        result: dict[str, Any] = await self._call(
+            "POST", f"/api/ai-agent/job/{job_id}/retry", headers=headers
+        )
+        return result
+
     async def jobs_page(
-        self, *, status: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        everyone: AdminFilter | None = None,
     ) -> dict[str, Any]:
-        """One page of the caller's jobs, newest first: ``jobs`` and ``next_cursor``."""
+        """One page of the caller's jobs (with ``everyone``, every user's that match it:
+        admins only), newest first: ``jobs`` and ``next_cursor``."""
         params: dict[str, Any] = {"limit": limit}
         if status is not None:
             params["status"] = status
         if cursor is not None:
             params["cursor"] = cursor
-        result: dict[str, Any] = await self._call("GET", "/api/ai-agent/jobs", params=params)
+        path = "/api/ai-agent/jobs"
+        if everyone is not None:
+            path = "/api/admin/jobs"
+            params |= everyone.params()
+        result: dict[str, Any] = await self._call("GET", path, params=params)
         return result
 
     async def jobs(
-        self, *, status: str | None = None, limit: int | None = 20, page_size: int = MAX_PAGE
+        self,
+        *,
+        status: str | None = None,
+        limit: int | None = 20,
+        page_size: int = MAX_PAGE,
+        everyone: AdminFilter | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """The caller's jobs, newest first, following ``next_cursor`` until ``limit``
-        jobs came (None: all of them)."""
+        """The caller's jobs (or, with ``everyone``, every user's that match it), newest
+        first, following ``next_cursor`` until ``limit`` jobs came (None: all of them)."""
         cursor: str | None = None
         given = 0
         while limit is None or given < limit:
             size = page_size if limit is None else min(page_size, limit - given)
-            page = await self.jobs_page(status=status, limit=size, cursor=cursor)
+            page = await self.jobs_page(status=status, limit=size, cursor=cursor, everyone=everyone)
             for job in page["jobs"]:
                 if limit is not None and given >= limit:
                     return

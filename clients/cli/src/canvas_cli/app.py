@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -19,7 +20,7 @@ from uuid import UUID
 import typer
 from rich.console import Console
 
-from canvas_cli.api import MAX_PAGE, Gateway
+from canvas_cli.api import MAX_PAGE, AdminFilter, Gateway
 from canvas_cli.config import DEFAULT_GATEWAY_URL, DEFAULT_NOTIFIER_URL, Config
 from canvas_cli.errors import CliError, ExitCode
 from canvas_cli.render import events_table, jobs_table, objects_table, status_table
@@ -244,10 +245,58 @@ def submit(
 
     With --watch, follow the job to its end: exit 0 completed, 1 failed, 2 cancelled.
     """
+    _start_job(
+        ctx,
+        lambda gateway: gateway.submit(
+            prompt, canvas_id=canvas, priority=priority, idempotency_key=idempotency_key
+        ),
+        watch=watch,
+        json_=json_,
+    )
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    job: JobArg,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key", help="A retry with the same key gets the same job, never two."
+        ),
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Follow the new job until it ends.")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Run a failed, cancelled or completed job again and print the new job's id.
+
+    The new job has the same prompt, canvas, priority and options; an admin may retry
+    anyone's job (the new one is its owner's). A job still running is an error (exit 3).
+    With --watch, as submit --watch.
+    """
+    _start_job(
+        ctx,
+        lambda gateway: gateway.retry(job, idempotency_key=idempotency_key),
+        watch=watch,
+        json_=json_,
+    )
+
+
+def _start_job(
+    ctx: typer.Context,
+    start: Callable[[Gateway], Awaitable[dict[str, Any]]],
+    *,
+    watch: bool,
+    json_: bool,
+) -> None:
+    """Make a job with ``start`` (a create or a retry), print its id, and with ``watch``
+    follow it to its end (the exit code says how it ended)."""
     config = _config(ctx)
     out, err = _consoles()
     sink = _sink(json_, out, err) if watch else None
-    submitted: list[str] = []  # the job's id once known, for the Ctrl-C message
+    started: list[str] = []  # the job's id once known, for the Ctrl-C message
 
     async def go() -> JobView | None:
         token = config.require_token()
@@ -260,14 +309,12 @@ def submit(
                 # frame of the new job reaches it.
                 ws = await follower.connect()
             try:
-                accepted = await gateway.submit(
-                    prompt, canvas_id=canvas, priority=priority, idempotency_key=idempotency_key
-                )
+                accepted = await start(gateway)
             except BaseException:
                 if ws is not None:
                     await ws.close()
                 raise
-            submitted.append(accepted["job_id"])
+            started.append(accepted["job_id"])
             _print_accepted(accepted, json_=json_, watch=watch, out=out)
             if follower is None:
                 return None
@@ -276,7 +323,7 @@ def submit(
                 sink.start(follower.view)
             return await follower.run(ws)
 
-    view = _interruptible(go(), err, job_ids=submitted)
+    view = _interruptible(go(), err, job_ids=started)
     if view is not None:
         raise typer.Exit(_exit_code(view))
 
@@ -334,9 +381,35 @@ def jobs(
     page_size: Annotated[
         int, typer.Option("--page-size", min=1, max=MAX_PAGE, help="Jobs per request.")
     ] = MAX_PAGE,
+    all_users: Annotated[
+        bool, typer.Option("--all-users", help="Every user's jobs (admins only).")
+    ] = False,
+    user: Annotated[
+        str | None, typer.Option("--user", help="With --all-users: only this user's jobs.")
+    ] = None,
+    search: Annotated[
+        str | None,
+        typer.Option("--search", help="With --all-users: only jobs whose prompt contains this."),
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            "--since",
+            help="With --all-users: only jobs created since this time (ISO 8601; UTC "
+            "unless it names a zone).",
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """List your jobs, newest first (following the gateway's pages)."""
+    """List your jobs (or, with --all-users, everyone's), newest first, following the
+    gateway's pages."""
+    if not all_users and (user or search or since):
+        raise CliError("--user, --search and --since filter --all-users; add --all-users")
+    where = AdminFilter(
+        user_id=user,
+        text=search,
+        since=since.replace(tzinfo=since.tzinfo or UTC) if since else None,
+    )
 
     async def listed(gateway: Gateway) -> list[dict[str, Any]]:
         return [
@@ -345,11 +418,13 @@ def jobs(
                 status=status.value if status else None,
                 limit=None if all_ else limit,
                 page_size=page_size,
+                everyone=where if all_users else None,
             )
         ]
 
     found = _ask(ctx, listed)
-    _show_list(found, json_=json_, as_json={"jobs": found}, table=jobs_table, empty="no jobs")
+    table = functools.partial(jobs_table, with_user=all_users)
+    _show_list(found, json_=json_, as_json={"jobs": found}, table=table, empty="no jobs")
 
 
 @app.command()

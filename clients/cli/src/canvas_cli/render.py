@@ -77,6 +77,10 @@ def status_table(job: dict[str, Any]) -> Table:
     table.add_column("value", overflow="fold")
     table.add_row("job", _plain(job.get("id", "")))
     table.add_row("status", status_text(str(job.get("status", "?"))))
+    if job.get("query"):
+        table.add_row("prompt", _plain(str(job["query"])))
+    if job.get("retry_of"):
+        table.add_row("runs again", _plain(str(job["retry_of"])))
     table.add_row("canvas", _plain(job.get("canvas_id", "")))
     table.add_row("priority", str(job.get("priority", "")))
     table.add_row("created", _plain(_time(job.get("created_at"))))
@@ -100,25 +104,37 @@ def status_table(job: dict[str, Any]) -> Table:
     return table
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
-    """The caller's jobs, one row each."""
+def jobs_table(jobs: list[dict[str, Any]], *, with_user: bool = False) -> Table:
+    """Jobs, one row each (``with_user``: whose each is, for an admin's list)."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("job", no_wrap=True, min_width=36)
+    if with_user:
+        table.add_column("user", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("created", no_wrap=True)
     table.add_column("pri", justify="right")
     table.add_column("retries", justify="right")
+    table.add_column("prompt", overflow="fold", max_width=40)
     table.add_column("result / error", overflow="fold")
     for job in jobs:
+        user = [_plain(str(job.get("user_id", "")))] if with_user else []
         table.add_row(
             _plain(job.get("id", "")),
+            *user,
             status_text(str(job.get("status", "?"))),
             _plain(_time(job.get("created_at"))),
             str(job.get("priority", "")),
             str(job.get("retry_count", 0)),
+            _plain(_short(str(job.get("query", "")), 60)),
             _plain(outcome_of(job)),
         )
     return table
+
+
+def _short(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def event_details(event: dict[str, Any]) -> str:
@@ -126,9 +142,8 @@ def event_details(event: dict[str, Any]) -> str:
     data: dict[str, Any] = event.get("data") or {}
     kind = event.get("type")
     if kind == "JobRequested":
-        query = str(data.get("query", ""))
-        short = query if len(query) <= 60 else query[:59] + "…"
-        return f'"{short}" on {data.get("canvas_id", "?")}'
+        again = f", runs {data['retry_of']} again" if data.get("retry_of") else ""
+        return f'"{_short(str(data.get("query", "")), 60)}" on {data.get("canvas_id", "?")}{again}'
     if kind == "JobQueued":
         return f"priority {data.get('priority', '?')}, retry {data.get('retry_count', 0)}"
     if kind == "GenerationRequested":

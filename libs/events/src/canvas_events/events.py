@@ -24,7 +24,14 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from canvas_events.envelope import Envelope, validation_summary
 from canvas_events.errors import PoisonMessage, UnknownEventType
@@ -53,6 +60,17 @@ class JobRequested(Event):
     priority: int = Field(ge=0, le=9)
     options: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = None
+    # The final job this one runs again (POST .../retry); absent otherwise.
+    retry_of: UUID | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_retry(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A first run is written as before retries existed, so that a consumer of that
+        # shape (extra fields are refused) still reads every job that is not a retry.
+        data: dict[str, Any] = handler(self)
+        if data.get("retry_of") is None:
+            data.pop("retry_of", None)
+        return data
 
 
 class JobQueued(Event):

@@ -44,11 +44,11 @@ GIVEN_UP_ERROR: Final = (
 # A ledger row, and the same shape made of a recorded job (its ledger row pruned).
 _REQUEST_COLUMNS: Final = (
     "job_id, user_id, canvas_id, priority, query, options, idempotency_key, created_at, "
-    "confirmed_at, correlation_id, resends, given_up_at"
+    "confirmed_at, correlation_id, resends, given_up_at, retry_of"
 )
 _RECORDED_REQUEST_COLUMNS: Final = (
     "id, user_id, canvas_id, priority, query, options, idempotency_key, created_at, "
-    "created_at, '', 0, NULL::timestamptz"
+    "created_at, '', 0, NULL::timestamptz, retry_of"
 )
 UNPROJECTED: Final = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id)"
 # A user's unfinished jobs: recorded ones (the jobs_user_active index: written out, the
@@ -71,9 +71,9 @@ _ADMIT: Final = f"""
 WITH counted AS ({_ACTIVE_JOBS}), inserted AS (
     INSERT INTO gateway_job_requests (job_id, user_id, canvas_id, priority, query,
                                       options, idempotency_key, correlation_id,
-                                      created_at)
+                                      retry_of, created_at)
     SELECT $3::uuid, $1::text, $4::text, $5::smallint, $6::text, $7::jsonb, $8::text,
-           $9::text, now()
+           $9::text, $11::uuid, now()
     WHERE (SELECT active FROM counted) < $10
     ON CONFLICT DO NOTHING
     RETURNING *
@@ -101,6 +101,8 @@ class JobRequest:
     correlation_id: str = ""
     resends: int = 0
     given_up_at: datetime | None = None
+    # The final job this request runs again (POST .../retry).
+    retry_of: UUID | None = None
 
     def requested(self, correlation_id: str | None = None) -> Envelope:
         """The JobRequested message of this request (the job's created_at everywhere),
@@ -112,6 +114,7 @@ class JobRequest:
                 priority=self.priority,
                 options=self.options,
                 idempotency_key=self.idempotency_key,
+                retry_of=self.retry_of,
             ),
             correlation_id=correlation_id or self.correlation_id,
             job_id=self.job_id,
@@ -178,6 +181,7 @@ async def admit(
         request.idempotency_key,
         request.correlation_id,
         limits.active,
+        request.retry_of,
     )
     assert row is not None
     if row["active"] >= limits.active:
@@ -321,4 +325,5 @@ def _request(row: asyncpg.Record) -> JobRequest:
         correlation_id=row["correlation_id"],
         resends=row["resends"],
         given_up_at=row["given_up_at"],
+        retry_of=row["retry_of"],
     )

@@ -8,6 +8,7 @@ exactly like one that does not exist (None).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 from uuid import UUID
@@ -21,34 +22,57 @@ from canvas_store.status import JobStatus
 
 # The columns of the status answer, from the jobs read model...
 _JOB_COLUMNS: Final = (
-    "id, status, canvas_id, priority, created_at, started_at, completed_at, "
-    "error_message, retry_count, next_attempt_at, result"
+    "id, user_id, status, query, canvas_id, priority, created_at, started_at, completed_at, "
+    "error_message, retry_count, next_attempt_at, result, retry_of"
 )
 # ...and the same shape for a ledger row the orchestrator has not projected yet.
 _PENDING_COLUMNS: Final = (
-    "r.job_id AS id, CASE WHEN r.given_up_at IS NULL THEN 'queued' ELSE 'failed' END AS status, "
-    "r.canvas_id, r.priority::smallint AS priority, r.created_at, "
+    "r.job_id AS id, r.user_id, "
+    "CASE WHEN r.given_up_at IS NULL THEN 'queued' ELSE 'failed' END AS status, "
+    "r.query, r.canvas_id, r.priority::smallint AS priority, r.created_at, "
     "NULL::timestamptz AS started_at, r.given_up_at AS completed_at, "
     "r.error_message, 0 AS retry_count, NULL::timestamptz AS next_attempt_at, "
-    "NULL::jsonb AS result"
+    "NULL::jsonb AS result, r.retry_of"
 )
 # Statements are built from these constants only (hence the noqa: S608); values are
 # always bound parameters.
 
 
-async def job_view(conn: asyncpg.Connection, user_id: str, job_id: UUID) -> dict[str, Any] | None:
-    """The user's job in the status answer's shape, recorded or still pending."""
+async def job_view(
+    conn: asyncpg.Connection, user_id: str | None, job_id: UUID
+) -> dict[str, Any] | None:
+    """The user's job in the status answer's shape (with ``user_id``), recorded or still
+    pending; any user's with ``user_id`` None (operators only)."""
     row = await conn.fetchrow(
         f"""
-        SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2
+        SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2::text IS NULL OR user_id = $2)
         UNION ALL
         SELECT {_PENDING_COLUMNS} FROM gateway_job_requests r
-         WHERE r.job_id = $1 AND r.user_id = $2 AND r.confirmed_at IS NOT NULL
-           AND {UNPROJECTED}
+         WHERE r.job_id = $1 AND ($2::text IS NULL OR r.user_id = $2)
+           AND r.confirmed_at IS NOT NULL AND {UNPROJECTED}
         LIMIT 1
         """,  # noqa: S608
         job_id,
         user_id,
+    )
+    return dict(row) if row is not None else None
+
+
+async def job_request(conn: asyncpg.Connection, job_id: UUID) -> dict[str, Any] | None:
+    """What a job was asked with (``user_id``, ``status``, ``query``, ``canvas_id``,
+    ``priority``, ``options``), recorded or still pending; None when unknown. The caller
+    checks who may see it."""
+    row = await conn.fetchrow(
+        f"""
+        SELECT user_id, status, query, canvas_id, priority, options FROM jobs WHERE id = $1
+        UNION ALL
+        SELECT r.user_id, CASE WHEN r.given_up_at IS NULL THEN 'queued' ELSE 'failed' END,
+               r.query, r.canvas_id, r.priority::smallint, r.options
+          FROM gateway_job_requests r
+         WHERE r.job_id = $1 AND r.confirmed_at IS NOT NULL AND {UNPROJECTED}
+        LIMIT 1
+        """,  # noqa: S608
+        job_id,
     )
     return dict(row) if row is not None else None
 
@@ -86,14 +110,78 @@ async def job_page(
     return [dict(row) for row in rows]
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """What an operator's job list keeps (each None: no filter)."""
+
+    status: JobStatus | None = None
+    user_id: str | None = None
+    # Jobs created at or after this time.
+    since: datetime | None = None
+    # Text the job's query contains, case-insensitively (taken literally: % and _ too).
+    text: str | None = None
+
+
+# Each part filtered where its index can help; the ledger's part is only the requests not
+# recorded yet (its partial index), so it stays small however long the ledger.
+_FILTERS: Final = """
+    ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR user_id = $2)
+    AND ($3::timestamptz IS NULL OR created_at >= $3)
+    AND ($4::text IS NULL OR query ILIKE $4 ESCAPE '\\')
+    AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+"""
+_ADMIN_PAGE: Final = f"""
+SELECT * FROM (
+    (SELECT {_JOB_COLUMNS} FROM jobs WHERE {_FILTERS}
+     ORDER BY created_at DESC, id DESC LIMIT $7)
+    UNION ALL
+    (SELECT * FROM (
+        SELECT {_PENDING_COLUMNS} FROM gateway_job_requests r
+         WHERE r.confirmed_at IS NOT NULL AND r.recorded_at IS NULL AND {UNPROJECTED}
+     ) pending WHERE {_FILTERS})
+) page
+ORDER BY created_at DESC, id DESC
+LIMIT $7
+"""  # noqa: S608
+
+
+async def admin_job_page(
+    conn: asyncpg.Connection,
+    where: JobFilter,
+    *,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """A page of every user's jobs (operators only), newest first, after the cursor
+    ``(created_at, id)``, each with its ``user_id`` and ``query``."""
+    after_at, after_id = after if after is not None else (None, None)
+    rows = await conn.fetch(
+        _ADMIN_PAGE,
+        where.status.value if where.status is not None else None,
+        where.user_id,
+        where.since,
+        f"%{_like_literal(where.text)}%" if where.text is not None else None,
+        after_at,
+        after_id,
+        limit,
+    )
+    return [dict(row) for row in rows]
+
+
+def _like_literal(text: str) -> str:
+    """``text`` with LIKE's wildcards and escape character taken literally."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 async def job_history(
-    conn: asyncpg.Connection, user_id: str, job_id: UUID
+    conn: asyncpg.Connection, user_id: str | None, job_id: UUID
 ) -> list[dict[str, Any]] | None:
     """The user's job's stream in version order (type, version, position, occurred_at,
-    data of each event): empty for a request accepted but not recorded yet."""
+    data of each event): empty for a request accepted but not recorded yet. Any user's
+    with ``user_id`` None (operators only)."""
     history = await load(conn, job_id)
     if history:
-        if history[0].envelope.user_id != user_id:
+        if user_id is not None and history[0].envelope.user_id != user_id:
             return None
         return [
             {

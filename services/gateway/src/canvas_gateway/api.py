@@ -17,7 +17,7 @@ from canvas_events.errors import PublishError
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.middleware import RequestLimits, RequestMiddleware
-from canvas_gateway.routes import canvas, jobs, ops, page
+from canvas_gateway.routes import admin, canvas, jobs, ops, page
 
 if TYPE_CHECKING:
     from canvas_gateway.service import Service
@@ -37,6 +37,7 @@ WebSocket.
 _TAGS = [
     {"name": "jobs", "description": "Create jobs and follow them."},
     {"name": "canvas", "description": "What completed jobs drew."},
+    {"name": "admin", "description": "Every user's jobs and events, for operators (admin role)."},
     {"name": "ops", "description": "Health, readiness, metrics and debugging."},
 ]
 
@@ -72,6 +73,7 @@ def create_app(service: Service) -> FastAPI:
     _add_error_handlers(app, service.metrics)
     app.include_router(jobs.router)
     app.include_router(canvas.router)
+    app.include_router(admin.router)
     app.include_router(ops.probes(service.readiness, service.metrics.registry))
     app.include_router(ops.router)
     app.include_router(page.router)

@@ -52,6 +52,10 @@ def storable(text: str) -> str:
     return text
 
 
+# Text a request hands to the store (a filter, a name): 422 for what it cannot hold.
+Storable = Annotated[str, AfterValidator(storable)]
+
+
 def _storable_json(value: Any) -> None:
     """Raise ValueError for a string anywhere in ``value`` the store cannot hold."""
     if isinstance(value, str):
@@ -132,6 +136,24 @@ class JobAccepted(BaseModel):
     events_url: str
 
 
+class RetryAccepted(JobAccepted):
+    """The final job runs again, as a new job with the same query, canvas, priority and
+    options."""
+
+    model_config = examples(
+        {
+            "job_id": _JOB_ID,
+            "status": "queued",
+            "canvas_id": _CANVAS_ID,
+            "status_url": f"/api/ai-agent/job/{_JOB_ID}/status",
+            "events_url": f"/api/ai-agent/job/{_JOB_ID}/events",
+            "retry_of": "8e2b7c14-0a6d-4f3e-b1c9-7d5a3e2f1c08",
+        }
+    )
+
+    retry_of: UUID = Field(description="The job this one runs again.")
+
+
 class JobPublic(BaseModel):
     """One job as its read model shows it."""
 
@@ -139,6 +161,7 @@ class JobPublic(BaseModel):
         {
             "id": _JOB_ID,
             "status": "completed",
+            "query": "a flowchart of a login process",
             "canvas_id": _CANVAS_ID,
             "priority": 5,
             "created_at": "2025-01-01T12:00:00Z",
@@ -155,11 +178,13 @@ class JobPublic(BaseModel):
                 "usage": {"prompt_tokens": 120, "completion_tokens": 80},
                 "latency_ms": 2900,
             },
+            "retry_of": None,
         }
     )
 
     id: UUID
     status: JobStatus
+    query: str = Field(description="What the job draws, as submitted.")
     canvas_id: str
     priority: int
     created_at: datetime
@@ -175,12 +200,30 @@ class JobPublic(BaseModel):
         description="Of a completed job: object_count, object_ids, dropped_objects, model, "
         "usage, latency_ms.",
     )
+    retry_of: UUID | None = Field(
+        default=None, description="The job this one runs again (POST .../retry); else null."
+    )
 
 
 class JobsPublic(BaseModel):
     """A page of the caller's jobs, newest first."""
 
     jobs: list[JobPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
+
+
+class JobAdminPublic(JobPublic):
+    """Any user's job, as an operator sees it: the status answer and whose it is."""
+
+    user_id: str
+
+
+class AdminJobsPublic(BaseModel):
+    """A page of every user's jobs, newest first."""
+
+    jobs: list[JobAdminPublic]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end."
     )

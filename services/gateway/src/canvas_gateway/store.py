@@ -25,8 +25,9 @@ from canvas_store import cancels, jobs, ledger, views
 from canvas_store.jobs import Backlog
 from canvas_store.ledger import Admission, JobRequest, Limits
 from canvas_store.status import JobStatus
+from canvas_store.views import JobFilter
 
-__all__ = ["Admission", "Backlog", "JobRequest", "Limits", "Store"]
+__all__ = ["Admission", "Backlog", "JobFilter", "JobRequest", "Limits", "Store"]
 
 
 class Store:
@@ -110,10 +111,23 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------
 
-    async def job(self, user_id: str, job_id: UUID) -> dict[str, Any] | None:
-        """The user's job in the status answer's shape, recorded or still pending."""
+    async def job(self, user_id: str | None, job_id: UUID) -> dict[str, Any] | None:
+        """The user's job in the status answer's shape, recorded or still pending (any
+        user's with ``user_id`` None)."""
         async with self._connection() as conn:
             return await views.job_view(conn, user_id, job_id)
+
+    async def job_request(self, job_id: UUID) -> dict[str, Any] | None:
+        """What a job was asked with, and whose it is; None when unknown."""
+        async with self._connection() as conn:
+            return await views.job_request(conn, job_id)
+
+    async def all_jobs(
+        self, where: JobFilter, *, after: tuple[datetime, UUID] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """A page of every user's jobs, newest first (operators only)."""
+        async with self._connection() as conn:
+            return await views.admin_job_page(conn, where, after=after, limit=limit)
 
     async def jobs(
         self,
@@ -127,8 +141,9 @@ class Store:
         async with self._connection() as conn:
             return await views.job_page(conn, user_id, status=status, after=after, limit=limit)
 
-    async def events(self, user_id: str, job_id: UUID) -> list[dict[str, Any]] | None:
-        """The user's job's stream in version order; None when it is not the user's job."""
+    async def events(self, user_id: str | None, job_id: UUID) -> list[dict[str, Any]] | None:
+        """The user's job's stream in version order; None when it is not the user's job
+        (any user's with ``user_id`` None)."""
         async with self._connection() as conn:
             return await views.job_history(conn, user_id, job_id)
 

@@ -68,6 +68,7 @@ def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
             "priority": event.priority,
             "options": event.options,
             "idempotency_key": event.idempotency_key,
+            "retry_of": event.retry_of,
             "status": JobStatus.QUEUED.value,
             "created_at": envelope.occurred_at,
             "retry_count": 0,

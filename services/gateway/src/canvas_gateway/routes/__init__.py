@@ -11,7 +11,10 @@ _ERRORS: dict[int, tuple[type[Any], str]] = {
     401: (ErrorPublic, "No valid bearer token (missing, malformed, badly signed or expired)."),
     403: (ErrorPublic, "The token lacks the admin role."),
     404: (ErrorPublic, "No such resource, or it belongs to another user."),
-    409: (ErrorPublic, "The job is already final."),
+    409: (
+        ErrorPublic,
+        "The job's state forbids it: already final (cancel), not final yet (retry).",
+    ),
     413: (ErrorPublic, "The request body is over `MAX_REQUEST_BYTES`; it was not read."),
     422: (ValidationErrorPublic, "The request is malformed; `detail` lists every problem."),
     429: (ErrorPublic, "Too many unfinished jobs; retry after `Retry-After` seconds."),

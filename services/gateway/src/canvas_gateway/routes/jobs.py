@@ -1,4 +1,5 @@
-"""Jobs: create one, read its status and its events, list them, cancel one."""
+"""Jobs: create one, read its status and its events, list them, cancel one, run a
+final one again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Annotated, Any
 from uuid import UUID, uuid4, uuid5
 
 import structlog
-from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
 from canvas_events.envelope import Envelope, utcnow
@@ -41,6 +42,7 @@ from canvas_gateway.schemas import (
     JobPublic,
     JobsPublic,
     JobStatus,
+    RetryAccepted,
 )
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Admission, JobRequest, Limits, Store
@@ -81,6 +83,70 @@ def _unavailable() -> HTTPException:
     )
 
 
+class Intake:
+    """What accepting a request takes: the ledger, the broker, the limits. One per request
+    (a FastAPI dependency), shared by create and retry."""
+
+    def __init__(
+        self,
+        store: StoreDep,
+        publisher: PublisherDep,
+        metrics: MetricsDep,
+        settings: SettingsDep,
+        ledger: LedgerDep,
+        correlation_id: CorrelationId,
+        request: Request,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.metrics = metrics
+        self.settings = settings
+        self.ledger = ledger
+        self.correlation_id = correlation_id
+        self.request = request
+
+    async def accept(self, wanted: JobRequest, *, canvas_given: bool) -> JobRequest:
+        """``wanted`` recorded and published (or the earlier request with its key); the
+        4xx or 503 that says why not."""
+        admission = await _admit(self.store, self.metrics, self.settings, wanted, canvas_given)
+        job = admission.request
+        # Bound only now: a refused request has no job to trace.
+        structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
+        self.request.state.job_id = str(job.job_id)
+        await _publish(
+            self.store, self.publisher, self.metrics, self.ledger, job, self.correlation_id
+        )
+        if not admission.duplicate:
+            self.metrics.jobs_accepted.inc()
+        log.info(
+            "job accepted",
+            canvas_id=job.canvas_id,
+            priority=job.priority,
+            duplicate=admission.duplicate,
+            retry_of=str(job.retry_of) if job.retry_of else None,
+        )
+        return job
+
+
+IntakeDep = Annotated[Intake, Depends()]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Any 1..200 printable characters; a retry with the same key gets the same job.",
+    ),
+]
+
+
+def _accepted(job: JobRequest) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "canvas_id": job.canvas_id,
+        "status_url": f"/api/ai-agent/job/{job.job_id}/status",
+        "events_url": f"/api/ai-agent/job/{job.job_id}/events",
+    }
+
+
 @router.post(
     "/create-canvas",
     status_code=status.HTTP_202_ACCEPTED,
@@ -93,21 +159,8 @@ def _unavailable() -> HTTPException:
 async def create_canvas(
     body: JobCreate,
     user: CurrentUser,
-    store: StoreDep,
-    publisher: PublisherDep,
-    metrics: MetricsDep,
-    settings: SettingsDep,
-    ledger: LedgerDep,
-    correlation_id: CorrelationId,
-    request: Request,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            pattern=IDEMPOTENCY_KEY_PATTERN,
-            description="Any 1..200 printable characters; a retry with the same key gets "
-            "the same job.",
-        ),
-    ] = None,
+    intake: IntakeDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     wanted = JobRequest(
         job_id=job_id_for(user.user_id, idempotency_key),
@@ -117,30 +170,64 @@ async def create_canvas(
         query=body.query,
         options=body.options,
         idempotency_key=idempotency_key,
-        correlation_id=correlation_id,
+        correlation_id=intake.correlation_id,
         created_at=utcnow(),  # the ledger's insert sets the time that counts
         confirmed_at=None,
     )
-    admission = await _admit(store, metrics, settings, wanted, body.canvas_id is not None)
-    job = admission.request
-    # Bound only now: a refused request has no job to trace.
-    structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
-    request.state.job_id = str(job.job_id)
-    await _publish(store, publisher, metrics, ledger, job, correlation_id)
-    if not admission.duplicate:
-        metrics.jobs_accepted.inc()
-    log.info(
-        "job accepted",
-        canvas_id=job.canvas_id,
-        priority=job.priority,
-        duplicate=admission.duplicate,
+    job = await intake.accept(wanted, canvas_given=body.canvas_id is not None)
+    return JobAccepted(**_accepted(job))
+
+
+@router.post(
+    "/job/{job_id}/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Run a final job again",
+    description="A failed, cancelled or completed job runs again as a new job with the same "
+    "query, canvas, priority and options, whose status carries `retry_of`. Its owner or an "
+    "admin may ask; the new job is the owner's. 409 while the job is not final. "
+    "`Idempotency-Key` works as on create.",
+    responses=error_responses(401, 404, 409, 422, 429, 503),
+)
+async def retry_job(
+    job_id: UUID,
+    user: CurrentUser,
+    intake: IntakeDep,
+    idempotency_key: IdempotencyKey = None,
+) -> RetryAccepted:
+    source = await intake.store.job_request(job_id)
+    if source is None or (source["user_id"] != user.user_id and not user.is_admin):
+        raise _not_found()
+    if source["status"] not in FINAL_STATUSES:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job is {source['status']}; only a failed, cancelled or completed job "
+            "can run again",
+        )
+    owner: str = source["user_id"]
+    key = retry_key(job_id, user.user_id, idempotency_key) if idempotency_key else None
+    wanted = JobRequest(
+        job_id=job_id_for(owner, key),
+        user_id=owner,
+        canvas_id=source["canvas_id"],
+        priority=source["priority"],
+        query=source["query"],
+        options=source["options"],
+        idempotency_key=key,
+        correlation_id=intake.correlation_id,
+        created_at=utcnow(),
+        confirmed_at=None,
+        retry_of=job_id,
     )
-    return JobAccepted(
-        job_id=job.job_id,
-        canvas_id=job.canvas_id,
-        status_url=f"/api/ai-agent/job/{job.job_id}/status",
-        events_url=f"/api/ai-agent/job/{job.job_id}/events",
-    )
+    # The canvas is the owner's: the job being retried drew on it.
+    job = await intake.accept(wanted, canvas_given=False)
+    return RetryAccepted(**_accepted(job), retry_of=job_id)
+
+
+def retry_key(job_id: UUID, caller: str, idempotency_key: str) -> str:
+    """The ledger's key of a keyed retry: its own namespace (a retry and a create with
+    the same key are different requests), and the caller's (an admin's key never meets
+    the owner's)."""
+    return f"retry:{job_id}:{len(caller)}:{caller}:{idempotency_key}"
 
 
 async def _admit(

@@ -21,6 +21,7 @@ STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "static"
 # Every file the page loads, and its type: nothing else under static/ is served.
 _ASSETS: Final = {
     "app.js": "text/javascript; charset=utf-8",
+    "admin.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 # A host name or an IPv4 address, or an IPv6 address (without its brackets): the Host

@@ -14,11 +14,10 @@
   const SVG_NS = "http://www.w3.org/2000/svg";
   const TOKEN_KEY = "canvas-jobs.token";
   const CANVAS_KEY = "canvas-jobs.canvas";
-  const PROMPTS_KEY = "canvas-jobs.prompts";
-  const PROMPTS_KEPT = 100; // prompts remembered by job id (the jobs API does not return them)
   const CANVAS_ID = /^[A-Za-z0-9_\-.:]{1,128}$/;
   const COLOUR = /^#[0-9a-fA-F]{6}$/;
   const ACTIVE = new Set(["queued", "processing", "retry_scheduled"]);
+  const RETRYABLE = new Set(["failed", "cancelled"]); // final, and worth a Retry button
   // Reconnect delays: 0.5 s doubling to 10 s, each shortened by up to half at random so
   // that many pages cut off by one notifier restart do not all come back at once.
   const BACKOFF_FIRST_MS = 500;
@@ -64,11 +63,14 @@
     canvasId: null, // the canvas on the board; null: a new one is made at the next submit
     jobs: new Map(), // job id → job (as the jobs API shapes it)
     currentJobId: null,
-    prompts: loadPrompts(),
     drawn: new Map(), // key → <g>: "o:<object id>" (on the canvas) or "p:<job>:<index>" (provisional)
     partial: new Map(), // job id → {attempt, keys: Set}: provisional objects of its running attempt
     jobsTimer: null,
     canvasLoad: 0, // increases with each canvas load: a late answer for another canvas is dropped
+    // A canvas this page named itself and no job has completed on yet: nothing to read
+    // back (asking would only answer 404).
+    freshCanvas: false,
+    canvasNote: "", // why the board is empty, when it is
   };
 
   // -- helpers --------------------------------------------------------------------------
@@ -104,22 +106,6 @@
     if (crypto.randomUUID) return crypto.randomUUID();
     const bytes = crypto.getRandomValues(new Uint8Array(16));
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-  }
-
-  function loadPrompts() {
-    try {
-      const saved = JSON.parse(localStorage.getItem(PROMPTS_KEY) || "[]");
-      return new Map(Array.isArray(saved) ? saved : []);
-    } catch {
-      return new Map();
-    }
-  }
-
-  function rememberPrompt(jobId, query) {
-    state.prompts.set(jobId, query);
-    const kept = Array.from(state.prompts).slice(-PROMPTS_KEPT);
-    state.prompts = new Map(kept);
-    localStorage.setItem(PROMPTS_KEY, JSON.stringify(kept));
   }
 
   function tokenClaims(token) {
@@ -200,6 +186,7 @@
     const saved = localStorage.getItem(CANVAS_KEY);
     openCanvas(saved && CANVAS_ID.test(saved) ? saved : null);
     connect();
+    document.dispatchEvent(new CustomEvent("canvas-jobs:signed-in", { detail: { claims } }));
     return true;
   }
 
@@ -225,6 +212,7 @@
     ui.user.textContent = "";
     ui.signInError.textContent = reason || "";
     setConnection("signed-out", "signed out");
+    document.dispatchEvent(new CustomEvent("canvas-jobs:signed-out"));
   }
 
   // -- the WebSocket --------------------------------------------------------------------
@@ -316,7 +304,10 @@
       case "ai_generation_completed":
         job.status = "completed";
         job.result = data;
-        if (here) reloadCanvas();
+        if (here) {
+          state.freshCanvas = false;
+          reloadCanvas();
+        }
         break;
       case "ai_job_error":
         // This attempt's objects never reach the canvas: a retry draws again from its start.
@@ -345,28 +336,54 @@
     fitView();
   }
 
-  function openCanvas(canvasId) {
+  // fresh: a canvas id this page just made up, which nothing can have drawn on yet.
+  function openCanvas(canvasId, { fresh = false } = {}) {
     state.canvasId = canvasId;
+    state.freshCanvas = fresh || !canvasId;
     if (canvasId) localStorage.setItem(CANVAS_KEY, canvasId);
     else localStorage.removeItem(CANVAS_KEY);
     ui.canvasId.value = canvasId || "";
     ui.canvasLabel.textContent = canvasId || "(new)";
-    ui.canvasInfo.textContent = "";
+    state.canvasNote = "";
+    // The current job is one of this canvas's: the newest, if the page knows any.
+    const current = state.currentJobId && state.jobs.get(state.currentJobId);
+    if (!current || current.canvas_id !== canvasId) {
+      const mine = sortedJobs().find((job) => job.canvas_id === canvasId);
+      state.currentJobId = mine ? mine.id : null;
+    }
     clearBoard();
+    renderCurrentJob();
     reloadCanvas();
+  }
+
+  // What the board head says: what is on the canvas for good, what is being drawn, and
+  // why nothing is (new, empty, or not readable now).
+  function renderCanvasInfo() {
+    const drawn = ui.objects.querySelectorAll('g.obj[data-state="final"]').length;
+    const drawing = ui.objects.querySelectorAll('g.obj[data-state="partial"]').length;
+    const parts = [];
+    if (drawn || !drawing) parts.push(drawn || !state.canvasNote ? `${drawn} objects` : state.canvasNote);
+    if (drawing) parts.push(`drawing ${drawing}…`);
+    ui.canvasInfo.textContent = parts.join(" · ");
   }
 
   async function reloadCanvas() {
     const canvasId = state.canvasId;
     const load = ++state.canvasLoad;
-    if (!canvasId || !state.token) return;
+    if (state.freshCanvas) {
+      state.canvasNote = "new canvas: nothing drawn yet";
+      renderCanvasInfo();
+      return;
+    }
+    if (!state.token) return;
     let body;
     try {
       body = await api("GET", `/api/canvas/${encodeURIComponent(canvasId)}/objects`);
     } catch (error) {
       if (load !== state.canvasLoad) return;
-      ui.canvasInfo.textContent =
+      state.canvasNote =
         error.status === 404 ? "empty: your next drawing starts it" : `cannot load: ${error.message}`;
+      renderCanvasInfo();
       return;
     }
     if (load !== state.canvasLoad || canvasId !== state.canvasId) return;
@@ -380,7 +397,8 @@
     }
     // The canvas now holds these jobs' objects for good: their provisional copies go.
     for (const jobId of landed) dropProvisional(jobId);
-    ui.canvasInfo.textContent = `${body.objects.length} objects`;
+    state.canvasNote = "";
+    renderCanvasInfo();
     fitView();
     renderCurrentJob();
   }
@@ -408,6 +426,7 @@
     state.drawn.set(key, node);
     state.partial.get(jobId).keys.add(key);
     fitView();
+    renderCanvasInfo();
     renderCurrentJob();
   }
 
@@ -421,6 +440,7 @@
     }
     state.partial.delete(jobId);
     fitView();
+    renderCanvasInfo();
   }
 
   // One canvas object (docs/api.md, "Canvas route") as an SVG group, appended to the board; null
@@ -655,9 +675,10 @@
         const head = el("div", { class: "head" });
         head.append(
           el("span", { class: "status", "data-status": job.status }, job.status.replace("_", " ")),
-          el("span", { class: "query" }, state.prompts.get(job.id) || `job ${shortId(job.id)}`),
+          el("span", { class: "query" }, job.query || `job ${shortId(job.id)}`),
         );
         if (ACTIVE.has(job.status)) head.append(cancelButton(job.id));
+        if (RETRYABLE.has(job.status)) head.append(retryButton(job));
         const meta = el("div", { class: "meta" });
         const open = el("button", { type: "button", class: "link" }, `canvas ${shortId(job.canvas_id)}`);
         open.addEventListener("click", () => openCanvas(job.canvas_id));
@@ -690,6 +711,45 @@
     return button;
   }
 
+  function retryButton(job) {
+    const button = el("button", { type: "button", class: "secondary", "data-action": "retry" }, "Retry");
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        const accepted = await api("POST", `/api/ai-agent/job/${encodeURIComponent(job.id)}/retry`);
+        track(accepted, job.query);
+        if (accepted.canvas_id !== state.canvasId) openCanvas(accepted.canvas_id);
+        state.currentJobId = accepted.job_id;
+        renderJobs();
+      } catch (error) {
+        ui.formError.textContent = `Retry failed: ${error.message}`;
+        button.disabled = false;
+      }
+      scheduleJobsRefresh();
+    });
+    return button;
+  }
+
+  // A job the gateway just accepted, shown at once (the list's refresh fills in the rest).
+  function track(accepted, query) {
+    const known = state.jobs.get(accepted.job_id);
+    if (known) {
+      // Its first frame came before the answer: it knew no prompt.
+      known.query = known.query || query;
+      return;
+    }
+    state.jobs.set(accepted.job_id, {
+      id: accepted.job_id,
+      canvas_id: accepted.canvas_id,
+      query,
+      status: "queued",
+      created_at: new Date().toISOString(),
+      error_message: null,
+      result: null,
+      retry_of: accepted.retry_of || null,
+    });
+  }
+
   function renderCurrentJob() {
     const job = state.currentJobId && state.jobs.get(state.currentJobId);
     if (!job) {
@@ -701,7 +761,7 @@
     const status = el("dd", {});
     status.append(el("span", { class: "status", "data-status": job.status }, job.status.replace("_", " ")));
     list.append(el("dt", {}, "status"), status);
-    row("prompt", state.prompts.get(job.id) || "");
+    row("prompt", job.query || "");
     row("job", job.id);
     const drawn = ui.objects.querySelectorAll(`g.obj[data-job-id="${CSS.escape(job.id)}"]`).length;
     const expected = job.result ? ` of ${job.result.object_count}` : "";
@@ -710,8 +770,10 @@
     if (job.next_attempt_at && job.status === "retry_scheduled") {
       row("next try", new Date(job.next_attempt_at).toLocaleTimeString());
     }
+    if (job.retry_of) row("runs again", shortId(job.retry_of));
     const parts = [list];
     if (ACTIVE.has(job.status)) parts.push(cancelButton(job.id));
+    if (RETRYABLE.has(job.status)) parts.push(retryButton(job));
     ui.currentJob.replaceChildren(...parts);
   }
 
@@ -732,25 +794,16 @@
     }
     // The page names a new canvas itself, so that it shows the canvas before the job's
     // first frame can arrive.
-    if (!canvasId) canvasId = randomId();
-    if (canvasId !== state.canvasId) openCanvas(canvasId);
+    const fresh = !canvasId;
+    if (fresh) canvasId = randomId();
+    if (canvasId !== state.canvasId) openCanvas(canvasId, { fresh });
     const priority = Number.parseInt(ui.priority.value, 10);
     const body = { query, canvas_id: canvasId };
     if (Number.isInteger(priority)) body.priority = priority;
     ui.submit.disabled = true;
     try {
       const accepted = await api("POST", "/api/ai-agent/create-canvas", body);
-      rememberPrompt(accepted.job_id, query);
-      if (!state.jobs.has(accepted.job_id)) {
-        state.jobs.set(accepted.job_id, {
-          id: accepted.job_id,
-          canvas_id: accepted.canvas_id,
-          status: "queued",
-          created_at: new Date().toISOString(),
-          error_message: null,
-          result: null,
-        });
-      }
+      track(accepted, query);
       state.currentJobId = accepted.job_id;
       renderJobs();
       scheduleJobsRefresh();
@@ -797,6 +850,9 @@
       setConnection("signed-out", "signed out");
     }
   }
+
+  // What the admin tab (admin.js) uses of this page.
+  window.canvasJobsPage = { api, el, shortId, ApiError, ACTIVE, RETRYABLE };
 
   start();
 })();
