@@ -107,6 +107,8 @@ APP_SERVICES = (
             "MAX_JOB_RETRIES",
             "RETRY_BACKOFF_BASE",
             "RETRY_BACKOFF_UNIT_SECONDS",
+            "MODEL_REQUESTS_PER_MINUTE",
+            "MODEL_TOKENS_PER_MINUTE",
         },
     ),
     # No database: the generator only talks to the broker and the model (and signs its
@@ -122,6 +124,8 @@ APP_SERVICES = (
             "OPENAI_MODEL",
             "OPENAI_TIMEOUT_SECONDS",
             "MAX_CONCURRENT_JOBS",
+            "MODEL_REQUESTS_PER_MINUTE",
+            "MODEL_TOKENS_PER_MINUTE",
         },
     ),
     _app("notifier", "notifier", 8001, {"DATABASE_URL", "JWT_SECRET", "MAX_REQUEST_BYTES"}),
@@ -157,6 +161,8 @@ DOCUMENTED_ENV = frozenset(
         "MAX_REQUEST_BYTES",
         "LOG_LEVEL",
         "LOG_FORMAT",
+        "MODEL_REQUESTS_PER_MINUTE",
+        "MODEL_TOKENS_PER_MINUTE",
     }
 )
 

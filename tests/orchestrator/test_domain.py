@@ -24,7 +24,12 @@ from canvas_events.events import (
     JobRetryScheduled,
 )
 from canvas_orchestrator import domain
-from canvas_orchestrator.domain import JobState, Policy
+from canvas_orchestrator.domain import (
+    MAX_RATE_LIMIT_DEFERRALS,
+    RATE_LIMITED_KIND,
+    JobState,
+    Policy,
+)
 from canvas_orchestrator.errors import UnexpectedEvent
 from canvas_store.status import JobStatus
 
@@ -364,6 +369,49 @@ def test_a_retry_waits_the_longer_of_the_retry_after_and_the_backoff(retry_after
     retry = events[1]
     assert isinstance(retry, JobRetryScheduled)
     assert retry.next_attempt_at == NOW + timedelta(seconds=wait)
+
+
+def _rate_limited(attempt_id: UUID | None, retry_after: float | None = 5) -> GenerationFailed:
+    assert attempt_id is not None
+    return GenerationFailed(
+        attempt_id=attempt_id,
+        error="OpenAI rate limit (429)",
+        kind=RATE_LIMITED_KIND,
+        retryable=True,
+        retry_after_seconds=retry_after,
+    )
+
+
+def test_a_429_puts_the_job_off_until_its_retry_after_without_counting_a_retry():
+    state = failed_retryably(started(), 1)
+    event = _rate_limited(state.attempt_id, retry_after=5)
+
+    events = decide(state, event)
+
+    # Sooner than the backoff (120 s now): the provider said when.
+    assert events == [
+        event,
+        JobRetryScheduled(
+            retry_count=1, next_attempt_at=NOW + timedelta(seconds=5), error=event.error
+        ),
+    ]
+    after = apply(state, events)
+    assert (after.status, after.retry_count) == (JobStatus.RETRY_SCHEDULED, 1)
+
+
+def test_429s_without_end_count_as_retries_after_the_deferrals_run_out():
+    state = started()
+    for _ in range(MAX_RATE_LIMIT_DEFERRALS):
+        state = apply(state, decide(state, _rate_limited(state.attempt_id)))
+        state = apply(state, domain.retry_due(state, now=NOW + timedelta(hours=1), policy=POLICY))
+        state = apply(state, decide(state, _started(state)))
+    assert state.retry_count == 0
+
+    retry = decide(state, _rate_limited(state.attempt_id, retry_after=None))[1]
+
+    assert isinstance(retry, JobRetryScheduled)
+    assert retry.retry_count == 1
+    assert retry.next_attempt_at == NOW + timedelta(seconds=60)
 
 
 def test_retryable_failure_with_every_retry_used_fails_the_job():

@@ -52,6 +52,8 @@ async def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     [
         ({"MAX_JOB_RETRIES": "lots"}, "MAX_JOB_RETRIES"),
         ({"ORCHESTRATOR_PORT": "70000"}, "ORCHESTRATOR_PORT"),
+        ({"MODEL_REQUESTS_PER_MINUTE": "0"}, "MODEL_REQUESTS_PER_MINUTE"),
+        ({"MODEL_TOKENS_PER_MINUTE": "many"}, "MODEL_TOKENS_PER_MINUTE"),
         (
             {"OPENAI_TIMEOUT_SECONDS": "60", "GENERATION_LEASE_SECONDS": "30"},
             "GENERATION_LEASE_SECONDS",

@@ -151,9 +151,11 @@ class GenerationFailed(Event):
 
 
 class JobRetryScheduled(Event):
-    """A retryable failure: the job is queued again at ``next_attempt_at``."""
+    """A retryable failure: the job is queued again at ``next_attempt_at``.
+    ``retry_count`` is the retries counted so far, this one included; a deferral for the
+    model's rate limit (a 429) counts none, so it may stay 0."""
 
-    retry_count: int = Field(ge=1)
+    retry_count: int = Field(ge=0)
     next_attempt_at: datetime
     error: str
 

@@ -14,7 +14,15 @@ from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from canvas_events.logging import configure_logging, register_secret
@@ -97,6 +105,35 @@ class ServiceSettings(CommonSettings, AuthSettings):
 
     # Stated again: with two BaseSettings bases pydantic would take AuthSettings' defaults.
     model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+
+
+T = TypeVar("T")
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+# A setting that may be unset, also by an empty value (as compose and a ConfigMap pass it).
+Unset = Annotated[T | None, BeforeValidator(_empty_is_none)]
+
+
+class ModelBudgetSettings(BaseModel):
+    """The fleet's model budget, read by the orchestrator (which grants the permits) and
+    the generators (which ask for one before each call while a limit is set): set both
+    from the same configuration. Unset: no limit."""
+
+    model_requests_per_minute: Unset[int] = Field(default=None, gt=0, le=10_000_000)
+    model_tokens_per_minute: Unset[int] = Field(default=None, gt=0, le=10_000_000_000)
+    # The window both limits count in: a minute. Shorter only for tests and benches.
+    model_budget_window_seconds: float = Field(default=60.0, gt=0, le=3_600)
+
+    @property
+    def model_budget_limited(self) -> bool:
+        """Whether a limit is set (then every model call needs a permit)."""
+        return self.model_requests_per_minute is not None or (
+            self.model_tokens_per_minute is not None
+        )
 
 
 S = TypeVar("S", bound=BaseSettings)

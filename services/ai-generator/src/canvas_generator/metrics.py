@@ -78,6 +78,12 @@ class Metrics(MetricSet):
             "confirmed by the broker.",
             buckets=_PUBLISH_SECONDS,
         )
+        self.budget_wait_seconds = self.histogram(
+            "canvas_model_budget_wait_seconds",
+            "How long an attempt waited for a permit of the fleet's model budget "
+            "(MODEL_REQUESTS_PER_MINUTE, MODEL_TOKENS_PER_MINUTE) before its call.",
+            buckets=_SECONDS,
+        )
 
     def _show_every_label(self) -> None:
         """Every label value shows from the start (at 0), so that rate() and alerts work

@@ -13,6 +13,7 @@ from canvas_events.broker import Broker
 from canvas_events.ops import Readiness
 from canvas_events.runtime import instance_id, serve_http
 from canvas_generator.api import create_app
+from canvas_generator.budget import FleetBudget
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker
 from canvas_generator.client import ModelClient
@@ -37,6 +38,17 @@ class Service:
             timeout=settings.orchestrator_timeout_seconds,
             credential=ServiceCredential("ai-generator", settings.secret),
         )
+        self.budget = (
+            FleetBudget(
+                settings.orchestrator_url,
+                model=settings.openai_model,
+                # Waits are the point here: the answer itself is quick.
+                timeout=settings.orchestrator_timeout_seconds,
+                credential=ServiceCredential("ai-generator", settings.secret),
+            )
+            if settings.model_budget_limited
+            else None
+        )
         # The suffix keeps two generators in one process (tests) off each other's
         # exclusive control queue.
         self.cancellations = Cancellations(
@@ -49,6 +61,7 @@ class Service:
             prefetch=settings.max_concurrent_jobs,
             cancellations=self.cancellations,
             checker=self.checker,
+            budget=self.budget,
             metrics=self.metrics,
         )
         # Control first: on every (re)connect the control queue is consumed before any
@@ -69,6 +82,8 @@ class Service:
         await self.worker.stop()
         await self.client.aclose()
         await self.checker.aclose()
+        if self.budget is not None:
+            await self.budget.aclose()
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -7,10 +7,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
-from canvas_events.settings import Port, ServiceSettings
+from canvas_events.settings import ModelBudgetSettings, Port, ServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, ModelBudgetSettings):
     """What the ai-generator reads from the environment. JWT_SECRET signs the service
     credential it shows the orchestrator's internal API."""
 

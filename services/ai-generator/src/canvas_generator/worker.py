@@ -67,6 +67,7 @@ from canvas_events.events import (
 from canvas_events.publishing import BatchPublisher
 from canvas_events.runtime import cancel_and_wait
 from canvas_events.topology import GENERATOR
+from canvas_generator.budget import FleetBudget
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker, SkipReason, Verdict, lease_expired
 from canvas_generator.client import Completion, ModelClient
@@ -95,6 +96,7 @@ class Worker:
         prefetch: int,
         cancellations: Cancellations | None = None,
         checker: AttemptChecker | None = None,
+        budget: FleetBudget | None = None,
         clock: Callable[[], datetime] = utcnow,
         publish_retry_seconds: float = 30.0,
         metrics: Metrics | None = None,
@@ -113,6 +115,8 @@ class Worker:
         )
         # None: no orchestrator to ask (the other checks still apply).
         self._checker = checker
+        # None: no fleet budget is set; calls need no permit.
+        self._budget = budget
         self._clock = clock
         self._publish_retry_seconds = publish_retry_seconds
         # The runs in this process, by attempt id: a delivery of an attempt that is
@@ -221,24 +225,17 @@ class Worker:
             else None
         )
         try:
-            await self._publish(
-                envelope.follow(
-                    GenerationStarted(
-                        attempt_id=event.attempt_id,
-                        model=self._client.model,
-                        generator_id=self.generator_id,
-                        run_id=run_id,
-                    )
-                )
-            )
-            log.info(
-                "attempt started",
-                attempt=event.attempt,
-                run_id=str(run_id),
-                model=self._client.model,
-                generator_id=self.generator_id,
-                lease_expires_at=event.lease_expires_at.isoformat(),
-            )
+            if not await self._permitted(envelope, event, run_id):
+                outcome = "cancelled"
+                self.metrics.generations_cancelled.inc()
+                log.info("attempt cancelled while it waited for model capacity")
+                return
+            await self._started(envelope, event, run_id)
+            # Again, as the call goes out: the budget counts calls when they are sent.
+            if not await self._permitted(envelope, event, run_id):
+                outcome = "cancelled"
+                self.metrics.generations_cancelled.inc()
+                return
             result = await self._attempt_unless_cancelled(envelope.job_id, event, progress)
             if result is None:
                 outcome = "cancelled"
@@ -247,6 +244,7 @@ class Worker:
                 # ignore a result anyway.
                 log.info("attempt cancelled", attempt=event.attempt)
                 return
+            await self._account(event, run_id, result)
             if progress is not None:
                 # The result after every progress event of its attempt, also a failure's:
                 # the job's history then reads in the order things happened.
@@ -260,6 +258,64 @@ class Worker:
             self.metrics.generation_attempt_seconds.labels(outcome=outcome).observe(
                 time.perf_counter() - started
             )
+
+    async def _started(self, envelope: Envelope, event: GenerationRequested, run_id: UUID) -> None:
+        """Publish that this run took the attempt."""
+        await self._publish(
+            envelope.follow(
+                GenerationStarted(
+                    attempt_id=event.attempt_id,
+                    model=self._client.model,
+                    generator_id=self.generator_id,
+                    run_id=run_id,
+                )
+            )
+        )
+        log.info(
+            "attempt started",
+            attempt=event.attempt,
+            run_id=str(run_id),
+            model=self._client.model,
+            generator_id=self.generator_id,
+            lease_expires_at=event.lease_expires_at.isoformat(),
+        )
+
+    async def _permitted(
+        self, envelope: Envelope, event: GenerationRequested, run_id: UUID
+    ) -> bool:
+        """Wait for the fleet's model budget to allow this run's call (at once without a
+        budget); False when the job was cancelled meanwhile."""
+        if self._budget is None:
+            return True
+        job_id = envelope.job_id
+        waited = await self._budget.permit(
+            event.attempt_id,
+            run_id,
+            prompt_chars=len(event.query),
+            cancelled=lambda: job_id is not None and self.cancellations.is_cancelled(job_id),
+        )
+        self.metrics.budget_wait_seconds.observe(waited.seconds)
+        if waited.reason is not None:
+            log.info(
+                "model capacity granted after a wait",
+                waited_seconds=round(waited.seconds, 3),
+                reason=waited.reason,
+            )
+        return waited.granted
+
+    async def _account(self, event: GenerationRequested, run_id: UUID, result: Result) -> None:
+        """Tell the fleet's budget what the call used, or that the model asked the fleet
+        to wait (a 429 with Retry-After)."""
+        if self._budget is None:
+            return
+        if isinstance(result, GenerationSucceeded):
+            usage = result.usage
+            tokens = usage.get("total_tokens") or (
+                usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+            )
+            await self._budget.report(event.attempt_id, run_id, tokens)
+        elif result.kind == FailureKind.RATE_LIMITED.value and result.retry_after_seconds:
+            await self._budget.pause(result.retry_after_seconds)
 
     async def _attempt_unless_cancelled(
         self, job_id: UUID | None, request: GenerationRequested, progress: Progress | None = None

@@ -16,12 +16,14 @@ Endpoints:
 - ``GET /v1/models``, ``GET /health``.
 - ``PUT /_fake/config``: change the knobs below at runtime (JSON, lower-case names
   without the prefix, e.g. ``{"failure_rate": 0.5, "failure_modes": "500,timeout"}``;
-  only the keys given change). ``GET /_fake/config`` shows them.
+  only the keys given change; ``failure_retry_after`` sets the Retry-After seconds of a
+  random 429 or 503, 1 by default). ``GET /_fake/config`` shows them.
 - ``GET /_fake/stats``: ``calls``, ``streams``, ``failures`` (by mode), ``in_flight``,
   ``max_in_flight`` (most chat calls served at once), ``abandoned`` (calls whose client
   hung up before the answer was complete, streamed or not: an aborted call shows here).
   ``DELETE /_fake/stats`` resets them. ``GET /_fake/requests``: the last 50 request
-  bodies received. ``GET /_fake/calls``: chat calls by user message since start (or the
+  bodies received. ``GET /_fake/call-times``: when each chat call arrived (Unix seconds,
+  the latest 100,000). ``GET /_fake/calls``: chat calls by user message since start (or the
   last reset), so that a test can tell how often each job's prompt reached the model.
 - ``PUT /_fake/gates/NAME``: open gate NAME (see ``gate`` below), for the streams
   waiting at it now and for those that reach it later.
@@ -189,6 +191,7 @@ class ConfigUpdate(BaseModel):
     require_key: str | None = None
     failure_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     failure_modes: str | list[str] | None = None
+    failure_retry_after: float | None = Field(default=None, ge=0, le=3_600)
     seed: int | None = None
 
     @field_validator("failure_modes")
@@ -206,6 +209,8 @@ class FakeConfig:
     require_key: str | None = None
     failure_rate: float = 0.0
     failure_modes: list[str] = field(default_factory=lambda: DEFAULT_FAILURE_MODES.split(","))
+    # Retry-After of a random 429 or 503 (None: 1 s).
+    failure_retry_after: float | None = None
 
     @classmethod
     def from_settings(cls, settings: FakeSettings) -> FakeConfig:
@@ -226,7 +231,12 @@ class FakeConfig:
             "require_key": self.require_key is not None,
             "failure_rate": self.failure_rate,
             "failure_modes": self.failure_modes,
+            "failure_retry_after": self.failure_retry_after,
         }
+
+
+# Arrival times kept for GET /_fake/call-times: enough for a test's or a bench's window.
+_KEPT_CALL_TIMES = 100_000
 
 
 @dataclass
@@ -241,9 +251,12 @@ class Stats:
     abandoned: int = 0
     # Chat calls by user message (each test job's prompt is its own).
     by_prompt: Counter[str] = field(default_factory=Counter)
+    # When each chat call arrived (Unix seconds), the latest _KEPT_CALL_TIMES.
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=_KEPT_CALL_TIMES))
 
     def enter(self) -> None:
         """A chat call begins."""
+        self.arrivals.append(time.time())
         self.calls += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -503,6 +516,8 @@ class FakeModel:
             self.config.failure_rate = change.failure_rate
         if "failure_modes" in given and isinstance(change.failure_modes, str):
             self.config.failure_modes = [m for m in change.failure_modes.split(",") if m]
+        if "failure_retry_after" in given:
+            self.config.failure_retry_after = change.failure_retry_after
         if "seed" in given:
             self._rng = random.Random(change.seed)
 
@@ -566,6 +581,8 @@ class FakeModel:
         mode = self._rng.choice(config.failure_modes)
         if mode.isdigit():
             directives.status = int(mode)
+            if directives.retry_after is None:
+                directives.retry_after = config.failure_retry_after
         else:
             setattr(directives, mode, True)
 
@@ -659,6 +676,10 @@ def _add_fake_routes(app: FastAPI, model: FakeModel) -> None:
     @app.get("/_fake/calls")
     async def get_calls() -> dict[str, int]:
         return dict(model.stats.by_prompt)
+
+    @app.get("/_fake/call-times")
+    async def get_call_times() -> dict[str, list[float]]:
+        return {"arrivals": list(model.stats.arrivals)}
 
     @app.put("/_fake/gates/{name}")
     async def open_gate(name: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
 from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import Broker
@@ -21,7 +22,7 @@ from canvas_events.errors import AuthError
 from canvas_events.ops import Probes, Readiness
 from canvas_events.postgres import Database, DatabaseUnavailable, is_outage
 from canvas_orchestrator.metrics import Metrics
-from canvas_store import jobs
+from canvas_store import budget, jobs
 from canvas_store.events import load
 
 
@@ -72,15 +73,24 @@ _READY = (
 
 
 def create_app(
-    *, database: Database, broker: Broker, readiness: Readiness, metrics: Metrics, secret: str
+    *,
+    database: Database,
+    broker: Broker,
+    readiness: Readiness,
+    metrics: Metrics,
+    secret: str,
+    model_budget: budget.Budget | None = None,
 ) -> FastAPI:
     """The orchestrator's FastAPI app over the service's running parts; ``secret`` checks
-    the service credential of the internal API."""
+    the service credential of the internal API; ``model_budget``: the fleet's limits
+    (MODEL_REQUESTS_PER_MINUTE, MODEL_TOKENS_PER_MINUTE)."""
     app = FastAPI(
         title="canvas-jobs job-orchestrator",
         summary="Health, metrics and the internal read API of the job state machine.",
     )
     app.state.database = database
+    app.state.model_budget = model_budget or budget.Budget()
+    app.state.metrics = metrics
     refresh = functools.partial(_sample_backlog, database, broker, metrics)
     probes = Probes(readiness, metrics.registry, refresh=refresh)
     app.include_router(probes.router(ready_description=_READY))
@@ -154,3 +164,72 @@ async def job_events(job_id: UUID, conn: Conn) -> dict[str, Any]:
             for item in history
         ],
     }
+
+
+class PermitRequest(BaseModel):
+    """A generator about to call ``model`` for a run of an attempt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    attempt_id: UUID
+    run_id: UUID
+    estimated_tokens: int = Field(default=0, ge=0, le=10_000_000)
+
+
+class UsageReport(BaseModel):
+    """What a run's model call used (its permit then counts that, not the estimate)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt_id: UUID
+    run_id: UUID
+    tokens: int = Field(ge=0, le=10_000_000)
+
+
+class PauseRequest(BaseModel):
+    """The model answered 429 with Retry-After: the whole fleet waits that long."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    seconds: float = Field(gt=0, le=3_600)
+
+
+@_internal.post("/model-budget/permits")
+async def model_permit(body: PermitRequest, conn: Conn, request: Request) -> dict[str, Any]:
+    """May this call go to the model now (the fleet's budget, docs/api.md)? Asked by a
+    generator just before each model call while a budget is set."""
+    limits: budget.Budget = request.app.state.model_budget
+    async with conn.transaction():
+        permit = await budget.acquire(
+            conn,
+            body.model,
+            limits,
+            attempt_id=body.attempt_id,
+            run_id=body.run_id,
+            estimated_tokens=body.estimated_tokens,
+        )
+    metrics: Metrics = request.app.state.metrics
+    metrics.model_permits.labels("granted" if permit.granted else permit.reason or "").inc()
+    return {
+        "granted": permit.granted,
+        "retry_in_seconds": permit.retry_in_seconds,
+        "reason": permit.reason,
+        "until": permit.until,
+    }
+
+
+@_internal.post("/model-budget/usage", status_code=204)
+async def model_usage(body: UsageReport, conn: Conn) -> None:
+    """The tokens a granted call used."""
+    await budget.settle(conn, attempt_id=body.attempt_id, run_id=body.run_id, tokens=body.tokens)
+
+
+@_internal.post("/model-budget/pauses")
+async def model_pause(body: PauseRequest, conn: Conn, request: Request) -> dict[str, Any]:
+    """Hold every permit of the model for ``seconds`` (a 429's Retry-After)."""
+    until = await budget.pause(conn, body.model, body.seconds)
+    metrics: Metrics = request.app.state.metrics
+    metrics.model_pauses.inc()
+    return {"model": body.model, "paused_until": until}

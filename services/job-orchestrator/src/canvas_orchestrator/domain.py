@@ -46,6 +46,11 @@ from canvas_orchestrator.errors import UnexpectedEvent
 from canvas_store.status import JobStatus
 
 LEASE_EXPIRED_KIND = "lease_expired"
+# The model said "too many requests" (429): the provider's limit, not the job's fault.
+RATE_LIMITED_KIND = "rate_limited"
+# Attempts of a job that a 429 may put off without counting a retry; after these the
+# next ones count (a provider that never lets a job through must not hold it forever).
+MAX_RATE_LIMIT_DEFERRALS = 10
 LEASE_EXPIRED_ERROR = "attempt lease expired: no generator finished it in time"
 NOT_STARTED_ERROR = "attempt not started in time: no generator took it from the queue"
 CANVAS_NOT_FOUND_ERROR = "canvas not found"
@@ -359,13 +364,24 @@ def succeed(state: JobState, event: GenerationSucceeded) -> list[Event]:
 
 def fail(state: JobState, event: GenerationFailed, *, now: datetime, policy: Policy) -> list[Event]:
     """The current attempt failed: retry later while retries are left and the error is
-    transient, else the job fails with the generator's error."""
+    transient, else the job fails with the generator's error. A 429 (the model's rate
+    limit) puts the job off until its Retry-After without counting a retry, up to
+    MAX_RATE_LIMIT_DEFERRALS times."""
     if (
         state.status not in _RUNNING
         or not state.is_current(event.attempt_id)
         or not state.counts(event.run_id)
     ):
         return []
+    deferrals = state.attempt - 1 - state.retry_count  # attempts that counted no retry
+    if event.retryable and event.kind == RATE_LIMITED_KIND and deferrals < MAX_RATE_LIMIT_DEFERRALS:
+        # Put off, not retried: waiting for the provider's capacity burns no retry.
+        wait = event.retry_after_seconds
+        delay = timedelta(seconds=wait) if wait is not None else policy.backoff(0)
+        deferred = JobRetryScheduled(
+            retry_count=state.retry_count, next_attempt_at=now + delay, error=event.error
+        )
+        return [event, deferred]
     if event.retryable and state.retry_count < policy.max_retries:
         delay = policy.backoff(state.retry_count)
         if event.retry_after_seconds is not None:

@@ -71,3 +71,16 @@ class Metrics(MetricSet):
             "canvas_queue_oldest_age_seconds",
             "How long the longest-waiting queued job has waited (0 when none), at scrape.",
         )
+        self._add_budget_metrics()
+
+    def _add_budget_metrics(self) -> None:
+        self.model_permits = self.counter(
+            "canvas_model_permits_total",
+            "Answers to generators asking to call the model under the fleet's budget: "
+            "granted, or refused for requests, tokens or paused (a 429's pause).",
+            labels=["outcome"],
+        )
+        self.model_pauses = self.counter(
+            "canvas_model_pauses_total",
+            "Pauses of the fleet's calls to a model that a 429 with Retry-After asked for.",
+        )

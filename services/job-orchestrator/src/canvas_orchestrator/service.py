@@ -25,6 +25,7 @@ from canvas_orchestrator.relay import Relay
 from canvas_orchestrator.retention import Pruner
 from canvas_orchestrator.settings import Settings
 from canvas_orchestrator.timers import Timers
+from canvas_store.budget import Budget
 from canvas_store.connections import init_connection
 from canvas_store.migrations import migrate_pool
 
@@ -116,6 +117,11 @@ class Service:
             readiness=self.readiness,
             metrics=self.metrics,
             secret=self.settings.secret,
+            model_budget=Budget(
+                requests=self.settings.model_requests_per_minute,
+                tokens=self.settings.model_tokens_per_minute,
+                window_seconds=self.settings.model_budget_window_seconds,
+            ),
         )
 
     async def start(self) -> None:

@@ -6,11 +6,11 @@ from datetime import timedelta
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
-from canvas_events.settings import Port, ServiceSettings
+from canvas_events.settings import ModelBudgetSettings, Port, ServiceSettings
 from canvas_orchestrator.retention import Retention
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, ModelBudgetSettings):
     """Everything the job-orchestrator reads from the environment. JWT_SECRET checks the
     service credential its internal API asks for."""
 
