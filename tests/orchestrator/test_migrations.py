@@ -90,7 +90,7 @@ async def test_events_recorded_before_0006_stay_first_in_the_global_order(databa
                 uuid4(),
             )
 
-        # 0006 and whatever came after it (0007 adds a column, changing no position).
+        # 0006 and whatever came after it (later ones change no position).
         assert await migrate(conn) == [name for name, _ in available() if name >= "0006"]
         new_stream = uuid4()
         async with conn.transaction():

@@ -22,7 +22,7 @@ Positions are unique and increasing, not dense: readers ask for "after N", never
 "N + 1". Every read here maps rows to envelopes one way, :func:`recorded_of`.
 
 Beside its envelope, an event keeps the traceparent of the span that recorded it
-(migration 0007; None while traces are off): the relay publishes it in that trace.
+(migration 0010; None while traces are off): the relay publishes it in that trace.
 """
 
 from __future__ import annotations
