@@ -14,8 +14,10 @@ from canvas_events.events import JobCancelRequested, JobQueued
 from canvas_store.errors import ConcurrencyError
 from canvas_store.events import (
     NOTIFY_CHANNEL,
+    Append,
     RecordedEvent,
     append,
+    append_streams,
     last_position,
     load,
     read_after,
@@ -60,6 +62,33 @@ async def test_appended_events_load_back_in_version_order_with_their_envelopes(p
         assert item.envelope.occurred_at == envelope.occurred_at
         assert item.envelope.position == item.position
         assert item.envelope.job_id == stream_id
+
+
+async def test_each_event_keeps_the_traceparent_it_was_appended_with(pool):
+    first, second = uuid4(), uuid4()
+    traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with pool.acquire() as conn, conn.transaction():
+        recorded = await append_streams(
+            conn,
+            [
+                Append(first, 0, [_envelope(first, 0), _envelope(first, 1)], [traced, None]),
+                Append(second, 0, [_envelope(second)]),  # none given: none kept
+            ],
+        )
+    assert [item.traceparent for item in recorded] == [traced, None, None]
+
+    async with pool.acquire() as conn:
+        assert [item.traceparent for item in await load(conn, first)] == [traced, None]
+        by_stream = {item.stream_id: item for item in await read_after(conn, 0, 10)}
+    assert by_stream[second].traceparent is None
+    assert await _traceparent_of(pool, recorded[0].envelope.event_id) == traced
+
+
+async def _traceparent_of(pool: asyncpg.Pool, event_id: UUID) -> str | None:
+    value: str | None = await pool.fetchval(
+        "SELECT traceparent FROM events WHERE event_id = $1", event_id
+    )
+    return value
 
 
 async def test_positions_of_one_append_follow_its_versions(pool):

@@ -9,9 +9,11 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from canvas_events import tracing
 from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.events import GenerationRequested, JobQueued
+from canvas_events.testing import recorded_spans
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.relay import (
     APPLICATION_NAME,
@@ -21,7 +23,7 @@ from canvas_orchestrator.relay import (
     Relay,
     next_read_in,
 )
-from canvas_store.events import RecordedEvent, append
+from canvas_store.events import Append, RecordedEvent, append, append_streams
 from tests.orchestrator.harness import eventually
 
 
@@ -125,6 +127,48 @@ async def test_generation_requested_is_published_with_the_jobs_priority(pool, bu
 
     assert seen.priority == 9
     assert seen.routing_key == "job.GenerationRequested"
+
+
+async def test_relay_publishes_each_event_in_the_trace_it_was_recorded_in(pool, bus, make_relay):
+    # Three jobs' status events: relayed together as one job.Batch, each in its own trace.
+    jobs = [uuid4() for _ in range(3)]
+    with recorded_spans() as exporter:
+        parents = []
+        for _ in jobs:
+            with tracing.span("process JobRequested", root=True):
+                parents.append(tracing.current_traceparent())
+        async with pool.acquire() as conn, conn.transaction():
+            await append_streams(
+                conn,
+                [
+                    Append(job_id, 0, [_queued(job_id)], [parent])
+                    for job_id, parent in zip(jobs, parents, strict=True)
+                ],
+            )
+        await started(make_relay())
+        seen = [(await bus.wait_for(job_id, "JobQueued"))[0] for job_id in jobs]
+        spans = {span.context.span_id: span for span in exporter.get_finished_spans()}
+
+    for parent, message in zip(parents, seen, strict=True):
+        # The message carries its publish span, the child of the span that recorded it.
+        trace_id, span_id = _ids(message.traceparent)
+        publish = spans[span_id]
+        assert publish.name == "publish JobQueued"
+        assert publish.parent is not None
+        assert (trace_id, publish.parent.span_id) == _ids(parent)
+
+
+def _ids(traceparent: str | None) -> tuple[int, int]:
+    """The trace id and span id a traceparent names."""
+    assert traceparent is not None
+    _, trace_id, span_id, _ = traceparent.split("-")
+    return int(trace_id, 16), int(span_id, 16)
+
+
+def _queued(job_id: UUID) -> Envelope:
+    return Envelope.wrap(
+        JobQueued(priority=5, retry_count=0), correlation_id="corr", job_id=job_id, user_id="a"
+    )
 
 
 async def test_only_one_relay_is_active_and_a_standby_takes_over_when_it_stops(

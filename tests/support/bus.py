@@ -23,6 +23,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from canvas_events import tracing
 from canvas_events.broker import Broker, envelopes_of
 from canvas_events.envelope import Envelope
 from canvas_events.events import Event, GenerationRequested, JobRequested
@@ -41,6 +42,8 @@ class Seen:
     routing_key: str
     priority: int | None
     envelope: Envelope
+    # The traceparent it carried (its own, or its batch's for it), if any.
+    traceparent: str | None = None
 
 
 class Bus:
@@ -86,11 +89,13 @@ class Bus:
         # A batch's events are recorded one by one, each with the key it would have had
         # on its own (``job.Batch`` carries ``job.JobQueued``, ...).
         source = (message.routing_key or "").split(".", 1)[0]
-        for envelope in envelopes_of(message):
+        batch = message.type == BATCH
+        for index, envelope in enumerate(envelopes_of(message)):
             key = message.routing_key or ""
-            if message.type == BATCH:
+            if batch:
                 key = routing_key(source, envelope.type)
-            self.messages.append(Seen(key, message.priority, envelope))
+            traceparent = tracing.parent_in(message.headers, index if batch else None)
+            self.messages.append(Seen(key, message.priority, envelope, traceparent))
             self.arrivals.put_nowait(envelope)
 
     # -- publishing ------------------------------------------------------------------

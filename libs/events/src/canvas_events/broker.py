@@ -65,6 +65,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
+from canvas_events import tracing
 from canvas_events.envelope import Envelope, parse_json
 from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.events import event_class
@@ -135,24 +136,34 @@ class Part:
     message_id: str | None = None
     correlation_id: str | None = None
     type: str | None = None
+    # The event's own traceparent, from the batch's headers (tracing.BATCH_TRACEPARENTS).
+    traceparent: str | None = None
 
     @classmethod
-    def of_event(cls, item: Any, verdict: DeadLetter | Redeliver) -> Part:
+    def of_event(
+        cls, item: Any, verdict: DeadLetter | Redeliver, traceparent: str | None = None
+    ) -> Part:
         """The part for a batch's ``item`` (as parsed), readable or not; its body is
         serialised here, only for the events that need a message of their own."""
         fields = item if isinstance(item, dict) else {}
-        ids = [fields.get(name) for name in ("event_id", "correlation_id", "type")]
-        return cls(
-            orjson.dumps(item),
-            verdict,
-            *(value if isinstance(value, str) else None for value in ids),
+        message_id, correlation_id, type_ = (
+            value if isinstance(value, str) else None
+            for value in (fields.get(name) for name in ("event_id", "correlation_id", "type"))
         )
+        return cls(orjson.dumps(item), verdict, message_id, correlation_id, type_, traceparent)
 
     def ids(self, message: AbstractIncomingMessage) -> tuple[str | None, str | None, str | None]:
         """The message id, correlation id and type of the copy that carries this part."""
         if self.body is message.body:
             return message.message_id, message.correlation_id, message.type
         return self.message_id, self.correlation_id, self.type
+
+    def headers(self, message: AbstractIncomingMessage, added: dict[str, Any]) -> dict[str, Any]:
+        """The headers of the copy that carries this part: ``message``'s and ``added``;
+        one event of a batch carries its own traceparent instead of the batch's list."""
+        if self.body is message.body:
+            return {**(message.headers or {}), **added}
+        return {**tracing.part_headers(message.headers, self.traceparent), **added}
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,16 @@ Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[Outcome | None
 # What happens to a delivered message. A DeadLetter verdict's reason is final: redacted
 # and cut to MAX_REASON_CHARS, as the dead-letter queue gets it.
 Verdict = Ack | DeadLetter | Requeue | Redeliver | Split
+
+
+# The ``canvas.outcome`` of a consumed event's span.
+_OUTCOMES: Final[dict[type, str]] = {
+    Ack: "ack",
+    DeadLetter: "dead_letter",
+    Requeue: "requeue",
+    Redeliver: "redeliver",
+    Split: "split",
+}
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -227,7 +248,7 @@ class Deliveries:
             envelope = _known(Envelope.from_json(message.body))
         except PoisonMessage as exc:
             return self.dead_letter(consumer, message, str(exc))
-        return await self._run(consumer, message, envelope)
+        return await self._run(consumer, message, envelope, _traceparent(message))
 
     async def _handle_batch(self, consumer: Consumer, message: AbstractIncomingMessage) -> Verdict:
         """Each event of a batch meets its own verdict: acked with the batch when its
@@ -239,38 +260,56 @@ class Deliveries:
         except PoisonMessage as exc:
             return self.dead_letter(consumer, message, str(exc))
 
-        async def one(item: Any) -> tuple[Any, Verdict]:
+        async def one(item: Any, traceparent: str | None) -> tuple[Any, Verdict, str | None]:
             structlog.contextvars.clear_contextvars()
             try:
                 envelope = _known(Envelope.from_parsed(item))
             except PoisonMessage as exc:
-                return item, self.dead_letter(consumer, message, str(exc))
-            return item, await self._run(consumer, message, envelope)
+                return item, self.dead_letter(consumer, message, str(exc)), traceparent
+            return item, await self._run(consumer, message, envelope, traceparent), traceparent
 
+        traced = [(item, _traceparent(message, index)) for index, item in enumerate(items)]
         if consumer.concurrent_batches:
             # gather() runs each in a task of its own, with a copy of the log context.
-            results = await asyncio.gather(*(one(item) for item in items))
+            results = await asyncio.gather(*(one(*pair) for pair in traced))
         else:
-            results = [await one(item) for item in items]
-        requeues = [verdict.delay for _, verdict in results if isinstance(verdict, Requeue)]
+            results = [await one(*pair) for pair in traced]
+        requeues = [verdict.delay for _, verdict, _ in results if isinstance(verdict, Requeue)]
         if requeues:
             return Requeue(max(requeues))
         parts = tuple(
-            Part.of_event(item, verdict)
-            for item, verdict in results
+            Part.of_event(item, verdict, traceparent)
+            for item, verdict, traceparent in results
             if isinstance(verdict, DeadLetter | Redeliver)
         )
         return Split(parts) if parts else ACK
 
     async def _run(
-        self, consumer: Consumer, message: AbstractIncomingMessage, envelope: Envelope
+        self,
+        consumer: Consumer,
+        message: AbstractIncomingMessage,
+        envelope: Envelope,
+        traceparent: str | None,
     ) -> Verdict:
-        """The verdict of ``consumer``'s handler on ``envelope``, logged in its context."""
+        """The verdict of ``consumer``'s handler on ``envelope``, logged in its context
+        and traced as its own span (the child of the span that published it)."""
         structlog.contextvars.bind_contextvars(
             job_id=str(envelope.job_id) if envelope.job_id else None,
             correlation_id=envelope.correlation_id,
             event_type=envelope.type,
         )
+        with tracing.consuming(envelope, consumer.queue.name, traceparent) as span:
+            verdict = await self._verdict_of(consumer, message, envelope)
+            span.set_attribute("canvas.outcome", _OUTCOMES[type(verdict)])
+            if isinstance(verdict, DeadLetter):
+                tracing.failed(span, verdict.reason)
+            elif not isinstance(verdict, Ack):
+                tracing.failed(span, f"handled later ({_OUTCOMES[type(verdict)]})")
+        return verdict
+
+    async def _verdict_of(
+        self, consumer: Consumer, message: AbstractIncomingMessage, envelope: Envelope
+    ) -> Verdict:
         outcome: Outcome
         try:
             outcome = await consumer.handler(envelope, message) or ACK
@@ -344,6 +383,12 @@ class Deliveries:
         return delay
 
 
+def _traceparent(message: AbstractIncomingMessage, index: int | None = None) -> str | None:
+    """The traceparent ``message`` carries (for a batch, that of its event at ``index``);
+    None, without a look at the headers, while tracing is off."""
+    return tracing.parent_in(message.headers, index) if tracing.enabled() else None
+
+
 def _known(envelope: Envelope) -> Envelope:
     """``envelope``, if this build knows its type and schema. Unknown types and newer
     schemas are poison for every consumer, also for one whose handler would skip the
@@ -369,7 +414,9 @@ def envelopes_of(message: AbstractIncomingMessage) -> list[Envelope]:
     return [Envelope.from_parsed(item) for item in batch_items(message.body)]
 
 
-def envelope_properties(envelope: Envelope, priority: int | None) -> aiormq.spec.Basic.Properties:
+def envelope_properties(
+    envelope: Envelope, priority: int | None, headers: dict[str, Any] | None = None
+) -> aiormq.spec.Basic.Properties:
     """The AMQP properties of a message that carries ``envelope``."""
     return aiormq.spec.Basic.Properties(
         content_type="application/json",
@@ -379,16 +426,18 @@ def envelope_properties(envelope: Envelope, priority: int | None) -> aiormq.spec
         message_type=envelope.type,
         timestamp=envelope.occurred_at,
         priority=priority,
+        headers=headers,
     )
 
 
-def batch_properties() -> aiormq.spec.Basic.Properties:
+def batch_properties(headers: dict[str, Any] | None = None) -> aiormq.spec.Basic.Properties:
     """The AMQP properties of a batch (docs/events.md, "Batches")."""
     return aiormq.spec.Basic.Properties(
         content_type="application/json",
         delivery_mode=PERSISTENT,
         message_type=BATCH,
         timestamp=datetime.now(UTC),
+        headers=headers,
     )
 
 
@@ -549,6 +598,7 @@ class BrokerBase:
         priority: int | None = None,
         timeout: float | None = None,
         mandatory: bool = True,
+        parent: str | None = None,
     ) -> None:
         """Publish a persistent message and wait for the broker's confirm.
 
@@ -558,11 +608,37 @@ class BrokerBase:
         and the caller must say so (a 503) or try again. Publish with
         ``mandatory=False`` what may rightly reach no queue (events for notifiers,
         which may all be away).
+
+        Traced (when traces are on) as a publish span, the child of ``parent`` (a
+        traceparent: work recorded elsewhere) or else of the current span; the message
+        carries the span's traceparent in its headers.
         """
-        # The properties go to aio-pika's own channel as they are: an aio_pika.Message
-        # would be built only to be turned into these (a third of a relayed event's CPU).
-        properties = envelope_properties(envelope, priority)
-        await self._publish(envelope.to_json(), routing_key, properties, mandatory, timeout)
+        with tracing.publishing([envelope], routing_key, [parent]) as traceparents:
+            # The properties go to aio-pika's own channel as they are: an aio_pika.Message
+            # would be built only to be turned into these (a third of a relayed event's CPU).
+            headers = tracing.headers_of(traceparents)
+            properties = envelope_properties(envelope, priority, headers)
+            await self._publish(envelope.to_json(), routing_key, properties, mandatory, timeout)
+
+    async def publish_envelopes(
+        self,
+        envelopes: Sequence[Envelope],
+        routing_key: str,
+        *,
+        parents: Sequence[str | None] = (),
+        timeout: float | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish ``envelopes`` as one batch (:meth:`publish_batch`), each event traced as
+        :meth:`publish` traces one (``parents`` in the same order, when given)."""
+        with tracing.publishing(envelopes, routing_key, parents) as traceparents:
+            await self.publish_batch(
+                [envelope.to_json() for envelope in envelopes],
+                routing_key,
+                timeout=timeout,
+                mandatory=mandatory,
+                headers=tracing.headers_of(traceparents),
+            )
 
     async def publish_batch(
         self,
@@ -571,10 +647,12 @@ class BrokerBase:
         *,
         timeout: float | None = None,
         mandatory: bool = True,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         """Publish several envelopes (their JSON ``bodies``, in order) as one message of
-        type :data:`~canvas_events.topology.BATCH`, as :meth:`publish` does one."""
-        properties = batch_properties()
+        type :data:`~canvas_events.topology.BATCH`, as :meth:`publish` does one, but
+        untraced (:meth:`publish_envelopes` traces them)."""
+        properties = batch_properties(headers)
         await self._publish(batch_body(bodies), routing_key, properties, mandatory, timeout)
 
     #: Sends one message (body, routing key, properties, mandatory, timeout) and waits for
@@ -949,7 +1027,7 @@ def _copy(
     message_id, correlation_id, type_ = part.ids(message)
     return aio_pika.Message(
         part.body,
-        headers={**(message.headers or {}), **headers},
+        headers=part.headers(message, headers),
         content_type=message.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message_id,

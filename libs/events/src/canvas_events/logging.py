@@ -1,6 +1,7 @@
 """JSON logs for every service (docs/operations.md, "Logs"): one JSON object a line on stdout with
 ``timestamp`` (ISO 8601 UTC), ``level``, ``service``, ``event``, and ``job_id`` and
-``correlation_id`` wherever a job is in hand (bound with structlog's contextvars).
+``correlation_id`` wherever a job is in hand (bound with structlog's contextvars), and
+``trace_id`` and ``span_id`` inside a span when traces are on (:mod:`canvas_events.tracing`).
 
 Standard-library loggers (uvicorn, aio-pika, asyncpg) go through the same renderer, so
 no line on stdout is anything but JSON. Secrets never reach a line: values registered
@@ -81,6 +82,8 @@ def configure_logging(
 ) -> None:
     """Configure structlog and the standard library to write one line an event to
     ``stream`` (stdout; a command whose stdout is its answer logs to stderr)."""
+    from canvas_events.tracing import add_trace_ids  # it masks with redact() from here
+
     stream = stream if stream is not None else sys.stdout
 
     def add_service(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -93,6 +96,7 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
         add_service,
         _drop_noise,
+        add_trace_ids,
         structlog.processors.format_exc_info,
         _redact_processor,
     ]

@@ -8,10 +8,11 @@ unreachable database or broker does not (the service waits for them, /ready says
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 from pydantic import (
@@ -27,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from canvas_events.logging import configure_logging, register_secret
 from canvas_events.topology import Topology
+from canvas_events.tracing import configure_tracing
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/canvas_jobs"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -163,21 +165,37 @@ def start_logging(
 ) -> None:
     """What every service does first: configure its JSON logs, mask every secret it
     holds in them (JWT_SECRET, ``secrets``, the passwords of DATABASE_URL, AMQP_URL and
-    ``urls``), and, when ``serving`` (not a one-off command), warn loudly when
+    ``urls``, the values of the OTLP exporter's headers), and, when ``serving`` (not a
+    one-off command), start its traces if OTEL_* asks for them and warn loudly when
     JWT_SECRET is the development one."""
     configure_logging(service, settings.log_level, settings.log_format)
-    for secret in (settings.secret, *secrets):
+    for secret in (settings.secret, *secrets, *_otlp_header_values()):
         register_secret(secret)
     for url in (settings.database_url.get_secret_value(), settings.amqp_url.get_secret_value()):
         register_secret(_password(url))
     for url in urls:
         register_secret(_password(url))
+    if serving and configure_tracing(service) is not None:
+        structlog.get_logger(service).info(
+            "traces on", exporters=os.environ.get("OTEL_TRACES_EXPORTER") or "otlp"
+        )
     if serving and settings.jwt_secret_is_default:
         structlog.get_logger(service).warning(
             "JWT_SECRET IS NOT SET: using the public development secret (CANVAS_ENV="
             "development); anyone can mint tokens. Set JWT_SECRET outside development.",
             setting="JWT_SECRET",
         )
+
+
+def _otlp_header_values() -> list[str]:
+    """The values of OTEL_EXPORTER_OTLP_(TRACES_)HEADERS (``key=value,...``): API keys of
+    a tracing backend, as a rule."""
+    values = []
+    for name in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
+        for pair in os.environ.get(name, "").split(","):
+            value = pair.partition("=")[2].strip()
+            values += [value, unquote(value)]
+    return values
 
 
 def _password(url: str) -> str | None:

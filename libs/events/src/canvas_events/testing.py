@@ -25,6 +25,8 @@ connections and reconnects, confirm timing, queues deleted under a consumer, ``x
 
 Pauses (retry delays, outages) are real ``asyncio.sleep`` unless ``sleep`` is given; a
 test may pass one that only records them, and a ``clock`` to go with it.
+
+:func:`recorded_spans` turns traces on for a block, into the SDK's in-memory exporter.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -43,8 +45,13 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pamqp.header import ContentHeader
 
+from canvas_events import tracing
 from canvas_events.broker import (
     Ack,
     BrokerBase,
@@ -64,7 +71,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage, PublishError
 from canvas_events.topology import BATCH, QueueSpec, Topology
 
-__all__ = ["InMemoryBroker", "Published", "delivered_message", "topic_matches"]
+__all__ = ["InMemoryBroker", "Published", "delivered_message", "recorded_spans", "topic_matches"]
 
 log = structlog.get_logger("canvas_events.testing")
 
@@ -480,7 +487,7 @@ def _copy(
     copied = aiormq.spec.Basic.Properties(
         content_type=properties.content_type,
         delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-        headers={**(properties.headers or {}), **headers},
+        headers=part.headers(incoming, headers),
         message_id=message_id,
         correlation_id=correlation_id,
         message_type=type_,
@@ -507,3 +514,19 @@ def _incoming(message: _Message, consumer_tag: str, delivery_tag: int) -> Abstra
         channel=cast(aiormq.abc.AbstractChannel, None),
     )
     return aio_pika.IncomingMessage(delivered, no_ack=True)
+
+
+@contextlib.contextmanager
+def recorded_spans(service: str = "test") -> Iterator[InMemorySpanExporter]:
+    """Traces on for the block, as OTEL_* turns them on in a service, each span kept in
+    the exporter yielded as soon as it ends (``get_finished_spans()``); off again after.
+    The process's global tracer provider is left alone."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    before = tracing.use(provider.get_tracer(tracing.SCOPE))
+    try:
+        yield exporter
+    finally:
+        tracing.use(before)
+        provider.shutdown()

@@ -20,6 +20,9 @@ transaction, it gets a younger id.
 
 Positions are unique and increasing, not dense: readers ask for "after N", never for
 "N + 1". Every read here maps rows to envelopes one way, :func:`recorded_of`.
+
+Beside its envelope, an event keeps the traceparent of the span that recorded it
+(migration 0010; None while traces are off): the relay publishes it in that trace.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ NOTIFY_CHANNEL: Final = "canvas_events_appended"
 
 _COLUMNS = (
     "stream_id, version, position, event_id, type, schema_version, occurred_at, "
-    "recorded_at, correlation_id, causation_id, user_id, canvas_id, data"
+    "recorded_at, correlation_id, causation_id, user_id, canvas_id, data, traceparent"
 )
 
 
@@ -56,6 +59,8 @@ class RecordedEvent:
     position: int
     recorded_at: datetime
     envelope: Envelope
+    # The W3C traceparent of the span that recorded it (canvas_events.tracing).
+    traceparent: str | None = None
 
 
 async def append(
@@ -80,6 +85,8 @@ class Append:
     stream_id: UUID
     expected_version: int
     envelopes: Sequence[Envelope]
+    # One per envelope, in order (none: no trace to continue).
+    traceparents: Sequence[str | None] = ()
 
 
 # One round trip. ``overtaken``: a stream whose last version was appended by a younger
@@ -96,17 +103,17 @@ WITH notified AS (
 ), appended AS (
     INSERT INTO events (stream_id, version, event_id, type, schema_version,
                         occurred_at, correlation_id, causation_id, user_id,
-                        canvas_id, data)
+                        canvas_id, data, traceparent)
     SELECT e.stream_id, e.version, e.event_id, e.type, e.schema_version,
            e.occurred_at, e.correlation_id, e.causation_id, e.user_id,
-           e.canvas_id, e.data
+           e.canvas_id, e.data, e.traceparent
     FROM notified,
          unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::int[],
                 $6::timestamptz[], $7::text[], $8::uuid[], $9::text[],
-                $10::text[], $11::jsonb[])
+                $10::text[], $11::jsonb[], $16::text[])
          WITH ORDINALITY
          AS e(stream_id, version, event_id, type, schema_version, occurred_at,
-              correlation_id, causation_id, user_id, canvas_id, data, n)
+              correlation_id, causation_id, user_id, canvas_id, data, traceparent, n)
     WHERE NOT EXISTS (SELECT 1 FROM overtaken)
     ORDER BY e.n
     RETURNING stream_id, version, position, recorded_at
@@ -139,6 +146,11 @@ async def append_streams(
         for item in appends
         for number, envelope in enumerate(item.envelopes, start=1)
     ]
+    traceparents = [
+        item.traceparents[number] if number < len(item.traceparents) else None
+        for item in appends
+        for number in range(len(item.envelopes))
+    ]
     if not rows:
         return []
     assert conn.is_in_transaction(), "append must run inside the caller's transaction"
@@ -153,6 +165,7 @@ async def append_streams(
             NOTIFY_CHANNEL,
             [item.stream_id for item in followed],
             [item.expected_version for item in followed],
+            traceparents,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_pkey":
@@ -164,9 +177,18 @@ async def append_streams(
         raise ConcurrencyError(
             f"a younger transaction appended to a stream first ({_streams(appends)})"
         )
+    return _recorded(rows, traceparents, stored)
+
+
+def _recorded(
+    rows: Sequence[tuple[UUID, int, Envelope]],
+    traceparents: Sequence[str | None],
+    stored: Sequence[asyncpg.Record],
+) -> list[RecordedEvent]:
+    """The appended ``rows`` as recorded (positions from the ``stored`` rows), in order."""
     by_key = {(row["stream_id"], row["version"]): row for row in stored}
     recorded = []
-    for stream_id, version, envelope in rows:
+    for (stream_id, version, envelope), traceparent in zip(rows, traceparents, strict=True):
         row = by_key[(stream_id, version)]
         recorded.append(
             RecordedEvent(
@@ -177,6 +199,7 @@ async def append_streams(
                 envelope=envelope.model_copy(
                     update={"position": row["position"], "job_id": stream_id}
                 ),
+                traceparent=traceparent,
             )
         )
     return recorded
@@ -349,4 +372,5 @@ def recorded_of(row: asyncpg.Record) -> RecordedEvent:
         position=row["position"],
         recorded_at=row["recorded_at"],
         envelope=envelope,
+        traceparent=row["traceparent"],
     )

@@ -14,6 +14,9 @@ was half of the generator's CPU. :mod:`canvas_generator.sse` splits the events, 
 parses each, and only the fields used below are read. What breaks the read is raised as
 the client raised it (``APITimeoutError``, ``APIConnectionError``, ``APIError`` for an
 error event), so :func:`~canvas_generator.errors.classify` reads it as before.
+
+Each call is a client span (``chat <model>``, OpenTelemetry's GenAI attributes: model,
+tokens, finish reason) when traces are on.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx2
@@ -32,8 +36,10 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
+from opentelemetry.trace import Span, SpanKind
 
-from canvas_generator.errors import BadOutput, MissingApiKey, broke_off, classify
+from canvas_events import tracing
+from canvas_generator.errors import AttemptFailed, BadOutput, MissingApiKey, broke_off, classify
 from canvas_generator.metrics import Metrics
 from canvas_generator.settings import Settings
 from canvas_generator.sse import EventStream
@@ -112,6 +118,31 @@ class ModelClient:
 
         When the client streams, ``on_text`` gets each piece of the reply as it arrives.
         """
+        with tracing.span(
+            f"chat {self.model}", kind=SpanKind.CLIENT, attributes=self._span_attributes()
+        ) as span:
+            try:
+                completion = await self._complete(messages, on_text)
+            except AttemptFailed as exc:
+                span.set_attribute("canvas.failure_kind", exc.kind.value)
+                raise
+            _describe(span, completion)
+            return completion
+
+    def _span_attributes(self) -> dict[str, Any]:
+        address = urlsplit(self.base_url or "https://api.openai.com/v1")
+        return {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": self.model,
+            "server.address": address.hostname,
+            "server.port": address.port,
+            "canvas.streamed": self.stream,
+        }
+
+    async def _complete(
+        self, messages: list[ChatCompletionMessageParam], on_text: TextSink | None
+    ) -> Completion:
         client = self._openai()
         started = time.perf_counter()
         try:
@@ -326,6 +357,16 @@ def _usage(usage: Any) -> dict[str, int]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+
+
+def _describe(span: Span, completion: Completion) -> None:
+    """What the model answered, on the call's span."""
+    span.set_attribute("gen_ai.response.model", completion.model)
+    if completion.finish_reason is not None:
+        span.set_attribute("gen_ai.response.finish_reasons", [completion.finish_reason])
+    for name, key in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+        if key in completion.usage:
+            span.set_attribute(f"gen_ai.usage.{name}_tokens", completion.usage[key])
 
 
 def _since(started: float) -> int:

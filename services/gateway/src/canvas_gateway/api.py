@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from canvas_events.errors import PublishError
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.metrics import Metrics
-from canvas_gateway.middleware import RequestLimits, RequestMiddleware
+from canvas_gateway.middleware import RequestLimits, RequestMiddleware, RequestSpans
 from canvas_gateway.routes import admin, canvas, jobs, ops, page
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ def create_app(service: Service) -> FastAPI:
         description=_DESCRIPTION,
         openapi_tags=_TAGS,
         lifespan=lifespan,
+        # FastAPI's own spans, metrics and logs off: a request is one span, RequestSpans'
+        # (docs/operations.md, "Traces"), and the metrics are ours.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.store = service.store
@@ -70,6 +73,8 @@ def create_app(service: Service) -> FastAPI:
     # Added first, so inside RequestMiddleware: its 401s and 413s are logged and counted.
     app.add_middleware(RequestLimits, secret=settings.secret, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMiddleware, metrics=service.metrics, routes=app.router.routes)
+    # Outermost: the access log line is written inside the request's span.
+    app.add_middleware(RequestSpans, routes=app.router.routes)
     _add_error_handlers(app, service.metrics)
     app.include_router(jobs.router)
     app.include_router(canvas.router)

@@ -1,7 +1,8 @@
 """The ASGI middlewares around every request:
 
-- :class:`RequestMiddleware` (outermost): the request id, the access log line and the
-  HTTP metrics;
+- :class:`RequestSpans` (outermost): when traces are on, a server span per API request,
+  the root of the trace of what it publishes (a job's trace, for a create-canvas);
+- :class:`RequestMiddleware`: the request id, the access log line and the HTTP metrics;
 - :class:`RequestLimits`: before any route reads a body, a request to the API without a
   valid bearer token is answered 401, and one whose body is over MAX_REQUEST_BYTES 413:
   from its Content-Length without reading any of it (and the connection closed), else
@@ -22,11 +23,13 @@ from collections.abc import Sequence
 from uuid import uuid4
 
 import structlog
+from opentelemetry.trace import SpanKind
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from canvas_events import tracing
 from canvas_events.auth import decode_token
 from canvas_events.envelope import CORRELATION_ID_PATTERN
 from canvas_events.errors import AuthError
@@ -38,6 +41,51 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_ID = re.compile(CORRELATION_ID_PATTERN)
 # Paths that match no route are one label, so that scanners cannot grow the metrics.
 _UNMATCHED = "<unmatched>"
+
+
+class RequestSpans:
+    """A server span around each request to the API (not its health probe), when traces
+    are on: named by its route, with its method, status, correlation id and job.
+
+    A request's own ``traceparent`` header is not followed: the gateway is the public
+    edge, and a job's trace starts at the request that made it, as a new trace (the
+    correlation id is what a client knows its request by)."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute] = ()) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        traced = scope["type"] == "http" and tracing.enabled()
+        if not traced or not path.startswith("/api/") or path in PUBLIC_API_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        method = scope["method"]
+        attributes = {"http.request.method": method, "url.path": path}
+        with tracing.span(method, kind=SpanKind.SERVER, root=True, attributes=attributes) as span:
+            try:
+                await self.app(scope, receive, send_with_status)
+            finally:
+                route = _route_label(scope, self.routes)
+                state = scope.get("state", {})
+                job_id = state.get("job_id") or scope.get("path_params", {}).get("job_id")
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("canvas.correlation_id", state.get("correlation_id", ""))
+                if job_id:
+                    span.set_attribute("canvas.job_id", str(job_id))
+                if status >= 500:
+                    tracing.failed(span, f"answered {status}")
 
 
 class RequestMiddleware:

@@ -87,6 +87,8 @@ def create_app(
     app = FastAPI(
         title="canvas-jobs job-orchestrator",
         summary="Health, metrics and the internal read API of the job state machine.",
+        # FastAPI's own spans, metrics and logs off (docs/operations.md, "Traces").
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.database = database
     app.state.model_budget = model_budget or budget.Budget()

@@ -72,14 +72,22 @@ class Stream:
     owner: str | None
     base_version: int
     staged: list[Envelope] = field(default_factory=list)
+    # The trace each staged event continues (its traceparent, None for none).
+    traceparents: list[str | None] = field(default_factory=list)
     # After the commit: the staged events as recorded, with their positions.
     recorded: list[RecordedEvent] = field(default_factory=list)
 
-    def stage(self, decided: Sequence[Event], cause: Envelope, now: datetime) -> None:
+    def stage(
+        self,
+        decided: Sequence[Event],
+        cause: Envelope,
+        now: datetime,
+        traceparent: str | None = None,
+    ) -> None:
         """Stage ``decided``, which ``cause`` led to, and evolve the state by them. The
         recorded copy of an incoming event keeps the time it happened at its source;
         what the orchestrator decides happened at ``now`` (so that next_attempt_at -
-        occurred_at is exactly the backoff)."""
+        occurred_at is exactly the backoff). ``traceparent``: the trace they continue."""
         for event in decided:
             if self.owner is None:
                 self.owner = cause.user_id
@@ -96,6 +104,7 @@ class Stream:
                     occurred_at=cause.occurred_at if source else now,
                 )
             )
+            self.traceparents.append(traceparent)
             self.state = domain.evolve(self.state, event)
 
 
@@ -189,11 +198,17 @@ class Transaction:
             for job_id, (state, history) in found.items()
         }
 
-    def stage(self, stream: Stream, decided: Sequence[Event], cause: Envelope) -> None:
+    def stage(
+        self,
+        stream: Stream,
+        decided: Sequence[Event],
+        cause: Envelope,
+        traceparent: str | None = None,
+    ) -> None:
         """Stage ``decided`` on ``stream`` (see :meth:`Stream.stage`), to be recorded
-        when the transaction ends."""
+        when the transaction ends, in the trace of ``traceparent``."""
         if decided:
-            stream.stage(decided, cause, self.now)
+            stream.stage(decided, cause, self.now, traceparent)
             self.changed.setdefault(stream.job_id, stream)
 
     async def lock_canvases(self, canvas_ids: Iterable[str]) -> None:
@@ -229,7 +244,10 @@ class Transaction:
             self.appended_at = time.perf_counter()
         recorded = await append_streams(
             self.conn,
-            [Append(s.job_id, s.base_version, s.staged) for s in self.changed.values()],
+            [
+                Append(s.job_id, s.base_version, s.staged, s.traceparents)
+                for s in self.changed.values()
+            ],
             position_job=True,
         )
         offset = 0

@@ -7,6 +7,11 @@ transaction (:mod:`committer`) every message is decided, in delivery order, on t
 its job's earlier messages left, with the cancel requested for its job applied first (a
 cancel answered 202 wins over a start or a result), and the decisions are recorded in
 one append. Idle, a transaction carries one message.
+
+Traces: each message's events are recorded in the trace of the message (its consume
+span), and the relay publishes them in it. A transaction is a span of its own, the
+child of its first message's span, linked to the others' (their jobs' traces show the
+wait for it in their consume spans, and the link leads to it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from uuid import UUID, uuid4
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from canvas_events import tracing
 from canvas_events.broker import ACK, DeadLetter, Outcome, Retry, is_transient
 from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage
@@ -67,6 +73,8 @@ class _Message:
     job_id: UUID
     envelope: Envelope
     event: Event
+    # The span that consumed it: the trace its decisions are recorded in.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,8 @@ class Handler:
             self._metrics.messages.labels(envelope.type, "dead_lettered").inc()
             return DeadLetter(str(exc))
         try:
-            handled = await self._batches.submit(_Message(job_id, envelope, event))
+            message = _Message(job_id, envelope, event, tracing.current_traceparent())
+            handled = await self._batches.submit(message)
         except KeptConflicting as exc:
             self._metrics.messages.labels(envelope.type, "retried").inc()
             return Retry(str(exc))
@@ -142,6 +151,21 @@ class Handler:
         """Decide on each message of ``batch`` in order, each on the state its job's
         earlier messages left, and record what they decided, in one transaction."""
         job_ids = sorted({message.job_id for message in batch})
+        with tracing.span(
+            "transaction",
+            parent=batch[0].traceparent,
+            root=True,
+            links=[message.traceparent for message in batch[1:]],
+            attributes={
+                "db.system.name": "postgresql",
+                "canvas.messages": len(batch),
+                "canvas.jobs": len(job_ids),
+                "canvas.job_id": str(batch[0].job_id) if len(job_ids) == 1 else None,
+            },
+        ):
+            return await self._record(batch, job_ids)
+
+    async def _record(self, batch: Sequence[_Message], job_ids: list[UUID]) -> list[Handled]:
         async with self.committer.transaction() as tx:
             fresh = await tx.lock(job_ids, messages=[m.envelope.event_id for m in batch])
             if not fresh:
@@ -207,7 +231,7 @@ class Handler:
             results.append(handled)
             before = len(stream.staged)
             for decided, cause in made:
-                tx.stage(stream, [decided], cause)
+                tx.stage(stream, [decided], cause, message.traceparent)
             if made:
                 spans.setdefault(message.job_id, []).append(
                     (len(results) - 1, len(stream.staged) - before)

@@ -300,10 +300,15 @@ class Relay(Background):
         return confirmed, False
 
     async def _publish(self, message: list[RecordedEvent]) -> None:
+        # Each event's publish span continues the trace of the message that recorded it.
         if len(message) > 1:
             # Status events for the notifiers, which may all be away.
-            bodies = [item.envelope.to_json() for item in message]
-            await self.broker.publish_batch(bodies, routing_key(JOB, BATCH), mandatory=False)
+            await self.broker.publish_envelopes(
+                [item.envelope for item in message],
+                routing_key(JOB, BATCH),
+                parents=[item.traceparent for item in message],
+                mandatory=False,
+            )
             return
         envelope = message[0].envelope
         priority = None
@@ -314,7 +319,11 @@ class Relay(Background):
         # Work must reach the (durable) work queue; the other events go to per-process
         # queues of notifiers and generators, of which there may be none at the moment.
         await self.broker.publish(
-            envelope, routing_key(JOB, envelope.type), priority=priority, mandatory=work
+            envelope,
+            routing_key(JOB, envelope.type),
+            priority=priority,
+            mandatory=work,
+            parent=message[0].traceparent,
         )
 
     async def _measure_lag(self, conn: asyncpg.Connection, checkpoint: int | None = None) -> None:

@@ -150,7 +150,9 @@ class Timers(Background):
             new = domain.retry_due(stream.state, now=tx.now, policy=self.policy, new_id=self.new_id)
         else:
             new = domain.lease_expired(stream.state, now=tx.now, policy=self.policy)
-        tx.stage(stream, new, request if request is not None else stream.history[-1].envelope)
+        # The job's trace goes on from its last event (a timer has no message of its own).
+        cause = request if request is not None else stream.history[-1].envelope
+        tx.stage(stream, new, cause, stream.history[-1].traceparent)
         return bool(new)
 
     def _left_out(self) -> list[UUID]:

@@ -20,6 +20,9 @@ Logs: a line per connect and disconnect, and one per pushed event that ends an a
 or a job (completed, error, cancelled) at INFO; the other pushes (queued, started, each
 object drawn) only at DEBUG: at a thousand events a second the lines would cost more
 CPU than the fan-out.
+
+Traces: each event handed to the hub is a ``deliver`` span, the child of its consume
+span (the frame's type, the connections that took it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from canvas_events import tracing
 from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import ACK, Broker, Consumer, DeadLetter, Outcome
 from canvas_events.envelope import Envelope
@@ -469,7 +473,9 @@ class Notifier:
         if frame is None:
             return ACK
         self.metrics.events_received.labels(type=envelope.type).inc()
-        taken, _ = self.hub.deliver(envelope.user_id, frame)
+        with tracing.span("deliver", attributes={"canvas.frame_type": frame.type}) as span:
+            taken, _ = self.hub.deliver(envelope.user_id, frame)
+            span.set_attribute("canvas.connections", taken)
         # A log line costs more CPU than the fan-out of its event (about 150 us; and
         # structlog runs its processors even for a line the level then drops): INFO
         # for a job's outcomes, the rest only when DEBUG is on.
