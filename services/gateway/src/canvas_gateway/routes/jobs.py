@@ -13,10 +13,12 @@ import structlog
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
+from canvas_events.auth import Principal
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.errors import PublishError
 from canvas_events.events import JobCancelRequested
 from canvas_events.publishing import BatchPublisher
+from canvas_gateway.budget import budget_of, budget_refusal
 from canvas_gateway.deps import (
     CorrelationId,
     CurrentUser,
@@ -44,7 +46,7 @@ from canvas_gateway.schemas import (
 )
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Admission, JobRequest, Limits, Store
-from canvas_store.errors import CanvasTaken, LimitReached
+from canvas_store.errors import BudgetSpent, CanvasTaken, LimitReached
 
 log = structlog.get_logger("canvas_gateway.jobs")
 router = APIRouter(prefix="/api/ai-agent", tags=["jobs"])
@@ -121,7 +123,7 @@ async def create_canvas(
         created_at=utcnow(),  # the ledger's insert sets the time that counts
         confirmed_at=None,
     )
-    admission = await _admit(store, metrics, settings, wanted, body.canvas_id is not None)
+    admission = await _admit(store, metrics, settings, user, wanted, body.canvas_id is not None)
     job = admission.request
     # Bound only now: a refused request has no job to trace.
     structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
@@ -144,16 +146,28 @@ async def create_canvas(
 
 
 async def _admit(
-    store: Store, metrics: Metrics, settings: Settings, wanted: JobRequest, canvas_given: bool
+    store: Store,
+    metrics: Metrics,
+    settings: Settings,
+    caller: Principal,
+    wanted: JobRequest,
+    canvas_given: bool,
 ) -> Admission:
     """The ledger's row for ``wanted``: new, or the earlier one with its key; 429 over
-    the user's limit, 404 for someone else's canvas."""
+    the user's limit or the caller's daily token budget (canvas_gateway.budget), 404
+    for someone else's canvas."""
+    now = utcnow()
     limits = Limits(
         active=settings.max_active_jobs_per_user,
         in_flight_seconds=settings.publish_timeout_seconds * 2,
+        budget=budget_of(settings, caller, now),
     )
     try:
         return await store.admit(wanted, canvas_given=canvas_given, limits=limits)
+    except BudgetSpent as exc:
+        metrics.jobs_rejected.labels("budget").inc()
+        log.info("job refused: daily token budget used", used=exc.used, budget=exc.budget)
+        raise budget_refusal(exc, now) from None
     except LimitReached as exc:
         metrics.jobs_rejected.labels("limit").inc()
         log.info("job refused: user over the limit", active=exc.active, limit=exc.limit)
