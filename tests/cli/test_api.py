@@ -62,6 +62,30 @@ def _gateway(handler: Any) -> Gateway:
     return Gateway("http://gateway.test", TOKEN, transport=httpx.MockTransport(handler))
 
 
+def test_a_budget_429_points_at_usage_and_not_at_unfinished_jobs() -> None:
+    detail = "daily token budget used (1,100 of 1,000 tokens); it resets at 2026-12-07T00:00:00Z"
+    error = api_error(429, {"detail": detail}, "40000")
+    assert error.message == f"429: {detail}"
+    assert error.hint is not None
+    assert "canvas-jobs usage" in error.hint
+    assert "unfinished" not in error.hint
+    assert "40000" not in error.hint  # the detail says when, better than seconds
+    assert error.retry_after == "40000"
+
+
+async def test_usage_asks_the_usage_route() -> None:
+    seen: list[str] = []
+    answer = {"tokens_used_today": 5, "daily_budget": None, "resets_at": "2026-12-07T00:00:00Z"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        return httpx.Response(200, json=answer)
+
+    async with _gateway(handler) as gateway:
+        assert await gateway.usage() == answer
+    assert seen == ["GET /api/ai-agent/usage"]
+
+
 async def test_every_request_carries_the_token_in_its_header_only() -> None:
     seen: list[httpx.Request] = []
 

@@ -7,7 +7,14 @@ from typing import Any
 
 from rich.console import Console, RenderableType
 
-from canvas_cli.render import duration, events_table, jobs_table, live_panel, status_table
+from canvas_cli.render import (
+    duration,
+    events_table,
+    jobs_table,
+    live_panel,
+    status_table,
+    usage_table,
+)
 from canvas_cli.view import JobView
 
 JOB = "3f1c9a52-8d7e-4b1a-9c33-2f5d6e7a8b90"
@@ -110,3 +117,32 @@ def test_durations_read_in_seconds_then_minutes() -> None:
     assert duration("2025-01-01T12:00:00+00:00", "2025-01-01T12:00:01.25+00:00") == "1.2 s"
     assert duration("2025-01-01T12:00:00+00:00", "2025-01-01T12:03:05+00:00") == "3m 05s"
     assert duration("2025-01-01T12:00:00+00:00", None) is None
+
+
+def test_usage_shows_tokens_budget_and_whats_left() -> None:
+    shown = text(
+        usage_table(
+            {"tokens_used_today": 1234, "daily_budget": 10000, "resets_at": "2026-12-07T00:00:00Z"}
+        )
+    )
+    assert "tokens today  1,234" in shown
+    assert "daily budget  10,000" in shown
+    assert "left          8,766" in shown
+    assert "resets at" in shown
+    assert "2026-12-0" in shown  # in local time: the 6th or the 7th
+
+
+def test_usage_over_the_budget_leaves_0_and_without_one_says_none() -> None:
+    over = text(
+        usage_table(
+            {"tokens_used_today": 1100, "daily_budget": 1000, "resets_at": "2026-12-07T00:00:00Z"}
+        )
+    )
+    assert "left          0" in over
+    unlimited = text(
+        usage_table(
+            {"tokens_used_today": 7, "daily_budget": None, "resets_at": "2026-12-07T00:00:00Z"}
+        )
+    )
+    assert "daily budget  none" in unlimited
+    assert "left" not in unlimited

@@ -95,7 +95,13 @@ APP_SERVICES = (
         "gateway",
         "gateway",
         8000,
-        {"DATABASE_URL", "JWT_SECRET", "MAX_ACTIVE_JOBS_PER_USER", "MAX_REQUEST_BYTES"},
+        {
+            "DATABASE_URL",
+            "JWT_SECRET",
+            "MAX_ACTIVE_JOBS_PER_USER",
+            "MAX_REQUEST_BYTES",
+            "USER_DAILY_TOKEN_BUDGET",
+        },
     ),
     _app(
         "job-orchestrator",
@@ -158,6 +164,7 @@ DOCUMENTED_ENV = frozenset(
         "ORCHESTRATOR_PORT",
         "GENERATOR_PORT",
         "MAX_ACTIVE_JOBS_PER_USER",
+        "USER_DAILY_TOKEN_BUDGET",
         "MAX_REQUEST_BYTES",
         "LOG_LEVEL",
         "LOG_FORMAT",

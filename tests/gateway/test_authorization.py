@@ -38,6 +38,7 @@ ROUTES = [
     Route("POST", "/api/ai-agent/job/{job_id}/cancel", 404),
     Route("POST", "/api/ai-agent/job/{job_id}/retry", 404, as_owner=409),  # not final yet
     Route("GET", "/api/ai-agent/jobs", 200),  # Bob's own (empty) list
+    Route("GET", "/api/ai-agent/usage", 200),  # Bob's own tokens of the day
     Route("GET", "/api/canvas/{canvas_id}/objects", 404),
     Route("GET", "/api/ai-agent/debug/environment", 403),  # admins only
     Route("GET", "/api/admin/jobs", 403),
@@ -111,6 +112,8 @@ async def test_another_user_is_told_nothing_of_alices_job_and_canvas(
         assert answer.json() == {"detail": "admin role required"}
     if route.path == "/api/ai-agent/jobs":
         assert answer.json()["jobs"] == []
+    if route.path == "/api/ai-agent/usage":
+        assert answer.json()["tokens_used_today"] == 0
 
 
 async def test_alice_herself_reaches_every_route(gateway: Gateway) -> None:

@@ -17,6 +17,7 @@ from canvas_events.auth import decode_token
 from canvas_events.settings import DEV_JWT_SECRET
 from canvas_events.topology import Topology
 from canvas_gateway.__main__ import main
+from canvas_gateway.settings import Settings
 from tests.support.processes import free_port
 from tests.support.schema import apply_orchestrator_schema
 from tests.support.waiting import eventually
@@ -71,6 +72,25 @@ def test_bad_setting_exits_2_naming_the_variable(
         main([])
     assert exited.value.code == 2
     assert "MAX_ACTIVE_JOBS_PER_USER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5"])
+def test_a_bad_daily_token_budget_exits_2_naming_the_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("USER_DAILY_TOKEN_BUDGET", value)
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert "USER_DAILY_TOKEN_BUDGET" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "budget"), [("", None), ("50000", 50_000)])
+def test_an_empty_daily_token_budget_is_no_limit(
+    value: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USER_DAILY_TOKEN_BUDGET", value)
+    assert Settings(jwt_secret="x" * 32).user_daily_token_budget == budget
 
 
 @pytest.mark.e2e

@@ -26,6 +26,9 @@ _HINTS: Final = {
     429: "too many of your jobs are unfinished; wait for one to end",
     503: "the system cannot take this now; nothing was changed, try again",
 }
+# The 429 of the daily token budget (its detail starts so, and says when it resets).
+_BUDGET_DETAIL: Final = "daily token budget used"
+_BUDGET_HINT: Final = "your jobs used today's token budget; canvas-jobs usage shows it"
 
 
 def error_detail(body: Any) -> str:
@@ -51,6 +54,9 @@ def error_detail(body: Any) -> str:
 def api_error(status: int, body: Any, retry_after: str | None = None) -> ApiError:
     """The error to show for an answer with ``status`` and JSON ``body``."""
     detail = error_detail(body)
+    if status == 429 and detail.startswith(_BUDGET_DETAIL):
+        # Retry-After is hours of seconds here: the detail's reset time says it better.
+        return ApiError(status, detail, hint=_BUDGET_HINT, retry_after=retry_after)
     hint = _HINTS.get(status)
     if retry_after is not None and status in (429, 503):
         hint = f"{hint}; retry after {retry_after} s" if hint else f"retry after {retry_after} s"
@@ -225,6 +231,11 @@ class Gateway:
             cursor = page.get("next_cursor")
             if cursor is None or not page["jobs"]:
                 return
+
+    async def usage(self) -> dict[str, Any]:
+        """The caller's tokens today, daily budget (None: no limit) and reset time."""
+        result: dict[str, Any] = await self._call("GET", "/api/ai-agent/usage")
+        return result
 
     async def canvas_objects(self, canvas_id: str) -> list[dict[str, Any]]:
         """The objects on a canvas, in drawing order."""

@@ -23,7 +23,7 @@ from rich.console import Console
 from canvas_cli.api import MAX_PAGE, AdminFilter, Gateway
 from canvas_cli.config import DEFAULT_GATEWAY_URL, DEFAULT_NOTIFIER_URL, Config
 from canvas_cli.errors import CliError, ExitCode
-from canvas_cli.render import events_table, jobs_table, objects_table, status_table
+from canvas_cli.render import events_table, jobs_table, objects_table, status_table, usage_table
 from canvas_cli.view import JobView
 from canvas_cli.watch import Follower, JsonSink, LinesSink, LiveSink, Sink
 
@@ -447,6 +447,20 @@ def objects(
     as_json = {"canvas_id": canvas, "objects": found}
     empty = "no objects on this canvas yet"
     _show_list(found, json_=json_, as_json=as_json, table=objects_table, empty=empty)
+
+
+@app.command()
+def usage(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """Show your model tokens today and your daily budget.
+
+    The count is of your jobs completed since 00:00 UTC; at the budget, submit is
+    refused (429) until the reset time shown (in local time).
+    """
+    answer = _ask(ctx, lambda gateway: gateway.usage())
+    if json_:
+        _print_json(answer)
+    else:
+        _consoles()[0].print(usage_table(answer))
 
 
 @app.command()

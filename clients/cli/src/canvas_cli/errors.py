@@ -7,8 +7,8 @@ Exit codes (also in the README)::
     2  the job was cancelled
     3  anything else: a usage error, no token, a refused or bad token (401), a job that
        is not there (404), a job already final (409), a rejected request (422), too
-       many jobs (429), the system unavailable (503), a gateway or notifier that
-       cannot be reached
+       many jobs or the day's token budget used (429), the system unavailable (503), a
+       gateway or notifier that cannot be reached
     130  interrupted (Ctrl-C); the job goes on
 
 Exceptions::

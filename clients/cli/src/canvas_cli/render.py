@@ -104,6 +104,31 @@ def status_table(job: dict[str, Any]) -> Table:
     return table
 
 
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def usage_table(usage: dict[str, Any]) -> Table:
+    """The caller's tokens today against their daily budget, as a two-column table."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    used, budget = usage.get("tokens_used_today"), usage.get("daily_budget")
+    table.add_row("tokens today", _count(used))
+    if budget is None:
+        table.add_row("daily budget", "none")
+    else:
+        table.add_row("daily budget", _count(budget))
+        left = budget - used if isinstance(budget, int) and isinstance(used, int) else None
+        over = left is not None and left <= 0
+        table.add_row(
+            "left",
+            Text(_count(max(left, 0)) if left is not None else "?", style="red" if over else ""),
+        )
+    table.add_row("resets at", _plain(_time(usage.get("resets_at"))))
+    return table
+
+
 def jobs_table(jobs: list[dict[str, Any]], *, with_user: bool = False) -> Table:
     """Jobs, one row each (``with_user``: whose each is, for an admin's list)."""
     table = Table(box=None, pad_edge=False, header_style="bold")

@@ -17,6 +17,7 @@ one, is here; the import arrows show who reads and writes what:
   how long work waits);
 - ``views.py``: what a user sees of their jobs, the ledger's accepted requests included;
 - ``ledger.py``: the gateway's ledger of accepted requests;
+- ``usage.py``: the tokens a user's jobs used in a UTC day (the daily token budget);
 - ``cancels.py``: the cancels users requested, written by the gateway, applied by the
   orchestrator.
 

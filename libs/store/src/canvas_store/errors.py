@@ -4,13 +4,16 @@ StoreError
  ├── ConcurrencyError (RuntimeError)   another writer appended to the stream, or recorded
  │                                     the job, first: read again and decide again
  ├── CanvasTaken (LookupError)         the canvas is another user's
- └── LimitReached                      the user already has too many unfinished jobs
+ ├── LimitReached                      the user already has too many unfinished jobs
+ └── BudgetSpent                       the user's jobs used their daily token budget
 
 An outage of the database itself is not a StoreError: asyncpg's and the socket's errors
 pass through, and ``canvas_events.postgres.is_outage`` tells them apart.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class StoreError(Exception):
@@ -32,3 +35,14 @@ class LimitReached(StoreError):
         super().__init__(f"{active} unfinished jobs, limit {limit}")
         self.active = active
         self.limit = limit
+
+
+class BudgetSpent(StoreError):
+    """The user's jobs completed today used ``used`` tokens, at or over ``budget``; the
+    budget starts again at ``resets_at``."""
+
+    def __init__(self, used: int, budget: int, resets_at: datetime) -> None:
+        super().__init__(f"{used} tokens used today, budget {budget}")
+        self.used = used
+        self.budget = budget
+        self.resets_at = resets_at

@@ -9,7 +9,8 @@ broker's confirm and the orchestrator's projection:
 - idempotency: ``UNIQUE (user_id, idempotency_key)``, and a job id derived from them,
   give a retried request the same job and no second one;
 - the per-user limit: it counts the requests confirmed (or still being published) but
-  not yet projected, so a burst cannot slip past the limit;
+  not yet projected, so a burst cannot slip past the limit; the per-user daily token
+  budget is checked in the same statement (:mod:`canvas_store.usage`);
 - the last line of defence: a confirmed request the orchestrator has not recorded a
   while later (its message purged, dead-lettered or lost with a deleted queue) is sent
   again, and given up with a reason after a few tries (the gateway's ledger sweep).
@@ -33,9 +34,10 @@ import asyncpg
 
 from canvas_events.envelope import Envelope
 from canvas_events.events import JobRequested
-from canvas_store.errors import CanvasTaken, LimitReached
+from canvas_store.errors import BudgetSpent, CanvasTaken, LimitReached
 from canvas_store.jobs import canvas_owner
 from canvas_store.status import ACTIVE_STATUSES
+from canvas_store.usage import TokenBudget, tokens_query
 
 GIVEN_UP_ERROR: Final = (
     "the job was never recorded by the job-orchestrator ({tries} tries); submit it again"
@@ -65,20 +67,29 @@ SELECT (SELECT count(*) FROM jobs
                 OR r.created_at > now() - make_interval(secs => $2))
            AND {UNPROJECTED}) AS active
 """  # noqa: S608 (constants only)
-# The request inserted created now, in the same round trip as the count, unless the user
-# is at the limit ($10) or its job id is in the ledger already; ``active`` either way.
+# The tokens the user's jobs completed in the budget's day used ($12 to $13), when there
+# is a budget ($11); NULL without one (no sum at all).
+_SPENT: Final = f"""
+SELECT CASE WHEN $11::bigint IS NOT NULL THEN ({tokens_query("$1", "$12", "$13")}) END
+       AS tokens
+"""
+# The request inserted created now, in the same round trip as the count and the sum,
+# unless the user is at the limit ($10) or has used the budget ($11), or its job id is
+# in the ledger already; ``active`` and ``tokens`` either way. $14: the job it retries.
 _ADMIT: Final = f"""
-WITH counted AS ({_ACTIVE_JOBS}), inserted AS (
+WITH counted AS ({_ACTIVE_JOBS}), spent AS ({_SPENT}), inserted AS (
     INSERT INTO gateway_job_requests (job_id, user_id, canvas_id, priority, query,
                                       options, idempotency_key, correlation_id,
                                       retry_of, created_at)
     SELECT $3::uuid, $1::text, $4::text, $5::smallint, $6::text, $7::jsonb, $8::text,
-           $9::text, $11::uuid, now()
+           $9::text, $14::uuid, now()
     WHERE (SELECT active FROM counted) < $10
+      AND ($11::bigint IS NULL OR (SELECT tokens FROM spent) < $11::bigint)
     ON CONFLICT DO NOTHING
     RETURNING *
 )
-SELECT (SELECT active FROM counted) AS active, inserted.*
+SELECT (SELECT active FROM counted) AS active, (SELECT tokens FROM spent) AS tokens,
+       inserted.*
 FROM (SELECT 1) AS one LEFT JOIN inserted ON true
 """  # noqa: S608 (constants only)
 # Statements are built from these constants only (hence the noqa: S608); values are
@@ -137,10 +148,14 @@ class Admission:
 class Limits:
     """What :func:`admit` enforces: ``active`` unfinished jobs a user may have; requests
     inserted less than ``in_flight_seconds`` ago and not confirmed yet (still being
-    published) count towards it, so that a burst cannot pass it."""
+    published) count towards it, so that a burst cannot pass it. And the user's token
+    ``budget`` of the day, when there is one (None: no limit). Jobs accepted but not
+    completed use tokens the budget does not know of yet: they can take a user past it,
+    by what they use; the next request is then refused."""
 
     active: int
     in_flight_seconds: float
+    budget: TokenBudget | None = None
 
 
 async def admit(
@@ -153,8 +168,11 @@ async def admit(
     """Record ``request`` (its ``created_at`` and ``confirmed_at`` are set here), or find
     the earlier one with the same key, inside the caller's transaction.
 
-    Raises :class:`CanvasTaken` when a given canvas is someone else's and
+    Raises :class:`CanvasTaken` when a given canvas is someone else's,
+    :class:`BudgetSpent` when the user's jobs used ``limits.budget`` today, and
     :class:`LimitReached` when the user already has ``limits.active`` unfinished jobs.
+    A request with a known key is answered with its job whatever the limits say: it
+    makes no new job.
     """
     assert conn.is_in_transaction(), "admit needs the caller's transaction"
     # One user's submissions go one at a time: the limit check and the key lookup then
@@ -181,9 +199,13 @@ async def admit(
         request.idempotency_key,
         request.correlation_id,
         limits.active,
+        *_budget_parameters(limits.budget),
         request.retry_of,
     )
     assert row is not None
+    budget = limits.budget
+    if budget is not None and row["tokens"] >= budget.tokens:
+        raise BudgetSpent(row["tokens"], budget.tokens, budget.day.end)
     if row["active"] >= limits.active:
         raise LimitReached(row["active"], limits.active)
     if row["job_id"] is None:  # the same key, inserted before the lock was taken
@@ -195,6 +217,15 @@ async def admit(
         assert row["user_id"] == request.user_id
         return Admission(_request(row), duplicate=True)
     return Admission(_request(row), duplicate=False)
+
+
+def _budget_parameters(
+    budget: TokenBudget | None,
+) -> tuple[int | None, datetime | None, datetime | None]:
+    """$11 to $13 of :data:`_ADMIT`: the budget's tokens and day, or NULLs."""
+    if budget is None:
+        return None, None, None
+    return budget.tokens, budget.day.start, budget.day.end
 
 
 async def _keyed(conn: asyncpg.Connection, request: JobRequest) -> JobRequest | None:

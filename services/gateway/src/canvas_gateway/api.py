@@ -17,7 +17,7 @@ from canvas_events.errors import PublishError
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
 from canvas_gateway.metrics import Metrics
 from canvas_gateway.middleware import RequestLimits, RequestMiddleware, RequestSpans
-from canvas_gateway.routes import admin, canvas, jobs, ops, page
+from canvas_gateway.routes import admin, canvas, jobs, ops, page, usage
 
 if TYPE_CHECKING:
     from canvas_gateway.service import Service
@@ -77,6 +77,7 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(RequestSpans, routes=app.router.routes)
     _add_error_handlers(app, service.metrics)
     app.include_router(jobs.router)
+    app.include_router(usage.router)
     app.include_router(canvas.router)
     app.include_router(admin.router)
     app.include_router(ops.probes(service.readiness, service.metrics.registry))

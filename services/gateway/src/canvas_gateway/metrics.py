@@ -31,7 +31,8 @@ class Metrics(MetricSet):
         )
         self.jobs_rejected = self.counter(
             "canvas_jobs_rejected_total",
-            "Job requests refused after validation, by reason (limit, canvas, publish).",
+            "Job requests refused after validation, by reason (limit: too many unfinished "
+            "jobs; budget: the daily token budget used; canvas; publish).",
             labels=["reason"],
         )
         self.publish_failures = self.counter(

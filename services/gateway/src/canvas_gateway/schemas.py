@@ -372,6 +372,24 @@ class HealthPublic(BaseModel):
     issues: list[str] = Field(description="Every reason for a status other than healthy.")
 
 
+class UsagePublic(BaseModel):
+    """The caller's model tokens of the current UTC day, against their daily budget."""
+
+    model_config = examples(
+        {"tokens_used_today": 1234, "daily_budget": 10000, "resets_at": "2025-01-02T00:00:00Z"},
+        {"tokens_used_today": 1234, "daily_budget": None, "resets_at": "2025-01-02T00:00:00Z"},
+    )
+
+    tokens_used_today: int = Field(
+        ge=0, description="Tokens of the caller's jobs completed since 00:00 UTC."
+    )
+    daily_budget: int | None = Field(
+        description="USER_DAILY_TOKEN_BUDGET; null when the caller has no limit (unset, "
+        "or the caller is an admin)."
+    )
+    resets_at: datetime = Field(description="The next 00:00 UTC, when the count starts again.")
+
+
 class ErrorPublic(BaseModel):
     """Every error answer."""
 

@@ -15,6 +15,9 @@ class Settings(ServiceSettings):
     max_request_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     # Unfinished jobs (queued, processing, retry_scheduled) one user may have at once.
     max_active_jobs_per_user: int = Field(default=20, ge=1, le=100_000)
+    # Model tokens one user's jobs may use in a UTC day (canvas_store.usage); unset or
+    # empty: no limit. Admins are exempt.
+    user_daily_token_budget: int | None = Field(default=None, gt=0, le=10**15)
     # How long a request waits for the broker's confirm before answering 503.
     publish_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # An accepted job the orchestrator has not recorded this long after it was sent is
@@ -35,6 +38,11 @@ class Settings(ServiceSettings):
     notifier_public_url: str | None = Field(default=None, max_length=2000)
     # Read only to derive that default: the notifier's own variable (docs/settings.md).
     notifier_port: Port = 8001
+
+    @field_validator("user_daily_token_budget", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value  # USER_DAILY_TOKEN_BUDGET= means unset
 
     @field_validator("notifier_public_url", mode="before")
     @classmethod

@@ -21,13 +21,23 @@ from canvas_events.envelope import Envelope
 from canvas_events.logging import redact
 from canvas_events.postgres import Database, is_outage
 from canvas_gateway.errors import StoreNotReady, StoreUnavailable
-from canvas_store import cancels, jobs, ledger, views
+from canvas_store import cancels, jobs, ledger, usage, views
 from canvas_store.jobs import Backlog
 from canvas_store.ledger import Admission, JobRequest, Limits
 from canvas_store.status import JobStatus
+from canvas_store.usage import Day, TokenBudget
 from canvas_store.views import JobFilter
 
-__all__ = ["Admission", "Backlog", "JobFilter", "JobRequest", "Limits", "Store"]
+__all__ = [
+    "Admission",
+    "Backlog",
+    "Day",
+    "JobFilter",
+    "JobRequest",
+    "Limits",
+    "Store",
+    "TokenBudget",
+]
 
 
 class Store:
@@ -70,7 +80,7 @@ class Store:
 
     async def admit(self, request: JobRequest, *, canvas_given: bool, limits: Limits) -> Admission:
         """:func:`canvas_store.ledger.admit`: the request recorded, or the earlier one
-        with its key; raises CanvasTaken or LimitReached."""
+        with its key; raises CanvasTaken, BudgetSpent or LimitReached."""
         async with self._connection(transaction=True) as conn:
             return await ledger.admit(conn, request, canvas_given=canvas_given, limits=limits)
 
@@ -146,6 +156,11 @@ class Store:
         (any user's with ``user_id`` None)."""
         async with self._connection() as conn:
             return await views.job_history(conn, user_id, job_id)
+
+    async def tokens_used(self, user_id: str, day: Day) -> int:
+        """The tokens of the user's jobs completed in ``day``."""
+        async with self._connection() as conn:
+            return await usage.tokens_used(conn, user_id, day)
 
     async def canvas_objects(self, user_id: str, canvas_id: str) -> list[dict[str, Any]] | None:
         """The objects on the user's canvas in drawing order; None when it is not theirs."""

@@ -17,7 +17,11 @@ _ERRORS: dict[int, tuple[type[Any], str]] = {
     ),
     413: (ErrorPublic, "The request body is over `MAX_REQUEST_BYTES`; it was not read."),
     422: (ValidationErrorPublic, "The request is malformed; `detail` lists every problem."),
-    429: (ErrorPublic, "Too many unfinished jobs; retry after `Retry-After` seconds."),
+    429: (
+        ErrorPublic,
+        "Too many unfinished jobs, or the daily token budget is used (`detail` says which); "
+        "retry after `Retry-After` seconds.",
+    ),
     503: (
         ErrorPublic,
         "The database or the broker is unavailable; nothing was changed. Retry after "

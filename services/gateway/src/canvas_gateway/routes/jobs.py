@@ -14,10 +14,12 @@ import structlog
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
+from canvas_events.auth import Principal
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.errors import PublishError
 from canvas_events.events import JobCancelRequested
 from canvas_events.publishing import BatchPublisher
+from canvas_gateway.budget import budget_of, budget_refusal
 from canvas_gateway.deps import (
     CorrelationId,
     CurrentUser,
@@ -46,7 +48,7 @@ from canvas_gateway.schemas import (
 )
 from canvas_gateway.settings import Settings
 from canvas_gateway.store import Admission, JobRequest, Limits, Store
-from canvas_store.errors import CanvasTaken, LimitReached
+from canvas_store.errors import BudgetSpent, CanvasTaken, LimitReached
 
 log = structlog.get_logger("canvas_gateway.jobs")
 router = APIRouter(prefix="/api/ai-agent", tags=["jobs"])
@@ -105,10 +107,15 @@ class Intake:
         self.correlation_id = correlation_id
         self.request = request
 
-    async def accept(self, wanted: JobRequest, *, canvas_given: bool) -> JobRequest:
+    async def accept(
+        self, wanted: JobRequest, *, caller: Principal, canvas_given: bool
+    ) -> JobRequest:
         """``wanted`` recorded and published (or the earlier request with its key); the
-        4xx or 503 that says why not."""
-        admission = await _admit(self.store, self.metrics, self.settings, wanted, canvas_given)
+        4xx or 503 that says why not. ``caller``: who asks (an admin is exempt from the
+        daily token budget, also when asking for another user's job)."""
+        admission = await _admit(
+            self.store, self.metrics, self.settings, caller, wanted, canvas_given
+        )
         job = admission.request
         # Bound only now: a refused request has no job to trace.
         structlog.contextvars.bind_contextvars(job_id=str(job.job_id))
@@ -174,7 +181,7 @@ async def create_canvas(
         created_at=utcnow(),  # the ledger's insert sets the time that counts
         confirmed_at=None,
     )
-    job = await intake.accept(wanted, canvas_given=body.canvas_id is not None)
+    job = await intake.accept(wanted, caller=user, canvas_given=body.canvas_id is not None)
     return JobAccepted(**_accepted(job))
 
 
@@ -219,7 +226,7 @@ async def retry_job(
         retry_of=job_id,
     )
     # The canvas is the owner's: the job being retried drew on it.
-    job = await intake.accept(wanted, canvas_given=False)
+    job = await intake.accept(wanted, caller=user, canvas_given=False)
     return RetryAccepted(**_accepted(job), retry_of=job_id)
 
 
@@ -231,16 +238,28 @@ def retry_key(job_id: UUID, caller: str, idempotency_key: str) -> str:
 
 
 async def _admit(
-    store: Store, metrics: Metrics, settings: Settings, wanted: JobRequest, canvas_given: bool
+    store: Store,
+    metrics: Metrics,
+    settings: Settings,
+    caller: Principal,
+    wanted: JobRequest,
+    canvas_given: bool,
 ) -> Admission:
     """The ledger's row for ``wanted``: new, or the earlier one with its key; 429 over
-    the user's limit, 404 for someone else's canvas."""
+    the user's limit or the caller's daily token budget (canvas_gateway.budget), 404
+    for someone else's canvas."""
+    now = utcnow()
     limits = Limits(
         active=settings.max_active_jobs_per_user,
         in_flight_seconds=settings.publish_timeout_seconds * 2,
+        budget=budget_of(settings, caller, now),
     )
     try:
         return await store.admit(wanted, canvas_given=canvas_given, limits=limits)
+    except BudgetSpent as exc:
+        metrics.jobs_rejected.labels("budget").inc()
+        log.info("job refused: daily token budget used", used=exc.used, budget=exc.budget)
+        raise budget_refusal(exc, now) from None
     except LimitReached as exc:
         metrics.jobs_rejected.labels("limit").inc()
         log.info("job refused: user over the limit", active=exc.active, limit=exc.limit)

@@ -43,6 +43,7 @@
     submit: $("submit"),
     newCanvas: $("new-canvas"),
     formError: $("form-error"),
+    usage: $("usage"),
     currentJob: $("current-job"),
     jobs: $("jobs"),
     refreshJobs: $("refresh-jobs"),
@@ -186,6 +187,7 @@
     const saved = localStorage.getItem(CANVAS_KEY);
     openCanvas(saved && CANVAS_ID.test(saved) ? saved : null);
     connect();
+    refreshUsage();
     document.dispatchEvent(new CustomEvent("canvas-jobs:signed-in", { detail: { claims } }));
     return true;
   }
@@ -210,6 +212,7 @@
     ui.signOut.hidden = true;
     ui.signIn.hidden = false;
     ui.user.textContent = "";
+    ui.usage.textContent = "";
     ui.signInError.textContent = reason || "";
     setConnection("signed-out", "signed out");
     document.dispatchEvent(new CustomEvent("canvas-jobs:signed-out"));
@@ -308,6 +311,7 @@
           state.freshCanvas = false;
           reloadCanvas();
         }
+        refreshUsage();
         break;
       case "ai_job_error":
         // This attempt's objects never reach the canvas: a retry draws again from its start.
@@ -777,6 +781,28 @@
     ui.currentJob.replaceChildren(...parts);
   }
 
+  // -- the daily token budget ------------------------------------------------------------
+
+  // "tokens today: 1,234 of 10,000" (or "1,234, no budget"), from GET /api/ai-agent/usage:
+  // read at sign-in and after each completed job; a failed read leaves the last one.
+  async function refreshUsage() {
+    if (!state.token) return;
+    let usage;
+    try {
+      usage = await api("GET", "/api/ai-agent/usage");
+    } catch {
+      return;
+    }
+    const used = Number(usage.tokens_used_today).toLocaleString("en-US");
+    const budget = usage.daily_budget;
+    ui.usage.textContent =
+      budget === null
+        ? `tokens today: ${used}, no budget`
+        : `tokens today: ${used} of ${Number(budget).toLocaleString("en-US")}`;
+    ui.usage.dataset.over = budget !== null && usage.tokens_used_today >= budget ? "true" : "false";
+    ui.usage.title = `resets at ${new Date(usage.resets_at).toLocaleString()}`;
+  }
+
   // -- the form -------------------------------------------------------------------------
 
   async function submit(event) {
@@ -809,10 +835,14 @@
       scheduleJobsRefresh();
     } catch (error) {
       let text = error.message;
-      if (error.status === 429 || error.status === 503) {
-        text += error.retryAfter ? ` (try again in ${error.retryAfter} s)` : "";
+      // A wait of more than a minute (the token budget's, until 00:00 UTC) is told by the
+      // detail itself, with the time it ends.
+      const wait = Number(error.retryAfter);
+      if ((error.status === 429 || error.status === 503) && wait > 0 && wait <= 60) {
+        text += ` (try again in ${wait} s)`;
       }
       ui.formError.textContent = text;
+      if (error.status === 429) refreshUsage();
     } finally {
       ui.submit.disabled = false;
     }
