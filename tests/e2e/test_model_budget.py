@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.system import System
 from tests.support.users import User
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +64,13 @@ async def test_three_generators_together_keep_to_the_fleets_request_budget(
     async with User(fleet) as user:
         before = len(await _arrivals(fleet))
         submitted = [await user.submit(f"a budget drawing {n}") for n in range(jobs)]
+
+        # The last one waits for the window to pass, and its status says why.
+        async def says_why() -> bool:
+            status = await user.status(submitted[-1].job_id)
+            return bool(status["waiting_for"] == "model capacity")
+
+        await eventually(says_why, timeout=DEADLINE_SECONDS, what="waiting for model capacity")
         done = [
             await user.until_status(job.job_id, "completed", "failed", timeout=DEADLINE_SECONDS)
             for job in submitted

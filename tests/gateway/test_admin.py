@@ -254,3 +254,27 @@ async def test_admin_reads_any_jobs_events(gateway: Gateway) -> None:
         f"/api/admin/jobs/{uuid.uuid4()}/events", headers=token("ops", admin=True)
     )
     assert missing.status_code == 404
+
+
+async def test_a_queued_job_whose_call_waits_for_the_model_budget_says_so(
+    gateway: Gateway,
+) -> None:
+    attempt = uuid.uuid4()
+    waiting = await gateway.insert_job("alice", status="queued", attempt_id=attempt)
+    running = await gateway.insert_job("alice", status="processing", attempt_id=uuid.uuid4())
+    stale = await gateway.insert_job("alice", status="queued", attempt_id=uuid.uuid4())
+    for job_id, asked in ((waiting, "now()"), (stale, "now() - interval '5 minutes'")):
+        await gateway.sql(
+            "INSERT INTO model_waits (attempt_id, model, reason, asked_at) "
+            f"SELECT attempt_id, 'm', 'requests', {asked} FROM jobs WHERE id = $1",
+            job_id,
+        )
+    assert (await _status(gateway, waiting))["waiting_for"] == "model capacity"
+    assert (await _status(gateway, running))["waiting_for"] is None
+    # A wait nobody asked about lately (its generator went away) is not shown.
+    assert (await _status(gateway, stale))["waiting_for"] is None
+    listed = await _admin_jobs(gateway, status="queued")
+    assert {job["id"]: job["waiting_for"] for job in listed["jobs"]} == {
+        str(waiting): "model capacity",
+        str(stale): None,
+    }

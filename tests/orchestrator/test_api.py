@@ -87,6 +87,8 @@ async def test_metrics_are_prometheus_text_and_every_name_starts_with_canvas(sta
     # No generator runs here: the queued job is the oldest, and it has waited a moment.
     age = next(line for line in samples if line.startswith("canvas_queue_oldest_age_seconds"))
     assert float(age.split()[-1]) > 0
+    # Whose the unfinished work is: the one user with a job.
+    assert f'canvas_unfinished_jobs_top_users{{user="{request.user_id}"}} 1.0' in samples
 
 
 async def test_internal_api_serves_a_job_row_and_its_stream(start, bus: Bus):

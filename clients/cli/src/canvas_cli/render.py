@@ -81,6 +81,8 @@ def status_table(job: dict[str, Any]) -> Table:
         table.add_row("prompt", _plain(str(job["query"])))
     if job.get("retry_of"):
         table.add_row("runs again", _plain(str(job["retry_of"])))
+    if job.get("waiting_for") and job.get("status") == "queued":
+        table.add_row("waiting for", _plain(str(job["waiting_for"])))
     table.add_row("canvas", _plain(job.get("canvas_id", "")))
     table.add_row("priority", str(job.get("priority", "")))
     table.add_row("created", _plain(_time(job.get("created_at"))))

@@ -27,6 +27,9 @@ import asyncpg
 
 # Permits are kept this many windows (older ones count for nothing), pruned as granted.
 _KEPT_WINDOWS: Final = 2
+# A wait not asked about again for this long is forgotten (generators ask every few
+# seconds while they wait); the status answer shows only waits asked about lately.
+STALE_WAIT: Final = timedelta(minutes=10)
 # A permit asked for again within this long stands as granted.
 FRESH: Final = timedelta(milliseconds=50)
 # A call reaches the provider a little after its permit (the HTTP client, the network):
@@ -96,6 +99,20 @@ async def acquire(
         "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", _LOCK_PREFIX + model
     )
     now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    permit = await _decide(conn, model, budget, now, attempt_id, run_id, estimated_tokens)
+    await _note_wait(conn, model, attempt_id, permit, now)
+    return permit
+
+
+async def _decide(
+    conn: asyncpg.Connection,
+    model: str,
+    budget: Budget,
+    now: datetime,
+    attempt_id: UUID,
+    run_id: UUID,
+    estimated_tokens: int,
+) -> Permit:
     held_at: datetime | None = await conn.fetchval(
         "SELECT granted_at FROM model_permits WHERE attempt_id = $1 AND run_id = $2",
         attempt_id,
@@ -148,6 +165,30 @@ async def _grant(
         "DELETE FROM model_permits WHERE model = $1 AND granted_at < $2",
         model,
         now - window * _KEPT_WINDOWS,
+    )
+
+
+async def _note_wait(
+    conn: asyncpg.Connection, model: str, attempt_id: UUID, permit: Permit, now: datetime
+) -> None:
+    """Keep ``model_waits`` true: the attempt waits (and why), or no longer does."""
+    if permit.granted:
+        await conn.execute("DELETE FROM model_waits WHERE attempt_id = $1", attempt_id)
+        return
+    await conn.execute(
+        "INSERT INTO model_waits (attempt_id, model, reason, asked_at) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (attempt_id) DO UPDATE SET reason = EXCLUDED.reason, "
+        "asked_at = EXCLUDED.asked_at",
+        attempt_id,
+        model,
+        permit.reason or "",
+        now,
+    )
+    # Waits nobody asked about for long (the generator stopped, the job moved on).
+    await conn.execute(
+        "DELETE FROM model_waits WHERE model = $1 AND asked_at < $2",
+        model,
+        now - STALE_WAIT,
     )
 
 

@@ -108,6 +108,18 @@ async def recent_jobs(conn: Queryable, limit: int = 20) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
+async def busiest_users(conn: Queryable, limit: int = 10) -> list[tuple[str, int]]:
+    """The users with the most unfinished jobs (queued, processing, retry_scheduled),
+    most first: who a queue's backlog belongs to (the jobs_user_active index)."""
+    rows = await conn.fetch(
+        "SELECT user_id, count(*) AS n FROM jobs "
+        "WHERE status IN ('queued', 'processing', 'retry_scheduled') "
+        "GROUP BY user_id ORDER BY n DESC, user_id LIMIT $1",
+        limit,
+    )
+    return [(row["user_id"], row["n"]) for row in rows]
+
+
 async def job_counts(conn: Queryable) -> dict[str, int]:
     """How many jobs are in each status (operators only)."""
     rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")

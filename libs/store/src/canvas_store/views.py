@@ -23,7 +23,11 @@ from canvas_store.status import JobStatus
 # The columns of the status answer, from the jobs read model...
 _JOB_COLUMNS: Final = (
     "id, user_id, status, query, canvas_id, priority, created_at, started_at, completed_at, "
-    "error_message, retry_count, next_attempt_at, result, retry_of"
+    "error_message, retry_count, next_attempt_at, result, retry_of, "
+    # Why a queued job waits: its attempt waits for the fleet's model budget.
+    "CASE WHEN status = 'queued' THEN (SELECT 'model capacity' FROM model_waits w "
+    "WHERE w.attempt_id = jobs.attempt_id AND w.asked_at > now() - interval '30 seconds') "
+    "END AS waiting_for"
 )
 # ...and the same shape for a ledger row the orchestrator has not projected yet.
 _PENDING_COLUMNS: Final = (
@@ -32,7 +36,7 @@ _PENDING_COLUMNS: Final = (
     "r.query, r.canvas_id, r.priority::smallint AS priority, r.created_at, "
     "NULL::timestamptz AS started_at, r.given_up_at AS completed_at, "
     "r.error_message, 0 AS retry_count, NULL::timestamptz AS next_attempt_at, "
-    "NULL::jsonb AS result, r.retry_of"
+    "NULL::jsonb AS result, r.retry_of, NULL::text AS waiting_for"
 )
 # Statements are built from these constants only (hence the noqa: S608); values are
 # always bound parameters.

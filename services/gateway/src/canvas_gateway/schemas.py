@@ -179,6 +179,7 @@ class JobPublic(BaseModel):
                 "latency_ms": 2900,
             },
             "retry_of": None,
+            "waiting_for": None,
         }
     )
 
@@ -202,6 +203,11 @@ class JobPublic(BaseModel):
     )
     retry_of: UUID | None = Field(
         default=None, description="The job this one runs again (POST .../retry); else null."
+    )
+    waiting_for: str | None = Field(
+        default=None,
+        description="Why a queued job waits, when it is not simply its turn: `model "
+        "capacity` while the fleet's model budget holds its call; else null.",
     )
 
 

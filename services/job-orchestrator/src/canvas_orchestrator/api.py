@@ -21,7 +21,7 @@ from canvas_events.broker import Broker
 from canvas_events.errors import AuthError
 from canvas_events.ops import Probes, Readiness
 from canvas_events.postgres import Database, DatabaseUnavailable, is_outage
-from canvas_orchestrator.metrics import Metrics
+from canvas_orchestrator.metrics import BUSIEST_USERS, Metrics
 from canvas_store import budget, jobs
 from canvas_store.events import load
 
@@ -109,6 +109,10 @@ async def _sample_backlog(database: Database, broker: Broker, metrics: Metrics) 
     with contextlib.suppress(DatabaseUnavailable, OSError, asyncpg.PostgresError):
         # jobs_status index; a queued job's updated_at is when it was (re)queued.
         metrics.oldest_queued_age.set(await jobs.oldest_queued_age(database.pool))
+        busiest = await jobs.busiest_users(database.pool, BUSIEST_USERS)
+        metrics.unfinished_by_user.clear()  # users no longer among the busiest go
+        for user, count in busiest:
+            metrics.unfinished_by_user.labels(user).set(count)
 
 
 # Served under /internal, to the system's own services only (create_app).

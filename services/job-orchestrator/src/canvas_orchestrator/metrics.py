@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry
 
 from canvas_events.ops import MetricSet
 
+# Users labelled in canvas_unfinished_jobs_top_users.
+BUSIEST_USERS = 10
 # Model calls take seconds; a lease is minutes.
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
@@ -74,6 +76,12 @@ class Metrics(MetricSet):
         self._add_budget_metrics()
 
     def _add_budget_metrics(self) -> None:
+        self.unfinished_by_user = self.gauge(
+            "canvas_unfinished_jobs_top_users",
+            f"Unfinished jobs of the {BUSIEST_USERS} users with the most, sampled at scrape "
+            "(only those users are labelled: the label set stays small).",
+            labels=["user"],
+        )
         self.model_permits = self.counter(
             "canvas_model_permits_total",
             "Answers to generators asking to call the model under the fleet's budget: "

@@ -690,6 +690,7 @@
         const count = job.result ? job.result.object_count : null;
         if (count !== null && count !== undefined) meta.append(` · ${count} objects`);
         if (job.retry_count) meta.append(` · ${job.retry_count} retries`);
+        if (job.waiting_for && job.status === "queued") meta.append(` · waiting for ${job.waiting_for}`);
         if (job.created_at) meta.append(` · ${new Date(job.created_at).toLocaleTimeString()}`);
         li.append(head, meta);
         if (job.error_message) li.append(el("div", { class: "job-error" }, job.error_message));
@@ -775,6 +776,7 @@
       row("next try", new Date(job.next_attempt_at).toLocaleTimeString());
     }
     if (job.retry_of) row("runs again", shortId(job.retry_of));
+    if (job.waiting_for && job.status === "queued") row("waiting for", job.waiting_for);
     const parts = [list];
     if (ACTIVE.has(job.status)) parts.push(cancelButton(job.id));
     if (RETRYABLE.has(job.status)) parts.push(retryButton(job));
