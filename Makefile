@@ -10,7 +10,7 @@ MEMBERS := libs/events libs/store services/gateway services/job-orchestrator ser
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test lint format dev bench bench-notifier chaos token browser require-browser promtool require-promtool clean
+.PHONY: help install lock test lint format dev bench bench-notifier chaos token dlq browser require-browser promtool require-promtool clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ chaos: install ## soak: two of each service, a random fault every few seconds (M
 
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
 	@CANVAS_ENV=$${CANVAS_ENV:-development} $(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
+
+dlq: install ## dead letters: make dlq ARGS="list" (or "replay ID...", "drop --all --yes"; --help)
+	$(BIN)/canvas-orchestrator dlq $(or $(ARGS),list)
 
 # $(call debian_tool,COMMAND,PACKAGE,TARGET): install Debian's PACKAGE (as root) unless
 # COMMAND is on PATH already.
