@@ -68,6 +68,9 @@ def main() -> int:
         env["OPENAI_API_KEY"] = "sk-offline-stand-in"
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{fake_port}/v1"
         env.setdefault("FAKE_OPENAI_CHUNK_DELAY_MS", "40")
+        # Asked by its own name, the stand-in answers as itself: no result, page or CLI
+        # line says an OpenAI model drew what it made up.
+        env.setdefault("OPENAI_MODEL", "canvas-stand-in")
         say(BANNER)
         say("OPENAI_API_KEY is not set: using the OFFLINE STAND-IN MODEL (canvas-fake-openai)")
         say(f"at {env['OPENAI_BASE_URL']}. Drawings are made up by it, not by OpenAI.")
