@@ -43,7 +43,7 @@ format: install ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 
 dev: install ## run the four services (and the stand-in model without OPENAI_API_KEY) in the foreground
-	$(BIN)/python tools/dev.py
+	$(BIN)/python -m tools.dev
 
 bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|0ms-nostream|10s|history|orchestrators|all, JOBS=N)
 	$(BIN)/python -m bench.e2e --scenario $(or $(SCENARIO),all) $(if $(JOBS),--jobs $(JOBS),)
