@@ -113,7 +113,7 @@ def _banner(env: dict[str, str], ports: dict[str, int]) -> None:
     say("canvas-jobs is up:")
     say(f"  open {gateway}/ and watch it draw (sign in with the token below)")
     say(f"  gateway   {gateway}  (OpenAPI: {gateway}/docs)")
-    say(f"  notifier  ws://localhost:{ports['notifier']}/ws (token: ?token=$TOKEN)")
+    say(f"  notifier  ws://localhost:{ports['notifier']}/ws  (follow it: python -m tools.ws)")
     say(
         f"  orchestrator http://localhost:{ports['orchestrator']}/ready, "
         f"generator http://localhost:{ports['generator']}/ready"

@@ -80,3 +80,11 @@ def test_the_checks_above_see_what_they_look_for(tmp_path: Path) -> None:
     assert _links(page) == ["../../shared/X.md", "page.md"]
     found = [line for line in _commands(page) if _BARE.search(line)]
     assert found == ["canvas-orchestrator dlq list", "canvas-orchestrator prune", "canvas-jobs"]
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_example_puts_the_users_token_in_a_url(path: Path) -> None:
+    # A client given such a URL prints it ("Connected to ws://...?token=eyJ..."), and
+    # proxies log it: examples send the token in a header (python -m tools.ws).
+    in_urls = [line for line in _commands(path) if re.search(r"token=\$\{?[A-Z_]", line)]
+    assert in_urls == []
