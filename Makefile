@@ -29,8 +29,8 @@ install: $(VENV)/.installed ## create .venv from the pinned lock, every member e
 lock: | $(BIN)/uv ## re-pin requirements.lock from requirements.in
 	$(BIN)/uv pip compile --quiet --python-version 3.11 requirements.in -o requirements.lock
 
-test: require-browser require-promtool install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
-	$(BIN)/python -m tests.preflight
+test: require-browser require-promtool install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ (or containers)
+	$(BIN)/python -m tests.preflight  # where PostgreSQL and RabbitMQ come from, or why none
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check, mypy strict
