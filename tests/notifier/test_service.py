@@ -128,7 +128,7 @@ async def test_a_bad_token_closes_with_4401(notifier, query):
         ("token=abcd.abcd.abcd", NOT_A_JWT),
         (
             f"token={mint_token(ALICE, 'another-secret-0123456789-abcdefghijklmnopqrstu')}",
-            "invalid token: signature verification failed",
+            "invalid token: Signature verification failed",
         ),
     ],
     ids=["missing", "garbage", "wrong-secret"],

@@ -48,8 +48,8 @@ def decode_token(token: str, secret: str) -> Principal:
         )
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
-    except jwt.InvalidSignatureError:  # a DecodeError too: keep it apart from garbage
-        raise AuthError("invalid token: signature verification failed") from None
+    except jwt.InvalidSignatureError as exc:  # a DecodeError too: keep it apart from garbage
+        raise AuthError(f"invalid token: {exc}") from None
     except jwt.DecodeError:
         # PyJWT says "Not enough segments", or a base64 or utf-8 codec's complaint about a
         # segment: what the caller needs to hear is that this is not a JWT at all.
