@@ -199,7 +199,7 @@ class Notifier:
             log.info("client rejected", reason=str(exc))
             # The reason says what is wrong with the token (never the token itself); a
             # close frame's reason holds at most 123 bytes.
-            await ws.close(UNAUTHORIZED, str(exc)[:123])
+            await ws.close(UNAUTHORIZED, str(exc).encode()[:123].decode(errors="ignore"))
             return
         try:
             after = _after(query)
