@@ -24,6 +24,8 @@ _BACKINGS = pytest.StashKey[contextlib.ExitStack]()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Find (or start) PostgreSQL and RabbitMQ before any test, for the whole run."""
+    if config.option.help or config.option.version:
+        return
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(backing.provided())
