@@ -10,7 +10,7 @@ MEMBERS := libs/events libs/store services/gateway services/job-orchestrator ser
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test lint format dev bench bench-notifier chaos token browser require-browser promtool require-promtool clean
+.PHONY: help install lock test lint format dev bench bench-notifier chaos token dlq browser require-browser promtool require-promtool clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -29,8 +29,8 @@ install: $(VENV)/.installed ## create .venv from the pinned lock, every member e
 lock: | $(BIN)/uv ## re-pin requirements.lock from requirements.in
 	$(BIN)/uv pip compile --quiet --python-version 3.11 requirements.in -o requirements.lock
 
-test: require-browser require-promtool install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ
-	$(BIN)/python -m tests.preflight
+test: require-browser require-promtool install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ (or containers)
+	$(BIN)/python -m tests.preflight  # where PostgreSQL and RabbitMQ come from, or why none
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check, mypy strict
@@ -43,7 +43,7 @@ format: install ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 
 dev: install ## run the four services (and the stand-in model without OPENAI_API_KEY) in the foreground
-	$(BIN)/python tools/dev.py
+	$(BIN)/python -m tools.dev
 
 bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|0ms-nostream|10s|history|orchestrators|all, JOBS=N)
 	$(BIN)/python -m bench.e2e --scenario $(or $(SCENARIO),all) $(if $(JOBS),--jobs $(JOBS),)
@@ -56,6 +56,9 @@ chaos: install ## soak: two of each service, a random fault every few seconds (M
 
 token: install ## print a development token: make token [USER_ID=alice] [ADMIN=1]
 	@CANVAS_ENV=$${CANVAS_ENV:-development} $(BIN)/canvas-gateway token --user "$(or $(USER_ID),dev-user)" $(if $(ADMIN),--admin,)
+
+dlq: install ## dead letters: make dlq ARGS="list" (or "replay ID...", "drop --all --yes"; --help)
+	$(BIN)/canvas-orchestrator dlq $(or $(ARGS),list)
 
 # $(call debian_tool,COMMAND,PACKAGE,TARGET): install Debian's PACKAGE (as root) unless
 # COMMAND is on PATH already.

@@ -1,9 +1,12 @@
 """Fixtures for tests that cross a process boundary: each test gets its own database
 and its own exchange and queue names on the real PostgreSQL and RabbitMQ, and they are
-removed afterwards."""
+removed afterwards. Before any test, tests/support/backing.py finds those two servers
+(DATABASE_URL / AMQP_URL, else the local defaults, else containers), or ends the run
+saying why it cannot."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,9 +14,31 @@ import aio_pika
 import pytest
 
 from canvas_events.topology import Topology
+from tests.support import backing
 from tests.support.env import amqp_url as _amqp_url
 from tests.support.env import create_database, drop_database
 from tests.support.env import database_url as _database_url
+
+_BACKINGS = pytest.StashKey[contextlib.ExitStack]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Find (or start) PostgreSQL and RabbitMQ before any test, for the whole run."""
+    if config.option.help or config.option.version:
+        return
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(backing.provided())
+    except backing.Unavailable as exc:
+        pytest.exit(f"cannot run the tests: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    config.stash[_BACKINGS] = stack
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the containers started for the run, if any."""
+    stack = config.stash.get(_BACKINGS, None)
+    if stack is not None:
+        stack.close()
 
 
 @pytest.fixture(scope="session")

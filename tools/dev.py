@@ -1,5 +1,6 @@
 """`make dev`: the whole system on this machine, each service its own process, in the
-foreground; Ctrl-C stops them all.
+foreground; Ctrl-C stops them all. A service that dies is started again after a back-off
+(tools/supervisor.py), so the others, the page and the CLI show how they ride it out.
 
 Uses the local PostgreSQL and RabbitMQ (DATABASE_URL / AMQP_URL, else the defaults),
 creates the database when missing (the orchestrator applies its migrations at start),
@@ -20,13 +21,10 @@ from pathlib import Path
 from canvas_events.auth import mint_token
 from canvas_events.postgres import ensure_database
 from canvas_events.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEV_JWT_SECRET
+from tools.supervisor import Supervisor, say
 
 BIN = Path(sys.executable).parent
 BANNER = "=" * 78
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def wait_ready(name: str, url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -68,6 +66,9 @@ def main() -> int:
         env["OPENAI_API_KEY"] = "sk-offline-stand-in"
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{fake_port}/v1"
         env.setdefault("FAKE_OPENAI_CHUNK_DELAY_MS", "40")
+        # Asked by its own name, the stand-in answers as itself: no result, page or CLI
+        # line says an OpenAI model drew what it made up.
+        env.setdefault("OPENAI_MODEL", "canvas-stand-in")
         say(BANNER)
         say("OPENAI_API_KEY is not set: using the OFFLINE STAND-IN MODEL (canvas-fake-openai)")
         say(f"at {env['OPENAI_BASE_URL']}. Drawings are made up by it, not by OpenAI.")
@@ -87,61 +88,48 @@ def main() -> int:
         ("gateway", ["canvas-gateway"], f"http://127.0.0.1:{ports['gateway']}/ready"),
     ]
 
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def stop_all(*_: object) -> None:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
+    supervisor = Supervisor(env)
     try:
         for name, command, ready in services:
-            proc = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=env)
-            procs.append(proc)
-            wait_ready(name, ready, proc)
-        secret = env.get("JWT_SECRET") or DEV_JWT_SECRET
-        token = mint_token("dev-user", secret)
-        gateway = f"http://localhost:{ports['gateway']}"
-        say(BANNER)
-        say("canvas-jobs is up:")
-        say(f"  open {gateway}/ and watch it draw (sign in with the token below)")
-        say(f"  gateway   {gateway}  (OpenAPI: {gateway}/docs)")
-        say(f"  notifier  ws://localhost:{ports['notifier']}/ws?token=$TOKEN")
-        say(
-            f"  orchestrator http://localhost:{ports['orchestrator']}/ready, "
-            f"generator http://localhost:{ports['generator']}/ready"
-        )
-        say("  RabbitMQ management UI: http://localhost:15672 (guest/guest), if its plugin is on")
-        say("")
-        say("A development token (user dev-user, 7 days):")
-        say(f"  export TOKEN={token}")
-        say("Submit a job and follow it:")
-        say(f"  curl -s -X POST {gateway}/api/ai-agent/create-canvas \\")
-        say('       -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\')
-        say("""       -d '{"query": "a flowchart of a login flow"}'""")
-        say(f'  curl -s {gateway}/api/ai-agent/job/JOB_ID/status -H "Authorization: Bearer $TOKEN"')
-        say("Ctrl-C stops everything.")
-        say(BANNER)
+            started = supervisor.start(name, [str(BIN / command[0]), *command[1:]])
+            assert started.process is not None
+            wait_ready(name, ready, started.process)
+        _banner(env, ports)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        while all(proc.poll() is None for proc in procs):
-            time.sleep(0.5)
-        dead = [
-            name
-            for (name, _, _), proc in zip(services, procs, strict=False)
-            if proc.poll() is not None
-        ]
-        say(f"dev: {', '.join(dead)} stopped; stopping the rest")
-        return 1
+        supervisor.run()
     except KeyboardInterrupt:
         say("\ndev: stopping")
         return 0
     finally:
-        stop_all()
+        supervisor.stop()
+    return 1  # not reached: run() returns only by an exception
+
+
+def _banner(env: dict[str, str], ports: dict[str, int]) -> None:
+    secret = env.get("JWT_SECRET") or DEV_JWT_SECRET
+    token = mint_token("dev-user", secret)
+    gateway = f"http://localhost:{ports['gateway']}"
+    say(BANNER)
+    say("canvas-jobs is up:")
+    say(f"  open {gateway}/ and watch it draw (sign in with the token below)")
+    say(f"  gateway   {gateway}  (OpenAPI: {gateway}/docs)")
+    say(f"  notifier  ws://localhost:{ports['notifier']}/ws  (follow it: python -m tools.ws)")
+    say(
+        f"  orchestrator http://localhost:{ports['orchestrator']}/ready, "
+        f"generator http://localhost:{ports['generator']}/ready"
+    )
+    say("  RabbitMQ management UI: http://localhost:15672 (guest/guest), if its plugin is on")
+    say("")
+    say("A development token (user dev-user, 7 days):")
+    say(f"  export TOKEN={token}")
+    say("Submit a job and follow it:")
+    say(f"  curl -s -X POST {gateway}/api/ai-agent/create-canvas \\")
+    say('       -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\')
+    say("""       -d '{"query": "a flowchart of a login flow"}'""")
+    say(f'  curl -s {gateway}/api/ai-agent/job/JOB_ID/status -H "Authorization: Bearer $TOKEN"')
+    say("A service that exits is started again (1 s, then up to 30 s apart while it keeps")
+    say("dying). Ctrl-C stops everything.")
+    say(BANNER)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +21,7 @@ from canvas_events.objects import validate_object
 from canvas_fake_openai.server import (
     FakeConfig,
     FakeModel,
+    FakeSettings,
     create_app,
     draw,
     parse_directives,
@@ -22,6 +29,7 @@ from canvas_fake_openai.server import (
 )
 from canvas_generator.parsing import ObjectStream, parse_reply
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.processes import free_port
 from tests.support.waiting import eventually
 
 
@@ -214,9 +222,24 @@ async def test_error_event_makes_the_openai_client_raise_midway(openai_client):
         await chat(openai_client, "a flow [[fake:error_event]]")
 
 
-async def test_openai_client_lists_the_stand_in_models(openai_client):
+async def test_openai_client_lists_the_stand_in_by_its_own_name(openai_client):
     models = [model.id async for model in openai_client.models.list()]
-    assert "gpt-4o-mini" in models
+    assert models == ["canvas-stand-in"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_reply_names_the_stand_in_never_an_openai_model(openai_client, stream):
+    async def model_of(asked: str) -> str:
+        reply = await openai_client.chat.completions.create(
+            model=asked, messages=[{"role": "user", "content": "a flow"}], stream=stream
+        )
+        if not stream:
+            return str(reply.model)
+        return str({chunk.model async for chunk in reply}.pop())
+
+    # Any model is accepted, and said to be what was asked for, not what answered.
+    assert await model_of("gpt-4o-mini") == "canvas-stand-in (asked: gpt-4o-mini)"
+    assert await model_of("canvas-stand-in") == "canvas-stand-in"
 
 
 @pytest.mark.parametrize("directive", ["delay_ms=60000", "together=99", "timeout"])
@@ -321,3 +344,101 @@ async def test_first_n_makes_only_the_first_calls_of_a_message_fail(openai_clien
             await chat(openai_client, message)
     reply = await chat(openai_client, message)
     assert parse_reply(reply.choices[0].message.content or "").objects
+
+
+# -- the drawing: every box is reached --------------------------------------------------
+
+
+def _boxes(objects: list[dict[str, Any]]) -> list[tuple[float, float, float, float]]:
+    """(left, top, right, bottom) of each node of the flowchart, in order."""
+    boxes = []
+    for obj in objects:
+        if obj["type"] == "circle":
+            x, y, r = obj["x"], obj["y"], obj["radius"]
+            boxes.append((x - 100, y - r, x + 100, y + r))  # in its 200-wide cell
+        elif obj["type"] in ("rectangle", "sticky_note"):
+            boxes.append((obj["x"], obj["y"], obj["x"] + obj["width"], obj["y"] + obj["height"]))
+    return boxes
+
+
+def _unreached(objects: list[dict[str, Any]]) -> list[int]:
+    """The nodes after the first that no arrow ends on (top edge or left side)."""
+    ends = [tuple(obj["points"][-1]) for obj in objects if obj["type"] == "arrow"]
+    unreached = []
+    for index, (left, top, right, bottom) in enumerate(_boxes(objects)[1:], 1):
+        if not any(
+            (y == top and left <= x <= right) or (x == left and top <= y <= bottom) for x, y in ends
+        ):
+            unreached.append(index)
+    return unreached
+
+
+@pytest.mark.parametrize("count", [None, *range(1, 25)])
+def test_every_box_after_the_first_has_an_arrow_to_it(count):
+    for topic in ("checkout", "a flowchart of a login flow", "an order's way from cart to door"):
+        objects = draw(topic, count)
+        assert _unreached(objects) == [], (topic, objects)
+        if count is not None:
+            assert len(objects) == count
+
+
+def test_the_readmes_prompt_draws_arrows_into_its_boxes():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [prompt] = set(re.findall(r'"query": "([^"]+)"', readme))
+    objects = draw(prompt)
+    assert len(_boxes(objects)) >= 2
+    assert sum(obj["type"] == "arrow" for obj in objects) == len(_boxes(objects)) - 1
+    assert _unreached(objects) == []
+
+
+def test_the_unreached_check_sees_a_box_without_an_arrow():
+    objects = draw("checkout", 4)  # title, two boxes and the arrow between them
+    assert _unreached(objects[:3]) == [1]
+
+
+# -- the command line ------------------------------------------------------------------
+
+COMMAND = str(Path(sys.executable).parent / "canvas-fake-openai")
+
+
+def test_help_documents_every_knob_and_starts_nothing():
+    answer = subprocess.run(
+        [COMMAND, "--help"], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert answer.returncode == 0, answer.stderr
+    for name in FakeSettings.model_fields:
+        if not name.startswith("log_"):
+            assert f"--{name.replace('_', '-')}" in answer.stdout
+            assert f"FAKE_OPENAI_{name.upper()}" in answer.stdout
+    assert "[[fake:delay_ms=" in answer.stdout  # how to make one job slow
+
+
+def test_a_flag_wins_over_its_variable_and_a_bad_one_is_named():
+    port = free_port()
+    env = {**os.environ, "FAKE_OPENAI_DELAY_MS": "1", "FAKE_OPENAI_SEED": "7"}
+    args = ["--port", str(port), "--delay-ms", "250", "--failure-rate", "0.5"]
+    process = subprocess.Popen([COMMAND, *args, "--failure-modes", "timeout"], env=env)
+    try:
+        config = wait_for_config(f"http://127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        process.wait(20)
+    assert (config["delay_ms"], config["failure_rate"]) == (250, 0.5)
+    assert config["failure_modes"] == ["timeout"]
+
+    bad = subprocess.run(
+        [COMMAND, "--failure-rate", "3"], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert bad.returncode == 2
+    assert "--failure-rate / FAKE_OPENAI_FAILURE_RATE" in bad.stderr
+
+
+def wait_for_config(url: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return dict(httpx.get(f"{url}/_fake/config", timeout=2).json())
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import asyncpg
 import orjson
+from aio_pika.abc import AbstractIncomingMessage
 
 from canvas_events.envelope import Envelope
 from canvas_events.topology import Topology
@@ -386,6 +388,39 @@ async def test_system_health_is_degraded_without_consumers(gateway: Gateway) -> 
         "outbox_lag": 0,
         "oldest_unpublished_age_seconds": None,
     }
+
+
+async def _hold(message: AbstractIncomingMessage) -> None:
+    """A consumer that takes nothing (none arrives in this test)."""
+
+
+async def test_system_health_is_degraded_while_a_dead_letter_queue_holds_messages(
+    gateway: Gateway, amqp_url: str
+) -> None:
+    topology = gateway.settings.topology
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        # A consumer on each shared queue, so that the dead letters are the only issue.
+        for spec in (topology.generator_work, topology.orchestrator):
+            queue = await channel.declare_queue(spec.name, passive=True)
+            await queue.consume(_hold)
+        body = (await gateway.client.get("/api/ai-agent/health")).json()
+        assert (body["status"], body["issues"]) == ("healthy", [])
+
+        dlq = topology.orchestrator.dead_letter_queue
+        for _ in range(2):
+            await channel.default_exchange.publish(aio_pika.Message(b"not an envelope"), dlq)
+
+        response = await gateway.client.get("/api/ai-agent/health")
+        assert response.status_code == 200  # degraded, not unhealthy: jobs still flow
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["issues"] == [f"dead letters wait in {dlq}: 2 message(s)"]
+
+        await (await channel.declare_queue(dlq, passive=True)).purge()
+        body = (await gateway.client.get("/api/ai-agent/health")).json()
+        assert (body["status"], body["issues"]) == ("healthy", [])
 
 
 async def test_reads_answer_503_until_the_orchestrator_created_its_tables(

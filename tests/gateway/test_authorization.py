@@ -124,3 +124,16 @@ async def test_alice_herself_reaches_every_route(gateway: Gateway) -> None:
             assert answer.status_code == route.as_owner, (route, answer.text)
         else:
             assert answer.status_code < 400, (route, answer.text)
+
+
+@pytest.mark.parametrize("garbage", ["abcd.abcd.abcd", "not-a-token", "x.y"])
+async def test_a_garbage_token_answers_401_saying_it_is_not_a_jwt(
+    gateway: Gateway, garbage: str
+) -> None:
+    answer = await gateway.client.get(
+        "/api/ai-agent/jobs", headers={"Authorization": f"Bearer {garbage}"}
+    )
+    assert answer.status_code == 401
+    detail = answer.json()["detail"]
+    assert detail.startswith("invalid token: not a JWT"), detail
+    assert "codec" not in detail and garbage not in detail

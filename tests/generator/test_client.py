@@ -51,7 +51,11 @@ async def test_a_streamed_reply_comes_piece_by_piece_and_reads_as_the_whole_one(
         await whole_client.aclose()
     assert len(pieces) > 5
     assert streamed.text == "".join(pieces) == whole.text
-    assert (streamed.model, streamed.finish_reason) == ("gpt-4o-mini", "stop")
+    assert (streamed.model, streamed.finish_reason) == (
+        "canvas-stand-in (asked: gpt-4o-mini)",
+        "stop",
+    )
+    assert whole.model == streamed.model
     # The usage comes in the stream's last chunk, the same as the whole reply's.
     assert streamed.usage == whole.usage
     assert set(streamed.usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}

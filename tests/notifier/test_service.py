@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from canvas_events.auth import mint_token
+from canvas_events.auth import NOT_A_JWT, mint_token
 from canvas_events.topology import Topology
 from canvas_notifier.service import Notifier
 from tests.notifier import support
@@ -119,6 +119,25 @@ async def test_a_bad_token_closes_with_4401(notifier, query):
     async with connect(ws_url(notifier, query)) as ws:
         assert await closed_code(ws) == 4401
     assert len(notifier.hub) == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("", "missing token: send ?token=JWT or Authorization: Bearer JWT"),
+        ("token=abcd.abcd.abcd", NOT_A_JWT),
+        (
+            f"token={mint_token(ALICE, 'another-secret-0123456789-abcdefghijklmnopqrstu')}",
+            "invalid token: Signature verification failed",
+        ),
+    ],
+    ids=["missing", "garbage", "wrong-secret"],
+)
+async def test_the_4401_close_reason_says_what_is_wrong_with_the_token(notifier, query, reason):
+    async with connect(ws_url(notifier, query)) as ws:
+        assert await closed_code(ws) == 4401
+    assert ws.close_reason == reason
+    assert "codec" not in (ws.close_reason or "")
 
 
 async def test_a_bearer_header_is_accepted_too(notifier, publisher):

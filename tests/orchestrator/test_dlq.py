@@ -334,6 +334,72 @@ async def test_a_message_with_nowhere_to_go_stays_in_the_dead_letter_queue(
     assert await ids_in(amqp_url, topology, dlq_name) == [message_id]
 
 
+# -- dropping -------------------------------------------------------------------------
+
+
+async def test_drop_without_confirmation_counts_the_chosen_and_drops_nothing(
+    amqp_url: str, topology: Topology, channel: AbstractChannel
+) -> None:
+    ids = [await put_dead_letter(channel, topology, envelope_body()) for _ in range(3)]
+    dlq_name = topology.orchestrator.dead_letter_queue
+
+    report = await dlq.drop(
+        amqp_url, topology, queues=[dlq_name], message_ids=[ids[0], ids[2]], confirmed=False
+    )
+
+    assert [m.message_id for m in report.chosen] == [ids[0], ids[2]]
+    assert not report.confirmed
+    assert await ids_in(amqp_url, topology, dlq_name) == ids
+
+
+async def test_drop_confirmed_removes_the_chosen_for_good_and_keeps_the_rest_in_order(
+    amqp_url: str, topology: Topology, channel: AbstractChannel
+) -> None:
+    ids = [await put_dead_letter(channel, topology, envelope_body()) for _ in range(4)]
+    dlq_name = topology.orchestrator.dead_letter_queue
+
+    report = await dlq.drop(
+        amqp_url,
+        topology,
+        queues=[dlq_name],
+        message_ids=[ids[1], ids[2], "no-such-id"],
+        confirmed=True,
+    )
+
+    assert [m.message_id for m in report.chosen] == [ids[1], ids[2]]
+    assert report.not_found == ["no-such-id"]
+    assert await ids_in(amqp_url, topology, dlq_name) == [ids[0], ids[3]]
+    # Dropped, not replayed: nothing went back to the queue it came from.
+    assert await drain(channel, topology.orchestrator.name) == []
+
+
+async def test_drop_command_asks_for_yes_then_drops_all_and_counts_them(
+    amqp_url: str, topology: Topology, channel: AbstractChannel
+) -> None:
+    ids = [await put_dead_letter(channel, topology, envelope_body()) for _ in range(3)]
+    env = {"AMQP_URL": amqp_url, "AMQP_TOPOLOGY_PREFIX": topology.prefix}
+    dlq_name = topology.orchestrator.dead_letter_queue
+
+    dry = await run_command("drop", "--all", env=env)
+    assert dry[0] == 2
+    assert "would drop 3 message(s); nothing dropped: run again with --yes" in dry[1]
+    assert await ids_in(amqp_url, topology, dlq_name) == ids
+
+    code, stdout, stderr = await run_command("drop", "--all", "--yes", "--json", env=env)
+    assert code == 0, stderr
+    answer = json.loads(stdout)
+    assert answer["count"] == 3
+    assert [m["message_id"] for m in answer["dropped"]] == ids
+    assert await ids_in(amqp_url, topology, dlq_name) == []
+    # Each drop is on record, findable by its job like every other step.
+    dropped = [json.loads(line) for line in stderr.splitlines() if "dead letter dropped" in line]
+    assert [line["message_id"] for line in dropped] == ids
+
+    no_ids = await run_command("drop", "--yes", env=env)
+    assert no_ids[0] == 2
+    assert "MESSAGE_ID" in no_ids[2]
+
+
 def test_queue_is_named_by_its_dlq_or_by_the_queue_it_serves() -> None:
     topology = Topology("canvas")
 

@@ -18,6 +18,7 @@ from canvas_events.errors import AuthError
 ALGORITHM = "HS256"
 ADMIN_ROLE = "admin"
 SERVICE_ROLE = "service"
+NOT_A_JWT = "invalid token: not a JWT (expected header.payload.signature, base64url)"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ def decode_token(token: str, secret: str) -> Principal:
         )
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
+    except jwt.InvalidSignatureError as exc:  # a DecodeError too: keep it apart from garbage
+        raise AuthError(f"invalid token: {exc}") from None
+    except jwt.DecodeError:
+        # PyJWT says "Not enough segments", or a base64 or utf-8 codec's complaint about a
+        # segment: what the caller needs to hear is that this is not a JWT at all.
+        raise AuthError(NOT_A_JWT) from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     sub = claims.get("sub")

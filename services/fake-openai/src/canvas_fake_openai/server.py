@@ -13,7 +13,11 @@ Endpoints:
   events (``data: {chat.completion.chunk}`` lines with small pieces of the JSON text,
   then ``data: [DONE]``; with ``"stream_options": {"include_usage": true}`` a last
   chunk with no choices carries the usage, as OpenAI does).
-- ``GET /v1/models``, ``GET /health``.
+- ``GET /v1/models`` (``canvas-stand-in``), ``GET /health``.
+
+Any ``model`` is accepted; a reply's ``model`` is ``canvas-stand-in``, followed by
+`` (asked: NAME)`` when the client asked for another (as OpenAI answers a snapshot's
+name, not quite the one asked for), so no result says an OpenAI model drew it.
 - ``PUT /_fake/config``: change the knobs below at runtime (JSON, lower-case names
   without the prefix, e.g. ``{"failure_rate": 0.5, "failure_modes": "500,timeout"}``;
   only the keys given change; ``failure_retry_after`` sets the Retry-After seconds of a
@@ -107,7 +111,10 @@ from canvas_events.settings import Port
 
 log = structlog.get_logger("canvas_fake_openai")
 
-MODELS = ("gpt-4o-mini", "gpt-4o", "fake-canvas-1")
+# The stand-in's own name. It answers whatever model a client asks for (a client
+# configured for OpenAI works unchanged), but never reports an OpenAI model's name as
+# its own: a result, the page and the CLI show what drew, not what was asked for.
+STAND_IN_MODEL = "canvas-stand-in"
 DEFAULT_FAILURE_MODES = "500,429,garbage"
 # A "timeout" call is held at most this long, so a forgotten client cannot pin it forever.
 MAX_HOLD_SECONDS = 600.0
@@ -331,66 +338,81 @@ def parse_directives(text: str) -> tuple[Directives, str]:
     return found, " ".join(_DIRECTIVE.sub(" ", text).split())
 
 
+def reported_model(asked: str) -> str:
+    """The ``model`` of a reply: the stand-in's name, with the model asked for beside it
+    when that was another (``canvas-stand-in (asked: gpt-4o-mini)``)."""
+    return STAND_IN_MODEL if asked == STAND_IN_MODEL else f"{STAND_IN_MODEL} (asked: {asked})"
+
+
 def _words(topic: str) -> list[str]:
     words = re.findall(r"[^\W\d_][\w'\-]*", topic)
     return [w for w in words if len(w) > 2 and w.lower() not in _STOP_WORDS]
 
 
+_WIDTH, _HEIGHT, _PER_COLUMN = 200, 70, 5
+
+
 def draw(topic: str, count: int | None = None) -> list[dict[str, Any]]:
     """A flowchart about ``topic``: a title, then boxes joined by arrows, laid out in
     columns of five. The same topic always gives the same drawing; ``count`` objects
-    exactly when given, else 3 to 12."""
+    exactly when given, else 3 to 12. Every box after the first has an arrow to it: where
+    one object is left and a box would have none, a caption takes its place."""
     rng = random.Random(hashlib.sha256(topic.encode()).digest())
     if count is None:
         count = rng.randint(3, 12)
     words = _words(topic)
     title = (topic[:1].upper() + topic[1:])[:80] if topic else "Untitled drawing"
     labels = ["Start", *(w.capitalize() for w in words[:8]), "Done"]
-    fill, stroke = rng.randrange(len(_FILLS)), rng.randrange(len(_STROKES))
+    fill, stroke = rng.randrange(len(_FILLS)), _STROKES[rng.randrange(len(_STROKES))]
     objects: list[dict[str, Any]] = [
         {"type": "text", "x": 80, "y": 30, "text": title, "font_size": 24, "stroke": "#111827"}
     ]
-    width, height, per_column = 200, 70, 5
     boxes: list[tuple[float, float]] = []
-    node = 0
     while len(objects) < count:
-        column, row = divmod(node, per_column)
-        x, y = 80 + column * 320, 100 + row * 130
+        node = len(boxes)
+        if node > 0 and count - len(objects) == 1:  # no room for a box and its arrow
+            x, y = boxes[-1]
+            caption = f"{node} steps" if node > 1 else "1 step"
+            objects.append({"type": "text", "x": x, "y": y + _HEIGHT + 24, "text": caption,
+                            "font_size": 14, "stroke": "#6b7280"})  # fmt: skip
+            break
+        column, row = divmod(node, _PER_COLUMN)
+        boxes.append((80 + column * 320, 100 + row * 130))
         label = labels[node] if node < len(labels) else f"Step {node + 1}"
-        if node == 0 or (node == len(labels) - 1):
-            shape: dict[str, Any] = {
-                "type": "circle",
-                "x": x + width / 2,
-                "y": y + height / 2,
-                "radius": height / 2,
-            }
-        else:
-            shape = {
-                "type": "sticky_note" if rng.random() < 0.2 else "rectangle",
-                "x": x,
-                "y": y,
-                "width": width,
-                "height": height,
-            }
+        last = node == len(labels) - 1
+        shape = _node_shape(boxes[-1], first_or_last=node == 0 or last, rng=rng)
         shape.update(
-            text=label,
-            fill=_FILLS[(fill + node) % len(_FILLS)],
-            stroke=_STROKES[stroke],
-            stroke_width=2,
+            text=label, fill=_FILLS[(fill + node) % len(_FILLS)], stroke=stroke, stroke_width=2
         )
         objects.append(shape)
-        boxes.append((x, y))
-        if node > 0 and len(objects) < count:
-            (px, py), (nx, ny) = boxes[-2], boxes[-1]
-            if nx == px:  # same column: from the bottom of one to the top of the next
-                points = [[px + width / 2, py + height], [nx + width / 2, ny]]
-            else:  # next column: from the right side across
-                points = [[px + width, py + height / 2], [nx, ny + height / 2]]
-            objects.append(
-                {"type": "arrow", "points": points, "stroke": _STROKES[stroke], "stroke_width": 2}
-            )
-        node += 1
+        if node > 0:
+            objects.append(_arrow(boxes[-2], boxes[-1], stroke))
     return objects[:count]
+
+
+def _node_shape(
+    where: tuple[float, float], *, first_or_last: bool, rng: random.Random
+) -> dict[str, Any]:
+    """A circle for the first and last node, else a rectangle (or now and then a sticky
+    note) of the box at ``where``."""
+    x, y = where
+    if first_or_last:
+        return {"type": "circle", "x": x + _WIDTH / 2, "y": y + _HEIGHT / 2, "radius": _HEIGHT / 2}
+    kind = "sticky_note" if rng.random() < 0.2 else "rectangle"
+    return {"type": kind, "x": x, "y": y, "width": _WIDTH, "height": _HEIGHT}
+
+
+def _arrow(
+    previous: tuple[float, float], following: tuple[float, float], stroke: str
+) -> dict[str, Any]:
+    """An arrow from the box at ``previous`` to the box at ``following``: from the bottom
+    of one to the top of the next in a column, else from the right side across."""
+    (px, py), (nx, ny) = previous, following
+    if nx == px:
+        points = [[px + _WIDTH / 2, py + _HEIGHT], [nx + _WIDTH / 2, ny]]
+    else:
+        points = [[px + _WIDTH, py + _HEIGHT / 2], [nx, ny + _HEIGHT / 2]]
+    return {"type": "arrow", "points": points, "stroke": stroke, "stroke_width": 2}
 
 
 def reply_text(topic: str, directives: Directives) -> str:
@@ -630,7 +652,7 @@ def _add_openai_routes(app: FastAPI, model: FakeModel) -> None:
             "object": "list",
             "data": [
                 {"id": name, "object": "model", "created": created, "owned_by": "canvas-jobs"}
-                for name in MODELS
+                for name in (STAND_IN_MODEL,)
             ],
         }
 
@@ -811,7 +833,8 @@ def _reply(
     completion_id = f"chatcmpl-fake{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.get("stream"):
-        return _whole_reply(text, directives.cut, completion_id, created, body["model"], usage)
+        reported = reported_model(body["model"])
+        return _whole_reply(text, directives.cut, completion_id, created, reported, usage)
     model.stats.streams += 1
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -824,7 +847,7 @@ def _reply(
         text,
         completion_id=completion_id,
         created=created,
-        model_name=body["model"],
+        model_name=reported_model(body["model"]),
         usage=usage if include_usage else None,
         chunk_delay=chunk_delay_ms / 1000,
         cut=directives.cut,

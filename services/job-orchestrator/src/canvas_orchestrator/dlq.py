@@ -1,4 +1,5 @@
-"""``canvas-orchestrator dlq``: see the dead-lettered messages and send chosen ones back.
+"""``canvas-orchestrator dlq``: see the dead-lettered messages, send chosen ones back, or
+drop those that should never run.
 
 A message lands in a ``.dlq`` queue in two ways (canvas_events.broker):
 
@@ -14,7 +15,9 @@ ack on a channel of our own, then closing that channel, which puts back every me
 not acked, in its original place (RabbitMQ keeps a classic queue in publication order
 across requeues). A replayed message is acked only after the broker confirmed its
 copy, so a crash in between leaves it in both places at worst: consumers dedupe on the
-message id (``processed_messages``), so the duplicate changes nothing.
+message id (``processed_messages``), so the duplicate changes nothing. A dropped message
+is acked on that channel: gone for good, so ``drop`` only shows what it would drop unless
+it is given ``--yes``.
 
 While one ``dlq`` command holds a queue's messages, another sees fewer: run one at a time.
 Each message read is one round trip, so a queue of thousands takes seconds.
@@ -129,6 +132,17 @@ class ReplayReport:
 
     replayed: list[tuple[DeadLetteredMessage, str]] = field(default_factory=list)
     failed: list[tuple[DeadLetteredMessage, str]] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    missing_queues: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DropReport:
+    """The answer of ``dlq drop``: the chosen messages, dropped or (without ``--yes``)
+    only counted."""
+
+    confirmed: bool
+    chosen: list[DeadLetteredMessage] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
     missing_queues: list[str] = field(default_factory=list)
 
@@ -424,11 +438,59 @@ def _log_replayed(about: DeadLetteredMessage, destination: str) -> None:
     )
 
 
+async def drop(
+    url: str,
+    topology: Topology,
+    *,
+    queues: Sequence[str],
+    message_ids: Iterable[str] | None,
+    confirmed: bool,
+) -> DropReport:
+    """Remove the chosen dead-lettered messages (every one when ``message_ids`` is None)
+    for good, when ``confirmed``; else only say which they are: all of them stay."""
+    wanted = None if message_ids is None else set(message_ids)
+    found: set[str] = set()
+    report = DropReport(confirmed=confirmed)
+    connection = await connect(url)
+    async with connection:
+        for name in queues:
+            try:
+                async with _hold(connection, name, None) as held:
+                    for message in held.messages:
+                        key = message_key(message)
+                        if wanted is not None and key not in wanted:
+                            continue
+                        found.add(key)
+                        about = describe(name, message)
+                        if confirmed:
+                            await message.ack()
+                            _log_dropped(about)
+                        report.chosen.append(about)
+            except QueueMissing:
+                report.missing_queues.append(name)
+    if wanted is not None:
+        report.not_found = sorted(wanted - found)
+    return report
+
+
+def _log_dropped(about: DeadLetteredMessage) -> None:
+    log.warning(
+        "dead letter dropped",
+        job_id=about.job_id,
+        correlation_id=about.correlation_id,
+        message_id=about.message_id,
+        message_type=about.type,
+        dead_letter_queue=about.queue,
+        reason=about.reason,
+    )
+
+
 # -- the command ----------------------------------------------------------------------
 
 
 def add_parser(commands: Any) -> None:
-    """Add ``dlq list`` and ``dlq replay`` to the console script's subcommands."""
+    """Add ``dlq list``, ``dlq replay`` and ``dlq drop`` to the console script's
+    subcommands."""
     dlq = commands.add_parser(
         "dlq",
         help="list dead-lettered messages with their reason, or replay chosen ones",
@@ -452,6 +514,17 @@ def add_parser(commands: Any) -> None:
     replaying.add_argument("--queue", help="only this dead-letter queue (NAME.dlq or NAME)")
     replaying.add_argument("--all", action="store_true", help="every message of the queue(s)")
     replaying.add_argument("--json", action="store_true", help="one JSON document")
+    dropping = actions.add_parser(
+        "drop",
+        help="remove chosen messages from the .dlq for good (shows them only, without --yes)",
+        description="Without --yes, nothing is removed: the messages that would be dropped "
+        "and their count are shown, and the exit code is 2.",
+    )
+    dropping.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID")
+    dropping.add_argument("--queue", help="only this dead-letter queue (NAME.dlq or NAME)")
+    dropping.add_argument("--all", action="store_true", help="every message of the queue(s)")
+    dropping.add_argument("--yes", action="store_true", help="drop them (there is no undo)")
+    dropping.add_argument("--json", action="store_true", help="one JSON document")
 
 
 def _positive(value: str) -> int:
@@ -462,30 +535,22 @@ def _positive(value: str) -> int:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run ``dlq list`` / ``dlq replay``: 0 when done, 1 when something was not, 2 for
-    bad arguments."""
+    """Run ``dlq list`` / ``replay`` / ``drop``: 0 when done, 1 when something was not, 2
+    for bad arguments (and for a ``drop`` without ``--yes``, which drops nothing)."""
     # stdout carries the answer (a table or JSON to pipe into jq); log lines go aside.
     configure_logging(
         "job-orchestrator", settings.log_level, settings.log_format, stream=sys.stderr
     )
-    topology = settings.topology
     try:
-        queues = resolve_queues(topology, args.queue)
+        queues = resolve_queues(settings.topology, args.queue)
     except ValueError as exc:
         print(f"{PROGRAM}: {exc}", file=sys.stderr)
         return 2
-    url = settings.amqp_url.get_secret_value()
+    if args.dlq_command != "list" and bool(args.message_ids) == bool(args.all):
+        print(f"{PROGRAM} {args.dlq_command}: give MESSAGE_ID... or --all", file=sys.stderr)
+        return 2
     try:
-        if args.dlq_command == "list":
-            listing = await list_dead_letters(url, topology, queues=queues, limit=args.limit)
-            print(_listing_json(listing) if args.json else _listing_text(listing))
-            return 0
-        if bool(args.message_ids) == bool(args.all):
-            print(f"{PROGRAM} replay: give MESSAGE_ID... or --all", file=sys.stderr)
-            return 2
-        report = await replay(
-            url, topology, queues=queues, message_ids=None if args.all else args.message_ids
-        )
+        return await _act(args, settings, queues)
     except Exception as exc:
         unreachable = isinstance(exc, OSError | TimeoutError | AMQPConnectionError)
         what = "cannot reach the broker" if unreachable else "failed"
@@ -493,6 +558,23 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error(f"dlq {args.dlq_command} {what}", error=message)
         print(f"{PROGRAM}: {what}: {message}", file=sys.stderr)
         return 1
+
+
+async def _act(args: argparse.Namespace, settings: Settings, queues: list[str]) -> int:
+    """The chosen action, its answer printed; its exit code."""
+    url, topology = settings.amqp_url.get_secret_value(), settings.topology
+    if args.dlq_command == "list":
+        listing = await list_dead_letters(url, topology, queues=queues, limit=args.limit)
+        print(_listing_json(listing) if args.json else _listing_text(listing))
+        return 0
+    ids = None if args.all else args.message_ids
+    if args.dlq_command == "drop":
+        dropped = await drop(url, topology, queues=queues, message_ids=ids, confirmed=args.yes)
+        print(_drop_json(dropped) if args.json else _drop_text(dropped))
+        if not dropped.confirmed and dropped.chosen:
+            return 2
+        return 1 if dropped.not_found else 0
+    report = await replay(url, topology, queues=queues, message_ids=ids)
     print(_report_json(report) if args.json else _report_text(report))
     return 1 if report.failed or report.not_found else 0
 
@@ -560,3 +642,33 @@ def _report_text(report: ReplayReport) -> str:
     lines += [f"not found: {message_id}" for message_id in report.not_found]
     lines += [f"{name}: does not exist" for name in report.missing_queues]
     return "\n".join(lines) or "nothing to replay"
+
+
+def _drop_json(report: DropReport) -> str:
+    return json.dumps(
+        {
+            "dropped" if report.confirmed else "would_drop": [asdict(m) for m in report.chosen],
+            "count": len(report.chosen),
+            "not_found": report.not_found,
+            "missing_queues": report.missing_queues,
+        },
+        indent=2,
+    )
+
+
+def _drop_text(report: DropReport) -> str:
+    verb = "dropped" if report.confirmed else "would drop"
+    lines = [
+        f"{verb} {m.message_id} ({m.type or '?'}, job {m.job_id or '-'}) from {m.queue}: {m.reason}"
+        for m in report.chosen
+    ]
+    lines += [f"not found: {message_id}" for message_id in report.not_found]
+    lines += [f"{name}: does not exist" for name in report.missing_queues]
+    count = len(report.chosen)
+    if report.confirmed:
+        lines.append(f"dropped {count} message(s)")
+    elif count:
+        lines.append(f"would drop {count} message(s); nothing dropped: run again with --yes")
+    else:
+        lines.append("nothing to drop")
+    return "\n".join(lines)

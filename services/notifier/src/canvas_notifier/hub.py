@@ -24,7 +24,7 @@ Close codes a client may see:
     4008  client too slow: its outbox filled up; reconnect with after=<last position>
     4009  replay limit reached: reconnect with after=<last position> to get the rest
     4400  bad request: ``after`` is not a non-negative integer
-    4401  token missing, invalid or expired: get a new one, then reconnect
+    4401  token missing, invalid or expired (the reason says which): get a new one, then reconnect
 """
 
 from __future__ import annotations

@@ -201,7 +201,9 @@ class Notifier:
             principal = decode_token(_token(query, request.headers), self._secret)
         except AuthError as exc:
             log.info("client rejected", reason=str(exc))
-            await ws.close(UNAUTHORIZED, "token missing, invalid or expired")
+            # The reason says what is wrong with the token (never the token itself); a
+            # close frame's reason holds at most 123 bytes.
+            await ws.close(UNAUTHORIZED, str(exc).encode()[:123].decode(errors="ignore"))
             return
         try:
             after = _after(query)
@@ -530,12 +532,17 @@ def _writer(ws: ServerConnection, sent: Counter) -> Writer:
     return write
 
 
+MISSING_TOKEN: Final = "missing token: send ?token=JWT or Authorization: Bearer JWT"  # noqa: S105
+
+
 def _token(query: dict[str, list[str]], headers: Headers) -> str:
     # Browsers cannot set headers on a WebSocket: ?token= first, the header for the rest.
     if query.get("token"):
         return query["token"][0]
     scheme, _, value = headers.get("Authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthError(MISSING_TOKEN)
+    return value.strip()
 
 
 def _after(query: dict[str, list[str]]) -> int | None:

@@ -37,6 +37,7 @@ NO_ORCHESTRATOR = "no orchestrator consumes its queue"
 QUEUED_TOO_LONG = "the oldest queued job has waited"
 OUTBOX_BEHIND = "the outbox relay is"
 OUTBOX_STALE = "the oldest unpublished event has waited"
+DEAD_LETTERS = "dead letters wait"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ async def _health(store: Store, broker: Broker, settings: Settings) -> _Health:
         issues.append(NO_ORCHESTRATOR)
     if backlog is not None:
         issues += _backlog_issues(backlog, settings)
+    issues += await _dead_letter_issues(broker)
     if database != "ok" or broker_state != "ok":
         state: Literal["healthy", "degraded", "unhealthy"] = "unhealthy"
     elif issues:
@@ -103,6 +105,17 @@ def _backlog_issues(backlog: Backlog, settings: Settings) -> list[str]:
     return issues
 
 
+async def _dead_letter_issues(broker: Broker) -> list[str]:
+    """One issue per .dlq that holds messages: nothing is stuck, but each one is a message
+    a consumer gave up on, waiting for an operator (`dlq list`, `replay` or `drop`)."""
+    issues = []
+    for name in broker.topology.dead_letter_queues:
+        stats = await broker.queue_stats(name)
+        if stats is not None and stats[0] > 0:
+            issues.append(f"{DEAD_LETTERS} in {name}: {stats[0]} message(s)")
+    return issues
+
+
 def _job_processor(health: _Health, work_queue: str) -> JobProcessor:
     backlog = health.backlog
     return JobProcessor(
@@ -125,7 +138,8 @@ def _job_processor(health: _Health, work_queue: str) -> JobProcessor:
     "(200) when no generator or no orchestrator consumes its queue, when the oldest queued "
     "job has waited longer than HEALTH_QUEUED_AGE_SECONDS, or when the orchestrator's relay "
     "lags (more than HEALTH_OUTBOX_LAG_EVENTS events, or one older than "
-    "HEALTH_OUTBOX_AGE_SECONDS). `issues` says why; docs/operations.md what to do.",
+    "HEALTH_OUTBOX_AGE_SECONDS), or while a dead-letter queue (`.dlq`) holds messages. "
+    "`issues` says why; docs/operations.md what to do.",
     responses={503: {"model": HealthPublic, "description": "The database or broker is away."}},
 )
 async def system_health(store: StoreDep, broker: BrokerDep, settings: SettingsDep) -> JSONResponse:
