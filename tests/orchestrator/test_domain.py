@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4, uuid5
 
@@ -382,11 +383,15 @@ def _rate_limited(attempt_id: UUID | None, retry_after: float | None = 5) -> Gen
     )
 
 
-def test_a_429_puts_the_job_off_until_its_retry_after_without_counting_a_retry():
+# A fleet model budget is set: a 429 is the fleet's to wait out.
+BUDGETED = replace(POLICY, defer_rate_limited=True)
+
+
+def test_with_a_fleet_budget_a_429_puts_the_job_off_without_counting_a_retry():
     state = failed_retryably(started(), 1)
     event = _rate_limited(state.attempt_id, retry_after=5)
 
-    events = decide(state, event)
+    events = domain.decide(state, event, now=NOW, policy=BUDGETED)
 
     # Sooner than the backoff (120 s now): the provider said when.
     assert events == [
@@ -401,17 +406,30 @@ def test_a_429_puts_the_job_off_until_its_retry_after_without_counting_a_retry()
 
 def test_429s_without_end_count_as_retries_after_the_deferrals_run_out():
     state = started()
+    later = NOW + timedelta(hours=1)
     for _ in range(MAX_RATE_LIMIT_DEFERRALS):
-        state = apply(state, decide(state, _rate_limited(state.attempt_id)))
-        state = apply(state, domain.retry_due(state, now=NOW + timedelta(hours=1), policy=POLICY))
+        failed = _rate_limited(state.attempt_id)
+        state = apply(state, domain.decide(state, failed, now=NOW, policy=BUDGETED))
+        state = apply(state, domain.retry_due(state, now=later, policy=BUDGETED))
         state = apply(state, decide(state, _started(state)))
     assert state.retry_count == 0
 
-    retry = decide(state, _rate_limited(state.attempt_id, retry_after=None))[1]
+    failed = _rate_limited(state.attempt_id, retry_after=None)
+    retry = domain.decide(state, failed, now=NOW, policy=BUDGETED)[1]
 
     assert isinstance(retry, JobRetryScheduled)
     assert retry.retry_count == 1
     assert retry.next_attempt_at == NOW + timedelta(seconds=60)
+
+
+def test_without_a_fleet_budget_a_429_counts_as_a_retry_as_any_transient_error():
+    state = started()
+
+    retry = decide(state, _rate_limited(state.attempt_id, retry_after=5))[1]
+
+    assert isinstance(retry, JobRetryScheduled)
+    assert retry.retry_count == 1
+    assert retry.next_attempt_at == NOW + timedelta(seconds=60)  # the longer backoff
 
 
 def test_retryable_failure_with_every_retry_used_fails_the_job():

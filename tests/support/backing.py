@@ -2,7 +2,7 @@
 
 1. the server ``DATABASE_URL`` / ``AMQP_URL`` names, when set (never replaced: if it
    does not answer, the run fails saying so);
-2. else the local default (README.md, "Quickstart"), when it answers;
+2. else the local default (README.md, "1. Get PostgreSQL and RabbitMQ"), when it answers;
 3. else, where a Docker engine answers, a container that testcontainers starts for the
    session; its URL is put in ``DATABASE_URL`` / ``AMQP_URL`` of this process, so that
    every helper (tests/support/env.py) and every service a test starts gets it;
@@ -131,7 +131,7 @@ def failure(choices: list[Choice]) -> str | None:
     lines = [f"the tests need PostgreSQL and RabbitMQ, and cannot have {names}:"]
     lines += [f"  - {choice.why}" for choice in missing]
     lines.append(
-        "Either run them here (README.md, Quickstart; or set DATABASE_URL / AMQP_URL to "
+        "Either run them here (README.md, step 1; or set DATABASE_URL / AMQP_URL to "
         "servers of yours), or run a Docker engine (DOCKER_HOST, else "
         f"{DEFAULT_DOCKER_HOST}) and the tests start them in containers (testcontainers)."
     )

@@ -1,5 +1,5 @@
 """Where the tests find PostgreSQL and RabbitMQ: DATABASE_URL / AMQP_URL, else the
-local defaults (README.md, "Development"); and databases of a test's own, made and
+local defaults (README.md, step 1); and databases of a test's own, made and
 dropped on a PostgreSQL server."""
 
 from __future__ import annotations

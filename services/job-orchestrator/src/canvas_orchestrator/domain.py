@@ -72,6 +72,11 @@ class Policy:
     # needs a deadline for the case where its message is (dead-lettered, purged). A
     # backlog must not expire attempts, so this is much longer than the running lease.
     start_timeout_seconds: float = 3600.0
+    # Whether a 429 puts a job off without counting a retry (MAX_RATE_LIMIT_DEFERRALS
+    # times): only with a fleet model budget (MODEL_*_PER_MINUTE), which pauses every
+    # generator on a 429. Without one, a 429 is retried like any transient error, up
+    # to max_retries (the contract's rule).
+    defer_rate_limited: bool = False
 
     def backoff(self, retry_count: int) -> timedelta:
         """The wait before retry number ``retry_count + 1`` (the seed's 2^n minutes)."""
@@ -364,9 +369,9 @@ def succeed(state: JobState, event: GenerationSucceeded) -> list[Event]:
 
 def fail(state: JobState, event: GenerationFailed, *, now: datetime, policy: Policy) -> list[Event]:
     """The current attempt failed: retry later while retries are left and the error is
-    transient, else the job fails with the generator's error. A 429 (the model's rate
-    limit) puts the job off until its Retry-After without counting a retry, up to
-    MAX_RATE_LIMIT_DEFERRALS times."""
+    transient, else the job fails with the generator's error. With a fleet model budget
+    (``policy.defer_rate_limited``) a 429 puts the job off until its Retry-After without
+    counting a retry, up to MAX_RATE_LIMIT_DEFERRALS times."""
     if (
         state.status not in _RUNNING
         or not state.is_current(event.attempt_id)
@@ -374,7 +379,12 @@ def fail(state: JobState, event: GenerationFailed, *, now: datetime, policy: Pol
     ):
         return []
     deferrals = state.attempt - 1 - state.retry_count  # attempts that counted no retry
-    if event.retryable and event.kind == RATE_LIMITED_KIND and deferrals < MAX_RATE_LIMIT_DEFERRALS:
+    if (
+        policy.defer_rate_limited
+        and event.retryable
+        and event.kind == RATE_LIMITED_KIND
+        and deferrals < MAX_RATE_LIMIT_DEFERRALS
+    ):
         # Put off, not retried: waiting for the provider's capacity burns no retry.
         wait = event.retry_after_seconds
         delay = timedelta(seconds=wait) if wait is not None else policy.backoff(0)

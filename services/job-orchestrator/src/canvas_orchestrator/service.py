@@ -41,6 +41,8 @@ def policy_of(settings: Settings) -> Policy:
         backoff_unit_seconds=settings.retry_backoff_unit_seconds,
         lease_seconds=settings.generation_lease_seconds,
         start_timeout_seconds=settings.generation_start_timeout_seconds,
+        # With a fleet budget, a 429 is the fleet's to wait out, not the job's retry.
+        defer_rate_limited=settings.model_budget_limited,
     )
 
 
