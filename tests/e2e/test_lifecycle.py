@@ -229,6 +229,8 @@ async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
         await release(user, blocker)
         for job_id in [*low, high]:
             await user.until_status(job_id, "completed")
+            # The REST answer can be ahead of the frames (the relay publishes after).
+            await socket.until(job_id, "ai_generation_started")
         started = sorted(
             (f for f in socket.frames if f["type"] == "ai_generation_started"),
             key=lambda f: f["position"],
