@@ -4,7 +4,7 @@ submit a prompt, watch the objects land on the SVG canvas; survive a notifier re
 by reconnecting with ``after``.
 
 Screenshots go under each test's tmp_path; with SAVE_DOCS_SCREENSHOT=1 the first test
-also writes docs/canvas.png, the README's picture.
+also writes docs/canvas.png, the README's picture, and the admin's docs/admin.png.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tests.support.system import JWT_SECRET, System
 from tests.support.users import User
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "canvas.png"
+DOCS_ADMIN_SCREENSHOT = DOCS_SCREENSHOT.with_name("admin.png")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -392,6 +393,8 @@ async def test_an_admin_finds_another_users_failed_job_reads_its_timeline_and_re
         ).inner_text()
     )
     await page.screenshot(path=tmp_path / "admin-retried.png")
+    if os.environ.get("SAVE_DOCS_SCREENSHOT") == "1":
+        await page.screenshot(path=DOCS_ADMIN_SCREENSHOT)
     assert any("/api/admin/jobs?" in url for url in requests)
 
 
