@@ -146,6 +146,13 @@ def _print_version(value: bool) -> None:
 
 JobArg = Annotated[str, typer.Argument(help="The job's id.", callback=_job_id, show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+# The Idempotency-Key of a command that makes a job (submit, retry).
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--idempotency-key", help="A retry with the same key gets the same job, never two."
+    ),
+]
 
 
 @app.callback()
@@ -230,12 +237,7 @@ def submit(
     priority: Annotated[
         int | None, typer.Option("--priority", min=0, max=9, help="0..9, higher first [5].")
     ] = None,
-    idempotency_key: Annotated[
-        str | None,
-        typer.Option(
-            "--idempotency-key", help="A retry with the same key gets the same job, never two."
-        ),
-    ] = None,
+    idempotency_key: KeyOpt = None,
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Follow the job until it ends.")
     ] = False,
@@ -259,12 +261,7 @@ def submit(
 def retry(
     ctx: typer.Context,
     job: JobArg,
-    idempotency_key: Annotated[
-        str | None,
-        typer.Option(
-            "--idempotency-key", help="A retry with the same key gets the same job, never two."
-        ),
-    ] = None,
+    idempotency_key: KeyOpt = None,
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Follow the new job until it ends.")
     ] = False,

@@ -12,13 +12,18 @@ from fastapi.exceptions import RequestValidationError
 
 from canvas_gateway.deps import AdminUser, StoreDep
 from canvas_gateway.routes import error_responses
-from canvas_gateway.routes.jobs import decode_cursor, encode_cursor
+from canvas_gateway.routes.jobs import (
+    PageCursor,
+    PageSize,
+    StatusFilter,
+    decode_cursor,
+    next_cursor,
+)
 from canvas_gateway.schemas import (
     AdminJobsPublic,
     JobAdminPublic,
     JobEventPublic,
     JobEventsPublic,
-    JobStatus,
     Storable,
 )
 from canvas_gateway.store import JobFilter
@@ -37,9 +42,7 @@ router = APIRouter(prefix="/api/admin", tags=["admin"])
 async def all_jobs(
     _admin: AdminUser,
     store: StoreDep,
-    status_: Annotated[
-        JobStatus | None, Query(alias="status", description="Only jobs in this status.")
-    ] = None,
+    status_: StatusFilter = None,
     user_id: Annotated[
         Storable | None,
         Query(min_length=1, max_length=200, description="Only this user's jobs."),
@@ -52,10 +55,8 @@ async def all_jobs(
         Storable | None,
         Query(min_length=1, max_length=200, description="Only jobs whose query contains this."),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    cursor: Annotated[
-        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
-    ] = None,
+    limit: PageSize = 20,
+    cursor: PageCursor = None,
 ) -> AdminJobsPublic:
     if since is not None and since.tzinfo is None:
         issue = {
@@ -67,11 +68,9 @@ async def all_jobs(
     where = JobFilter(status=status_, user_id=user_id, since=since, text=q)
     after = decode_cursor(cursor) if cursor is not None else None
     rows = await store.all_jobs(where, after=after, limit=limit)
-    next_cursor = (
-        encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
-    )
     return AdminJobsPublic(
-        jobs=[JobAdminPublic.model_validate(row) for row in rows], next_cursor=next_cursor
+        jobs=[JobAdminPublic.model_validate(row) for row in rows],
+        next_cursor=next_cursor(rows, limit),
     )
 
 

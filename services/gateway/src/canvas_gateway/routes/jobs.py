@@ -342,20 +342,15 @@ async def job_events(job_id: UUID, user: CurrentUser, store: StoreDep) -> JobEve
 async def list_jobs(
     user: CurrentUser,
     store: StoreDep,
-    status_: Annotated[
-        JobStatus | None, Query(alias="status", description="Only jobs in this status.")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    cursor: Annotated[
-        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
-    ] = None,
+    status_: StatusFilter = None,
+    limit: PageSize = 20,
+    cursor: PageCursor = None,
 ) -> JobsPublic:
     after = decode_cursor(cursor) if cursor is not None else None
     rows = await store.jobs(user.user_id, status=status_, after=after, limit=limit)
-    next_cursor = (
-        encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
+    return JobsPublic(
+        jobs=[JobPublic.model_validate(row) for row in rows], next_cursor=next_cursor(rows, limit)
     )
-    return JobsPublic(jobs=[JobPublic.model_validate(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.post(
@@ -404,6 +399,23 @@ async def cancel_job(
         )
     log.info("job cancel requested")
     return CancelAccepted(job_id=job_id)
+
+
+# The parameters of a page of jobs (the caller's, or every user's for an admin).
+StatusFilter = Annotated[
+    JobStatus | None, Query(alias="status", description="Only jobs in this status.")
+]
+PageSize = Annotated[int, Query(ge=1, le=100, description="Page size.")]
+PageCursor = Annotated[
+    str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+]
+
+
+def next_cursor(rows: list[dict[str, Any]], limit: int) -> str | None:
+    """The cursor after a full page of ``rows``; None after the last page."""
+    if len(rows) < limit:
+        return None
+    return encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
 
 
 def encode_cursor(created_at: datetime, job_id: UUID) -> str:
