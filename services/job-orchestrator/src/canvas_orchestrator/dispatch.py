@@ -105,7 +105,7 @@ class Limits:
     """DISPATCH_UNANNOUNCED_CAPACITY and DISPATCH_HEADROOM."""
 
     unannounced_capacity: int = 100
-    headroom: int = 2
+    headroom: int = 5
 
 
 async def fleet(conn: asyncpg.Connection, now: datetime, limits: Limits) -> Fleet:

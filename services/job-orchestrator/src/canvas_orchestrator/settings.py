@@ -33,7 +33,7 @@ class Settings(ServiceSettings, ModelBudgetSettings):
     # beyond the announced capacity (so that a freed slot finds work at once).
     dispatch_interval_seconds: float = Field(default=0.1, gt=0, le=10)
     dispatch_unannounced_capacity: int = Field(default=100, ge=1, le=100_000)
-    dispatch_headroom: int = Field(default=2, ge=0, le=10_000)
+    dispatch_headroom: int = Field(default=5, ge=0, le=10_000)
     # Retention (canvas_orchestrator.retention): consumed message ids, and the gateway's
     # ledger rows of recorded jobs; pruned every PRUNE_INTERVAL_SECONDS.
     processed_messages_retention_seconds: float = Field(default=7 * 86_400, ge=3_600)
