@@ -706,3 +706,80 @@ def test_only_completed_failed_and_cancelled_are_final():
         JobStatus.FAILED,
         JobStatus.CANCELLED,
     }
+
+
+# -- fair dispatch: queued, then dispatched (canvas_orchestrator.dispatch) -------------
+
+
+def awaiting() -> JobState:
+    """A new job queued without its attempt: it awaits the dispatcher."""
+    state = JobState(job_id=JOB_ID)
+    events = decide(state, REQUEST, dispatch_now=False)
+    assert [type(e) for e in events] == [JobRequested, JobQueued]
+    return apply(state, events)
+
+
+def test_a_job_queued_without_dispatch_awaits_it_and_has_no_attempt():
+    state = awaiting()
+    assert state.status is JobStatus.QUEUED
+    assert state.awaiting_dispatch
+    assert state.attempt == 0 and state.attempt_id is None
+    # No lease runs while it waits: nothing can expire.
+    assert domain.lease_expired(state, now=NOW + timedelta(days=30), policy=POLICY) == []
+
+
+def test_dispatch_hands_a_waiting_job_its_attempt_once():
+    state = awaiting()
+    events = domain.dispatch(state, now=NOW, policy=POLICY, new_id=sequential_ids())
+    assert len(events) == 1
+    (requested_event,) = events
+    assert isinstance(requested_event, GenerationRequested)
+    assert requested_event.attempt == 1
+    assert requested_event.priority == REQUEST.priority
+    assert requested_event.lease_expires_at == NOW + timedelta(seconds=3600)
+    state = apply(state, events)
+    assert not state.awaiting_dispatch and state.attempt_id == UUID(int=1)
+    # Dispatched already, or never queued: nothing to hand out.
+    assert domain.dispatch(state, now=NOW, policy=POLICY) == []
+    assert domain.dispatch(JobState(job_id=JOB_ID), now=NOW, policy=POLICY) == []
+
+
+def test_dispatch_now_keeps_todays_single_decision():
+    state = JobState(job_id=JOB_ID)
+    events = decide(state, REQUEST, new_id=sequential_ids(), dispatch_now=True)
+    assert [type(e) for e in events] == [JobRequested, JobQueued, GenerationRequested]
+    assert not apply(state, events).awaiting_dispatch
+
+
+def test_a_cancel_ends_the_wait_for_dispatch():
+    state = awaiting()
+    events = decide(state, JobCancelRequested(reason=None))
+    state = apply(state, events)
+    assert state.status is JobStatus.CANCELLED and not state.awaiting_dispatch
+    assert domain.dispatch(state, now=NOW, policy=POLICY) == []
+
+
+def test_a_due_retry_awaits_dispatch_and_the_old_attempt_no_longer_counts():
+    state = started()
+    old = state.attempt_id
+    assert old is not None
+    state = apply(
+        state,
+        decide(
+            state, GenerationFailed(attempt_id=old, error="slow", kind="timeout", retryable=True)
+        ),
+    )
+    later = NOW + timedelta(hours=1)
+    events = domain.retry_due(state, now=later, policy=POLICY, dispatch_now=False)
+    assert [type(e) for e in events] == [JobQueued]
+    state = apply(state, events)
+    assert state.awaiting_dispatch and state.status is JobStatus.QUEUED
+    # A late start or result of the attempt given up changes nothing while it waits.
+    late = GenerationSucceeded(
+        attempt_id=old, objects=OBJECTS, dropped_objects=0, model="m", usage={}, latency_ms=1
+    )
+    assert decide(state, _started(state)) == []
+    assert decide(state, late) == []
+    assert domain.ignored_because(state, late) == "result of a superseded attempt"
+    events = domain.dispatch(state, now=later, policy=POLICY, new_id=lambda: UUID(int=99))
+    assert [(type(e), getattr(e, "attempt", None)) for e in events] == [(GenerationRequested, 2)]

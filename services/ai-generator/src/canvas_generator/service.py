@@ -17,6 +17,7 @@ from canvas_generator.budget import FleetBudget
 from canvas_generator.cancellations import Cancellations
 from canvas_generator.checks import AttemptChecker
 from canvas_generator.client import ModelClient
+from canvas_generator.heartbeat import Heartbeat
 from canvas_generator.metrics import Metrics
 from canvas_generator.settings import Settings
 from canvas_generator.worker import Worker
@@ -64,6 +65,15 @@ class Service:
             budget=self.budget,
             metrics=self.metrics,
         )
+        # Fair dispatch: the orchestrator hands out as much work as generators announce.
+        self.heartbeat = Heartbeat(
+            settings.orchestrator_url,
+            generator_id=self.generator_id,
+            capacity=lambda: settings.max_concurrent_jobs if self.broker.connected else 0,
+            running=lambda: self.worker.running,
+            timeout=settings.orchestrator_timeout_seconds,
+            credential=ServiceCredential("ai-generator", settings.secret),
+        )
         # Control first: on every (re)connect the control queue is consumed before any
         # work is taken, so no attempt starts unable to hear its job's cancel.
         self.broker.add_consumer(self.cancellations.consumer())
@@ -75,9 +85,11 @@ class Service:
     async def start(self) -> None:
         """Connect to the broker in the background and start taking work."""
         await self.broker.start()
+        await self.heartbeat.start()
 
     async def stop(self) -> None:
         """Take no new work, let the attempts in flight finish, close the connections."""
+        await self.heartbeat.stop(self.settings.orchestrator_timeout_seconds + 1)
         await self.broker.stop(drain_timeout=self.settings.shutdown_grace_seconds)
         await self.worker.stop()
         await self.client.aclose()

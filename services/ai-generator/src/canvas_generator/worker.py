@@ -123,6 +123,11 @@ class Worker:
         # running here already adopts its run.
         self._runs: dict[UUID, asyncio.Task[None]] = {}
 
+    @property
+    def running(self) -> int:
+        """Attempts running in this process now."""
+        return len(self._runs)
+
     def consumer(self) -> Consumer:
         """The work queue's consumer: ``prefetch`` attempts at once, each in its own task
         (so prefetch = MAX_CONCURRENT_JOBS keeps the broker's priority order, see above)."""

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from canvas_events.auth import Principal, decode_token
 from canvas_events.broker import Broker
+from canvas_events.envelope import utcnow
 from canvas_events.errors import AuthError
 from canvas_events.ops import Probes, Readiness
 from canvas_events.postgres import Database, DatabaseUnavailable, is_outage
+from canvas_orchestrator import dispatch
 from canvas_orchestrator.metrics import BUSIEST_USERS, Metrics
 from canvas_store import budget, jobs
 from canvas_store.events import load
@@ -239,3 +241,21 @@ async def model_pause(body: PauseRequest, conn: Conn, request: Request) -> dict[
     metrics: Metrics = request.app.state.metrics
     metrics.model_pauses.inc()
     return {"model": body.model, "paused_until": until}
+
+
+class GeneratorHeartbeat(BaseModel):
+    """What a generator process announces of itself, every few seconds (fair dispatch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator_id: str = Field(min_length=1, max_length=200)
+    capacity: int = Field(ge=0, le=100_000)
+    running: int = Field(default=0, ge=0, le=100_000)
+
+
+@_internal.post("/generators/heartbeat", status_code=204)
+async def generator_heartbeat(body: GeneratorHeartbeat, conn: Conn) -> None:
+    """A generator is alive and can run ``capacity`` attempts at once (its
+    MAX_CONCURRENT_JOBS; 0 as it stops): the fleet's capacity for fair dispatch is the
+    sum over the generators heard from in the last 15 s."""
+    await dispatch.heartbeat(conn, body.generator_id, body.capacity, body.running, utcnow())

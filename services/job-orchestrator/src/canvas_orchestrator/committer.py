@@ -126,6 +126,9 @@ class Transaction:
         self.appended_at: float | None = None
         # The owners of the canvases locked so far (None: nobody drew on it yet).
         self._canvas_owners: dict[str, str | None] = {}
+        # New jobs this transaction may still dispatch at once (fair dispatch's fast
+        # path); None: every new job is dispatched at once (no fair dispatch).
+        self.dispatch_slots: int | None = None
 
     async def lock(self, job_ids: Sequence[UUID], *, messages: Sequence[UUID] = ()) -> set[UUID]:
         """Lock ``job_ids`` (sorted) and mark ``messages`` processed; the message ids

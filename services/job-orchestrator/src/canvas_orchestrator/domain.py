@@ -111,6 +111,8 @@ class JobState:
     progressed: frozenset[int] = frozenset()
     # The run of the current attempt whose events count (None: none known yet).
     run_id: UUID | None = None
+    # Queued, and its next attempt not handed to the generators yet (fair dispatch).
+    awaiting_dispatch: bool = False
 
     @property
     def exists(self) -> bool:
@@ -123,8 +125,9 @@ class JobState:
         return self.status is not None and self.status.is_final
 
     def is_current(self, attempt_id: UUID) -> bool:
-        """Whether ``attempt_id`` is the attempt the job waits for."""
-        return self.attempt_id == attempt_id
+        """Whether ``attempt_id`` is the attempt the job waits for (none while the job
+        awaits the dispatch of its next one)."""
+        return not self.awaiting_dispatch and self.attempt_id == attempt_id
 
     def counts(self, run_id: UUID | None) -> bool:
         """Whether an event of run ``run_id`` of the current attempt counts: it is the
@@ -159,6 +162,7 @@ def _job_evolved(state: JobState, event: Event) -> JobState:
                 status=JobStatus.QUEUED,
                 retry_count=event.retry_count,
                 next_attempt_at=None,
+                awaiting_dispatch=True,
             )
         case JobRetryScheduled():
             return replace(
@@ -167,9 +171,12 @@ def _job_evolved(state: JobState, event: Event) -> JobState:
                 retry_count=event.retry_count,
                 next_attempt_at=event.next_attempt_at,
                 lease_expires_at=None,
+                awaiting_dispatch=False,
             )
         case JobCompleted():
-            return replace(state, status=JobStatus.COMPLETED, lease_expires_at=None)
+            return replace(
+                state, status=JobStatus.COMPLETED, lease_expires_at=None, awaiting_dispatch=False
+            )
         case JobFailed():
             return replace(
                 state,
@@ -177,10 +184,15 @@ def _job_evolved(state: JobState, event: Event) -> JobState:
                 retry_count=event.retry_count,
                 lease_expires_at=None,
                 next_attempt_at=None,
+                awaiting_dispatch=False,
             )
         case JobCancelled():
             return replace(
-                state, status=JobStatus.CANCELLED, lease_expires_at=None, next_attempt_at=None
+                state,
+                status=JobStatus.CANCELLED,
+                lease_expires_at=None,
+                next_attempt_at=None,
+                awaiting_dispatch=False,
             )
         case _:
             # GenerationSucceeded, GenerationFailed, JobCancelRequested: the event that
@@ -201,6 +213,7 @@ def _attempt_evolved(
                 lease_expires_at=event.lease_expires_at,
                 progressed=frozenset(),
                 run_id=None,
+                awaiting_dispatch=False,
             )
         case GenerationStarted():
             # Another run taking the attempt over starts its objects from index 0.
@@ -263,9 +276,12 @@ def decide(
     new_id: NewId = uuid4,
     canvas_available: bool = True,
     cancelled_first: JobCancelRequested | None = None,
+    dispatch_now: bool = True,
 ) -> list[Event]:
     """The events to record for an incoming ``event`` (from the gateway or a generator);
-    ``cancelled_first``: a cancel of a JobRequested's job received before it.
+    ``cancelled_first``: a cancel of a JobRequested's job received before it;
+    ``dispatch_now``: a new job's first attempt is handed out at once (False: the job
+    awaits the dispatcher, see :func:`dispatch`).
 
     Raises :class:`UnexpectedEvent` for an event that only the orchestrator records.
     """
@@ -279,6 +295,7 @@ def decide(
                 new_id=new_id,
                 canvas_available=canvas_available,
                 cancelled_first=cancelled_first,
+                dispatch_now=dispatch_now,
             )
         case GenerationStarted():
             return start(state, event, now=now, policy=policy)
@@ -303,8 +320,10 @@ def request(
     new_id: NewId = uuid4,
     canvas_available: bool = True,
     cancelled_first: JobCancelRequested | None = None,
+    dispatch_now: bool = True,
 ) -> list[Event]:
-    """A new job: queue it and dispatch its first attempt; or, when its owner's cancel
+    """A new job: queue it and dispatch its first attempt (only queue it, awaiting
+    dispatch, unless ``dispatch_now``); or, when its owner's cancel
     was received before it (``cancelled_first``: it overtook the request), record it
     cancelled, with no attempt. A known job: nothing (the gateway publishes the same job_id again
     for a repeated Idempotency-Key)."""
@@ -315,7 +334,7 @@ def request(
     if cancelled_first is not None:
         return [event, cancelled_first, JobCancelled(reason=cancelled_first.reason)]
     requested = evolve(state, event)
-    return [event, *_dispatch(requested, now=now, policy=policy, new_id=new_id)]
+    return [event, *_queue(requested, now=now, policy=policy, new_id=new_id, now_too=dispatch_now)]
 
 
 def start(
@@ -411,16 +430,32 @@ def cancel(state: JobState, event: JobCancelRequested) -> list[Event]:
 
 
 def retry_due(
-    state: JobState, *, now: datetime, policy: Policy, new_id: NewId = uuid4
+    state: JobState,
+    *,
+    now: datetime,
+    policy: Policy,
+    new_id: NewId = uuid4,
+    dispatch_now: bool = True,
 ) -> list[Event]:
-    """A retry timer fired: queue the job again with a new attempt."""
+    """A retry timer fired: queue the job again with a new attempt (only queue it,
+    awaiting dispatch, unless ``dispatch_now``)."""
     if (
         state.status is not JobStatus.RETRY_SCHEDULED
         or state.next_attempt_at is None
         or state.next_attempt_at > now
     ):
         return []
-    return _dispatch(state, now=now, policy=policy, new_id=new_id)
+    return _queue(state, now=now, policy=policy, new_id=new_id, now_too=dispatch_now)
+
+
+def dispatch(
+    state: JobState, *, now: datetime, policy: Policy, new_id: NewId = uuid4
+) -> list[Event]:
+    """The dispatcher hands a job that awaits dispatch its next attempt; nothing for a
+    job that does not await it (dispatched meanwhile, cancelled, ended)."""
+    if state.status is not JobStatus.QUEUED or not state.awaiting_dispatch:
+        return []
+    return [_attempt(state, now=now, policy=policy, new_id=new_id)]
 
 
 def lease_expired(state: JobState, *, now: datetime, policy: Policy) -> list[Event]:
@@ -460,9 +495,20 @@ def ignored_because(state: JobState, event: Event) -> str:
     return f"duplicate while {state.status.value if state.status else 'unknown'}"
 
 
-def _dispatch(state: JobState, *, now: datetime, policy: Policy, new_id: NewId) -> list[Event]:
+def _queue(
+    state: JobState, *, now: datetime, policy: Policy, new_id: NewId, now_too: bool
+) -> list[Event]:
+    """Queue the job; with ``now_too``, hand out its next attempt in the same decision."""
     queued = JobQueued(priority=state.priority, retry_count=state.retry_count)
-    requested = GenerationRequested(
+    if not now_too:
+        return [queued]
+    return [queued, _attempt(evolve(state, queued), now=now, policy=policy, new_id=new_id)]
+
+
+def _attempt(
+    state: JobState, *, now: datetime, policy: Policy, new_id: NewId
+) -> GenerationRequested:
+    return GenerationRequested(
         attempt_id=new_id(),
         attempt=state.attempt + 1,
         query=state.query,
@@ -470,4 +516,3 @@ def _dispatch(state: JobState, *, now: datetime, policy: Policy, new_id: NewId) 
         priority=state.priority,
         lease_expires_at=policy.start_deadline(now),
     )
-    return [queued, requested]

@@ -33,6 +33,7 @@ from canvas_events.events import (
     Event,
     GenerationFailed,
     GenerationProgressed,
+    GenerationRequested,
     GenerationStarted,
     GenerationSucceeded,
     JobCancelled,
@@ -43,6 +44,7 @@ from canvas_events.events import (
 from canvas_orchestrator import domain
 from canvas_orchestrator.batching import GroupCommit, KeptConflicting
 from canvas_orchestrator.committer import CONFLICTS, Committer, Stream, Transaction
+from canvas_orchestrator.dispatch import Dispatcher, fast_slots
 from canvas_orchestrator.domain import JobState, Policy
 from canvas_orchestrator.errors import UnexpectedEvent
 from canvas_orchestrator.metrics import Metrics
@@ -104,8 +106,12 @@ class Handler:
         *,
         new_id: Callable[[], UUID] = uuid4,
         max_batch: int = MAX_BATCH,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self._policy = policy
+        # Fair dispatch: a new job is dispatched at once only while the fleet has room
+        # and no job awaits dispatch, else left to the dispatcher (None: always at once).
+        self._dispatcher = dispatcher
         self._metrics = metrics
         self._new_id = new_id
         self.committer = committer
@@ -178,10 +184,25 @@ class Handler:
                 for m in batch
                 if isinstance(m.event, JobRequested) and not streams[m.job_id].state.exists
             )
+            await self._open_fast_path(tx, batch, streams)
             results, spans = await self._decide_all(tx, batch, streams, requests, fresh)
             await _settle_requests(tx, requests, streams)
         self._metrics.batch_messages.observe(len(batch))
+        if self._dispatcher is not None and any(
+            stream.state.awaiting_dispatch for stream in tx.changed.values()
+        ):
+            self._dispatcher.wake()
         return _shares(results, spans, streams, tx.now)
+
+    async def _open_fast_path(
+        self, tx: Transaction, batch: Sequence[_Message], streams: dict[UUID, Stream]
+    ) -> None:
+        """With fair dispatch, how many of the batch's new jobs may be dispatched at
+        once (asked only when the batch holds one)."""
+        if self._dispatcher is not None and any(
+            isinstance(m.event, JobRequested) and not streams[m.job_id].state.exists for m in batch
+        ):
+            tx.dispatch_slots = await fast_slots(tx, self._dispatcher.limits)
 
     async def _requests(
         self, tx: Transaction, batch: Sequence[_Message]
@@ -292,6 +313,7 @@ class Handler:
                 canvas_available = claimed[event.canvas_id] == owner
             else:
                 canvas_available = await tx.canvas_available(event.canvas_id, owner)
+        dispatch_now = tx.dispatch_slots is None or tx.dispatch_slots > 0
         new = domain.decide(
             state,
             event,
@@ -300,7 +322,10 @@ class Handler:
             new_id=self._new_id,
             canvas_available=canvas_available,
             cancelled_first=cancelled_first,
+            dispatch_now=dispatch_now,
         )
+        if tx.dispatch_slots is not None and any(isinstance(e, GenerationRequested) for e in new):
+            tx.dispatch_slots -= 1
         if not new:
             return Handled("ignored", reason=domain.ignored_because(state, event)), []
         if isinstance(event, JobRequested) and canvas_available and owner is not None:

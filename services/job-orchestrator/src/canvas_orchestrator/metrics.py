@@ -74,6 +74,26 @@ class Metrics(MetricSet):
             "How long the longest-waiting queued job has waited (0 when none), at scrape.",
         )
         self._add_budget_metrics()
+        self._add_dispatch_metrics()
+
+    def _add_dispatch_metrics(self) -> None:
+        self.dispatch_waiting = self.gauge(
+            "canvas_dispatch_waiting_jobs",
+            "Queued jobs awaiting dispatch (not handed to the generators yet), as the last "
+            "dispatch round saw them.",
+        )
+        self.fleet_capacity = self.gauge(
+            "canvas_fleet_capacity",
+            "Attempts the generators announced they can run at once (0: none announced).",
+        )
+        self.attempts_in_flight = self.gauge(
+            "canvas_attempts_in_flight",
+            "Attempts dispatched and not ended, as the last dispatch round saw them.",
+        )
+        self.dispatch_rounds = self.counter(
+            "canvas_dispatch_rounds_total",
+            "Dispatch rounds that handed out attempts (this process held the round's lock).",
+        )
 
     def _add_budget_metrics(self) -> None:
         self.unfinished_by_user = self.gauge(

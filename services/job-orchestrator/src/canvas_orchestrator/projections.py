@@ -73,6 +73,7 @@ def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
             "created_at": envelope.occurred_at,
             "retry_count": 0,
             "attempt": 0,
+            "awaiting_dispatch": False,
         }
     return changes | _status_columns(event, envelope.occurred_at)
 
@@ -86,9 +87,11 @@ def _status_columns(event: Event, at: datetime) -> dict[str, Any]:
                 "status": JobStatus.QUEUED.value,
                 "retry_count": event.retry_count,
                 "next_attempt_at": None,
+                "awaiting_dispatch": True,
             }
         case GenerationRequested():
             return {
+                "awaiting_dispatch": False,
                 "attempt": event.attempt,
                 "attempt_id": event.attempt_id,
                 "lease_expires_at": event.lease_expires_at,
@@ -105,6 +108,7 @@ def _status_columns(event: Event, at: datetime) -> dict[str, Any]:
                 "next_attempt_at": event.next_attempt_at,
                 "error_message": event.error,
                 "lease_expires_at": None,
+                "awaiting_dispatch": False,
             }
         case JobCompleted():
             return _ended(JobStatus.COMPLETED, at) | {
@@ -128,6 +132,7 @@ def _ended(status: JobStatus, at: datetime) -> dict[str, Any]:
         "completed_at": at,
         "lease_expires_at": None,
         "next_attempt_at": None,
+        "awaiting_dispatch": False,
     }
 
 
@@ -304,6 +309,7 @@ _UPDATED: Final = (
     "error_message",
     "completed_at",
     "result",
+    "awaiting_dispatch",
 )
 
 

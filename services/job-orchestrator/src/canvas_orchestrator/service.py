@@ -18,6 +18,7 @@ from canvas_events.postgres import Database, ensure_database, is_outage
 from canvas_events.runtime import cancel_and_wait, instance_id, serve_http
 from canvas_orchestrator.api import create_app
 from canvas_orchestrator.committer import Clock, Committer
+from canvas_orchestrator.dispatch import Dispatcher, Limits
 from canvas_orchestrator.domain import Policy
 from canvas_orchestrator.handlers import Handler
 from canvas_orchestrator.metrics import Metrics
@@ -68,7 +69,21 @@ class Service:
         self.committer = Committer(
             self.database, clock=clock, append_commit=self.metrics.append_commit
         )
-        self.handler = Handler(self.committer, policy, self.metrics, new_id=new_id)
+        self.dispatcher = Dispatcher(
+            self.database,
+            self.committer,
+            policy,
+            self.metrics,
+            limits=Limits(
+                unannounced_capacity=settings.dispatch_unannounced_capacity,
+                headroom=settings.dispatch_headroom,
+            ),
+            new_id=new_id,
+            interval=settings.dispatch_interval_seconds,
+        )
+        self.handler = Handler(
+            self.committer, policy, self.metrics, new_id=new_id, dispatcher=self.dispatcher
+        )
         self.broker.add_consumer(
             Consumer(
                 settings.topology.orchestrator,
@@ -96,6 +111,7 @@ class Service:
             self.metrics,
             new_id=new_id,
             interval=settings.timer_interval_seconds,
+            dispatcher=self.dispatcher,
         )
         self.pruner = Pruner(
             self.database, settings.retention, interval=settings.prune_interval_seconds
@@ -136,6 +152,7 @@ class Service:
         await self.publisher.start()
         await self.relay.start()
         await self.timers.start()
+        await self.dispatcher.start()
         await self.pruner.start()
 
     async def stop(self) -> None:
@@ -144,6 +161,7 @@ class Service:
         grace = self.settings.shutdown_grace_seconds
         await self.pruner.stop()
         await self.timers.stop(grace)
+        await self.dispatcher.stop(grace)
         await self.broker.stop(drain_timeout=grace)
         await self.relay.stop(grace)
         await self.publisher.stop()

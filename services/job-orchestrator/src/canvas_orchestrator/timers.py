@@ -28,6 +28,7 @@ from canvas_events.postgres import Database
 from canvas_events.runtime import Background
 from canvas_orchestrator import domain
 from canvas_orchestrator.committer import CONFLICTS, Committer, Stream, Transaction
+from canvas_orchestrator.dispatch import Dispatcher
 from canvas_orchestrator.domain import Policy
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.reporting import Handled, attempt_seconds, report
@@ -67,6 +68,9 @@ class Timers(Background):
     new_id: Callable[[], UUID] = uuid4
     interval: float = 0.5
     max_per_tick: int = 200
+    # Fair dispatch: a due retry is queued and left to the dispatcher (None: it is
+    # dispatched at once, as before fair dispatch).
+    dispatcher: Dispatcher | None = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -128,6 +132,8 @@ class Timers(Background):
             job_id=str(job_id), correlation_id=stream.staged[-1].correlation_id
         ):
             log.info("timer fired", kind=kind)
+            if self.dispatcher is not None and stream.state.awaiting_dispatch:
+                self.dispatcher.wake()
             self.metrics.timers.labels(kind).inc()
             seconds = attempt_seconds(stream.history, stream.recorded, tx.now)
             report(Handled("recorded", stream.recorded, attempt_seconds=seconds), self.metrics)
@@ -147,7 +153,13 @@ class Timers(Background):
             assert isinstance(event, JobCancelRequested)
             new = domain.cancel(stream.state, event)
         elif kind == "retry_due":
-            new = domain.retry_due(stream.state, now=tx.now, policy=self.policy, new_id=self.new_id)
+            new = domain.retry_due(
+                stream.state,
+                now=tx.now,
+                policy=self.policy,
+                new_id=self.new_id,
+                dispatch_now=self.dispatcher is None,
+            )
         else:
             new = domain.lease_expired(stream.state, now=tx.now, policy=self.policy)
         # The job's trace goes on from its last event (a timer has no message of its own).

@@ -1,0 +1,241 @@
+"""Fair dispatch (docs/events.md, "Fair dispatch"): the orchestrator hands attempts to
+the generators only as the fleet's capacity frees, and chooses whose job goes next
+round robin across users, so that one user's burst does not make another user's single
+job wait behind it.
+
+A queued job first awaits dispatch (JobQueued alone; ``jobs.awaiting_dispatch``). The
+dispatcher, every DISPATCH_INTERVAL_SECONDS (and at once when a job is queued in this
+process), computes the room: the capacity the generators announced
+(``POST /internal/generators/heartbeat``, seen in the last ANNOUNCED_SECONDS; with
+none announced, DISPATCH_UNANNOUNCED_CAPACITY, so that work still reaches the queue and
+the generators can be scaled up from zero) plus DISPATCH_HEADROOM, less the attempts
+in flight (dispatched, neither ended nor given up). It then appends GenerationRequested
+to that many waiting jobs, in fair order: the highest priority first; within a priority,
+a user's k-th waiting job after every other user's (k-1)-th, counting the attempts each
+user has in flight already; then the oldest first. The events are recorded the way
+every decision is (:mod:`canvas_orchestrator.committer`), in one transaction.
+
+Every orchestrator runs a dispatcher; a transaction-scoped advisory lock lets one round
+run at a time across the fleet (a round that does not get it does nothing), so nothing
+is handed out twice and no lock outlives a frozen process.
+
+The fast path keeps an idle system as quick as before: a new job that arrives while no
+job awaits dispatch and the fleet has room is dispatched in the same transaction as its
+JobQueued (:func:`fast_slots`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
+from datetime import datetime, timedelta
+from typing import Final
+from uuid import UUID, uuid4
+
+import asyncpg
+import structlog
+
+from canvas_events.logging import redact
+from canvas_events.postgres import Database
+from canvas_events.runtime import Background
+from canvas_orchestrator import domain
+from canvas_orchestrator.committer import CONFLICTS, Committer, Stream, Transaction
+from canvas_orchestrator.domain import Policy
+from canvas_orchestrator.metrics import Metrics
+from canvas_orchestrator.reporting import Handled, report
+
+log = structlog.get_logger("canvas_orchestrator.dispatch")
+
+DISPATCH_LOCK_KEY: Final = 0x63616E7661730005
+# A generator counts towards the fleet's capacity this long after its last heartbeat.
+ANNOUNCED_SECONDS: Final = 15.0
+# Heartbeats older than this are deleted (a generator long gone).
+FORGET_SECONDS: Final = 3_600.0
+
+# One round trip: what the generators announced lately, the attempts in flight (a
+# dispatched attempt has a lease until it ends or is given up: the jobs_lease index),
+# and whether any job awaits dispatch (the jobs_awaiting_dispatch index).
+_FLEET: Final = """
+SELECT
+    (SELECT COALESCE(sum(capacity), 0) FROM generators WHERE seen_at > $1) AS announced,
+    (SELECT count(*) FROM generators WHERE seen_at > $1) AS generators,
+    (SELECT count(*) FROM jobs WHERE status IN ('queued', 'processing')
+        AND lease_expires_at IS NOT NULL) AS in_flight,
+    (SELECT count(*) FROM jobs WHERE awaiting_dispatch) AS waiting
+"""
+
+# The jobs to dispatch next, in fair order (see the module docstring).
+_FAIR_ORDER: Final = """
+WITH waiting AS (
+    SELECT id, user_id, priority, created_at,
+           row_number() OVER (PARTITION BY user_id ORDER BY priority DESC, created_at, id) AS n
+    FROM jobs WHERE awaiting_dispatch
+), running AS (
+    SELECT user_id, count(*) AS r FROM jobs
+    WHERE status IN ('queued', 'processing') AND lease_expires_at IS NOT NULL
+      AND user_id IN (SELECT user_id FROM waiting)
+    GROUP BY user_id
+)
+SELECT w.id FROM waiting AS w LEFT JOIN running AS u ON u.user_id = w.user_id
+ORDER BY w.priority DESC, COALESCE(u.r, 0) + w.n, w.created_at, w.id
+LIMIT $1
+"""
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The fleet's capacity and load, as one round sees them."""
+
+    capacity: int  # announced, or the unannounced fallback
+    announced: bool  # some generator announced itself lately
+    in_flight: int
+    waiting: int
+    headroom: int
+
+    @property
+    def free(self) -> int:
+        """Attempts that may be handed out now."""
+        return max(0, self.capacity + self.headroom - self.in_flight)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """DISPATCH_UNANNOUNCED_CAPACITY and DISPATCH_HEADROOM."""
+
+    unannounced_capacity: int = 100
+    headroom: int = 5
+
+
+async def fleet(conn: asyncpg.Connection, now: datetime, limits: Limits) -> Fleet:
+    """The fleet as the database says it is at ``now``."""
+    row = await conn.fetchrow(_FLEET, now - timedelta(seconds=ANNOUNCED_SECONDS))
+    assert row is not None
+    announced = row["generators"] > 0
+    return Fleet(
+        capacity=int(row["announced"]) if announced else limits.unannounced_capacity,
+        announced=announced,
+        in_flight=row["in_flight"],
+        waiting=row["waiting"],
+        headroom=limits.headroom,
+    )
+
+
+async def fast_slots(tx: Transaction, limits: Limits) -> int:
+    """How many new jobs this transaction may dispatch at once: none while any job
+    awaits dispatch (it goes first), else the fleet's free room."""
+    seen = await fleet(tx.conn, tx.now, limits)
+    return 0 if seen.waiting else seen.free
+
+
+async def heartbeat(
+    conn: asyncpg.Connection, generator_id: str, capacity: int, running: int, now: datetime
+) -> None:
+    """Record what a generator announced, and forget generators long gone."""
+    await conn.execute(
+        "INSERT INTO generators (generator_id, capacity, running, seen_at) "
+        "VALUES ($1, $2, $3, $4) ON CONFLICT (generator_id) DO UPDATE SET "
+        "capacity = EXCLUDED.capacity, running = EXCLUDED.running, seen_at = EXCLUDED.seen_at",
+        generator_id,
+        capacity,
+        running,
+        now,
+    )
+    await conn.execute(
+        "DELETE FROM generators WHERE seen_at < $1", now - timedelta(seconds=FORGET_SECONDS)
+    )
+
+
+@dataclass(eq=False)
+class Dispatcher(Background):
+    """Hands waiting jobs their attempts as the fleet's capacity frees."""
+
+    name = "dispatcher"
+
+    database: Database
+    committer: Committer
+    policy: Policy
+    metrics: Metrics
+    _: KW_ONLY
+    limits: Limits = Limits()
+    new_id: Callable[[], UUID] = uuid4
+    interval: float = 0.1
+    max_per_round: int = 200
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A job was queued: look again now rather than at the next interval."""
+        self._wake.set()
+
+    def stopping_now(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Dispatch until stopped."""
+        if not await self.unless_stopped(self.database.wait_ready()):
+            return
+        while not self.stopping.is_set():
+            self._wake.clear()
+            dispatched = 0
+            try:
+                dispatched = await self.round()
+            except CONFLICTS as exc:
+                log.info("dispatch lost a race; will look again", reason=type(exc).__name__)
+            except Exception as exc:
+                log.warning("dispatch round failed; retrying", error=redact(repr(exc)))
+                await self.pause(1.0)
+            if dispatched < self.max_per_round:
+                # Woken by a queued job or a stop, else after the interval.
+                await self._sleep()
+
+    async def _sleep(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def round(self) -> int:
+        """One round: hand out as many attempts as the fleet has room for, in fair
+        order; how many were handed out."""
+        async with self.committer.transaction() as tx:
+            if not await tx.conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1)", DISPATCH_LOCK_KEY
+            ):
+                return 0  # another orchestrator's round runs now
+            seen = await fleet(tx.conn, tx.now, self.limits)
+            self._observe(seen)
+            room = min(seen.free, self.max_per_round)
+            if room <= 0 or not seen.waiting:
+                return 0
+            rows = await tx.conn.fetch(_FAIR_ORDER, room)
+            job_ids = [row["id"] for row in rows]
+            await tx.lock(sorted(job_ids))
+            streams = await tx.load(job_ids)
+            dispatched = [streams[job_id] for job_id in job_ids if self._stage(tx, streams[job_id])]
+        self.metrics.dispatch_rounds.inc()
+        for stream in dispatched:
+            self._report(stream)
+        return len(dispatched)
+
+    def _stage(self, tx: Transaction, stream: Stream) -> bool:
+        """Stage the attempt of one waiting job; False when it waits no more."""
+        if not stream.history:
+            return False
+        new = domain.dispatch(stream.state, now=tx.now, policy=self.policy, new_id=self.new_id)
+        # The job's trace goes on from its last event, as a timer's decision does.
+        last = stream.history[-1]
+        tx.stage(stream, new, last.envelope, last.traceparent)
+        return bool(new)
+
+    def _observe(self, seen: Fleet) -> None:
+        self.metrics.dispatch_waiting.set(seen.waiting)
+        self.metrics.fleet_capacity.set(seen.capacity if seen.announced else 0)
+        self.metrics.attempts_in_flight.set(seen.in_flight)
+
+    def _report(self, stream: Stream) -> None:
+        with structlog.contextvars.bound_contextvars(
+            job_id=str(stream.job_id), correlation_id=stream.staged[-1].correlation_id
+        ):
+            report(Handled("recorded", stream.recorded), self.metrics)
