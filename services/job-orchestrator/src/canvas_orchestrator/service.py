@@ -47,6 +47,28 @@ def policy_of(settings: Settings) -> Policy:
     )
 
 
+def dispatcher_of(
+    settings: Settings,
+    database: Database,
+    committer: Committer,
+    metrics: Metrics,
+    new_id: Callable[[], UUID],
+) -> Dispatcher:
+    """The fair dispatcher the settings ask for (DISPATCH_*)."""
+    return Dispatcher(
+        database,
+        committer,
+        policy_of(settings),
+        metrics,
+        limits=Limits(
+            unannounced_capacity=settings.dispatch_unannounced_capacity,
+            headroom=settings.dispatch_headroom,
+        ),
+        new_id=new_id,
+        interval=settings.dispatch_interval_seconds,
+    )
+
+
 class Service:
     """Every running part of one orchestrator process."""
 
@@ -69,17 +91,8 @@ class Service:
         self.committer = Committer(
             self.database, clock=clock, append_commit=self.metrics.append_commit
         )
-        self.dispatcher = Dispatcher(
-            self.database,
-            self.committer,
-            policy,
-            self.metrics,
-            limits=Limits(
-                unannounced_capacity=settings.dispatch_unannounced_capacity,
-                headroom=settings.dispatch_headroom,
-            ),
-            new_id=new_id,
-            interval=settings.dispatch_interval_seconds,
+        self.dispatcher = dispatcher_of(
+            settings, self.database, self.committer, self.metrics, new_id
         )
         self.handler = Handler(
             self.committer, policy, self.metrics, new_id=new_id, dispatcher=self.dispatcher
