@@ -32,6 +32,7 @@ from tests.deploy.project import (
     console_scripts,
     dockerfile_build,
 )
+from tests.deploy.test_prometheus_rules import exported
 
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
 SECRET_EXAMPLE = KUSTOMIZE_DIR / "secret.example.yaml"
@@ -548,8 +549,13 @@ def test_scaled_object_scales_the_generator_deployment_between_bounds() -> None:
     assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
 
 
+def _trigger(kind: str) -> dict[str, Any]:
+    [trigger] = [t for t in scaled_object()["spec"]["triggers"] if t["type"] == kind]
+    return dict(trigger)
+
+
 def test_scaled_object_follows_the_depth_of_the_work_queue() -> None:
-    [trigger] = scaled_object()["spec"]["triggers"]
+    trigger = _trigger("rabbitmq")
     metadata = trigger["metadata"]
 
     assert trigger["type"] == "rabbitmq"
@@ -564,8 +570,22 @@ def test_scaled_object_follows_the_depth_of_the_work_queue() -> None:
     assert not {"host", "hostFromEnv"} & set(metadata)
 
 
+def test_scaled_object_follows_the_jobs_waiting_for_dispatch() -> None:
+    # With fair dispatch the backlog waits in the orchestrator, out of the queue's sight.
+    triggers = scaled_object()["spec"]["triggers"]
+    assert sorted(t["type"] for t in triggers) == ["prometheus", "rabbitmq"]
+    metadata = _trigger("prometheus")["metadata"]
+    assert metadata["serverAddress"].startswith("http")
+    names = set(re.findall(r"\b(canvas_[a-z_]+)\b", metadata["query"]))
+    assert names == {"canvas_dispatch_waiting_jobs", "canvas_attempts_in_flight"}
+    assert names <= exported()
+    # Fleet-wide gauges every orchestrator reports alike: summed, they would double.
+    assert "sum(" not in metadata["query"]
+    assert metadata["threshold"] == config()["MAX_CONCURRENT_JOBS"]
+
+
 def test_trigger_authentication_reads_the_amqp_url_from_the_secret() -> None:
-    [trigger] = scaled_object()["spec"]["triggers"]
+    trigger = _trigger("rabbitmq")
     authentication = resource("TriggerAuthentication", trigger["authenticationRef"]["name"])
 
     assert authentication["apiVersion"] == KEDA_API
