@@ -1,6 +1,6 @@
 """One model budget for the whole fleet, against the real processes: three generators
 share MODEL_REQUESTS_PER_MINUTE (in a window of 2 s here, so that the test is short: the
-setting is per minute; the orchestrator counts it half a second longer, for the calls
+setting is per minute; the orchestrator counts it a second longer, for the calls
 in transit), and a 429 with Retry-After pauses all of them without costing
 any job a retry. What counts is what the stand-in model saw arrive."""
 

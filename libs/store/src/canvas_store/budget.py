@@ -35,7 +35,7 @@ FRESH: Final = timedelta(milliseconds=50)
 # A call reaches the provider a little after its permit (the HTTP client, the network):
 # each window is counted this much longer, so that the provider's own count of any
 # window never passes the limit.
-SLACK_SECONDS: Final = 0.5
+SLACK_SECONDS: Final = 1.0
 SLACK_SHARE: Final = 0.02
 # After a pause the fleet starts slowly: 1 call in its first second, 2 by the end of the
 # next, 4, 8, ... for this many seconds; then only the limits count. A provider that is
