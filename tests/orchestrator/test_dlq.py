@@ -40,7 +40,7 @@ async def channel(amqp_url: str, topology: Topology) -> AsyncIterator[AbstractCh
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        await declare_topology(channel, topology)
+        await declare_topology(connection, channel, topology)
         yield channel
 
 
