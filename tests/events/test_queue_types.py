@@ -166,3 +166,38 @@ async def test_an_existing_queue_refused_for_another_reason_is_still_an_error(
         assert "PRECONDITION_FAILED" in (broker.last_error or "")
     finally:
         await broker.stop()
+
+
+async def test_a_kept_classic_queue_deleted_after_draining_comes_back_as_quorum(
+    amqp_url: str, topology: Topology
+) -> None:
+    # The way docs/events.md gives to move a queue: drain it, delete it, and the running
+    # services declare it again with AMQP_QUEUE_TYPE.
+    queue = topology.orchestrator
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            queue.name,
+            durable=True,
+            arguments=queue.declare_arguments(topology.dead_letter_exchange, CLASSIC),
+        )
+        seen = Acks()
+        broker = Broker(amqp_url, topology, connection_name="test", topology_interval=0.2)
+        broker.add_consumer(Consumer(queue, seen))
+        await broker.start()
+        try:
+            await broker.wait_connected(10)
+            assert queue_types(topology)[queue.name] == CLASSIC
+            await channel.queue_delete(queue.name)
+
+            def quorum_again() -> bool:
+                return queue_types(topology).get(queue.name) == QUORUM
+
+            await eventually(quorum_again, timeout=20, what="the queue declared again as quorum")
+            await broker.wait_connected(10)
+            sent = job_requested()
+            await broker.publish(sent, KEY)
+            assert (await seen.next())[0].event_id == sent.event_id
+        finally:
+            await broker.stop()
