@@ -370,9 +370,15 @@ def _cpu_only(ticks: int, jobs: int) -> dict[str, Any]:
 
 
 async def run_scenario(
-    scenario: Scenario, log_dir: Path, profile: list[str] | None = None
+    scenario: Scenario,
+    log_dir: Path,
+    profile: list[str] | None = None,
+    queue_type: str = "quorum",
 ) -> dict[str, Any]:
     env = {
+        # The shared queues' type (AMQP_QUEUE_TYPE): the cost of quorum is classic's
+        # numbers beside these, on the same machine.
+        "AMQP_QUEUE_TYPE": queue_type,
         "FAKE_OPENAI_DELAY_MS": str(scenario.model_latency_ms),
         "FAKE_OPENAI_CHUNK_DELAY_MS": str(scenario.chunk_delay_ms),
         "MAX_CONCURRENT_JOBS": str(scenario.max_concurrent_jobs),
@@ -490,6 +496,12 @@ async def main(argv: list[str]) -> int:
     )
     parser.add_argument("--jobs", type=int, help="override the number of jobs")
     parser.add_argument(
+        "--queue-type",
+        choices=["quorum", "classic"],
+        default="quorum",
+        help="AMQP_QUEUE_TYPE of the services' shared queues (default quorum)",
+    )
+    parser.add_argument(
         "--profile",
         default="",
         help="comma-separated services to sample with py-spy (e.g. orchestrator,generator)",
@@ -516,10 +528,14 @@ async def main(argv: list[str]) -> int:
             scenario = SCENARIOS[name]
             if args.jobs and name != "idle":
                 scenario.jobs = args.jobs
-            print(f"bench: running {name} ({scenario.jobs} jobs)...", file=sys.stderr, flush=True)
+            print(
+                f"bench: running {name} ({scenario.jobs} jobs, {args.queue_type} queues)...",
+                file=sys.stderr,
+                flush=True,
+            )
             profile = [name for name in args.profile.split(",") if name]
             try:
-                results.append(await run_scenario(scenario, Path(tmp), profile))
+                results.append(await run_scenario(scenario, Path(tmp), profile, args.queue_type))
             except Exception:
                 # The services' logs say why; the temporary directory goes with the run.
                 kept = RESULTS / f"logs-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -535,7 +551,12 @@ async def main(argv: list[str]) -> int:
             print(f"bench: {result['scenario']['name']}: job ended {error}", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    meta = {"machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    meta = {
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "queue_type": args.queue_type,
+    }
     document = {"meta": meta, "results": results, "history": history, "orchestrators": fleet}
     out.write_text(json.dumps(document, indent=2))
     print(f"\nbench: results in {out}", file=sys.stderr)

@@ -27,7 +27,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 # Read by every service: the broker and the log format.
-COMMON_ENV = frozenset({"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"})
+COMMON_ENV = frozenset({"AMQP_URL", "AMQP_QUEUE_TYPE", "LOG_LEVEL", "LOG_FORMAT"})
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,7 @@ DOCUMENTED_ENV = frozenset(
     {
         "DATABASE_URL",
         "AMQP_URL",
+        "AMQP_QUEUE_TYPE",
         "JWT_SECRET",
         "OPENAI_API_KEY",
         "OPENAI_BASE_URL",

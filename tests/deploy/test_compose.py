@@ -254,7 +254,8 @@ def test_rabbitmq_runs_a_supported_release_with_management_ui_a_volume_and_a_pin
     container_ports = {port.rsplit(":", 1)[-1] for port in rabbitmq["ports"]}
 
     # 3.13: supported (3.10 is past its end of life), and what the code is tested against
-    # accepts it (classic queues with x-max-priority, per-process transient queues).
+    # accepts it (quorum queues with at-least-once dead-lettering, classic ones with
+    # x-max-priority, per-process transient queues).
     assert rabbitmq["image"] == "rabbitmq:3.13-management"
     assert container_ports == {"5672", "15672"}
     assert healthcheck_command("rabbitmq") == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]

@@ -31,11 +31,22 @@ from tests.deploy.project import (
     AppService,
     console_scripts,
     dockerfile_build,
+    load_compose,
 )
 from tests.deploy.test_prometheus_rules import exported
 
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
 SECRET_EXAMPLE = KUSTOMIZE_DIR / "secret.example.yaml"
+RABBITMQ_CLUSTER = KUSTOMIZE_DIR / "rabbitmq-cluster.yaml"
+# The RabbitmqCluster's spec fields (rabbitmq.com/v1beta1, the Cluster Operator's CRD).
+RABBITMQ_CLUSTER_SPEC = frozenset(
+    {
+        "replicas", "image", "imagePullSecrets", "service", "persistence", "resources",
+        "affinity", "tolerations", "rabbitmq", "tls", "override", "skipPostDeploySteps",
+        "terminationGracePeriodSeconds", "delayStartSeconds", "secretBackend",
+        "autoEnableAllFeatureFlags",
+    }
+)  # fmt: skip
 NAMESPACE = "canvas-jobs"
 CONFIG_MAP = "canvas-jobs-config"
 SECRET = "canvas-jobs-secrets"
@@ -695,3 +706,55 @@ def test_service_monitor_scrapes_every_service_on_its_metrics_path() -> None:
         # The path the Deployment tells Prometheus' annotations too.
         annotations = deployment(app)["spec"]["template"]["metadata"]["annotations"]
         assert ports[scraped.pop()] == annotations["prometheus.io/path"] == "/metrics"
+
+
+# -- the broker -----------------------------------------------------------------------
+
+
+def test_rabbitmq_cluster_is_three_nodes_apart_behind_the_broker_service() -> None:
+    [cluster] = [d for d in yaml.safe_load_all(RABBITMQ_CLUSTER.read_text()) if d]
+    spec = cluster["spec"]
+    name, namespace = cluster["metadata"]["name"], cluster["metadata"]["namespace"]
+
+    assert (cluster["apiVersion"], cluster["kind"]) == ("rabbitmq.com/v1beta1", "RabbitmqCluster")
+    assert set(spec) <= RABBITMQ_CLUSTER_SPEC
+    # Quorum queues (AMQP_QUEUE_TYPE) go on with one node of three away.
+    assert spec["replicas"] == 3
+    assert config()["AMQP_QUEUE_TYPE"] == "quorum"
+    # The ExternalName the services' AMQP_URL reaches is the operator's Service for it.
+    assert resource("Service", "rabbitmq")["spec"]["externalName"] == (
+        f"{name}.{namespace}.svc.cluster.local"
+    )
+    # The release the tests run against (compose), not the operator's default.
+    assert spec["image"] == load_compose()["services"]["rabbitmq"]["image"]
+    # One node per Kubernetes node: the operator labels its pods with the cluster's name.
+    [term] = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": [name]}
+    ]
+    assert "cluster_partition_handling = pause_minority" in spec["rabbitmq"]["additionalConfig"]
+    # Applied apart, after the operator (its kind exists only with it).
+    assert not of_kind("RabbitmqCluster")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_rabbitmq_cluster_core_parts_are_valid_against_the_kubernetes_schemas(
+    version: str,
+) -> None:
+    # The operator copies affinity and resources into its StatefulSet's pods as they are.
+    [cluster] = [d for d in yaml.safe_load_all(RABBITMQ_CLUSTER.read_text()) if d]
+    spec = cluster["spec"]
+    pod_ = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "rabbitmq"},
+        "spec": {
+            "containers": [
+                {"name": "rabbitmq", "image": spec["image"], "resources": spec["resources"]}
+            ],
+            "affinity": spec["affinity"],
+        },
+    }
+
+    assert schema_errors(pod_, version) == []

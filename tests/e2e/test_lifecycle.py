@@ -216,18 +216,31 @@ async def test_cancelling_a_final_job_answers_409(system: System) -> None:
 async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
     system: System,
 ) -> None:
+    # Priority orders the jobs waiting for dispatch, in the orchestrator. What is already
+    # handed out (at most the fleet's capacity + DISPATCH_HEADROOM: 1 + 5 here) waits in
+    # the work queue, which on a quorum queue (RabbitMQ 3) starts it in the order handed
+    # out. So the blocker and five fillers take all the room first; then three low
+    # priority jobs and an urgent one wait for dispatch, and the urgent one goes first.
     async with client(system) as (user, socket):
         blocker = await start_blocker(user)
+        fillers = [(await user.submit(f"filler {i}", priority=1)).job_id for i in range(5)]
+
+        async def fillers_handed_out() -> bool:
+            return await work_queue_ready(system) == len(fillers)
+
+        await eventually(fillers_handed_out, what="the five fillers in the work queue")
         low = [(await user.submit(f"low priority {i}", priority=1)).job_id for i in range(3)]
         high, _ = await user.submit("urgent", priority=9)
-
-        async def all_four_waiting() -> bool:
-            return await work_queue_ready(system) == 4
-
-        await eventually(all_four_waiting, what="all four attempts in the work queue")
+        for job_id in [*low, high]:
+            await user.until_status(job_id, "queued")
+        await asyncio.sleep(0.5)  # five dispatch rounds
+        for job_id in [*low, high]:
+            types = [event["type"] for event in await user.events(job_id)]
+            assert "GenerationRequested" not in types, f"{job_id} handed out with no room"
+        assert await work_queue_ready(system) == len(fillers)
 
         await release(user, blocker)
-        for job_id in [*low, high]:
+        for job_id in [*fillers, *low, high]:
             await user.until_status(job_id, "completed")
             # The REST answer can be ahead of the frames (the relay publishes after).
             await socket.until(job_id, "ai_generation_started")
@@ -235,7 +248,7 @@ async def test_higher_priority_job_starts_first_when_the_generator_is_busy(
             (f for f in socket.frames if f["type"] == "ai_generation_started"),
             key=lambda f: f["position"],
         )
-        order = [f["job_id"] for f in started if f["job_id"] != blocker]
+        order = [f["job_id"] for f in started if f["job_id"] in {*low, high}]
         assert order[0] == high, f"started in this order: {order} (high = {high})"
         assert sorted(order[1:]) == sorted(low)
 

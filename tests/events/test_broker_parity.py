@@ -15,6 +15,7 @@ from canvas_events.broker import (
     ACK,
     ATTEMPTS_HEADER,
     DEAD_LETTERED_AT_HEADER,
+    DELIVERY_COUNT_HEADER,
     Outcome,
     Retry,
 )
@@ -88,6 +89,8 @@ class Run:
     def dead(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
         assert headers.pop(DEAD_LETTERED_AT_HEADER)
+        # Set by a quorum queue on each delivery (here the .dlq's); not modelled in memory.
+        headers.pop(DELIVERY_COUNT_HEADER, None)
         self.dead_letters.append((message.body, headers))
 
 

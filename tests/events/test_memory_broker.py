@@ -17,7 +17,7 @@ from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage
 from canvas_events.events import JobCancelled
 from canvas_events.testing import topic_matches
-from canvas_events.topology import QueueSpec
+from canvas_events.topology import CLASSIC, QUORUM, QueueSpec, QueueType, Topology
 from tests.events.brokers import KEY, InMemory
 from tests.events.memory import generation_requested, job_requested
 
@@ -192,23 +192,36 @@ async def test_each_message_reaches_every_queue_the_topology_binds_to_its_key(
     assert broker.messages(topology.generator_work.name) == []
 
 
-async def test_the_work_queue_hands_out_the_highest_priority_first(memory: InMemory) -> None:
-    broker = await memory.started()  # the work queue is declared, nobody consumes it yet
-    work = memory.topology.generator_work
-    for priority in (1, None, 9, 5, 9):
-        await broker.publish(generation_requested(), "job.GenerationRequested", priority=priority)
-    order = [m.priority for m in broker.messages(work.name)]
-    assert order == [9, 9, 5, 1, 0]  # aio-pika reads no priority as 0
+@pytest.mark.parametrize(
+    ("queue_type", "expected"),
+    [(CLASSIC, [9, 9, 5, 1, 0]), (QUORUM, [1, 0, 9, 5, 9])],
+    ids=["classic: highest priority first", "quorum (RabbitMQ 3): in the order published"],
+)
+async def test_the_work_queue_hands_out_by_priority_where_classic(
+    queue_type: QueueType, expected: list[int]
+) -> None:
+    memory = InMemory(Topology(prefix="mem", queue_type=queue_type))
+    try:
+        broker = await memory.started()  # the work queue is declared, nobody consumes it yet
+        work = memory.topology.generator_work
+        for priority in (1, None, 9, 5, 9):
+            await broker.publish(
+                generation_requested(), "job.GenerationRequested", priority=priority
+            )
+        order = [m.priority for m in broker.messages(work.name)]
+        assert order == expected  # aio-pika reads no priority as 0
 
-    taken: list[int | None] = []
+        taken: list[int | None] = []
 
-    async def handler(envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
-        taken.append(message.priority)
-        return ACK
+        async def handler(envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
+            taken.append(message.priority)
+            return ACK
 
-    broker.add_consumer(Consumer(work, handler, prefetch=1))
-    await broker.wait_idle()
-    assert taken == [9, 9, 5, 1, 0]
+        broker.add_consumer(Consumer(work, handler, prefetch=1))
+        await broker.wait_idle()
+        assert taken == expected
+    finally:
+        await memory.stop()
 
 
 async def test_prefetch_bounds_how_many_handlers_run_at_once(memory: InMemory) -> None:

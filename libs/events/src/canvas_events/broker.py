@@ -72,7 +72,14 @@ from canvas_events.events import event_class
 from canvas_events.logging import redact
 from canvas_events.postgres import is_outage
 from canvas_events.runtime import cancel_and_wait
-from canvas_events.topology import BATCH, QueueSpec, Topology
+from canvas_events.topology import (
+    BATCH,
+    QueueSpec,
+    QueueType,
+    Topology,
+    dead_letter_queue_arguments,
+    other_type,
+)
 
 if TYPE_CHECKING:
     from canvas_events.settings import CommonSettings
@@ -84,6 +91,9 @@ ERROR_HEADER: Final = "x-canvas-error"
 ROUTING_KEY_HEADER: Final = "x-canvas-routing-key"
 QUEUE_HEADER: Final = "x-canvas-queue"
 DEAD_LETTERED_AT_HEADER: Final = "x-canvas-dead-lettered-at"
+# What a quorum queue says of the delivery at hand (how often it was returned): a copy,
+# redelivered or dead-lettered, is a new message and does not carry it.
+DELIVERY_COUNT_HEADER: Final = "x-delivery-count"
 # The longest reason a dead letter carries.
 MAX_REASON_CHARS: Final = 1000
 PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
@@ -682,6 +692,7 @@ class Broker(BrokerBase):
     ) -> None:
         self._url = url
         self.topology = topology
+        self._declarer = Declarer(topology)
         self._connection_name = connection_name
         self._publish_timeout = publish_timeout
         self._connect_timeout = connect_timeout
@@ -795,7 +806,9 @@ class Broker(BrokerBase):
         # A publishing channel the broker closed would fail every publish from then on.
         channel.close_callbacks.add(self._on_channel_close(connection, "publishing"))
         self._subscriptions = []
-        self._exchange, self._dead_letter_exchange = await declare_topology(channel, self.topology)
+        self._exchange, self._dead_letter_exchange = await declare_topology(
+            connection, channel, self.topology, self._declarer
+        )
         for consumer in self._consumers:
             await self._start_consumer(connection, consumer)
         self._up()
@@ -803,7 +816,13 @@ class Broker(BrokerBase):
     async def _start_consumer(self, connection: AbstractConnection, consumer: Consumer) -> None:
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=consumer.prefetch)
-        queue = await declare_queue(channel, consumer.queue, self.topology)
+        if consumer.queue.queue_type is None:
+            queue = await declare_queue(channel, consumer.queue, self.topology)
+        else:
+            # Declared (of whichever type it has) on a channel of its own; a passive
+            # declare here cannot be refused for its arguments.
+            await self._declarer.declare_spec(connection, consumer.queue)
+            queue = await channel.declare_queue(consumer.queue.name, passive=True)
 
         acks = self._acks[consumer.queue.name] = Acks(await channel.get_underlay_channel())
 
@@ -876,7 +895,7 @@ class Broker(BrokerBase):
             try:
                 channel = await connection.channel(publisher_confirms=False)
                 try:
-                    await declare_topology(channel, self.topology)
+                    await declare_topology(connection, channel, self.topology, self._declarer)
                 finally:
                     if not channel.is_closed:
                         await channel.close()
@@ -1025,9 +1044,11 @@ def _copy(
 ) -> aio_pika.Message:
     """A persistent copy of ``message`` (of one event of it, for a batch's part)."""
     message_id, correlation_id, type_ = part.ids(message)
+    copied = part.headers(message, headers)
+    copied.pop(DELIVERY_COUNT_HEADER, None)
     return aio_pika.Message(
         part.body,
-        headers=part.headers(message, headers),
+        headers=copied,
         content_type=message.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message_id,
@@ -1045,28 +1066,112 @@ async def _settle(action: Awaitable[None]) -> None:
 
 
 async def declare_topology(
-    channel: AbstractChannel, topology: Topology
+    connection: AbstractConnection,
+    channel: AbstractChannel,
+    topology: Topology,
+    declarer: Declarer | None = None,
 ) -> tuple[AbstractExchange, AbstractExchange]:
-    """Declare the events exchange, the dead-letter exchange, every durable queue and
-    every dead-letter queue (idempotent). Returns (events exchange, dead-letter exchange)."""
+    """Declare the events exchange and the dead-letter exchange on ``channel``, and every
+    durable queue and every dead-letter queue through ``declarer`` (on channels of its
+    own; idempotent). Returns (events exchange, dead-letter exchange), on ``channel``."""
     exchange = await channel.declare_exchange(
         topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
     dlx = await channel.declare_exchange(
         topology.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
+    declarer = declarer or Declarer(topology)
     for name in topology.dead_letter_queues:
-        dlq = await channel.declare_queue(name, durable=True)
-        await dlq.bind(dlx, routing_key=name)
+        await declarer.declare(connection, name, dead_letter_queue_arguments, (dlx.name, (name,)))
     for spec in topology.durable_queues:
-        await declare_queue(channel, spec, topology)
+        await declarer.declare_spec(connection, spec)
     return exchange, dlx
+
+
+class Declarer:
+    """Declares the queues every process shares as ``topology.queue_type``, each on a
+    channel of its own: redeclaring a queue with another type is refused
+    (PRECONDITION_FAILED) and closes the channel, which must never be one that publishes
+    or consumes.
+
+    A queue that exists with the other type (a deployment from before AMQP_QUEUE_TYPE,
+    or one that changed it) is kept as it is and works as before; a warning, once per
+    process and queue, says how to move it. Any other refusal is raised.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._warned: set[str] = set()
+
+    async def declare_spec(self, connection: AbstractConnection, spec: QueueSpec) -> QueueType:
+        """Declare the shared queue ``spec``, bound to the events exchange; its type."""
+        dlx = self.topology.dead_letter_exchange
+
+        def arguments(kind: QueueType) -> dict[str, Any]:
+            return spec.declare_arguments(dlx, kind)
+
+        return await self.declare(
+            connection, spec.name, arguments, (self.topology.exchange, spec.bindings)
+        )
+
+    async def declare(
+        self,
+        connection: AbstractConnection,
+        name: str,
+        arguments: Callable[[QueueType], dict[str, Any]],
+        bindings: tuple[str, Sequence[str]],
+    ) -> QueueType:
+        """Declare the durable queue ``name`` (``arguments`` of a type) and bind it on
+        ``bindings`` (exchange, routing keys); the type it has."""
+        wanted = self.topology.queue_type
+        try:
+            await self._declare(connection, name, arguments(wanted), bindings)
+            return wanted
+        except aiormq.exceptions.ChannelPreconditionFailed as refused:
+            kept = other_type(wanted)
+            try:
+                await self._declare(connection, name, arguments(kept), bindings)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                raise refused from None
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning(
+                "queue kept with the type it has, not AMQP_QUEUE_TYPE",
+                queue=name,
+                queue_type=kept,
+                wanted=wanted,
+                how_to_move=(
+                    f"let the queue drain (stop the gateways, or wait for it to be "
+                    f"empty), delete it (rabbitmqctl delete_queue {name}), and the "
+                    f"services declare it again as {wanted} within seconds; "
+                    f"docs/events.md, 'Queue types'"
+                ),
+            )
+        return kept
+
+    @staticmethod
+    async def _declare(
+        connection: AbstractConnection,
+        name: str,
+        arguments: dict[str, Any],
+        bindings: tuple[str, Sequence[str]],
+    ) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+            exchange, keys = bindings
+            for key in keys:
+                await queue.bind(exchange, routing_key=key)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
 
 async def declare_queue(
     channel: AbstractChannel, spec: QueueSpec, topology: Topology
 ) -> AbstractQueue:
-    """Declare one queue with its dead-lettering and bind it to the events exchange."""
+    """Declare one per-process queue with its dead-lettering and bind it to the events
+    exchange (shared queues go through :class:`Declarer`)."""
     queue = await channel.declare_queue(
         spec.name,
         durable=spec.durable,

@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from canvas_events.logging import configure_logging, register_secret
-from canvas_events.topology import Topology
+from canvas_events.topology import QUORUM, QueueType, Topology
 from canvas_events.tracing import configure_tracing
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/canvas_jobs"
@@ -47,6 +47,9 @@ class CommonSettings(BaseSettings):
     amqp_url: SecretStr = SecretStr(DEFAULT_AMQP_URL)
     # Every exchange and queue name starts with it: tests and side-by-side installs.
     amqp_topology_prefix: str = Field(default="canvas", pattern=r"^[a-z][a-z0-9_\-]{0,40}$")
+    # The type of the queues every process shares: quorum (replicated across a cluster's
+    # nodes) or classic. A queue that exists with the other type is kept as it is.
+    amqp_queue_type: QueueType = QUORUM
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     # Seconds to let in-flight work finish on SIGTERM.
@@ -55,7 +58,7 @@ class CommonSettings(BaseSettings):
     @property
     def topology(self) -> Topology:
         """The exchange and queue names of this installation."""
-        return Topology(self.amqp_topology_prefix)
+        return Topology(self.amqp_topology_prefix, self.amqp_queue_type)
 
 
 # HS256 keys shorter than the hash give less than its strength (RFC 7518, 3.2).

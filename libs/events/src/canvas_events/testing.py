@@ -149,7 +149,8 @@ class _Queue:
 
     @classmethod
     def of(cls, spec: QueueSpec) -> _Queue:
-        max_priority = spec.arguments.get("x-max-priority")
+        # As declared on RabbitMQ: a priority queue only where the spec's type is classic.
+        max_priority = spec.declare_arguments("").get("x-max-priority")
         return cls(
             spec.name,
             spec.bindings,

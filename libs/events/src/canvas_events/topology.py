@@ -16,12 +16,17 @@ Routing keys say who published what:
 
 Every name starts with a prefix (``AMQP_TOPOLOGY_PREFIX``, default ``canvas``) so that
 tests and side-by-side installations can share one broker without touching each other.
+
+The queues shared by every process (the services' queues and the ``.dlq`` queues) are
+of ``AMQP_QUEUE_TYPE``: quorum (replicated by Raft across a cluster's nodes) by default,
+or classic (one node); per-process queues are classic, exclusive and auto-delete. A
+queue that already exists with the other type is kept as it is (``broker.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 GATEWAY = "gateway"
 GENERATOR = "generator"
@@ -47,9 +52,32 @@ RELAYED_EVENT_TYPES = frozenset(
     }
 )
 
-# A classic queue with message priorities: quorum queues only get priorities from
-# RabbitMQ 4.0 on (docs/events.md, "Topology"), and job priority is 0..9.
+# Job priority is 0..9: a classic work queue hands out the highest first. Quorum queues
+# have no message priorities before RabbitMQ 4.0; there the orchestrator's dispatcher
+# orders the work (docs/events.md, "Topology").
 MAX_PRIORITY = 9
+
+QueueType = Literal["quorum", "classic"]
+QUORUM: Final = "quorum"
+CLASSIC: Final = "classic"
+# Broker-side dead-lettering (a reject, or RabbitMQ 4's delivery limit) is at-most-once
+# from a quorum queue unless at-least-once, which needs reject-publish on overflow (no
+# queue here has a length limit, so it changes nothing else).
+QUORUM_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": QUORUM,
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
+
+def other_type(queue_type: QueueType) -> QueueType:
+    """The queue type that is not ``queue_type``."""
+    return CLASSIC if queue_type == QUORUM else QUORUM
+
+
+def dead_letter_queue_arguments(queue_type: QueueType) -> dict[str, Any]:
+    """A ``.dlq`` queue's arguments: its type only (dead letters go nowhere further)."""
+    return {"x-queue-type": QUORUM} if queue_type == QUORUM else {}
 
 
 def routing_key(source: str, event_type: str) -> str:
@@ -68,13 +96,23 @@ class QueueSpec:
     exclusive: bool = False
     auto_delete: bool = False
     arguments: dict[str, Any] = field(default_factory=dict)
+    # A shared durable queue's type; None for a per-process (classic, exclusive) one.
+    queue_type: QueueType | None = None
+    # What only a classic queue takes (the work queue's x-max-priority).
+    classic_arguments: dict[str, Any] = field(default_factory=dict)
 
-    def declare_arguments(self, dead_letter_exchange: str) -> dict[str, Any]:
-        """Queue arguments, dead-lettering into ``dead_letter_queue`` through the DLX."""
+    def declare_arguments(
+        self, dead_letter_exchange: str, queue_type: QueueType | None = None
+    ) -> dict[str, Any]:
+        """Queue arguments, dead-lettering into ``dead_letter_queue`` through the DLX, for
+        ``queue_type`` (default: the spec's own)."""
+        kind = queue_type or self.queue_type or CLASSIC
+        typed = QUORUM_ARGUMENTS if kind == QUORUM else self.classic_arguments
         return {
             "x-dead-letter-exchange": dead_letter_exchange,
             "x-dead-letter-routing-key": self.dead_letter_queue,
             **self.arguments,
+            **typed,
         }
 
 
@@ -83,6 +121,8 @@ class Topology:
     """Every exchange and queue name of one canvas-jobs installation."""
 
     prefix: str = "canvas"
+    # The type of the queues every process shares (AMQP_QUEUE_TYPE).
+    queue_type: QueueType = QUORUM
 
     @property
     def exchange(self) -> str:
@@ -102,17 +142,20 @@ class Topology:
             name=name,
             bindings=(f"{GATEWAY}.*", f"{GENERATOR}.*"),
             dead_letter_queue=f"{name}.dlq",
+            queue_type=self.queue_type,
         )
 
     @property
     def generator_work(self) -> QueueSpec:
-        """Attempts waiting for a generator; generators compete, higher priority first."""
+        """Attempts handed out to generators; generators compete (higher priority first
+        on a classic queue, in the order handed out on a quorum queue)."""
         name = f"{self.prefix}.ai-generator.work"
         return QueueSpec(
             name=name,
             bindings=(routing_key(JOB, "GenerationRequested"),),
             dead_letter_queue=f"{name}.dlq",
-            arguments={"x-max-priority": MAX_PRIORITY},
+            queue_type=self.queue_type,
+            classic_arguments={"x-max-priority": MAX_PRIORITY},
         )
 
     def generator_control(self, instance_id: str) -> QueueSpec:
@@ -147,7 +190,7 @@ class Topology:
 
     @property
     def dead_letter_queues(self) -> tuple[str, ...]:
-        """Every ``.dlq`` queue, durable, one per service."""
+        """Every ``.dlq`` queue, durable, one per service, of ``queue_type``."""
         return (
             self.orchestrator.dead_letter_queue,
             self.generator_work.dead_letter_queue,

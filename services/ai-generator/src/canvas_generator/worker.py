@@ -32,13 +32,14 @@ task of its own, apart from the delivery that started it:
 - when the attempt went to another process meanwhile, both run; the orchestrator counts
   only the newest run's progress and result (the other run is fenced off by its run id).
 
-Priority: the work queue is a classic queue with ``x-max-priority`` and the relay
-publishes each GenerationRequested with the job's priority, so the broker hands out the
-highest priority first. The consumer's prefetch is MAX_CONCURRENT_JOBS, and each
-message is worked as soon as it is delivered, so a generator holds only the attempts it
-is working on: at most MAX_CONCURRENT_JOBS messages per process are taken ahead of a
+Priority: the orchestrator hands out the highest priority first. On a classic work
+queue (AMQP_QUEUE_TYPE=classic, ``x-max-priority``) the broker also orders what it holds
+by the priority each GenerationRequested is published with; a quorum queue hands out in
+the order published. The consumer's prefetch is MAX_CONCURRENT_JOBS, and each message
+is worked as soon as it is delivered, so a generator holds only the attempts it is
+working on: at most MAX_CONCURRENT_JOBS messages per process are taken ahead of a
 higher-priority one published after them. A larger prefetch would let more messages
-wait inside the process, out of the broker's priority order.
+wait inside the process, out of the order the queue hands them out in.
 """
 
 from __future__ import annotations

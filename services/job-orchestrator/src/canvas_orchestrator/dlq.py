@@ -13,11 +13,12 @@ A message lands in a ``.dlq`` queue in two ways (canvas_events.broker):
 How the messages are read without losing them or their order: ``basic.get`` without
 ack on a channel of our own, then closing that channel, which puts back every message
 not acked, in its original place (RabbitMQ keeps a classic queue in publication order
-across requeues). A replayed message is acked only after the broker confirmed its
-copy, so a crash in between leaves it in both places at worst: consumers dedupe on the
-message id (``processed_messages``), so the duplicate changes nothing. A dropped message
-is acked on that channel: gone for good, so ``drop`` only shows what it would drop unless
-it is given ``--yes``.
+across requeues; tests/orchestrator/test_dlq.py checks it on quorum queues too). A
+replayed message is acked only after the broker confirmed its copy, so a crash in
+between leaves it in both places at worst: consumers dedupe on the message id
+(``processed_messages``), so the duplicate changes nothing. A dropped message is acked
+on that channel: gone for good, so ``drop`` only shows what it would drop unless it is
+given ``--yes``.
 
 While one ``dlq`` command holds a queue's messages, another sees fewer: run one at a time.
 Each message read is one round trip, so a queue of thousands takes seconds.
@@ -48,6 +49,7 @@ from aio_pika.exceptions import AMQPConnectionError, ChannelClosed, DeliveryErro
 from canvas_events.broker import (
     ATTEMPTS_HEADER,
     DEAD_LETTERED_AT_HEADER,
+    DELIVERY_COUNT_HEADER,
     ERROR_HEADER,
     QUEUE_HEADER,
     ROUTING_KEY_HEADER,
@@ -70,6 +72,8 @@ DROPPED_HEADERS: Final = frozenset(
         ROUTING_KEY_HEADER,
         DEAD_LETTERED_AT_HEADER,
         ATTEMPTS_HEADER,
+        # A quorum .dlq's count of its own deliveries: the copy is a new message.
+        DELIVERY_COUNT_HEADER,
         "x-death",
         "x-first-death-queue",
         "x-first-death-reason",
