@@ -81,8 +81,7 @@ class Service:
         relay_poll_interval: float = 1.0,
     ) -> None:
         self.settings = settings
-        dsn = settings.database_url.get_secret_value()
-        self._dsn = dsn
+        self._dsn = dsn = settings.database_url.get_secret_value()
         self.metrics = Metrics()
         self.database = Database(dsn, max_size=20, init=init_connection, on_connect=migrate_pool)
         self.broker = Broker.of(settings, instance_id(SERVICE_NAME))
