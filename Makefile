@@ -45,7 +45,7 @@ format: install ## apply ruff's formatting and safe fixes
 dev: install ## run the four services (and the stand-in model without OPENAI_API_KEY) in the foreground
 	$(BIN)/python -m tools.dev
 
-bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|0ms-nostream|10s|history|orchestrators|all, JOBS=N, QUEUE_TYPE=quorum|classic)
+bench: install ## end-to-end benchmark on real processes (SCENARIO=idle|0ms|1000ms|0ms-nostream|10s|history|orchestrators|fair|budget|all, JOBS=N, QUEUE_TYPE=quorum|classic)
 	$(BIN)/python -m bench.e2e --scenario $(or $(SCENARIO),all) $(if $(JOBS),--jobs $(JOBS),) $(if $(QUEUE_TYPE),--queue-type $(QUEUE_TYPE),)
 
 bench-notifier: install ## WebSocket fan-out on one notifier process (ARGS="--clients 5000 --rate 1000 --seconds 30")

@@ -38,6 +38,7 @@ import websockets
 from bench.history import print_history, run_history
 from bench.machine import busy_pct, machine_ticks
 from bench.orchestrators import run_fleet
+from bench.sharing import print_sharing, run_budget, run_fair
 from tests.support.env import amqp_url
 from tests.support.system import System, running_system
 
@@ -489,10 +490,16 @@ SCENARIOS = {
 }
 
 
+# Scenarios of their own shape (not the SCENARIOS table's), run by "all" after it.
+EXTRA = ("history", "orchestrators", "fair", "budget")
+
+
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--scenario", choices=[*SCENARIOS, "history", "orchestrators", "all"], default="all"
+        "--scenario",
+        choices=[*SCENARIOS, *EXTRA, "all"],
+        default="all",
     )
     parser.add_argument("--jobs", type=int, help="override the number of jobs")
     parser.add_argument(
@@ -507,15 +514,21 @@ async def main(argv: list[str]) -> int:
         help="comma-separated services to sample with py-spy (e.g. orchestrator,generator)",
     )
     args = parser.parse_args(argv)
-    names = [*SCENARIOS, "history", "orchestrators"] if args.scenario == "all" else [args.scenario]
+    names = [*SCENARIOS, *EXTRA] if args.scenario == "all" else [args.scenario]
     results = []
     history: dict[str, Any] | None = None
     fleet: list[dict[str, Any]] = []
+    sharing: dict[str, dict[str, Any] | None] = {"fair": None, "budget": None}
     with tempfile.TemporaryDirectory(prefix="canvas-bench-") as tmp:
         for name in names:
             if name == "history":
                 print("bench: running history (100,000 past jobs)...", file=sys.stderr, flush=True)
                 history = await run_history(Path(tmp))
+                continue
+            if name in sharing:
+                print(f"bench: running {name} (issue 16's scale)...", file=sys.stderr, flush=True)
+                run = run_fair if name == "fair" else run_budget
+                sharing[name] = await run(Path(tmp))
                 continue
             if name == "orchestrators":
                 print(
@@ -546,6 +559,7 @@ async def main(argv: list[str]) -> int:
         print_table(results)
     if history is not None:
         print_history(history)
+    print_sharing(sharing["fair"], sharing["budget"])
     for result in results:
         for error in result["errors"]:
             print(f"bench: {result['scenario']['name']}: job ended {error}", file=sys.stderr)
@@ -557,7 +571,13 @@ async def main(argv: list[str]) -> int:
         "python": sys.version.split()[0],
         "queue_type": args.queue_type,
     }
-    document = {"meta": meta, "results": results, "history": history, "orchestrators": fleet}
+    document = {
+        "meta": meta,
+        "results": results,
+        "history": history,
+        "orchestrators": fleet,
+        **sharing,
+    }
     out.write_text(json.dumps(document, indent=2))
     print(f"\nbench: results in {out}", file=sys.stderr)
     lost = sum(r["lost"] + r["failed"] for r in results)
