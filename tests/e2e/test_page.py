@@ -437,7 +437,7 @@ async def test_a_user_retries_a_failed_job_and_a_new_canvas_is_never_asked_for(
         canvas_id,
     )
     await _wait_drawn(page, new_id, status["result"]["object_count"])
-    assert "runs again" in await current.inner_text()
+    await current.locator("dt", has_text="runs again").wait_for()
 
     # Another canvas: the current job is not the old canvas's any more.
     await page.click("#new-canvas")

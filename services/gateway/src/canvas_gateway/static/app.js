@@ -739,8 +739,9 @@
   function track(accepted, query) {
     const known = state.jobs.get(accepted.job_id);
     if (known) {
-      // Its first frame came before the answer: it knew no prompt.
+      // Its first frame came before the answer: it knew neither prompt nor origin.
       known.query = known.query || query;
+      known.retry_of = known.retry_of || accepted.retry_of || null;
       return;
     }
     state.jobs.set(accepted.job_id, {
