@@ -13,15 +13,13 @@ at the issue's own scale, on real processes.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.support.system import System, running_system
+from tests.support.fake_openai import busiest_window
+from tests.support.system import running_system
 from tests.support.users import User
 
 
@@ -91,21 +89,6 @@ async def run_fair(log_dir: Path, heavy_jobs: int = 2000, light_jobs: int = 20) 
     }
 
 
-async def _arrivals(system: System) -> list[float]:
-    async with httpx.AsyncClient(base_url=system.fake_openai_url, timeout=10) as http:
-        answer = await http.get("/_fake/call-times")
-        answer.raise_for_status()
-        return sorted(answer.json()["arrivals"])
-
-
-def busiest_window(arrivals: list[float], seconds: float) -> int:
-    """The most arrivals in any window of ``seconds``."""
-    return max(
-        (bisect.bisect_left(arrivals, start + seconds) - i for i, start in enumerate(arrivals)),
-        default=0,
-    )
-
-
 async def run_budget(log_dir: Path, jobs: int = 700, per_minute: int = 600) -> dict[str, Any]:
     """The budget scenario (module docstring)."""
     env = {
@@ -123,7 +106,7 @@ async def run_budget(log_dir: Path, jobs: int = 700, per_minute: int = 600) -> d
             job_ids = await _burst(user, jobs, "a budget drawing")
             done = await _all_done(user, job_ids, 600)
             took_s = time.perf_counter() - began
-        arrivals = await _arrivals(system)
+        arrivals = await asyncio.to_thread(system.stand_in.arrivals)
     return {
         "jobs": jobs,
         "generators": 3,

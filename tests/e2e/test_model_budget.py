@@ -7,12 +7,11 @@ any job a retry. What counts is what the stand-in model saw arrive."""
 from __future__ import annotations
 
 import asyncio
-import bisect
 import uuid
 
-import httpx
 import pytest
 
+from tests.support.fake_openai import busiest_window
 from tests.support.system import System
 from tests.support.users import User
 from tests.support.waiting import eventually
@@ -42,27 +41,12 @@ async def fleet(system: System) -> System:
     return system
 
 
-async def _arrivals(system: System) -> list[float]:
-    async with httpx.AsyncClient(base_url=system.fake_openai_url, timeout=10) as http:
-        answer = await http.get("/_fake/call-times")
-        answer.raise_for_status()
-        return sorted(answer.json()["arrivals"])
-
-
-def _busiest_window(arrivals: list[float], seconds: float) -> int:
-    """The most calls that arrived in any window of ``seconds``."""
-    return max(
-        (bisect.bisect_left(arrivals, start + seconds) - i for i, start in enumerate(arrivals)),
-        default=0,
-    )
-
-
 async def test_three_generators_together_keep_to_the_fleets_request_budget(
     fleet: System,
 ) -> None:
     jobs = 2 * LIMIT + 2
     async with User(fleet) as user:
-        before = len(await _arrivals(fleet))
+        before = len(await asyncio.to_thread(fleet.stand_in.arrivals))
         submitted = [await user.submit(f"a budget drawing {n}") for n in range(jobs)]
 
         # The last one waits for the window to pass, and its status says why.
@@ -76,9 +60,9 @@ async def test_three_generators_together_keep_to_the_fleets_request_budget(
             for job in submitted
         ]
     assert [job["status"] for job in done] == ["completed"] * jobs
-    arrivals = (await _arrivals(fleet))[before:]
+    arrivals = (await asyncio.to_thread(fleet.stand_in.arrivals))[before:]
     assert len(arrivals) == jobs
-    assert _busiest_window(arrivals, WINDOW_SECONDS) <= LIMIT
+    assert busiest_window(arrivals, WINDOW_SECONDS) <= LIMIT
     # The budget set the pace: the third window's calls waited for two windows to pass.
     assert arrivals[-1] - arrivals[0] >= 2 * WINDOW_SECONDS
 
@@ -87,7 +71,7 @@ async def test_a_429_pauses_the_whole_fleet_and_costs_no_job_a_retry(fleet: Syst
     stand_in = fleet.stand_in
     failing_seconds, retry_after = 4.0, 2.0
     async with User(fleet) as user:
-        before = len(await _arrivals(fleet))
+        before = len(await asyncio.to_thread(fleet.stand_in.arrivals))
         await asyncio.to_thread(
             stand_in.configure,
             failure_rate=1.0,
@@ -103,7 +87,7 @@ async def test_a_429_pauses_the_whole_fleet_and_costs_no_job_a_retry(fleet: Syst
                 await asyncio.sleep(0.2)
         finally:
             await asyncio.to_thread(stand_in.configure, failure_rate=0.0)
-        refused = (await _arrivals(fleet))[before:]
+        refused = (await asyncio.to_thread(fleet.stand_in.arrivals))[before:]
         done = [
             await user.until_status(job.job_id, "completed", "failed", timeout=DEADLINE_SECONDS)
             for job in submitted

@@ -4,6 +4,7 @@ its own: start it with env knobs, wait for /health, read its stats, stop it."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import subprocess
 import tempfile
@@ -51,6 +52,18 @@ class StandIn:
     def open_gate(self, name: str) -> None:
         """Let the replies paused at gate ``name`` go on."""
         self._call("PUT", f"gates/{name}")
+
+    def arrivals(self) -> list[float]:
+        """When each chat call arrived (Unix seconds, oldest first)."""
+        return sorted(self._call("GET", "call-times")["arrivals"])
+
+
+def busiest_window(arrivals: list[float], seconds: float) -> int:
+    """The most of ``arrivals`` (sorted) in any window of ``seconds``."""
+    return max(
+        (bisect.bisect_left(arrivals, start + seconds) - i for i, start in enumerate(arrivals)),
+        default=0,
+    )
 
 
 class FakeOpenAI(LocalServer, StandIn):
