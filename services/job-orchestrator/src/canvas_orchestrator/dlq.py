@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import json
 import sys
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
@@ -394,38 +394,62 @@ class _Publisher:
         return f"exchange {self._topology.exchange} ({routing_key})"
 
 
+@dataclass
+class _Choice:
+    """Which dead letters an action wants (every one when ``wanted`` is None), and what
+    walking the queues for them found."""
+
+    wanted: set[str] | None
+    found: set[str] = field(default_factory=set)
+    missing_queues: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, message_ids: Iterable[str] | None) -> _Choice:
+        return cls(None if message_ids is None else set(message_ids))
+
+    def not_found(self) -> list[str]:
+        return [] if self.wanted is None else sorted(self.wanted - self.found)
+
+
+async def _chosen(
+    connection: AbstractConnection, queues: Sequence[str], choice: _Choice
+) -> AsyncGenerator[tuple[AbstractIncomingMessage, DeadLetteredMessage]]:
+    """Each message of ``queues`` that ``choice`` wants, held (unacked), with what it is,
+    in queue order; a queue that does not exist is noted in ``choice``. What the caller
+    does not ack goes back, in order, when it moves to the next queue."""
+    for name in queues:
+        try:
+            async with _hold(connection, name, None) as held:
+                for message in held.messages:
+                    key = message_key(message)
+                    if choice.wanted is None or key in choice.wanted:
+                        choice.found.add(key)
+                        yield message, describe(name, message)
+        except QueueMissing:
+            choice.missing_queues.append(name)
+
+
 async def replay(
     url: str, topology: Topology, *, queues: Sequence[str], message_ids: Iterable[str] | None
 ) -> ReplayReport:
     """Send the chosen dead-lettered messages (every one when ``message_ids`` is None)
     back where they came from, in queue order; ack each after the broker confirmed it."""
-    wanted = None if message_ids is None else set(message_ids)
-    found: set[str] = set()
+    choice = _Choice.of(message_ids)
     report = ReplayReport()
     connection = await connect(url)
     async with connection:
         publisher = _Publisher(connection, topology)
-        for name in queues:
-            try:
-                async with _hold(connection, name, None) as held:
-                    for message in held.messages:
-                        key = message_key(message)
-                        if wanted is not None and key not in wanted:
-                            continue
-                        found.add(key)
-                        about = describe(name, message)
-                        try:
-                            destination = await publisher.publish(message)
-                        except ReplayFailed as exc:
-                            report.failed.append((about, str(exc)))
-                            continue
-                        await message.ack()
-                        report.replayed.append((about, destination))
-                        _log_replayed(about, destination)
-            except QueueMissing:
-                report.missing_queues.append(name)
-    if wanted is not None:
-        report.not_found = sorted(wanted - found)
+        async with contextlib.aclosing(_chosen(connection, queues, choice)) as chosen:
+            async for message, about in chosen:
+                try:
+                    destination = await publisher.publish(message)
+                except ReplayFailed as exc:
+                    report.failed.append((about, str(exc)))
+                    continue
+                await message.ack()
+                report.replayed.append((about, destination))
+                _log_replayed(about, destination)
+    report.missing_queues, report.not_found = choice.missing_queues, choice.not_found()
     return report
 
 
@@ -452,28 +476,16 @@ async def drop(
 ) -> DropReport:
     """Remove the chosen dead-lettered messages (every one when ``message_ids`` is None)
     for good, when ``confirmed``; else only say which they are: all of them stay."""
-    wanted = None if message_ids is None else set(message_ids)
-    found: set[str] = set()
+    choice = _Choice.of(message_ids)
     report = DropReport(confirmed=confirmed)
     connection = await connect(url)
-    async with connection:
-        for name in queues:
-            try:
-                async with _hold(connection, name, None) as held:
-                    for message in held.messages:
-                        key = message_key(message)
-                        if wanted is not None and key not in wanted:
-                            continue
-                        found.add(key)
-                        about = describe(name, message)
-                        if confirmed:
-                            await message.ack()
-                            _log_dropped(about)
-                        report.chosen.append(about)
-            except QueueMissing:
-                report.missing_queues.append(name)
-    if wanted is not None:
-        report.not_found = sorted(wanted - found)
+    async with connection, contextlib.aclosing(_chosen(connection, queues, choice)) as chosen:
+        async for message, about in chosen:
+            if confirmed:
+                await message.ack()
+                _log_dropped(about)
+            report.chosen.append(about)
+    report.missing_queues, report.not_found = choice.missing_queues, choice.not_found()
     return report
 
 
