@@ -9,6 +9,8 @@ UV_VERSION := 0.13.9
 MEMBERS := libs/events libs/store services/gateway services/job-orchestrator services/ai-generator services/fake-openai services/notifier clients/cli
 PYPROJECTS := $(addsuffix /pyproject.toml,$(MEMBERS))
 PYTEST_ARGS ?=
+# The project's own sources the services and the CLI import (the tests' are pytest's).
+COMPILED := libs services clients tools
 
 .PHONY: help install lock test lint format dev bench bench-notifier chaos token dlq browser require-browser promtool require-promtool clean
 
@@ -19,9 +21,12 @@ $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
-# The stamp is remade whenever the lock or a member's pyproject changes.
+# The stamp is remade whenever the lock or a member's pyproject changes. Bytecode is
+# compiled here: where PYTHONDONTWRITEBYTECODE is set (as on CI machines) nothing else
+# would write it, and every process would compile its imports from source again (a
+# generator started in 3.6 s of CPU instead of 1.5; the suite starts hundreds).
 $(VENV)/.installed: requirements.lock $(PYPROJECTS) | $(BIN)/uv
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
 	touch $@
 
 install: $(VENV)/.installed ## create .venv from the pinned lock, every member editable
@@ -31,6 +36,7 @@ lock: | $(BIN)/uv ## re-pin requirements.lock from requirements.in
 
 test: require-browser require-promtool install lint ## lint, then the whole suite on the real PostgreSQL and RabbitMQ (or containers)
 	$(BIN)/python -m tests.preflight  # where PostgreSQL and RabbitMQ come from, or why none
+	$(BIN)/python -m compileall -q $(COMPILED)  # the members are editable: their bytecode too
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check, mypy strict
