@@ -8,13 +8,19 @@ token); the orchestrator's internal API is tests/orchestrator/test_api.py."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.gateway.conftest import JWT_SECRET, Gateway, token
+from canvas_events.topology import Topology
+from tests.conftest import delete_topology
+from tests.gateway.conftest import JWT_SECRET, Gateway, gateway_settings, running_gateway, token
 from tests.support import tokens
+from tests.support.env import create_database, database_url, drop_database
+from tests.support.schema import apply_orchestrator_schema
 
 PROMPT = "alice's secret launch plan"
 CANVAS = "alices-board"
@@ -47,6 +53,25 @@ ROUTES = [
 # Anyone may ask these.
 PUBLIC = {("GET", "/api/ai-agent/health")}
 BAD_TOKENS = {"anonymous": None, **tokens.bad_tokens("alice", JWT_SECRET)}
+
+
+@pytest.fixture(scope="module")
+async def gateway(amqp_url: str) -> AsyncIterator[Gateway]:
+    """One gateway for the whole matrix (about 70 cases; a gateway, database and
+    topology of each case's own cost 1 to 2 s apiece): every case makes a job of Alice's
+    of its own and only reads besides, and Bob never gets to make one."""
+    url = database_url(f"cj_test_{uuid.uuid4().hex[:12]}")
+    topology = Topology(prefix=f"t{uuid.uuid4().hex[:10]}")
+    await create_database(url)
+    try:
+        await apply_orchestrator_schema(url)
+        # Alice's jobs stay queued (no orchestrator here): her limit must not end the run.
+        settings = gateway_settings(url, amqp_url, topology, max_active_jobs_per_user=1000)
+        async with running_gateway(settings, url) as running:
+            yield running
+    finally:
+        await delete_topology(amqp_url, topology)
+        await drop_database(url)
 
 
 async def _alices_job(gateway: Gateway) -> str:
