@@ -165,9 +165,14 @@ async def test_an_existing_queue_refused_for_another_reason_is_still_an_error(
     broker = Broker(amqp_url, topology, connection_name="test")
     await broker.start()
     try:
-        await asyncio.sleep(1)
+        # (Waited for, not slept on: on a loaded machine the first declare can take
+        # longer than a second.)
+        await eventually(
+            lambda: "PRECONDITION_FAILED" in (broker.last_error or "") or None,
+            timeout=20,
+            what="the broker's refusal",
+        )
         assert not broker.connected
-        assert "PRECONDITION_FAILED" in (broker.last_error or "")
     finally:
         await broker.stop()
 

@@ -443,8 +443,10 @@ async def test_retryable_failure_is_retried_after_the_backoff_and_then_completes
 
 async def test_an_attempt_no_generator_finishes_is_retried_and_never_left_processing(start, bus):
     service = await start(
-        generation_lease_seconds=0.3,
-        generation_start_timeout_seconds=0.3,
+        # Long enough for this test's own "started" to arrive in time on a loaded
+        # machine (0.3 s was not, once: the first attempt then failed unstarted).
+        generation_lease_seconds=1.0,
+        generation_start_timeout_seconds=1.0,
         retry_backoff_unit_seconds=0.05,
         max_job_retries=1,
     )
