@@ -1,5 +1,5 @@
 """rebuild-projections while the system runs: new jobs keep completing and reads keep
-answering during a rebuild of thousands of jobs, and the rebuilt read models hold every
+answering during a rebuild of a thousand jobs, and the rebuilt read models hold every
 job, those recorded during the rebuild too, under the same table and index names.
 
 (It used to truncate the read models and replay in one transaction: every read and every
@@ -27,7 +27,7 @@ from canvas_store.events import Append, append_streams
 from tests.orchestrator.harness import Bus, eventually, job_row
 from tests.orchestrator.test_flow import dispatched, started, succeeded
 
-JOBS = 3_000
+JOBS = 1_000
 OBJECT = {"type": "rectangle", "x": 1, "y": 2, "width": 3, "height": 4}
 
 
