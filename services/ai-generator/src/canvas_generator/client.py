@@ -372,7 +372,8 @@ async def _body(http: httpx2.Response) -> AsyncGenerator[bytes]:
     mapped to httpx2's, as the transport maps them. Any other transport: its
     ``aiter_bytes``.
     """
-    stream = http.stream
+    # httpx2's client wraps the transport's stream in one that times the response.
+    stream = getattr(http.stream, "_stream", None)
     if not isinstance(stream, AiohttpResponseStream):
         async for chunk in http.aiter_bytes():
             yield chunk
