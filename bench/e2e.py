@@ -485,8 +485,10 @@ SCENARIOS = {
     "0ms-nostream": Scenario(
         "0ms-nostream", jobs=1000, model_latency_ms=0, max_concurrent_jobs=100, stream=False
     ),
-    # A real model's reply: the first token after 1 s, then 64 chunks 140 ms apart (about
-    # 10 s in all), 1,000 at once on one generator process. The bound is 100 jobs/s.
+    # A real model's reply: the first token after 1 s, then chunks 140 ms apart, 1,000 at
+    # once on one generator process. Meant as 64 chunks (10 s, a bound of 100 jobs/s);
+    # the stand-in's replies to these prompts are 91 on average: about 13.8 s a call, a
+    # bound of about 72 jobs/s (docs/benchmarks.md).
     "10s": Scenario(
         "10s",
         jobs=3000,
