@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +34,7 @@ import anyio
 import httpx2
 import openai
 import orjson
+from openai._vendor.httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
 from opentelemetry.trace import Span, SpanKind
@@ -190,7 +191,7 @@ class ModelClient:
         async with contextlib.AsyncExitStack() as stack:
             http = await self._open_stream(client, messages)
             stack.push_async_callback(http.aclose)
-            chunks = await stack.enter_async_context(contextlib.aclosing(http.aiter_bytes()))
+            chunks = await stack.enter_async_context(contextlib.aclosing(_body(http)))
             await self._read_stream(chunks, http.request, reply, on_text)
             if reply.done and http.http_version == "HTTP/1.1":
                 await _drain(chunks)
@@ -226,7 +227,14 @@ class ModelClient:
             # checks), after a pass over it against its parameter types that changes
             # nothing in it and cost 0.45 ms a call, a tenth of a streamed call's CPU.
             return await client.post(
-                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
+                "/chat/completions",
+                cast_to=httpx2.Response,
+                body=body,
+                stream=True,
+                # No timeout of each read: the whole call is bounded by the same number
+                # of seconds (_complete), which runs out first; a read timeout's timer
+                # moved at every chunk was a twentieth of the generator's CPU.
+                options={"timeout": httpx2.Timeout(self.timeout_seconds, read=None)},
             )
         except Exception as exc:
             raise self._classify(exc) from exc
@@ -244,21 +252,29 @@ class ModelClient:
         while not reply.done:
             try:
                 chunk = await anext(chunks)
-                pieces = reply.read(events.feed(chunk), request)
             except StopAsyncIteration:
                 break
             except Exception as exc:
                 error = _as_openai_error(exc, request)
-                raise broke_off(
-                    error,
-                    received_chars=reply.received,
-                    timeout_seconds=self.timeout_seconds,
-                    secrets=(self.api_key,),
-                ) from error
-            # Outside the try: what on_text raises reaches the caller unchanged.
+                raise self._broke_off(error, reply) from error
+            pieces, failure = reply.read(events.feed(chunk), request)
+            # Outside any try: what on_text raises reaches the caller unchanged. The text
+            # before an event that breaks the reply is handed on first, also when one
+            # read brought both (the objects it completes were written before the break).
             if on_text is not None:
                 for piece in pieces:
                     on_text(piece)
+            if failure is not None:
+                error = _as_openai_error(failure, request)
+                raise self._broke_off(error, reply) from error
+
+    def _broke_off(self, error: Exception, reply: _Reply) -> AttemptFailed:
+        return broke_off(
+            error,
+            received_chars=reply.received,
+            timeout_seconds=self.timeout_seconds,
+            secrets=(self.api_key,),
+        )
 
     def _classify(self, exc: Exception) -> Exception:
         return classify(exc, timeout_seconds=self.timeout_seconds, secrets=(self.api_key,))
@@ -281,38 +297,49 @@ class _Reply:
         self.finish_reason: str | None = None
         self.done = False  # [DONE] came: nothing after it is read
 
-    def read(self, payloads: list[bytes], request: httpx2.Request) -> list[str]:
+    def read(
+        self, payloads: list[bytes], request: httpx2.Request
+    ) -> tuple[list[str], Exception | None]:
         """Take the data of the next events (``chat.completion.chunk`` objects); return
-        the new pieces of text. Raises :class:`openai.APIError` for an error event, as
-        the openai client does, and a ValueError for data that is not JSON."""
+        the new pieces of text, and what broke the reply after them if anything did (an
+        :class:`openai.APIError` for an error event, as the openai client raises it; a
+        ValueError for data that is not JSON). Nothing after that is read."""
         new: list[str] = []
+        failure: Exception | None = None
         for payload in payloads:
             if payload.startswith(b"[DONE]"):
                 self.done = True
                 break
-            chunk = orjson.loads(payload)
-            error = chunk.get("error")
-            if error:
-                raise _error_event(error, request)
-            model = chunk.get("model")
-            if model and isinstance(model, str):
-                self.model = model
-            usage = chunk.get("usage")
-            if usage is not None:
-                self.usage = _token_counts(usage)
-            for choice in chunk.get("choices") or ():
-                if choice.get("index", 0) != 0:
-                    continue  # n=1 is asked: another choice is not ours to read
-                finish_reason = choice.get("finish_reason")
-                if finish_reason is not None:
-                    self.finish_reason = str(finish_reason)
-                delta = choice.get("delta")
-                piece = delta.get("content") if delta else None
-                if piece and isinstance(piece, str):
-                    new.append(piece)
-                    self.received += len(piece)
+            try:
+                self._chunk(orjson.loads(payload), request, new)
+            except Exception as exc:  # as any error of the read: the reply broke off
+                failure = exc
+                break
         self.pieces.extend(new)
-        return new
+        return new, failure
+
+    def _chunk(self, chunk: Any, request: httpx2.Request, new: list[str]) -> None:
+        """Read one chunk's fields; its piece of text, if any, goes to ``new``."""
+        error = chunk.get("error")
+        if error:
+            raise _error_event(error, request)
+        model = chunk.get("model")
+        if model and isinstance(model, str):
+            self.model = model
+        usage = chunk.get("usage")
+        if usage is not None:
+            self.usage = _token_counts(usage)
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # n=1 is asked: another choice is not ours to read
+            finish_reason = choice.get("finish_reason")
+            if finish_reason is not None:
+                self.finish_reason = str(finish_reason)
+            delta = choice.get("delta")
+            piece = delta.get("content") if delta else None
+            if piece and isinstance(piece, str):
+                new.append(piece)
+                self.received += len(piece)
 
 
 def _error_event(error: Any, request: httpx2.Request) -> openai.APIError:
@@ -333,6 +360,31 @@ def _as_openai_error(exc: Exception, request: httpx2.Request) -> Exception:
         return exc
     error.__cause__ = exc  # errors.broke_off names it: "(RemoteProtocolError)"
     return error
+
+
+async def _body(http: httpx2.Response) -> AsyncGenerator[bytes]:
+    """The bytes of a streamed response's body as they arrive.
+
+    On the ``openai`` client's aiohttp transport they are read from aiohttp's own
+    stream, as each read returns them: its bytes pass through three asynchronous
+    iterators of httpx2 and the transport otherwise, a third of what a chunk cost the
+    generator with 1,000 streams (``make bench SCENARIO=10s``). aiohttp's errors are
+    mapped to httpx2's, as the transport maps them. Any other transport: its
+    ``aiter_bytes``.
+    """
+    # httpx2's client wraps the transport's stream in one that times the response.
+    stream = getattr(http.stream, "_stream", None)
+    if not isinstance(stream, AiohttpResponseStream):
+        async for chunk in http.aiter_bytes():
+            yield chunk
+        return
+    content = stream._aiohttp_response.content
+    while True:
+        with map_aiohttp_exceptions():
+            chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:

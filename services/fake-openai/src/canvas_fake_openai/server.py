@@ -972,6 +972,15 @@ async def _stream(
             chunk["usage"] = chunk_usage
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
+    # A piece's event is the same bytes as event(_delta({"content": piece})), made from
+    # a template around the piece's JSON string: a whole chunk's json.dumps each time
+    # was a sixth of the stand-in's CPU with 1,000 streams (make bench SCENARIO=10s).
+    head, _, tail = event(_delta({"content": ""})).partition(b'"content": ""')
+    head += b'"content": '
+
+    def piece_event(piece: str) -> bytes:
+        return head + json.dumps(piece).encode() + tail
+
     pieces = _pieces(text, seed)
     yield event(_delta({"role": "assistant", "content": "", "refusal": None}))
     for number, piece in enumerate(pieces):
@@ -988,7 +997,7 @@ async def _stream(
                     await gate.wait()
         if chunk_delay:
             await asyncio.sleep(chunk_delay)
-        yield event(_delta({"content": piece}))
+        yield piece_event(piece)
     yield event(_delta({}, "stop"))
     if usage is not None:
         yield event([], usage)

@@ -87,16 +87,16 @@ def _unavailable() -> HTTPException:
 
 class Intake:
     """What accepting a request takes: the ledger, the broker, the limits. One per request
-    (a FastAPI dependency), shared by create and retry."""
+    (a FastAPI dependency, ``IntakeDep``), shared by create and retry."""
 
     def __init__(
         self,
-        store: StoreDep,
-        publisher: PublisherDep,
-        metrics: MetricsDep,
-        settings: SettingsDep,
-        ledger: LedgerDep,
-        correlation_id: CorrelationId,
+        store: Store,
+        publisher: BatchPublisher,
+        metrics: Metrics,
+        settings: Settings,
+        ledger: LedgerSweep,
+        correlation_id: str,
         request: Request,
     ) -> None:
         self.store = store
@@ -135,7 +135,22 @@ class Intake:
         return job
 
 
-IntakeDep = Annotated[Intake, Depends()]
+async def _intake(
+    store: StoreDep,
+    publisher: PublisherDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    ledger: LedgerDep,
+    correlation_id: CorrelationId,
+    request: Request,
+) -> Intake:
+    """The request's Intake. Async, though it awaits nothing: FastAPI makes a class
+    dependency in its thread pool, a hop per POST (canvas_gateway.deps says what that
+    cost)."""
+    return Intake(store, publisher, metrics, settings, ledger, correlation_id, request)
+
+
+IntakeDep = Annotated[Intake, Depends(_intake)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
