@@ -89,6 +89,7 @@ class Run:
     processes: dict[str, ProcessSample] = field(default_factory=dict)
     # POSTs sent again after the connection broke (with the same Idempotency-Key).
     post_retries: int = 0
+    ws_reconnects: int = 0  # WebSockets opened again with after= (see _listen)
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -170,25 +171,40 @@ async def reference_throughput(url: str, messages: int = 20_000, window: int = 1
 
 async def _listen(system: System, user: str, run: Run) -> None:
     """Record the frames of ``user``'s jobs until cancelled: one ``recv`` each, no task
-    or timer per frame (the clients share the cores with what they measure)."""
+    or timer per frame (the clients share the cores with what they measure). A dropped
+    connection (a client starved past its ping timeout closes with 1006) is opened
+    again with ``after=`` the last position seen, as the API tells clients to: the
+    notifier replays what was missed, and a job is never counted lost for it."""
     token = system.token(user)
-    async with websockets.connect(system.websocket_url(token), max_size=None) as ws:
-        async for raw in ws:
-            now = time.perf_counter()
-            frame = json.loads(raw)
-            times = run.times.get(frame.get("job_id", ""))
-            if times is None:
-                continue
-            kind = frame["type"]
-            if kind == "ai_generation_started" and times.started is None:
-                times.started = now
-            elif kind == "ai_generation_completed":
-                times.completed = now
-                times.finished.set()
-            elif kind == "ai_job_error" and frame["data"].get("final"):
-                times.failed = True
-                times.completed = now
-                times.finished.set()
+    after: int | None = None
+    while True:
+        try:
+            url = system.websocket_url(token, after)
+            async with websockets.connect(url, max_size=None) as ws:
+                async for raw in ws:
+                    frame = json.loads(raw)
+                    after = max(after or 0, frame.get("position") or 0)
+                    _record(frame, run, time.perf_counter())
+        except (websockets.ConnectionClosed, OSError):
+            pass
+        run.ws_reconnects += 1
+        await asyncio.sleep(0.2)
+
+
+def _record(frame: dict[str, Any], run: Run, now: float) -> None:
+    times = run.times.get(frame.get("job_id", ""))
+    if times is None:
+        return
+    kind = frame["type"]
+    if kind == "ai_generation_started" and times.started is None:
+        times.started = now
+    elif kind == "ai_generation_completed" and times.completed is None:
+        times.completed = now
+        times.finished.set()
+    elif kind == "ai_job_error" and frame["data"].get("final") and times.completed is None:
+        times.failed = True
+        times.completed = now
+        times.finished.set()
 
 
 async def _post(http: aiohttp.ClientSession, run: Run, index: int, token: str) -> tuple[int, Any]:
@@ -307,6 +323,7 @@ def summarise(run: Run, reference: float) -> dict[str, Any]:
         "processes": processes,
         "errors": sorted({t.error for t in times if t.error}),
         "post_retries": run.post_retries,
+        "ws_reconnects": run.ws_reconnects,
     }
 
 
@@ -456,7 +473,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"-- {r['scenario']['name']} (reference {r['reference_msgs_per_s']:.0f} msg/s; "
             f"orchestrator: {o.get('messages_per_transaction')} messages per transaction; "
             f"machine {r.get('machine_busy_pct')}% busy; {r.get('post_retries', 0)} POSTs "
-            "retried)"
+            f"retried, {r.get('ws_reconnects', 0)} WebSockets reopened)"
         )
         print(
             f"   append to commit {o.get('append_commit_ms_per_append')} ms per append, "
