@@ -167,13 +167,6 @@ async def project_streams(
         changes = merge([job_changes(item) for item in recorded])
         if recorded[0].envelope.type == JobRequested.type_name():
             await _insert_job(conn, changes)
-            await conn.execute(
-                "INSERT INTO canvases (id, user_id, created_at) VALUES ($1, $2, $3) "
-                "ON CONFLICT (id) DO NOTHING",
-                changes["canvas_id"],
-                changes["user_id"],
-                changes["created_at"],
-            )
         else:
             # One row per job in the statement: a stream given twice, in order.
             earlier = updates.get(stream_id)
@@ -278,12 +271,17 @@ async def _indexes(conn: asyncpg.Connection, schema: str, table: str) -> dict[st
 
 
 async def _insert_job(conn: asyncpg.Connection, changes: dict[str, Any]) -> None:
+    """A new job's row, and its canvas's unless the canvas has one (its first job owns
+    it), in one statement."""
     columns = list(changes)
     placeholders = ", ".join(f"${number}" for number in range(1, len(columns) + 1))
     try:
         await conn.execute(
             # Column names come from job_changes, never from input.
-            f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})",  # noqa: S608
+            f"WITH job AS (INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders}) "  # noqa: S608
+            "RETURNING canvas_id, user_id, created_at) "
+            "INSERT INTO canvases (id, user_id, created_at) SELECT * FROM job "
+            "ON CONFLICT (id) DO NOTHING",
             *(changes[column] for column in columns),
         )
     except asyncpg.UniqueViolationError as exc:
