@@ -40,10 +40,16 @@ from canvas_events.events import Event, parse_event
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database
 from canvas_orchestrator import domain
 from canvas_orchestrator.domain import JobState
-from canvas_orchestrator.projections import project_streams
+from canvas_orchestrator.projections import JOB_ASSIGNMENTS, project_but_updates, rows_missing
 from canvas_store import cancels
 from canvas_store.errors import ConcurrencyError
-from canvas_store.events import Append, RecordedEvent, append_streams, load_streams
+from canvas_store.events import (
+    Append,
+    JobChanges,
+    RecordedEvent,
+    append_projected,
+    load_streams,
+)
 from canvas_store.jobs import canvas_owners
 
 Clock = Callable[[], datetime]
@@ -296,20 +302,22 @@ class Transaction:
         return owner is None or owner == user_id
 
     async def _flush(self) -> None:
-        """Project, then append every changed stream in one statement."""
-        await project_streams(
+        """Project (new jobs' rows first), then append every changed stream and apply
+        the running jobs' changes to their rows, in one statement."""
+        updates = await project_but_updates(
             self.conn, [_unpositioned(stream, self.now) for stream in self.changed.values()]
         )
         if self.changed:
             self.appended_at = time.perf_counter()
-        recorded = await append_streams(
+        recorded, missing = await append_projected(
             self.conn,
             [
                 Append(s.job_id, s.base_version, s.staged, s.traceparents)
                 for s in self.changed.values()
             ],
-            position_job=True,
+            JobChanges(JOB_ASSIGNMENTS, updates),
         )
+        rows_missing(missing)
         offset = 0
         for stream in self.changed.values():
             stream.recorded = recorded[offset : offset + len(stream.staged)]
