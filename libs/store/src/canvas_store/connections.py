@@ -37,16 +37,21 @@ async def connect(
     timeout: float = 5.0,
     application_name: str | None = None,
     idle_session_seconds: float | None = None,
+    wait_for_flush: bool = True,
 ) -> asyncpg.Connection:
     """One connection outside the pool (the relay's, the rebuild command's), with the
     services' session settings; ``idle_session_seconds``: the server ends the session
     once it has been idle that long (PostgreSQL 14 and later), which frees its session
-    locks when the client froze."""
+    locks when the client froze. ``wait_for_flush=False``: its commits return before
+    the WAL is on disk (``synchronous_commit=off``), for writes that a server crash may
+    lose (the relay's checkpoint: what follows it is published again)."""
     settings = dict(SESSION_SETTINGS)
     if application_name:
         settings["application_name"] = application_name
     if idle_session_seconds is not None:
         settings["idle_session_timeout"] = str(int(idle_session_seconds * 1000))
+    if not wait_for_flush:
+        settings["synchronous_commit"] = "off"
     conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=timeout, server_settings=settings)
     try:
         await init_connection(conn)

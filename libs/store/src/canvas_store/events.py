@@ -91,8 +91,10 @@ class Append:
 
 # One round trip. ``overtaken``: a stream whose last version was appended by a younger
 # transaction (see the module docstring); then nothing is inserted. The notification is
-# delivered at commit (and dropped by a rollback).
-_APPEND: Final = """
+# delivered at commit (and dropped by a rollback). ``positioned`` sets each appended
+# stream's jobs row's last_position (with $12), and applies the changes $17 gives, by
+# job id ($18), with the assignments of :class:`JobChanges` ({assignments}).
+_APPEND_TEMPLATE: Final = """
 WITH notified AS (
     SELECT pg_notify($13, '')
 ), overtaken AS (
@@ -118,13 +120,32 @@ WITH notified AS (
     ORDER BY e.n
     RETURNING stream_id, version, position, recorded_at
 ), positioned AS (
-    UPDATE jobs SET last_position = a.position
+    UPDATE jobs AS j SET last_position = a.position{assignments}
     FROM (SELECT stream_id, max(position) AS position
           FROM appended GROUP BY stream_id) AS a
-    WHERE $12::bool AND jobs.id = a.stream_id
+    LEFT JOIN unnest($17::uuid[], $18::jsonb[]) AS c(id, changes) ON c.id = a.stream_id
+    CROSS JOIN LATERAL jsonb_populate_record(NULL::jobs, c.changes) AS r
+    WHERE $12::bool AND j.id = a.stream_id
+    RETURNING j.id
 )
-SELECT stream_id, version, position, recorded_at FROM appended
+SELECT stream_id, version, position, recorded_at,
+       (SELECT array_agg(id) FROM positioned) AS positioned
+FROM appended
 """
+_APPEND: Final = _APPEND_TEMPLATE.format(assignments="")
+
+
+@dataclass(frozen=True)
+class JobChanges:
+    """Changes to existing ``jobs`` rows, applied by :func:`append_projected` in the
+    append's own statement (one round trip less than an ``UPDATE`` of their own):
+    ``changes`` by job id, each a JSON object of the columns it sets, and
+    ``assignments``, the ``SET`` items that apply them (``j`` the row, ``c.changes``
+    the object, ``r`` the object read as a jobs record), a fixed text that never comes
+    from input and never sets last_position (the append sets it)."""
+
+    assignments: str
+    changes: dict[UUID, dict[str, Any]]
 
 
 async def append_streams(
@@ -141,6 +162,30 @@ async def append_streams(
     ``last_position`` to its last appended position: a caller that projected the events
     before appending them gets the one column that needs positions filled in.
     """
+    recorded, _ = await _append(conn, _APPEND, appends, position_job, {})
+    return recorded
+
+
+async def append_projected(
+    conn: asyncpg.Connection, appends: Sequence[Append], job_changes: JobChanges
+) -> tuple[list[RecordedEvent], set[UUID]]:
+    """:func:`append_streams` with ``position_job``, which also applies ``job_changes``
+    (to jobs among the appended streams) in the same statement; the recorded events, and
+    the ids of the jobs ``job_changes`` names that have no row."""
+    statement = _APPEND_TEMPLATE.format(assignments=f", {job_changes.assignments}")
+    recorded, positioned = await _append(conn, statement, appends, True, job_changes.changes)
+    return recorded, set(job_changes.changes) - positioned if recorded else set()
+
+
+async def _append(
+    conn: asyncpg.Connection,
+    statement: str,
+    appends: Sequence[Append],
+    position_job: bool,
+    changes: dict[UUID, dict[str, Any]],
+) -> tuple[list[RecordedEvent], set[UUID]]:
+    """The append (see :func:`append_streams`): the recorded events, and the jobs whose
+    rows the statement positioned."""
     rows = [
         (item.stream_id, item.expected_version + number, envelope)
         for item in appends
@@ -152,20 +197,22 @@ async def append_streams(
         for number in range(len(item.envelopes))
     ]
     if not rows:
-        return []
+        return [], set()
     assert conn.is_in_transaction(), "append must run inside the caller's transaction"
     if any(envelope.user_id is None for _, _, envelope in rows):
         raise ValueError("every recorded event needs a user_id")
     followed = [item for item in appends if item.expected_version > 0]
     try:
         stored = await conn.fetch(
-            _APPEND,
+            statement,
             *_columns(rows),
             position_job,
             NOTIFY_CHANNEL,
             [item.stream_id for item in followed],
             [item.expected_version for item in followed],
             traceparents,
+            list(changes),
+            list(changes.values()),
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_pkey":
@@ -177,7 +224,7 @@ async def append_streams(
         raise ConcurrencyError(
             f"a younger transaction appended to a stream first ({_streams(appends)})"
         )
-    return _recorded(rows, traceparents, stored)
+    return _recorded(rows, traceparents, stored), set(stored[0]["positioned"] or ())
 
 
 def _recorded(

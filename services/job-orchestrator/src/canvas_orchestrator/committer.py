@@ -5,9 +5,10 @@ In one :meth:`Committer.transaction`:
 
 1. ``lock``: the consumed messages' ids go into ``processed_messages`` (a redelivery
    changes nothing) and the jobs' rows are locked, in id order, in one round trip; a job
-   without a row has its recording lock taken and is looked for again (another replica
-   may have recorded it meanwhile), and the cancels requested for it are read under
-   that lock;
+   without a row has its recording lock taken (with the locks of the canvases new jobs
+   name, in the same round trip) and is looked for again (another replica may have
+   recorded it meanwhile), and the cancels requested for it, whether its stream has any
+   event and the canvases' owners are read under those locks, in one more;
 2. ``load``: each job's stream, read again only when its row's version says another
    writer moved it since this process last recorded it (the stream cache);
 3. the caller decides, and ``record`` stages each decision's events on its stream,
@@ -39,10 +40,16 @@ from canvas_events.events import Event, parse_event
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database
 from canvas_orchestrator import domain
 from canvas_orchestrator.domain import JobState
-from canvas_orchestrator.projections import project_streams
+from canvas_orchestrator.projections import JOB_ASSIGNMENTS, project_but_updates, rows_missing
 from canvas_store import cancels
 from canvas_store.errors import ConcurrencyError
-from canvas_store.events import Append, RecordedEvent, append_streams, load_streams
+from canvas_store.events import (
+    Append,
+    JobChanges,
+    RecordedEvent,
+    append_projected,
+    load_streams,
+)
 from canvas_store.jobs import canvas_owners
 
 Clock = Callable[[], datetime]
@@ -59,6 +66,38 @@ CONFLICTS: Final = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+
+# The recording locks of jobs without a row (in id order), then the locks of the
+# canvases their requests name (in id order, as lock_canvases takes them): one round trip.
+_RECORDING_LOCKS: Final = """
+SELECT pg_advisory_xact_lock($1, hashtext(id::text)) FROM unnest($2::uuid[]) AS id
+UNION ALL
+SELECT pg_advisory_xact_lock($3, hashtext(c.id))
+FROM (SELECT id FROM unnest($4::text[]) AS id ORDER BY id) AS c
+"""
+
+# Read once those locks are held (one round trip): a job's row, locked, if another
+# replica recorded it meanwhile; the cancels requested for it; whether its stream has
+# events (none, for a job with no row, unless the read model is behind the store); the
+# owners of the canvases locked. A row locked by another transaction is not waited for
+# (NOWAIT) while the canvas locks are held: the batch is decided again, and then takes
+# that row's lock first, as every transaction takes its locks (rows, then canvases).
+_AFTER_RECORDING_LOCKS: Final = """
+WITH locked AS (
+    SELECT id, version FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE NOWAIT
+)
+SELECT 'row' AS kind, id, version, NULL::jsonb AS envelope, NULL::text AS canvas_id,
+       NULL::text AS owner
+FROM locked
+UNION ALL
+SELECT 'cancel', job_id, NULL, envelope, NULL, NULL
+FROM cancel_requests WHERE job_id = ANY($1::uuid[])
+UNION ALL
+SELECT 'events', s.id, NULL, NULL, NULL, NULL FROM unnest($1::uuid[]) AS s(id)
+WHERE EXISTS (SELECT 1 FROM events WHERE stream_id = s.id)
+UNION ALL
+SELECT 'canvas', NULL, NULL, NULL, id, user_id FROM canvases WHERE id = ANY($2::text[])
+"""
 
 
 @dataclass
@@ -116,6 +155,8 @@ class Transaction:
         self.now = now
         self._known = known
         self._versions: dict[UUID, int] = {}
+        # Jobs locked by their recording lock that have neither a row nor an event.
+        self._empty: set[UUID] = set()
         # The cancels requested for jobs that had no row when locked.
         self.new_job_cancels: dict[UUID, Envelope] = {}
         # Streams with staged events, in the order they were first staged: the order they
@@ -130,9 +171,16 @@ class Transaction:
         # path); None: every new job is dispatched at once (no fair dispatch).
         self.dispatch_slots: int | None = None
 
-    async def lock(self, job_ids: Sequence[UUID], *, messages: Sequence[UUID] = ()) -> set[UUID]:
+    async def lock(
+        self,
+        job_ids: Sequence[UUID],
+        *,
+        messages: Sequence[UUID] = (),
+        canvases: Iterable[str] = (),
+    ) -> set[UUID]:
         """Lock ``job_ids`` (sorted) and mark ``messages`` processed; the message ids
-        that were not processed before."""
+        that were not processed before. ``canvases``: those that new jobs among them
+        may claim, locked with the jobs' recording locks (see :meth:`lock_canvases`)."""
         rows = await self.conn.fetch(
             """
             WITH fresh AS (
@@ -155,25 +203,38 @@ class Transaction:
         self._versions |= {row["id"]: row["version"] for row in rows if row["version"] is not None}
         missing = [job_id for job_id in job_ids if job_id not in self._versions]
         if missing and (fresh or not messages):
-            await self._lock_new_jobs(missing)
+            await self._lock_new_jobs(missing, sorted(set(canvases)))
         return fresh
 
-    async def _lock_new_jobs(self, job_ids: Sequence[UUID]) -> None:
+    async def _lock_new_jobs(self, job_ids: Sequence[UUID], canvases: list[str]) -> None:
         """Take the recording lock of each job that had no row (in id order, as every
-        transaction does), then look again: another replica may have recorded one while
-        this one waited. The gateway writes a cancel under the same lock, so none
-        written before is missed."""
+        transaction does), and the locks of ``canvases``, then look again: another
+        replica may have recorded one while this one waited. The gateway writes a
+        cancel under the same lock, so none written before is missed."""
         await self.conn.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext(id::text)) FROM unnest($2::uuid[]) AS id",
-            JOB_RECORDING_LOCK_CLASS,
-            list(job_ids),
+            _RECORDING_LOCKS, JOB_RECORDING_LOCK_CLASS, list(job_ids), CANVAS_LOCK_CLASS, canvases
         )
-        rows = await self.conn.fetch(
-            "SELECT id, version FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
-            list(job_ids),
-        )
-        self._versions |= {row["id"]: row["version"] for row in rows}
-        self.new_job_cancels = await cancels.pending(self.conn, job_ids)
+        try:
+            rows = await self.conn.fetch(_AFTER_RECORDING_LOCKS, list(job_ids), canvases)
+        except asyncpg.LockNotAvailableError as exc:
+            raise ConcurrencyError("a new job was recorded meanwhile and is locked") from exc
+        self._versions |= {row["id"]: row["version"] for row in rows if row["kind"] == "row"}
+        recorded = [job_id for job_id in job_ids if job_id in self._versions]
+        if recorded:
+            # Recorded meanwhile by another replica, whose row lock may have been waited
+            # for: its cancels are read again, after that wait.
+            self.new_job_cancels = await cancels.pending(self.conn, job_ids)
+        else:
+            self.new_job_cancels = {
+                row["id"]: Envelope.model_validate(row["envelope"])
+                for row in rows
+                if row["kind"] == "cancel"
+            }
+        # A job with neither a row nor an event (the common case): no stream to read.
+        with_events = {row["id"] for row in rows if row["kind"] == "events"}
+        self._empty |= {job_id for job_id in job_ids if job_id not in recorded} - with_events
+        owners = {row["canvas_id"]: row["owner"] for row in rows if row["kind"] == "canvas"}
+        self._canvas_owners |= {canvas_id: owners.get(canvas_id) for canvas_id in canvases}
 
     def is_recorded(self, job_id: UUID) -> bool:
         """Whether the locked job has a row (a job not recorded yet has none)."""
@@ -187,6 +248,8 @@ class Transaction:
             known = self._known.get(job_id)
             if known is not None and known.state.version == self._versions.get(job_id):
                 found[job_id] = (known.state, known.history)
+        for job_id in self._empty.intersection(job_ids):
+            found[job_id] = (state_of([], job_id), [])
         unknown = [job_id for job_id in job_ids if job_id not in found]
         for job_id, history in (await load_streams(self.conn, unknown)).items():
             found[job_id] = (state_of(history, job_id), history)
@@ -239,20 +302,22 @@ class Transaction:
         return owner is None or owner == user_id
 
     async def _flush(self) -> None:
-        """Project, then append every changed stream in one statement."""
-        await project_streams(
+        """Project (new jobs' rows first), then append every changed stream and apply
+        the running jobs' changes to their rows, in one statement."""
+        updates = await project_but_updates(
             self.conn, [_unpositioned(stream, self.now) for stream in self.changed.values()]
         )
         if self.changed:
             self.appended_at = time.perf_counter()
-        recorded = await append_streams(
+        recorded, missing = await append_projected(
             self.conn,
             [
                 Append(s.job_id, s.base_version, s.staged, s.traceparents)
                 for s in self.changed.values()
             ],
-            position_job=True,
+            JobChanges(JOB_ASSIGNMENTS, updates),
         )
+        rows_missing(missing)
         offset = 0
         for stream in self.changed.values():
             stream.recorded = recorded[offset : offset + len(stream.staged)]

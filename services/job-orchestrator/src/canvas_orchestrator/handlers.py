@@ -173,7 +173,11 @@ class Handler:
 
     async def _record(self, batch: Sequence[_Message], job_ids: list[UUID]) -> list[Handled]:
         async with self.committer.transaction() as tx:
-            fresh = await tx.lock(job_ids, messages=[m.envelope.event_id for m in batch])
+            fresh = await tx.lock(
+                job_ids,
+                messages=[m.envelope.event_id for m in batch],
+                canvases=[m.event.canvas_id for m in batch if isinstance(m.event, JobRequested)],
+            )
             if not fresh:
                 return [Handled("duplicate") for _ in batch]
             requests = await self._requests(tx, batch)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -158,6 +158,14 @@ async def project_streams(
     """Apply the events of several streams (each in version order) to the read models:
     a new job's rows one stream at a time, in the order given (the first job on a new
     canvas owns it), every other job's changes in one statement."""
+    await _update_jobs(conn, await project_but_updates(conn, streams))
+
+
+async def project_but_updates(
+    conn: asyncpg.Connection, streams: Sequence[Sequence[RecordedEvent]]
+) -> dict[Any, dict[str, Any]]:
+    """:func:`project_streams`, but for the changes of jobs that have a row already,
+    returned (by job id) for the caller to apply (:data:`JOB_ASSIGNMENTS`)."""
     updates: dict[Any, dict[str, Any]] = {}
     for recorded in streams:
         if not recorded:
@@ -167,22 +175,15 @@ async def project_streams(
         changes = merge([job_changes(item) for item in recorded])
         if recorded[0].envelope.type == JobRequested.type_name():
             await _insert_job(conn, changes)
-            await conn.execute(
-                "INSERT INTO canvases (id, user_id, created_at) VALUES ($1, $2, $3) "
-                "ON CONFLICT (id) DO NOTHING",
-                changes["canvas_id"],
-                changes["user_id"],
-                changes["created_at"],
-            )
         else:
             # One row per job in the statement: a stream given twice, in order.
             earlier = updates.get(stream_id)
             updates[stream_id] = changes if earlier is None else merge([earlier, changes])
-    await _update_jobs(conn, updates)
     for recorded in streams:
         for index, item in enumerate(recorded):
             if item.envelope.type == JobCompleted.type_name():
                 await _place_objects(conn, item, recorded[:index])
+    return updates
 
 
 async def rebuild(pool: asyncpg.Pool, *, batch_size: int = 1_000) -> int:
@@ -278,12 +279,17 @@ async def _indexes(conn: asyncpg.Connection, schema: str, table: str) -> dict[st
 
 
 async def _insert_job(conn: asyncpg.Connection, changes: dict[str, Any]) -> None:
+    """A new job's row, and its canvas's unless the canvas has one (its first job owns
+    it), in one statement."""
     columns = list(changes)
     placeholders = ", ".join(f"${number}" for number in range(1, len(columns) + 1))
     try:
         await conn.execute(
             # Column names come from job_changes, never from input.
-            f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})",  # noqa: S608
+            f"WITH job AS (INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders}) "  # noqa: S608
+            "RETURNING canvas_id, user_id, created_at) "
+            "INSERT INTO canvases (id, user_id, created_at) SELECT * FROM job "
+            "ON CONFLICT (id) DO NOTHING",
             *(changes[column] for column in columns),
         )
     except asyncpg.UniqueViolationError as exc:
@@ -319,6 +325,12 @@ def _assignment(column: str) -> str:
     return f"{column} = CASE WHEN c.changes ? '{column}' THEN {value} ELSE j.{column} END"
 
 
+# The SET items that apply a change to a jobs row, but for last_position (the append
+# sets it): canvas_store.events.JobChanges.
+JOB_ASSIGNMENTS: Final = ", ".join(
+    _assignment(column) for column in _UPDATED if column != "last_position"
+)
+
 # One statement for every job a transaction changed: each change is a JSON object of the
 # columns it sets, read into a jobs record by jsonb_populate_record (so each value takes
 # its column's type); a column the change does not name keeps its value.
@@ -338,7 +350,12 @@ async def _update_jobs(conn: asyncpg.Connection, updates: dict[Any, dict[str, An
     unknown = {column for changes in updates.values() for column in changes} - set(_UPDATED)
     assert not unknown, f"job_changes set columns the update does not know: {unknown}"
     rows = await conn.fetch(_UPDATE_JOBS, list(updates), list(updates.values()))
-    for stream_id in set(updates) - {row["id"] for row in rows}:
+    rows_missing(set(updates) - {row["id"] for row in rows})
+
+
+def rows_missing(job_ids: Iterable[Any]) -> None:
+    """Say that events were recorded for jobs without a row."""
+    for stream_id in job_ids:
         # A stream without its JobRequested row: the read model is behind the store.
         log.error("jobs row missing for an event; run rebuild-projections", job_id=str(stream_id))
 
