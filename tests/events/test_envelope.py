@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from unittest import mock
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
+from asyncpg.pgproto import pgproto
 
 from canvas_events.envelope import Envelope
 from canvas_events.errors import PoisonMessage, UnknownEventType
@@ -120,3 +124,69 @@ def test_every_domain_event_of_the_contract_is_registered() -> None:
         "JobCancelRequested",
         "JobCancelled",
     }
+
+
+def _the_long_way(envelope: Envelope) -> bytes:
+    """What to_json wrote before its fast path: pydantic's JSON mode, then orjson."""
+    return orjson.dumps(envelope.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(
+    "occurred_at",
+    [
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 120000, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-3, minutes=-30))),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(0))),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=ZoneInfo("UTC")),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=ZoneInfo("Europe/London")),
+        datetime(2026, 7, 2, 3, 4, 5, 999999, tzinfo=ZoneInfo("Europe/Paris")),
+        datetime(2026, 1, 2, 3, 4, 5),
+    ],
+)
+def test_to_json_writes_the_same_bytes_as_pydantic_json_mode(occurred_at: datetime) -> None:
+    envelope = Envelope(
+        type="ObjectDrawn",
+        schema_version=1,
+        occurred_at=occurred_at,
+        correlation_id="req-1",
+        causation_id=uuid.uuid4(),
+        job_id=uuid.uuid4(),
+        user_id="user-é",
+        canvas_id=None,
+        position=2**40,
+        data={"object": {"kind": "circle", "x": 1.5, "y": -2, "nan": float("nan")}, "l": [1, None]},
+    )
+    assert envelope.to_json() == _the_long_way(envelope)
+    recorded = envelope.model_copy(update={"position": 7, "job_id": uuid.uuid4()})
+    assert recorded.to_json() == _the_long_way(recorded)
+
+
+def test_to_json_writes_data_only_pydantic_can_write_the_long_way() -> None:
+    envelope = Envelope(
+        type="ObjectDrawn",
+        schema_version=1,
+        correlation_id="req-1",
+        data={"ids": {uuid.UUID(int=1)}, "by_number": {1: "one"}},
+    )
+    assert envelope.to_json() == _the_long_way(envelope)
+    assert orjson.loads(envelope.to_json())["data"]["by_number"] == {"1": "one"}
+
+
+def test_to_json_of_an_envelope_read_from_the_store_takes_the_fast_path() -> None:
+    # asyncpg returns UUIDs of its own class, and pydantic keeps them as they are.
+    stored = pgproto.UUID(str(uuid.uuid4()))
+    envelope = Envelope(
+        event_id=stored,
+        type="ObjectDrawn",
+        schema_version=1,
+        correlation_id="req-1",
+        causation_id=pgproto.UUID(str(uuid.uuid4())),
+        job_id=stored,
+        data={"job_id": str(stored)},
+    )
+    assert type(envelope.event_id) is pgproto.UUID
+    expected = _the_long_way(envelope)
+    with mock.patch.object(Envelope, "model_dump", side_effect=AssertionError("long way")):
+        assert envelope.to_json() == expected

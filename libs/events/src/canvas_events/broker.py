@@ -51,7 +51,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import aio_pika
 import aiormq
@@ -80,6 +80,7 @@ from canvas_events.topology import (
     dead_letter_queue_arguments,
     other_type,
 )
+from canvas_events.transport import CoalescingConnection, CoalescingWriter
 
 if TYPE_CHECKING:
     from canvas_events.settings import CommonSettings
@@ -700,6 +701,8 @@ class Broker(BrokerBase):
         self._topology_interval = topology_interval
         self._consumers: list[Consumer] = []
         self._connection: AbstractConnection | None = None
+        # The current connection's socket writer (canvas_events.transport).
+        self._writer: CoalescingWriter | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
@@ -727,6 +730,12 @@ class Broker(BrokerBase):
             connection_name=connection_name,
             **options,
         )
+
+    @property
+    def writer(self) -> CoalescingWriter | None:
+        """The current connection's socket writer (None while down): what it was asked
+        to write and what it wrote (canvas_events.transport)."""
+        return self._writer
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -793,8 +802,10 @@ class Broker(BrokerBase):
             timeout=self._connect_timeout,
             client_properties={"connection_name": self._connection_name},
             heartbeat=self._heartbeat,
+            connection_class=CoalescingConnection,
         )
         self._connection = connection
+        self._writer = connection.writer
         # aio-pika resolves connection.closed() only when *we* call close(): a connection
         # the broker closed (a restart: CONNECTION_FORCED) or that dropped only runs the
         # close callbacks. Waiting on closed() left a service without consumers (the
@@ -905,7 +916,7 @@ class Broker(BrokerBase):
                 log.warning("declaring the topology again failed", error=redact(repr(exc)))
 
     async def _close_connection(self) -> None:
-        connection, self._connection = self._connection, None
+        connection, self._connection, self._writer = self._connection, None, None
         self._publish_channel = self._exchange = self._dead_letter_exchange = None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
@@ -922,23 +933,35 @@ class Broker(BrokerBase):
         timeout: float | None,
     ) -> None:
         exchange, publish_channel = self._exchange, self._publish_channel
+        writer = self._writer
         if exchange is None or publish_channel is None or not self._connected.is_set():
             raise PublishError(f"broker not connected ({self.last_error})")
         try:
             if publish_channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
-            channel = await publish_channel.get_underlay_channel()
-            confirmation = await channel.basic_publish(
-                body,
-                exchange=exchange.name,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                timeout=timeout or self._publish_timeout,
-            )
+            # aiormq's own channel: its basic_publish takes ``wait`` (its abc does not say).
+            channel = cast(aiormq.Channel, await publish_channel.get_underlay_channel())
+            async with asyncio.timeout(timeout or self._publish_timeout):
+                if writer is not None:
+                    # The frame is queued without waiting for its write (wait=False
+                    # below): wait here instead while the socket is backed up.
+                    await writer.writable()
+                # wait=False: the channel's lock is held only to queue the frame, not
+                # until the writer task wrote it, so that the publishes of one turn of
+                # the loop are queued together and leave in one write
+                # (canvas_events.transport). The queue is FIFO under that lock: the
+                # publishes keep their order.
+                confirmation = await channel.basic_publish(
+                    body,
+                    exchange=exchange.name,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                    wait=False,
+                )
         except TimeoutError as exc:
             raise PublishError("broker did not confirm in time") from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except (aiormq.exceptions.AMQPError, OSError, EOFError, RuntimeError) as exc:
             raise PublishError(f"broker refused the message: {type(exc).__name__}") from exc
         self._check_confirmation(confirmation, routing_key)
 
