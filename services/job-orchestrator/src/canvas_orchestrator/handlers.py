@@ -8,6 +8,12 @@ its job's earlier messages left, with the cancel requested for its job applied f
 cancel answered 202 wins over a start or a result), and the decisions are recorded in
 one append. Idle, a transaction carries one message.
 
+Reports: what a transaction recorded is logged and counted from the transaction's
+side, once it committed, in each message's own context (its job_id, correlation_id
+and span), not by the consumer that waited for it: that consumer may be gone by then
+(cancelled when the broker connection dropped or the service stopped), and the events
+it recorded were committed and relayed all the same.
+
 Traces: each message's events are recorded in the trace of the message (its consume
 span), and the relay publishes them in it. A transaction is a span of its own, the
 child of its first message's span, linked to the others' (their jobs' traces show the
@@ -16,6 +22,8 @@ wait for it in their consume spans, and the link leads to it).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,7 +56,7 @@ from canvas_orchestrator.dispatch import Dispatcher, fast_slots
 from canvas_orchestrator.domain import JobState, Policy
 from canvas_orchestrator.errors import UnexpectedEvent
 from canvas_orchestrator.metrics import Metrics
-from canvas_orchestrator.reporting import Handled, attempt_seconds, report
+from canvas_orchestrator.reporting import Handled, attempt_seconds, report_message
 from canvas_store import cancels
 
 log = structlog.get_logger("canvas_orchestrator.handlers")
@@ -76,7 +84,9 @@ class _Message:
     envelope: Envelope
     event: Event
     # The span that consumed it: the trace its decisions are recorded in.
-    traceparent: str | None = None
+    traceparent: str | None
+    # Its consumer's context (log fields, span): what it did is reported in it.
+    context: contextvars.Context
 
 
 @dataclass(frozen=True)
@@ -137,20 +147,13 @@ class Handler:
             self._metrics.messages.labels(envelope.type, "dead_lettered").inc()
             return DeadLetter(str(exc))
         try:
-            message = _Message(job_id, envelope, event, tracing.current_traceparent())
-            handled = await self._batches.submit(message)
+            traceparent = tracing.current_traceparent()
+            message = _Message(job_id, envelope, event, traceparent, contextvars.copy_context())
+            # Logged and counted by the transaction once it committed (see _report).
+            await self._batches.submit(message)
         except KeptConflicting as exc:
             self._metrics.messages.labels(envelope.type, "retried").inc()
             return Retry(str(exc))
-        # Logged and counted here, in this message's own log context.
-        self._metrics.messages.labels(envelope.type, handled.outcome).inc()
-        if handled.outcome == "duplicate":
-            log.info("duplicate message ignored", message_id=str(envelope.event_id))
-        elif handled.outcome == "ignored":
-            log.info("message changed nothing", reason=handled.reason)
-        elif handled.outcome == "kept":
-            log.info("cancel kept until its job is recorded")
-        report(handled, self._metrics)
         return ACK
 
     async def _handle_batch(self, batch: Sequence[_Message]) -> list[Handled]:
@@ -169,7 +172,20 @@ class Handler:
                 "canvas.job_id": str(batch[0].job_id) if len(job_ids) == 1 else None,
             },
         ):
-            return await self._record(batch, job_ids)
+            results = await self._record(batch, job_ids)
+        self._report(batch, results)
+        return results
+
+    def _report(self, batch: Sequence[_Message], results: list[Handled]) -> None:
+        """Log and count what each message of a committed batch did, exactly once, in
+        its own context: here and not in its consumer, which may have been cancelled
+        while it waited. Soon rather than now: the next transaction need not wait for
+        the lines (they come before any consumer of this batch resumes)."""
+        loop = asyncio.get_running_loop()
+        for message, handled in zip(batch, results, strict=True):
+            loop.call_soon(
+                report_message, message.envelope, handled, self._metrics, context=message.context
+            )
 
     async def _record(self, batch: Sequence[_Message], job_ids: list[UUID]) -> list[Handled]:
         async with self.committer.transaction() as tx:

@@ -1,5 +1,6 @@
 """What the orchestrator says once a decision is committed: one log line per recorded
-event (two for a completion), and the metrics the events move."""
+event (two for a completion), and the metrics the events move; for a consumed message,
+its outcome's count and line too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Literal
 
 import structlog
 
+from canvas_events.envelope import Envelope
 from canvas_events.events import (
     GenerationFailed,
     GenerationRequested,
@@ -125,6 +127,19 @@ _LINES: dict[str, list[tuple[Level, str, Callable[[Any], dict[str, Any]]]]] = {
     "JobCancelRequested": [("info", "cancel requested", lambda e: {"reason": e.reason})],
     "JobCancelled": [("info", "job cancelled", lambda e: {})],
 }
+
+
+def report_message(envelope: Envelope, handled: Handled, metrics: Metrics) -> None:
+    """What one consumed message did, counted and logged (after its transaction
+    committed, in the message's own log context)."""
+    metrics.messages.labels(envelope.type, handled.outcome).inc()
+    if handled.outcome == "duplicate":
+        log.info("duplicate message ignored", message_id=str(envelope.event_id))
+    elif handled.outcome == "ignored":
+        log.info("message changed nothing", reason=handled.reason)
+    elif handled.outcome == "kept":
+        log.info("cancel kept until its job is recorded")
+    report(handled, metrics)
 
 
 def report(handled: Handled, metrics: Metrics) -> None:
