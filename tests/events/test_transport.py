@@ -114,7 +114,9 @@ async def test_the_brokers_frames_go_through_the_coalescing_writer_and_share_wri
         await broker.stop()
 
 
-def test_aio_pika_passes_our_transport_factory_down_to_aiormq() -> None:
+async def test_aio_pika_passes_our_transport_factory_down_to_aiormq() -> None:
+    # Async: aio-pika's Connection takes the current event loop when made, and a plain
+    # test has none unless an earlier test of its process happened to leave one.
     connection = CoalescingConnection("amqp://guest:guest@127.0.0.1/")
     assert connection.kwargs["transport_factory"] is connection.transport_factory
     assert connection.writer is None
