@@ -8,9 +8,11 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx2
 import openai
 import pytest
+from openai._vendor.httpx_aiohttp.transport import map_aiohttp_exceptions
 
 from canvas_generator.client import ModelClient, _as_openai_error
 from canvas_generator.errors import AttemptFailed, BadOutput, FailureKind, broke_off
@@ -153,6 +155,16 @@ async def test_a_connection_lost_midway_is_a_retryable_connection_failure():
     assert f"after {len(''.join(pieces))} characters" in failure.message
 
 
+def _mapped(error: aiohttp.ClientError) -> Exception:
+    """``error`` as the openai client's aiohttp transport raises it."""
+    try:
+        with map_aiohttp_exceptions():
+            raise error
+    except Exception as exc:
+        return exc
+    raise AssertionError("not raised")
+
+
 @pytest.mark.parametrize(
     ("error", "kind", "said"),
     [
@@ -163,6 +175,17 @@ async def test_a_connection_lost_midway_is_a_retryable_connection_failure():
             "(RemoteProtocolError)",
         ),
         (httpx2.ReadError("reset"), FailureKind.CONNECTION, "(ReadError)"),
+        # The aiohttp transport maps a connection the server closed to a ConnectTimeout.
+        (
+            _mapped(aiohttp.ServerDisconnectedError()),
+            FailureKind.CONNECTION,
+            "broke off midway through its reply (ServerDisconnectedError)",
+        ),
+        (
+            _mapped(aiohttp.SocketTimeoutError("slow")),
+            FailureKind.TIMEOUT,
+            "did not finish its reply within 9 s",
+        ),
     ],
 )
 def test_a_read_that_breaks_classifies_as_the_openai_client_raised_it(error, kind, said):

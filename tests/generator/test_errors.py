@@ -1,9 +1,12 @@
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import aiohttp
 import httpx2
 import openai
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
+from openai._vendor.httpx_aiohttp.transport import map_aiohttp_exceptions
 
 from canvas_generator.errors import (
     MISSING_API_KEY_MESSAGE,
@@ -108,6 +111,52 @@ def test_connection_error_is_retryable():
     failure = classify(exc)
     assert (failure.kind, failure.retryable) == (FailureKind.CONNECTION, True)
     assert "ConnectionRefusedError" in failure.message
+
+
+def _sent_through_aiohttp(error: Exception) -> openai.APIError:
+    """``error`` as the openai client raises it from its aiohttp transport: mapped to an
+    httpx2 error (any connection error to a ConnectTimeout), then to its own."""
+    try:
+        try:
+            with map_aiohttp_exceptions():
+                raise error
+        except httpx2.TimeoutException as mapped:
+            raise openai.APITimeoutError(request=REQUEST) from mapped
+    except openai.APIError as exc:
+        return exc
+    raise AssertionError("not raised")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "message"),
+    [
+        (
+            aiohttp.ServerDisconnectedError(),
+            FailureKind.CONNECTION,
+            "OpenAI closed the connection before it answered (ServerDisconnectedError)",
+        ),
+        (
+            aiohttp.ClientOSError(104, "Connection reset by peer"),
+            FailureKind.CONNECTION,
+            "the connection to OpenAI broke before it answered (ClientOSError)",
+        ),
+        (
+            aiohttp.ClientConnectorError(
+                ConnectionKey("h", 1, False, True, None, None, None), ConnectionRefusedError()
+            ),
+            FailureKind.CONNECTION,
+            "could not connect to OpenAI (ClientConnectorError)",
+        ),
+        (
+            aiohttp.ConnectionTimeoutError(),
+            FailureKind.TIMEOUT,
+            "OpenAI did not answer within 60 s (timeout)",
+        ),
+    ],
+)
+def test_only_a_timeout_under_the_clients_timeout_error_is_a_timeout(error, kind, message):
+    failure = classify(_sent_through_aiohttp(error), timeout_seconds=60)
+    assert (failure.kind, failure.retryable, failure.message) == (kind, True, message)
 
 
 def test_missing_api_key_is_permanent_with_the_exact_message():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -40,6 +41,7 @@ from openai.types.chat.completion_create_params import CompletionCreateParamsStr
 from opentelemetry.trace import Span, SpanKind
 
 from canvas_events import tracing
+from canvas_generator import connections
 from canvas_generator.errors import AttemptFailed, BadOutput, MissingApiKey, broke_off, classify
 from canvas_generator.metrics import Metrics
 from canvas_generator.settings import Settings
@@ -108,7 +110,8 @@ class ModelClient:
                 max_retries=0,
                 # The openai client's aiohttp transport (its `aiohttp` extra): the
                 # generator's CPU per streamed job fell from 6.2 to 3.6 ms (make bench).
-                http_client=openai.DefaultAioHttpClient(timeout=self.timeout_seconds),
+                # Its pool copes with servers that close idle connections (connections).
+                http_client=connections.http_client(self.timeout_seconds),
             )
         return self._client
 
@@ -351,15 +354,26 @@ def _error_event(error: Any, request: httpx2.Request) -> openai.APIError:
 
 
 def _as_openai_error(exc: Exception, request: httpx2.Request) -> Exception:
-    """``exc``, raised while reading the body, as the openai client would have raised it."""
-    if isinstance(exc, httpx2.TimeoutException):
-        error: openai.APIConnectionError = openai.APITimeoutError(request=request)
+    """``exc``, raised while reading the body, as the openai client would have raised it;
+    but a connection the server closed, which the aiohttp transport maps to a
+    ConnectTimeout, as the connection error it is, named by aiohttp's own error."""
+    named: BaseException | None = exc  # errors.broke_off names it: "(RemoteProtocolError)"
+    if isinstance(exc, httpx2.TimeoutException) and _lost_connection(exc.__cause__):
+        error: openai.APIConnectionError = openai.APIConnectionError(request=request)
+        named = exc.__cause__
+    elif isinstance(exc, httpx2.TimeoutException):
+        error = openai.APITimeoutError(request=request)
     elif isinstance(exc, _CONNECTION_ERRORS):
         error = openai.APIConnectionError(request=request)
     else:
         return exc
-    error.__cause__ = exc  # errors.broke_off names it: "(RemoteProtocolError)"
+    error.__cause__ = named
     return error
+
+
+def _lost_connection(cause: BaseException | None) -> bool:
+    """Whether ``cause`` is one of aiohttp's connection errors other than a timeout."""
+    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError)
 
 
 async def _body(http: httpx2.Response) -> AsyncGenerator[bytes]:

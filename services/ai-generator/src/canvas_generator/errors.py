@@ -15,7 +15,7 @@ retries, docs/settings.md)::
      ├── APIError
      │    ├── APIConnectionError               connection         retryable
      │    │    └── APITimeoutError             timeout            retryable (connection
-     │    │                                    when a refused connect lies under it)
+     │    │                                    when a connection error lies under it)
      │    ├── APIResponseValidationError       bad_output         retryable
      │    ├── APIStatusError
      │    │    ├── BadRequestError 400         bad_request        permanent
@@ -135,11 +135,9 @@ def classify(
     if isinstance(exc, AttemptFailed):
         return exc
     hidden = [secret for secret in secrets if secret]
-    refused = _connect_failure(exc)
-    if refused is not None:
-        return AttemptFailed(
-            FailureKind.CONNECTION, f"could not connect to OpenAI ({refused})", retryable=True
-        )
+    lost = _connection_failure(exc)
+    if lost is not None:
+        return lost
     if isinstance(exc, openai.APITimeoutError | TimeoutError):
         within = f" within {timeout_seconds:g} s" if timeout_seconds else ""
         return AttemptFailed(
@@ -176,18 +174,27 @@ def classify(
     )
 
 
-def _connect_failure(exc: BaseException) -> str | None:
-    """The name of the error under ``exc`` that says the connect itself failed (refused,
-    unreachable), if one does. The aiohttp transport reports a refused connect as a
-    ConnectTimeout, which the client turns into an APITimeoutError: the cause tells."""
+def _connection_failure(exc: BaseException) -> AttemptFailed | None:
+    """The failure of the connection under ``exc``, if one lies there. The aiohttp
+    transport reports every aiohttp connection error as a ConnectTimeout (a refused
+    connect, and a connection the server closed before it answered, as it closes one
+    that was idle in the pool too long), which the client turns into an APITimeoutError:
+    the cause tells what happened, and only a timeout is reported as one."""
     cause = exc.__cause__
     for _ in range(5):
         if cause is None:
             return None
-        if isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
             cause, asyncio.TimeoutError
         ):
-            return type(cause).__name__
+            name = type(cause).__name__
+            if isinstance(cause, aiohttp.ClientConnectorError):
+                message = f"could not connect to OpenAI ({name})"
+            elif isinstance(cause, aiohttp.ServerDisconnectedError):
+                message = f"OpenAI closed the connection before it answered ({name})"
+            else:
+                message = f"the connection to OpenAI broke before it answered ({name})"
+            return AttemptFailed(FailureKind.CONNECTION, message, retryable=True)
         cause = cause.__cause__
     return None
 
