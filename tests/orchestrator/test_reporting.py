@@ -11,12 +11,14 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
+import pytest
 import structlog
 
 from canvas_events.broker import ACK, Outcome
 from canvas_events.envelope import Envelope
 from canvas_events.events import JobRequested
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS
+from canvas_orchestrator import reporting
 from canvas_orchestrator.service import Service
 from tests.orchestrator.harness import eventually, metric, stream_types
 
@@ -86,8 +88,12 @@ def _of_job(logs: list[MutableMapping[str, Any]], job_id: UUID) -> list[MutableM
 
 
 async def test_a_transaction_committed_after_its_consumer_was_cancelled_is_logged_and_counted_once(
-    start,
+    start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The services' loggers cache their configuration on first use: in a process where
+    # an earlier test already logged through reporting's, capture_logs would not see its
+    # lines. A logger of its own, first used under capture_logs, does.
+    monkeypatch.setattr(reporting, "log", structlog.get_logger("canvas_orchestrator.reporting"))
     service = await start()
     request = _request()
     assert request.job_id is not None
