@@ -22,7 +22,9 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
+from canvas_generator import connections
 from canvas_generator.client import ModelClient
 from canvas_generator.errors import AttemptFailed, FailureKind
 from canvas_generator.prompt import build_messages
@@ -161,15 +163,27 @@ def _client(server: KeepAliveServer, *, stream: bool) -> ModelClient:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 async def test_a_call_on_a_connection_the_server_closed_idle_is_sent_again_on_a_new_one(
-    server: KeepAliveServer, stream: bool
+    server: KeepAliveServer, stream: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A logger of the test's own, first used under capture_logs (the module's may have
+    # cached the process's configuration in an earlier test).
+    monkeypatch.setattr(connections, "log", structlog.get_logger("canvas_generator.connections"))
     client = _client(server, stream=stream)
     try:
         first = await client.complete(build_messages("a flow"))
         server.wait_closed(1)
-        second = await client.complete(build_messages("a second flow"))
+        with (
+            structlog.testing.capture_logs(
+                processors=[structlog.contextvars.merge_contextvars]
+            ) as logs,
+            structlog.contextvars.bound_contextvars(job_id="job-1", correlation_id="req-1"),
+        ):
+            second = await client.complete(build_messages("a second flow"))
     finally:
         await client.aclose()
+    # The resend is said, in the attempt's log context (job_id, correlation_id).
+    [resent] = [entry for entry in logs if entry["event"].startswith("call sent again")]
+    assert (resent["job_id"], resent["correlation_id"]) == ("job-1", "req-1")
     assert (first.finish_reason, second.text, second.finish_reason) == ("stop", TEXT, "stop")
     # The call sent on the closed connection never reached the server; it was sent again
     # once, on a new connection, and answered.
