@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import anyio
 import httpx2
 import openai
@@ -42,7 +41,14 @@ from opentelemetry.trace import Span, SpanKind
 
 from canvas_events import tracing
 from canvas_generator import connections
-from canvas_generator.errors import AttemptFailed, BadOutput, MissingApiKey, broke_off, classify
+from canvas_generator.errors import (
+    AttemptFailed,
+    BadOutput,
+    MissingApiKey,
+    broke_off,
+    classify,
+    lost_connection,
+)
 from canvas_generator.metrics import Metrics
 from canvas_generator.settings import Settings
 from canvas_generator.sse import EventStream
@@ -358,7 +364,7 @@ def _as_openai_error(exc: Exception, request: httpx2.Request) -> Exception:
     but a connection the server closed, which the aiohttp transport maps to a
     ConnectTimeout, as the connection error it is, named by aiohttp's own error."""
     named: BaseException | None = exc  # errors.broke_off names it: "(RemoteProtocolError)"
-    if isinstance(exc, httpx2.TimeoutException) and _lost_connection(exc.__cause__):
+    if isinstance(exc, httpx2.TimeoutException) and lost_connection(exc.__cause__):
         error: openai.APIConnectionError = openai.APIConnectionError(request=request)
         named = exc.__cause__
     elif isinstance(exc, httpx2.TimeoutException):
@@ -369,11 +375,6 @@ def _as_openai_error(exc: Exception, request: httpx2.Request) -> Exception:
         return exc
     error.__cause__ = named
     return error
-
-
-def _lost_connection(cause: BaseException | None) -> bool:
-    """Whether ``cause`` is one of aiohttp's connection errors other than a timeout."""
-    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError)
 
 
 async def _body(http: httpx2.Response) -> AsyncGenerator[bytes]:

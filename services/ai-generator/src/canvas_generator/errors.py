@@ -174,6 +174,14 @@ def classify(
     )
 
 
+def lost_connection(cause: BaseException | None) -> bool:
+    """Whether ``cause`` is one of aiohttp's connection errors other than a timeout (a
+    refused connect, a connection closed or reset)."""
+    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+        cause, asyncio.TimeoutError
+    )
+
+
 def _connection_failure(exc: BaseException) -> AttemptFailed | None:
     """The failure of the connection under ``exc``, if one lies there. The aiohttp
     transport reports every aiohttp connection error as a ConnectTimeout (a refused
@@ -184,9 +192,7 @@ def _connection_failure(exc: BaseException) -> AttemptFailed | None:
     for _ in range(5):
         if cause is None:
             return None
-        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
-            cause, asyncio.TimeoutError
-        ):
+        if lost_connection(cause):
             name = type(cause).__name__
             if isinstance(cause, aiohttp.ClientConnectorError):
                 message = f"could not connect to OpenAI ({name})"

@@ -40,16 +40,10 @@ from canvas_events.events import Event, parse_event
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS, Database
 from canvas_orchestrator import domain
 from canvas_orchestrator.domain import JobState
-from canvas_orchestrator.projections import JOB_ASSIGNMENTS, project_but_updates, rows_missing
+from canvas_orchestrator.projections import project_but_updates, rows_missing
 from canvas_store import cancels
 from canvas_store.errors import ConcurrencyError
-from canvas_store.events import (
-    Append,
-    JobChanges,
-    RecordedEvent,
-    append_projected,
-    load_streams,
-)
+from canvas_store.events import Append, RecordedEvent, append_projected, load_streams
 from canvas_store.jobs import canvas_owners
 
 Clock = Callable[[], datetime]
@@ -304,7 +298,7 @@ class Transaction:
     async def _flush(self) -> None:
         """Project (new jobs' rows first), then append every changed stream and apply
         the running jobs' changes to their rows, in one statement."""
-        updates = await project_but_updates(
+        job_changes = await project_but_updates(
             self.conn, [_unpositioned(stream, self.now) for stream in self.changed.values()]
         )
         if self.changed:
@@ -315,7 +309,7 @@ class Transaction:
                 Append(s.job_id, s.base_version, s.staged, s.traceparents)
                 for s in self.changed.values()
             ],
-            JobChanges(JOB_ASSIGNMENTS, updates),
+            job_changes,
         )
         rows_missing(missing)
         offset = 0

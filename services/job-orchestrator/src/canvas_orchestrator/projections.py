@@ -36,7 +36,7 @@ from canvas_events.events import (
     parse_event,
 )
 from canvas_store.errors import ConcurrencyError
-from canvas_store.events import RecordedEvent, read_after
+from canvas_store.events import JobChanges, RecordedEvent, read_after
 from canvas_store.status import JobStatus
 
 log = structlog.get_logger("canvas_orchestrator.projections")
@@ -163,9 +163,9 @@ async def project_streams(
 
 async def project_but_updates(
     conn: asyncpg.Connection, streams: Sequence[Sequence[RecordedEvent]]
-) -> dict[Any, dict[str, Any]]:
+) -> JobChanges:
     """:func:`project_streams`, but for the changes of jobs that have a row already,
-    returned (by job id) for the caller to apply (:data:`JOB_ASSIGNMENTS`)."""
+    returned for the caller to apply (canvas_store.events.append_projected)."""
     updates: dict[Any, dict[str, Any]] = {}
     for recorded in streams:
         if not recorded:
@@ -183,7 +183,9 @@ async def project_but_updates(
         for index, item in enumerate(recorded):
             if item.envelope.type == JobCompleted.type_name():
                 await _place_objects(conn, item, recorded[:index])
-    return updates
+    unknown = {column for changes in updates.values() for column in changes} - set(_UPDATED)
+    assert not unknown, f"job_changes set columns the update does not know: {unknown}"
+    return JobChanges(_JOB_ASSIGNMENTS, updates)
 
 
 async def rebuild(pool: asyncpg.Pool, *, batch_size: int = 1_000) -> int:
@@ -327,7 +329,7 @@ def _assignment(column: str) -> str:
 
 # The SET items that apply a change to a jobs row, but for last_position (the append
 # sets it): canvas_store.events.JobChanges.
-JOB_ASSIGNMENTS: Final = ", ".join(
+_JOB_ASSIGNMENTS: Final = ", ".join(
     _assignment(column) for column in _UPDATED if column != "last_position"
 )
 
@@ -343,14 +345,13 @@ RETURNING j.id
 """  # noqa: S608 (column names are the constants above)
 
 
-async def _update_jobs(conn: asyncpg.Connection, updates: dict[Any, dict[str, Any]]) -> None:
-    """Every job's ``updates`` (its changed columns, by job id) in one statement."""
-    if not updates:
+async def _update_jobs(conn: asyncpg.Connection, updates: JobChanges) -> None:
+    """Every job's changed columns, by job id, in one statement."""
+    if not updates.changes:
         return
-    unknown = {column for changes in updates.values() for column in changes} - set(_UPDATED)
-    assert not unknown, f"job_changes set columns the update does not know: {unknown}"
-    rows = await conn.fetch(_UPDATE_JOBS, list(updates), list(updates.values()))
-    rows_missing(set(updates) - {row["id"] for row in rows})
+    changes = updates.changes
+    rows = await conn.fetch(_UPDATE_JOBS, list(changes), list(changes.values()))
+    rows_missing(set(changes) - {row["id"] for row in rows})
 
 
 def rows_missing(job_ids: Iterable[Any]) -> None:
