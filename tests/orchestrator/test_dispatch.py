@@ -5,6 +5,8 @@ announce the fleet's capacity."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from uuid import UUID
 
 import httpx
@@ -12,6 +14,7 @@ import httpx
 from canvas_events.envelope import Envelope
 from canvas_events.events import JobCancelRequested
 from canvas_events.topology import GATEWAY
+from canvas_orchestrator.dispatch import Fleet, Limits
 from canvas_orchestrator.service import Service
 from tests.orchestrator.harness import Bus, eventually, job_row, metric, service_headers
 from tests.orchestrator.test_flow import dispatched, failed, started, succeeded
@@ -50,7 +53,9 @@ async def _finish(bus: Bus, requested: Envelope) -> None:
 
 
 async def test_a_users_single_job_goes_before_another_users_backlog(start, bus):
-    service = await start(dispatch_unannounced_capacity=3, dispatch_headroom=0)
+    service = await start(
+        dispatch_unannounced_capacity=3, dispatch_headroom=0, dispatch_headroom_fraction=0
+    )
     heavy = await _requested(bus, "heavy", 8)
     # The first three found room and went at once (the fast path); five wait.
     assert set(await _awaiting(service, heavy)) == set(heavy[3:])
@@ -73,7 +78,9 @@ async def test_a_users_single_job_goes_before_another_users_backlog(start, bus):
 
 
 async def test_a_higher_priority_still_goes_first(start, bus):
-    service = await start(dispatch_unannounced_capacity=1, dispatch_headroom=0)
+    service = await start(
+        dispatch_unannounced_capacity=1, dispatch_headroom=0, dispatch_headroom_fraction=0
+    )
     [first] = await _requested(bus, "a", 1)
     requested = await dispatched(bus, first)
     low = await _requested(bus, "b", 2, priority=2)
@@ -87,7 +94,9 @@ async def test_a_higher_priority_still_goes_first(start, bus):
 
 
 async def test_generators_announce_the_fleets_capacity(start, bus):
-    service = await start(dispatch_unannounced_capacity=1, dispatch_headroom=0)
+    service = await start(
+        dispatch_unannounced_capacity=1, dispatch_headroom=0, dispatch_headroom_fraction=0
+    )
     app = service.app()
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://orchestrator"
@@ -118,6 +127,7 @@ async def test_a_due_retry_goes_through_dispatch_and_a_cancel_ends_the_wait(star
     service = await start(
         dispatch_unannounced_capacity=1,
         dispatch_headroom=0,
+        dispatch_headroom_fraction=0,
         max_job_retries=1,
         retry_backoff_unit_seconds=0.1,
     )
@@ -143,3 +153,56 @@ async def test_a_due_retry_goes_through_dispatch_and_a_cancel_ends_the_wait(star
 async def _row_if(service: Service, job_id: UUID, status: str):
     row = await job_row(service, job_id)
     return row if row is not None and row["status"] == status else None
+
+
+async def test_the_headroom_waits_ready_while_ended_attempts_are_not_recorded_yet(start, bus):
+    """An attempt counts as in flight until its end is recorded, which under load comes
+    well after the generator freed its slot. The headroom's attempts are kept ready to
+    start all the same: at most DISPATCH_HEADROOM handed out and not started, whatever
+    the attempts in flight say (before, nothing went out until the ends were recorded,
+    and a freed slot found no work)."""
+    service = await start(dispatch_unannounced_capacity=1, dispatch_headroom=1)
+    [first] = await _requested(bus, "a", 1)
+    one = await dispatched(bus, first)
+    await bus.reply(one, started(one))
+    await eventually(
+        lambda: _row_if(service, first, "processing"), what="the first attempt started"
+    )
+    # Capacity 1 plus headroom 1: the second goes too, and its generator starts it (a
+    # slot the fleet freed, whose attempt's end is on its way to the orchestrator).
+    [second] = await _requested(bus, "b", 1)
+    two = await dispatched(bus, second)
+    await bus.reply(two, started(two))
+    await eventually(
+        lambda: _row_if(service, second, "processing"), what="the second attempt started"
+    )
+    # Two in flight, over the capacity plus the headroom; none of them waits to start.
+    [third] = await _requested(bus, "c", 1)
+    await dispatched(bus, third)
+    # Now one waits to start: the fourth waits for dispatch.
+    [fourth] = await _requested(bus, "d", 1)
+    assert await _awaiting(service, [fourth]) == [fourth]
+    await asyncio.sleep(0.5)  # five dispatch rounds (DISPATCH_INTERVAL_SECONDS 0.1)
+    assert await _awaiting(service, [fourth]) == [fourth]
+    assert not bus.of(fourth, "GenerationRequested")
+    # The third starts: the fourth may wait ready in its place.
+    three = bus.of(third, "GenerationRequested")[0].envelope
+    await bus.reply(three, started(three))
+    await dispatched(bus, fourth)
+
+
+def test_the_headroom_grows_with_the_fleet() -> None:
+    """DISPATCH_HEADROOM, or DISPATCH_HEADROOM_FRACTION of the capacity when that is
+    more: a fleet of 100 slots keeps 20 attempts ready, one of 4 keeps 5."""
+    limits = Limits(headroom=5, headroom_fraction=0.2)
+    assert limits.headroom_for(100) == 20
+    assert limits.headroom_for(101) == 21  # rounded up
+    assert limits.headroom_for(4) == 5
+    assert Limits(headroom=0, headroom_fraction=0).headroom_for(1_000) == 0
+    # The room: the capacity plus the headroom in flight, or the headroom unstarted.
+    fleet = Fleet(
+        capacity=100, announced=True, in_flight=130, unstarted=12, waiting=50, headroom=20
+    )
+    assert fleet.free == 8
+    assert replace(fleet, in_flight=90, unstarted=0).free == 30
+    assert replace(fleet, unstarted=25).free == 0

@@ -63,6 +63,7 @@ def dispatcher_of(
         limits=Limits(
             unannounced_capacity=settings.dispatch_unannounced_capacity,
             headroom=settings.dispatch_headroom,
+            headroom_fraction=settings.dispatch_headroom_fraction,
         ),
         new_id=new_id,
         interval=settings.dispatch_interval_seconds,

@@ -30,10 +30,12 @@ class Settings(ServiceSettings, ModelBudgetSettings):
     timer_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     # Fair dispatch (canvas_orchestrator.dispatch): how often the dispatcher looks, the
     # capacity assumed while no generator announces its own, and attempts dispatched
-    # beyond the announced capacity (so that a freed slot finds work at once).
+    # beyond the announced capacity (so that a freed slot finds work at once): at least
+    # DISPATCH_HEADROOM, and DISPATCH_HEADROOM_FRACTION of the capacity when more.
     dispatch_interval_seconds: float = Field(default=0.1, gt=0, le=10)
     dispatch_unannounced_capacity: int = Field(default=100, ge=1, le=100_000)
     dispatch_headroom: int = Field(default=5, ge=0, le=10_000)
+    dispatch_headroom_fraction: float = Field(default=0.2, ge=0, le=10)
     # Retention (canvas_orchestrator.retention): consumed message ids, and the gateway's
     # ledger rows of recorded jobs; pruned every PRUNE_INTERVAL_SECONDS.
     processed_messages_retention_seconds: float = Field(default=7 * 86_400, ge=3_600)
