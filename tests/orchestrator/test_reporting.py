@@ -5,7 +5,8 @@ happened to the consumer that waited for its transaction."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, MutableMapping
+import contextvars
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID, uuid4
@@ -16,9 +17,10 @@ import structlog
 
 from canvas_events.broker import ACK, Outcome
 from canvas_events.envelope import Envelope
-from canvas_events.events import JobRequested
+from canvas_events.events import JobCancelRequested, JobRequested
 from canvas_events.postgres import JOB_RECORDING_LOCK_CLASS
-from canvas_orchestrator import reporting
+from canvas_orchestrator import batching, handlers, reporting
+from canvas_orchestrator.batching import GroupCommit
 from canvas_orchestrator.service import Service
 from tests.orchestrator.harness import eventually, metric, stream_types
 
@@ -126,3 +128,85 @@ async def test_a_transaction_committed_after_its_consumer_was_cancelled_is_logge
     assert metric(service, messages, type="JobRequested", outcome="recorded") == 1
     assert metric(service, messages, type="JobRequested", outcome="duplicate") == 1
     assert metric(service, "canvas_jobs_total", status="queued") == 1
+
+
+async def test_lines_written_inside_the_transaction_name_their_job(
+    start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line the transaction writes itself is not in any message's log context: it
+    names the job (and its correlation id) itself."""
+    monkeypatch.setattr(handlers, "log", structlog.get_logger("canvas_orchestrator.handlers"))
+    service = await start()
+    request = _request()
+    job_id = request.job_id
+    assert job_id is not None
+    # Someone else's cancel of the job, before the job's own request is recorded.
+    cancel = Envelope.wrap(
+        JobCancelRequested(reason="not mine"),
+        correlation_id=f"req-{uuid4().hex[:8]}",
+        job_id=job_id,
+        user_id="mallory",
+        canvas_id=request.canvas_id,
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await _consume(service, cancel) is ACK
+        assert await _consume(service, request) is ACK
+        await eventually(lambda: stream_types(service, job_id), what="the job recorded")
+    [line] = [
+        entry
+        for entry in logs
+        if entry["event"] == "a cancel requested by someone who does not own the job ignored"
+    ]
+    assert line["job_id"] == str(job_id)
+    assert line["correlation_id"] == cancel.correlation_id
+
+
+class _Conflict(Exception):
+    pass
+
+
+async def test_a_batch_decided_again_names_its_job_or_its_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batching, "log", structlog.get_logger("canvas_orchestrator.batching"))
+    tries: list[int] = []
+
+    async def process(items: Sequence[tuple[str, str]]) -> list[str]:
+        tries.append(len(items))
+        if len(tries) % 2:  # every batch loses its first race
+            raise _Conflict
+        return [item[0] for item in items]
+
+    commit: GroupCommit[tuple[str, str], str] = GroupCommit(
+        process,
+        key=lambda item: item[0],
+        conflicts=(_Conflict,),
+        is_outage=lambda exc: False,
+        max_batch=10,
+        name="test",
+        describe=lambda batch: {"jobs": sorted({item[0] for item in batch})},
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await commit.submit(("job-a", "corr-1")) == "job-a"
+    assert [entry.get("jobs") for entry in logs] == [["job-a"]]
+    assert logs[0]["event"] == "a stream changed meanwhile; deciding again"
+
+
+def test_a_batchs_log_fields_are_its_jobs() -> None:
+    one, other = uuid4(), uuid4()
+
+    def message(job_id: UUID, correlation_id: str) -> handlers._Message:
+        envelope = _request().model_copy(
+            update={"job_id": job_id, "correlation_id": correlation_id}
+        )
+        event = JobRequested(query="q", canvas_id="c", priority=5)
+        return handlers._Message(job_id, envelope, event, None, contextvars.Context())
+
+    assert handlers._described([message(one, "c1"), message(one, "c2")]) == {
+        "job_id": str(one),
+        "correlation_id": "c1",
+    }
+    assert handlers._described([message(one, "c1"), message(other, "c3")]) == {
+        "job_ids": [str(one), str(other)],
+        "messages": 2,
+    }

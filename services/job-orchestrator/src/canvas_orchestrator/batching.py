@@ -11,7 +11,7 @@ at a time, so that only the item at fault fails.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import structlog
 
@@ -36,6 +36,7 @@ class GroupCommit(Batches[T, R]):
     ``process`` gets the batch in submission order and returns one result per item;
     ``key`` says which job an item is about; an error that is one of ``conflicts`` runs
     the batch again, one that ``is_outage`` says is the database's fails the whole batch.
+    ``describe`` gives the log fields of a batch's lines (its job, or its jobs).
     """
 
     def __init__(
@@ -47,9 +48,11 @@ class GroupCommit(Batches[T, R]):
         is_outage: Callable[[BaseException], bool],
         max_batch: int,
         name: str,
+        describe: Callable[[Sequence[T]], dict[str, Any]] = lambda batch: {},
     ) -> None:
         super().__init__(process, max_batch=max_batch, name=name)
         self._key = key
+        self._describe = describe
         self._conflicts = conflicts
         self._is_outage = is_outage
 
@@ -60,12 +63,20 @@ class GroupCommit(Batches[T, R]):
                 results = await self._process([item.item for item in batch])
                 break
             except self._conflicts as exc:
-                log.info("a stream changed meanwhile; deciding again", reason=type(exc).__name__)
+                log.info(
+                    "a stream changed meanwhile; deciding again",
+                    reason=type(exc).__name__,
+                    **self._describe([item.item for item in batch]),
+                )
             except Exception as exc:
                 if self._is_outage(exc) or len(batch) == 1:
                     fail(batch, exc)
                     return
-                log.warning("batch failed; handling its messages apart", error=repr(exc))
+                log.warning(
+                    "batch failed; handling its messages apart",
+                    error=repr(exc),
+                    **self._describe([item.item for item in batch]),
+                )
                 await self._split_and_run(batch)
                 return
         else:

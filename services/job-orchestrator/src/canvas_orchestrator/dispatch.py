@@ -12,10 +12,11 @@ the generators can be scaled up from zero) plus the headroom, less the attempts 
 flight (dispatched, neither ended nor given up), and in any case the headroom less the
 attempts dispatched and not started yet (:attr:`Fleet.free`). The headroom is
 DISPATCH_HEADROOM, or DISPATCH_HEADROOM_FRACTION of the capacity when that is more. It
-then appends GenerationRequested to that many waiting jobs, in fair order: the highest priority first; within a priority,
-a user's k-th waiting job after every other user's (k-1)-th, counting the attempts each
-user has in flight already; then the oldest first. The events are recorded the way
-every decision is (:mod:`canvas_orchestrator.committer`), in one transaction.
+then appends GenerationRequested to that many waiting jobs, in fair order: the highest
+priority first; within a priority, a user's k-th waiting job after every other user's
+(k-1)-th, counting the attempts each user has in flight already; then the oldest first.
+The events are recorded the way every decision is (:mod:`canvas_orchestrator.committer`),
+in one transaction.
 
 Every orchestrator runs a dispatcher; a transaction-scoped advisory lock lets one round
 run at a time across the fleet (a round that does not get it does nothing), so nothing

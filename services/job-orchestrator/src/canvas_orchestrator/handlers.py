@@ -27,7 +27,7 @@ import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 from uuid import UUID, uuid4
 
 import structlog
@@ -105,6 +105,18 @@ class CancelRequest:
         return event
 
 
+def _described(batch: Sequence[_Message]) -> dict[str, Any]:
+    """The log fields of a batch's own lines: its job's job_id and correlation_id when
+    it is one job's, else its job ids (the first 20) and how many messages it holds."""
+    jobs: dict[UUID, str] = {}
+    for message in batch:
+        jobs.setdefault(message.job_id, message.envelope.correlation_id)
+    if len(jobs) == 1:
+        [(job_id, correlation_id)] = jobs.items()
+        return {"job_id": str(job_id), "correlation_id": correlation_id}
+    return {"job_ids": [str(job_id) for job_id in list(jobs)[:20]], "messages": len(batch)}
+
+
 class Handler:
     """Turns consumed events into recorded ones (the Broker handler of the orchestrator)."""
 
@@ -132,6 +144,7 @@ class Handler:
             is_outage=is_transient,
             max_batch=max_batch,
             name="orchestrator-committer",
+            describe=_described,
         )
 
     async def handle(self, envelope: Envelope, message: AbstractIncomingMessage) -> Outcome:
@@ -293,7 +306,12 @@ class Handler:
         changes nothing), with a new job's request it records the job cancelled. Each new
         event comes with the envelope it follows: the message's, or the request's."""
         if request is not None and request.envelope.user_id != (job.owner or envelope.user_id):
-            log.warning("a cancel requested by someone who does not own the job ignored")
+            # Inside the transaction: not in the message's own log context.
+            log.warning(
+                "a cancel requested by someone who does not own the job ignored",
+                job_id=str(job.job_id),
+                correlation_id=request.envelope.correlation_id,
+            )
             request = None
         made: list[tuple[Event, Envelope]] = []
         state = job.state
