@@ -297,6 +297,8 @@ class Relay(Background):
                         "relay publish failed; will publish again",
                         error=redact(str(error)),
                         position=item.position,
+                        job_id=str(item.stream_id),
+                        correlation_id=item.envelope.correlation_id,
                     )
                     return confirmed, True
                 self.metrics.outbox_published.inc()

@@ -121,7 +121,8 @@ class Timers(Background):
                 await cancels.clear(tx.conn, [job_id] if stream.state.is_final else [])
         except CONFLICTS as exc:
             # A message for the same job was recorded first; the next poll looks again.
-            log.info("timer lost a race; will look again", reason=type(exc).__name__)
+            job = {"job_id": str(job_id)} if job_id is not None else {}
+            log.info("timer lost a race; will look again", reason=type(exc).__name__, **job)
             return 0
         except Exception as exc:
             if job_id is None or is_transient(exc):
