@@ -249,8 +249,10 @@ async def test_a_reader_stops_below_a_transaction_still_in_flight(pool):
                 # smaller position: nothing after it is read yet.
                 assert await read_after(conn, start, 10) == []
                 assert await last_position(conn) <= start
-                # ... and a reader is told that committed events wait behind it.
+                # ... and a reader is told that committed events wait behind it, also
+                # one that leaves out other databases' transactions.
                 assert await read_settled_after(conn, start, 10) == ([], True)
+                assert await read_settled_after(conn, start, 10, here=True) == ([], True)
         finally:
             await transaction.commit()
 
@@ -315,3 +317,35 @@ async def test_an_append_notifies_listeners_when_it_commits(pool, database_url):
         await asyncio.wait_for(woken.wait(), 5)
     finally:
         await listener.close()
+
+
+async def test_a_transaction_open_in_another_database_holds_no_reader_back(pool, database_url):
+    """A write transaction left open in another database of the cluster (a batch job, a
+    session idle in a transaction) cannot append here: a reader that asks for this
+    database's bound goes on. One left open in this database still holds it back."""
+    start = await _last(pool)
+    other = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        # Its transaction id is older than every event appended below.
+        await other.fetchval("SELECT pg_current_xact_id()")
+        stream_id = uuid4()
+        appended = await _append(pool, stream_id, 0, count=2)
+        # The cluster's bound holds them back; a reader that asks for this database's
+        # own reads them.
+        async with pool.acquire() as conn:
+            assert await read_settled_after(conn, start, 10) == ([], True)
+
+        async def read() -> list[int] | None:
+            async with pool.acquire() as conn:
+                events, held_back = await read_settled_after(conn, start, 10, here=True)
+            positions = [item.position for item in events]
+            return None if held_back else positions
+
+        assert await eventually(read, timeout=10, what="the events read") == [
+            item.position for item in appended
+        ]
+        await transaction.rollback()
+    finally:
+        await other.close()

@@ -3,17 +3,21 @@ relay at a time, and nothing lost while the database or the broker is away."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
+import asyncpg
 import pytest
+import structlog
 
 from canvas_events import tracing
 from canvas_events.broker import Broker
 from canvas_events.envelope import Envelope, utcnow
 from canvas_events.events import GenerationRequested, JobQueued
 from canvas_events.testing import recorded_spans
+from canvas_orchestrator import relay as relay_module
 from canvas_orchestrator.metrics import Metrics
 from canvas_orchestrator.relay import (
     APPLICATION_NAME,
@@ -255,3 +259,50 @@ def test_a_relay_held_back_reads_again_soon_then_backs_off_to_its_poll_interval(
     assert waits[-1] == 1.0
     # An operator's transaction open for hours: still the poll interval, no overflow.
     assert next_read_in(100_000, 1.0) == 1.0
+
+
+_HELD_BY_ANOTHER = "relay held back by a transaction open in another database; reading past it"
+
+
+async def test_a_transaction_left_open_in_another_database_does_not_stop_the_relay(
+    pool, bus, make_relay, database_url, monkeypatch: pytest.MonkeyPatch
+):
+    """A write transaction idle in another database of the cluster is older than every
+    event recorded after it: the cluster's bound holds them back, and after a few reads
+    that find nothing settled the relay leaves other databases' transactions out."""
+    # A logger first used under capture_logs (loggers cache their configuration).
+    monkeypatch.setattr(relay_module, "log", structlog.get_logger("canvas_orchestrator.relay"))
+    relay = await started(make_relay())
+    other = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.fetchval("SELECT pg_current_xact_id()")
+        with structlog.testing.capture_logs() as logs:
+            recorded = await record(pool, count=2)
+            seen = await bus.wait_for(recorded[0].stream_id, "JobQueued", 2)
+        assert [item.envelope.position for item in seen] == [item.position for item in recorded]
+        assert [entry["event"] for entry in logs].count(_HELD_BY_ANOTHER) == 1
+        assert relay.active
+        await transaction.rollback()
+    finally:
+        await other.close()
+
+
+async def test_a_transaction_open_in_this_database_still_holds_the_relay_back(
+    pool, bus, make_relay, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(relay_module, "log", structlog.get_logger("canvas_orchestrator.relay"))
+    await started(make_relay())
+    async with pool.acquire() as slow:
+        transaction = slow.transaction()
+        await transaction.start()
+        await slow.fetchval("SELECT pg_current_xact_id()")
+        with structlog.testing.capture_logs() as logs:
+            recorded = await record(pool, count=2)
+            await asyncio.sleep(0.5)  # the relay reads again 5, 10, 20, 40 ... ms apart
+            assert not bus.of(recorded[0].stream_id)
+        assert _HELD_BY_ANOTHER not in [entry["event"] for entry in logs]
+        await transaction.rollback()
+    seen = await bus.wait_for(recorded[0].stream_id, "JobQueued", 2)
+    assert [item.envelope.position for item in seen] == [item.position for item in recorded]

@@ -61,6 +61,15 @@ BROKER_GRACE_SECONDS: Final = 10.0
 # as late each time, up to the poll interval). That transaction's commit settles them
 # but may notify nobody (it appended nothing); service transactions last milliseconds.
 HELD_BACK_SECONDS: Final = 0.005
+# Reads in a row that found nothing settled while events waited (5, 10, 20 ms apart),
+# after which one read leaves out other databases' transactions (canvas_store.events.
+# read_settled_after, ``here``: about a millisecond of the database's time). When that
+# read goes further, a transaction of another database held the relay back (one left
+# open may last for hours, and cannot append here): reads leave them out for
+# HERE_SECONDS. When it does not, this database's own transaction holds it (those end
+# in milliseconds): nothing changes.
+STUCK_READS: Final = 3
+HERE_SECONDS: Final = 10.0
 # Shown in pg_stat_activity, so an operator can tell which session holds the relay lock.
 APPLICATION_NAME: Final = "canvas-orchestrator-relay"
 CHECKPOINT: Final = "job-events"
@@ -83,6 +92,10 @@ class _Cursor:
     # transaction to end (canvas_store.events): read again soon, not after the poll
     # interval, backing off from HELD_BACK_SECONDS.
     held_back: int = 0
+    # Of those, the last ones in a row that found nothing settled at all.
+    stuck: int = 0
+    # Until then, reads leave out other databases' transactions (monotonic clock).
+    here_until: float = 0.0
     # Since when every publish failed (None: the last one went through).
     failing_since: float | None = None
     next_lag_at: float = 0.0
@@ -230,8 +243,13 @@ class Relay(Background):
         room = self.batch_size - len(cursor.in_flight)
         if room > 0 and (cursor.more or self._notified or cursor.held_back):
             self._notified = False
-            batch, held_back = await read_settled_after(conn, cursor.read, room)
+            probe = cursor.stuck >= STUCK_READS
+            here = probe or time.monotonic() < cursor.here_until
+            batch, held_back = await read_settled_after(conn, cursor.read, room, here=here)
             cursor.held_back = cursor.held_back + 1 if held_back else 0
+            cursor.stuck = cursor.stuck + 1 if held_back and not batch and not probe else 0
+            if probe and batch:
+                self._leave_other_databases_out(cursor)
             for message in _messages(batch):
                 task = self._start_publish(message)
                 cursor.in_flight.extend((item, task) for item in message)
@@ -239,6 +257,17 @@ class Relay(Background):
                 cursor.read = batch[-1].position
             cursor.more = len(batch) == room
         return room
+
+    def _leave_other_databases_out(self, cursor: _Cursor) -> None:
+        """Another database's transaction held the relay back: leave those out for a
+        while."""
+        if time.monotonic() >= cursor.here_until:
+            log.warning(
+                "relay held back by a transaction open in another database; reading past it",
+                for_seconds=HERE_SECONDS,
+                find_it="pg_stat_activity WHERE backend_xid IS NOT NULL ORDER BY xact_start",
+            )
+        cursor.here_until = time.monotonic() + HERE_SECONDS
 
     async def _settle(self, conn: asyncpg.Connection, cursor: _Cursor) -> bool:
         """Move the checkpoint past what the broker confirmed; True when a publish

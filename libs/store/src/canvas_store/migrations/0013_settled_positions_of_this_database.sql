@@ -1,0 +1,28 @@
+-- Readers stop below the oldest transaction still in flight (0006,
+-- canvas_settled_positions_below). The snapshot's in-flight transactions are the whole
+-- cluster's: a write transaction left open in another database (a migration, a batch
+-- job, a session idle in a transaction) held every reader of this one back until it
+-- ended, though it cannot append here (a transaction belongs to one database).
+--
+-- This bound leaves out the in-flight transactions that pg_stat_activity shows in
+-- another database; any other one (this database's, one whose backend is gone or not
+-- shown, a prepared one) still holds readers back. A backend never changes database and
+-- a transaction id is never another's, so a stale view of pg_stat_activity can only
+-- keep one more, never drop one of ours. Reading pg_stat_activity costs about a
+-- millisecond: canvas_store.events asks for this bound only when a reader found nothing
+-- settled several times in a row while committed events waited.
+CREATE FUNCTION canvas_settled_positions_below_here() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (
+            SELECT min(x) FROM pg_snapshot_xip(s) AS x
+            WHERE NOT EXISTS (
+                SELECT 1 FROM pg_stat_activity AS a
+                WHERE a.backend_xid = x::xid
+                  AND a.datid <> (SELECT oid FROM pg_database WHERE datname = current_database())
+            )
+        ),
+        pg_snapshot_xmax(s)
+    )::text::bigint << 12
+    FROM pg_current_snapshot() AS s
+$$;
