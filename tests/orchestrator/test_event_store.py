@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -22,6 +23,8 @@ from canvas_store.events import (
     load,
     read_after,
     read_settled_after,
+    user_events_after,
+    user_head,
 )
 from tests.support.waiting import eventually
 
@@ -349,3 +352,49 @@ async def test_a_transaction_open_in_another_database_holds_no_reader_back(pool,
         await transaction.rollback()
     finally:
         await other.close()
+
+
+async def test_a_users_replay_reads_as_far_as_the_relay_does(pool, database_url):
+    """The relay reads past another database's open transaction (above): so does a
+    user's replay after a reconnect, else it would leave out events the relay already
+    published. One open in this database holds both back."""
+    user_id = f"user-{uuid4().hex[:8]}"
+
+    async def append_for_user() -> list[RecordedEvent]:
+        stream_id = uuid4()
+        envelope = _envelope(stream_id).model_copy(update={"user_id": user_id})
+        async with pool.acquire() as conn, conn.transaction():
+            return await append(conn, stream_id, 0, [envelope])
+
+    async def replay() -> tuple[list[int], int]:
+        envelopes = await user_events_after(pool, user_id, 0, ["JobQueued"], 10)
+        return [item.position or 0 for item in envelopes], await user_head(pool, user_id)
+
+    other = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.fetchval("SELECT pg_current_xact_id()")
+        [first] = await append_for_user()
+        assert await replay() == ([first.position], first.position)
+        await transaction.rollback()
+    finally:
+        await other.close()
+
+    async with pool.acquire() as slow:
+        transaction = slow.transaction()
+        await transaction.start()
+        await slow.fetchval("SELECT pg_current_xact_id()")
+        [second] = await append_for_user()
+        assert await replay() == ([first.position], first.position)
+        await transaction.rollback()
+    assert await eventually(
+        lambda: _if_settled(replay, second.position), what="the second event settled"
+    ) == ([first.position, second.position], second.position)
+
+
+async def _if_settled(
+    replay: Callable[[], Awaitable[tuple[list[int], int]]], position: int
+) -> tuple[list[int], int] | None:
+    read = await replay()
+    return read if read[1] == position else None

@@ -307,6 +307,18 @@ async def load(conn: asyncpg.Connection, stream_id: UUID) -> list[RecordedEvent]
 # Every read of the global order stops here (see the module docstring).
 _SETTLED: Final = "position < canvas_settled_positions_below()"
 
+# A user's replay stops here: the cluster's bound or, when it holds back some of the
+# user's events, this database's (migration 0013). Never below a bound the relay read
+# with, so a replay never leaves out an event the relay already published. $1 is the
+# user; the bound is worked out once a statement (an InitPlan).
+_SETTLED_FOR_USER: Final = """position < (
+    SELECT CASE WHEN EXISTS (
+                SELECT 1 FROM events WHERE user_id = $1 AND position >= c.below
+            ) THEN canvas_settled_positions_below_here()
+            ELSE c.below END
+    FROM (SELECT canvas_settled_positions_below() AS below) AS c
+)"""
+
 
 async def read_after(
     conn: asyncpg.Connection, position: int, limit: int, *, settled: bool = True
@@ -391,7 +403,7 @@ async def user_events_after(
     replay after a reconnect)."""
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM events "  # noqa: S608 (constant columns)
-        f"WHERE user_id = $1 AND position > $2 AND type = ANY($3::text[]) AND {_SETTLED} "
+        f"WHERE user_id = $1 AND position > $2 AND type = ANY($3::text[]) AND {_SETTLED_FOR_USER} "
         "ORDER BY position LIMIT $4",
         user_id,
         position,
@@ -404,7 +416,7 @@ async def user_events_after(
 async def user_head(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> int:
     """The highest settled position of ``user_id``'s events (0 when there is none)."""
     value = await conn.fetchval(
-        f"SELECT coalesce(max(position), 0) FROM events WHERE user_id = $1 AND {_SETTLED}",  # noqa: S608 (constant)
+        f"SELECT coalesce(max(position), 0) FROM events WHERE user_id = $1 AND {_SETTLED_FOR_USER}",  # noqa: S608 (constant)
         user_id,
     )
     return int(value)
