@@ -19,6 +19,7 @@ from canvas_store.events import (
     RecordedEvent,
     append,
     append_streams,
+    held_by_other_databases,
     last_position,
     load,
     read_after,
@@ -339,6 +340,7 @@ async def test_a_transaction_open_in_another_database_holds_no_reader_back(pool,
         # own reads them.
         async with pool.acquire() as conn:
             assert await read_settled_after(conn, start, 10) == ([], True)
+            assert await held_by_other_databases(conn)
 
         async def read() -> list[int] | None:
             async with pool.acquire() as conn:

@@ -353,6 +353,17 @@ async def read_settled_after(
     return [recorded_of(row) for row in rows if row["position"] is not None], rows[0]["held"]
 
 
+async def held_by_other_databases(conn: asyncpg.Connection) -> bool:
+    """Whether the oldest transaction in flight in the cluster is another database's
+    (one that pg_stat_activity shows there): what holds readers back then is nothing of
+    this store's. About a millisecond of the database's time (migration 0013)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT canvas_settled_positions_below_here() > canvas_settled_positions_below()"
+        )
+    )
+
+
 # Always one row at least (``held``), with the page's events, if any, beside it. The
 # bound: the oldest transaction in flight anywhere in the cluster or, with $3, in this
 # database (canvas_settled_positions_below_here(), migration 0013, which reads

@@ -48,7 +48,13 @@ from canvas_events.topology import (
 )
 from canvas_orchestrator.metrics import Metrics
 from canvas_store.connections import connect
-from canvas_store.events import NOTIFY_CHANNEL, RecordedEvent, count_after, read_settled_after
+from canvas_store.events import (
+    NOTIFY_CHANNEL,
+    RecordedEvent,
+    count_after,
+    held_by_other_databases,
+    read_settled_after,
+)
 
 log = structlog.get_logger("canvas_orchestrator.relay")
 
@@ -62,12 +68,12 @@ BROKER_GRACE_SECONDS: Final = 10.0
 # but may notify nobody (it appended nothing); service transactions last milliseconds.
 HELD_BACK_SECONDS: Final = 0.005
 # Reads in a row that found nothing settled while events waited (5, 10, 20 ms apart),
-# after which one read leaves out other databases' transactions (canvas_store.events.
-# read_settled_after, ``here``: about a millisecond of the database's time). When that
-# read goes further, a transaction of another database held the relay back (one left
-# open may last for hours, and cannot append here): reads leave them out for
-# HERE_SECONDS. When it does not, this database's own transaction holds it (those end
-# in milliseconds): nothing changes.
+# after which the relay asks whether the oldest transaction in flight is another
+# database's (canvas_store.events.held_by_other_databases: about a millisecond of the
+# database's time). If so (one left open may last for hours, and cannot append here),
+# reads leave other databases' transactions out for HERE_SECONDS (read_settled_after,
+# ``here``, that millisecond again a read). If not, this database's own transaction
+# holds it (those end in milliseconds): nothing changes.
 STUCK_READS: Final = 3
 HERE_SECONDS: Final = 10.0
 # Shown in pg_stat_activity, so an operator can tell which session holds the relay lock.
@@ -243,13 +249,14 @@ class Relay(Background):
         room = self.batch_size - len(cursor.in_flight)
         if room > 0 and (cursor.more or self._notified or cursor.held_back):
             self._notified = False
-            probe = cursor.stuck >= STUCK_READS
-            here = probe or time.monotonic() < cursor.here_until
+            if cursor.stuck >= STUCK_READS:
+                cursor.stuck = 0
+                if await held_by_other_databases(conn):
+                    self._leave_other_databases_out(cursor)
+            here = time.monotonic() < cursor.here_until
             batch, held_back = await read_settled_after(conn, cursor.read, room, here=here)
             cursor.held_back = cursor.held_back + 1 if held_back else 0
-            cursor.stuck = cursor.stuck + 1 if held_back and not batch and not probe else 0
-            if probe and batch:
-                self._leave_other_databases_out(cursor)
+            cursor.stuck = cursor.stuck + 1 if held_back and not batch else 0
             for message in _messages(batch):
                 task = self._start_publish(message)
                 cursor.in_flight.extend((item, task) for item in message)
