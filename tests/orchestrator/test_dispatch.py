@@ -201,7 +201,7 @@ def test_the_headroom_grows_with_the_fleet() -> None:
     assert Limits(headroom=0, headroom_fraction=0).headroom_for(1_000) == 0
     # The room: the capacity plus the headroom in flight, or the headroom unstarted.
     fleet = Fleet(
-        capacity=100, announced=True, in_flight=130, unstarted=12, waiting=50, headroom=20
+        capacity=100, announced=True, in_flight=130, unstarted=12, waiting=True, headroom=20
     )
     assert fleet.free == 8
     assert replace(fleet, in_flight=90, unstarted=0).free == 30
