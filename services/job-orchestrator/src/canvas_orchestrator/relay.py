@@ -269,7 +269,7 @@ class Relay(Background):
         """Another database's transaction held the relay back: leave those out for a
         while."""
         if time.monotonic() >= cursor.here_until:
-            log.warning(
+            log.info(
                 "relay held back by a transaction open in another database; reading past it",
                 for_seconds=HERE_SECONDS,
                 find_it="pg_stat_activity WHERE backend_xid IS NOT NULL ORDER BY xact_start",

@@ -6,11 +6,12 @@
 --
 -- This bound leaves out the in-flight transactions that pg_stat_activity shows in
 -- another database; any other one (this database's, one whose backend is gone or not
--- shown, a prepared one) still holds readers back. A backend never changes database and
--- a transaction id is never another's, so a stale view of pg_stat_activity can only
--- keep one more, never drop one of ours. Reading pg_stat_activity costs about a
--- millisecond: canvas_store.events asks for this bound only when a reader found nothing
--- settled several times in a row while committed events waited.
+-- shown to this role, a prepared one) still holds readers back. A backend never changes
+-- database and a transaction id is never another's, so a stale view of pg_stat_activity
+-- can only keep one more, never drop one of ours. Reading pg_stat_activity costs about
+-- a millisecond: the relay reads with this bound only once it found another database's
+-- transaction the oldest in flight, and a user's replay only when the cluster's bound
+-- holds back some of that user's events (canvas_store.events).
 CREATE FUNCTION canvas_settled_positions_below_here() RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(
