@@ -4,9 +4,11 @@ the model has written it, before the attempt's result."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from canvas_events.envelope import Envelope
+from canvas_events.errors import PublishError
 from canvas_events.events import GenerationFailed, GenerationProgressed, GenerationSucceeded
 from canvas_events.objects import validate_object
 from tests.generator.conftest import (
@@ -21,6 +23,7 @@ from tests.generator.conftest import (
     wait_aborted,
 )
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.waiting import eventually
 
 
 async def next_of(bus: Bus, request: Envelope, message_type: str) -> Envelope:
@@ -167,3 +170,69 @@ async def test_without_streaming_the_reply_comes_whole_and_nothing_is_progressed
     (sent,) = fake_openai.requests()
     assert "stream" not in sent
     assert fake_openai.stats()["streams"] == 0
+
+
+async def test_the_model_is_called_while_generation_started_waits_for_its_confirm(
+    start_generator, fake_openai, bus
+):
+    """GenerationStarted's confirm no longer holds the call back (under load 10-30 ms an
+    attempt); nothing else of the attempt is published before it is confirmed."""
+    release = asyncio.Event()
+    gate = uuid.uuid4().hex
+    async with start_generator() as service:
+        worker = service.worker
+        publish = worker._publish
+
+        async def held(envelope: Envelope) -> None:
+            if envelope.type == "GenerationStarted":
+                await release.wait()  # the broker's confirm, slow to come
+            await publish(envelope)
+
+        worker._publish = held
+        in_flight = fake_openai.stats()["in_flight"]
+        request = generation_request(f"a short flow [[fake:objects=4,gate={gate}]]")
+        await bus.publish(request)
+
+        async def calling() -> bool:
+            return bool(fake_openai.stats()["in_flight"] == in_flight + 1)
+
+        await eventually(calling, what="the model called while GenerationStarted is held")
+        fake_openai.open_gate(gate)
+        await eventually(lambda: _done(fake_openai, in_flight), what="the reply read to its end")
+        await asyncio.sleep(0.2)  # its objects parsed and handed on
+        assert bus.seen.empty()  # no progress and no result before GenerationStarted
+        release.set()
+        messages = (await bus.results(request))[str(request.job_id)]
+    assert milestones(messages) == ["GenerationStarted", "GenerationSucceeded"]
+    assert messages[0].type == "GenerationStarted"
+    assert [e.index for e in progressed(messages)] == [0, 1, 2, 3]
+
+
+async def _done(fake_openai: FakeOpenAI, in_flight: int) -> bool:
+    return bool(fake_openai.stats()["in_flight"] == in_flight)
+
+
+async def test_a_generation_started_never_confirmed_ends_the_call_and_publishes_nothing(
+    start_generator, fake_openai, bus
+):
+    gate = uuid.uuid4().hex
+    refused: list[Envelope] = []
+    async with start_generator() as service:
+        worker = service.worker
+        publish = worker._publish
+
+        async def refuse_started(envelope: Envelope) -> None:
+            if envelope.type == "GenerationStarted":
+                await asyncio.sleep(0.05)  # the call is out by then
+                refused.append(envelope)
+                raise PublishError("the broker refused it")
+            await publish(envelope)
+
+        worker._publish = refuse_started
+        request = generation_request(f"a short flow [[fake:objects=4,gate={gate}]]")
+        await bus.publish(request)
+        # The run ends with the error, and the work comes back from the queue.
+        await eventually(lambda: len(refused) >= 2, what="the attempt handed out again")
+        fake_openai.open_gate(gate)
+        await asyncio.sleep(0.3)  # a call still going would have read its reply by now
+        assert bus.seen.empty()  # no progress and no result without GenerationStarted

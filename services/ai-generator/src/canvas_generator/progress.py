@@ -37,6 +37,9 @@ class Progress:
     attempt_id: UUID
     run_id: UUID | None = None
     metrics: Metrics = field(kw_only=True)
+    # What the first publish waits for (the attempt's GenerationStarted, confirmed); its
+    # error is the progress's.
+    after: Awaitable[None] | None = field(default=None, kw_only=True)
     # None ends the publishing task (drain); unbounded, as a reply holds at most a few
     # hundred objects.
     _queue: asyncio.Queue[tuple[Envelope, float] | None] = field(
@@ -62,6 +65,9 @@ class Progress:
             self._task = asyncio.create_task(self._work(), name=f"progress-{self.attempt_id}")
 
     async def _work(self) -> None:
+        if self.after is not None:
+            # Shielded: a cancelled progress (aclose) must not cancel what it waits for.
+            await asyncio.shield(self.after)
         while True:
             # Everything found since the last publish goes out together: back to back on
             # the channel (in order), confirmed together. The orchestrator then receives
