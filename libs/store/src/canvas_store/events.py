@@ -307,17 +307,13 @@ async def load(conn: asyncpg.Connection, stream_id: UUID) -> list[RecordedEvent]
 # Every read of the global order stops here (see the module docstring).
 _SETTLED: Final = "position < canvas_settled_positions_below()"
 
-# A user's replay stops here: the cluster's bound or, when it holds back some of the
-# user's events, this database's (migration 0013). Never below a bound the relay read
-# with, so a replay never leaves out an event the relay already published. $1 is the
-# user; the bound is worked out once a statement (an InitPlan).
-_SETTLED_FOR_USER: Final = """position < (
-    SELECT CASE WHEN EXISTS (
-                SELECT 1 FROM events WHERE user_id = $1 AND position >= c.below
-            ) THEN canvas_settled_positions_below_here()
-            ELSE c.below END
-    FROM (SELECT canvas_settled_positions_below() AS below) AS c
-)"""
+# A user's replay stops here: the cluster's bound, or the floor the relay's reads past
+# other databases' transactions raised (migration 0013), whichever is higher. Never
+# below a bound the relay read with, so a replay never leaves out an event the relay
+# already published.
+_SETTLED_FOR_USER: Final = (
+    "position < GREATEST(canvas_settled_positions_below(), (SELECT below FROM settled_floor))"
+)
 
 
 async def read_after(
@@ -348,8 +344,8 @@ async def read_settled_after(
 
     ``here``: leave out other databases' transactions in flight, which cannot append
     here (about a millisecond more: for a reader that found nothing settled a few times
-    in a row)."""
-    rows = await conn.fetch(_READ_SETTLED, position, limit, here)
+    in a row), and raise the floor that users' replays read up to (settled_floor)."""
+    rows = await conn.fetch(_READ_SETTLED_HERE if here else _READ_SETTLED, position, limit)
     return [recorded_of(row) for row in rows if row["position"] is not None], rows[0]["held"]
 
 
@@ -364,27 +360,39 @@ async def held_by_other_databases(conn: asyncpg.Connection) -> bool:
     )
 
 
-# Always one row at least (``held``), with the page's events, if any, beside it. The
-# bound: the oldest transaction in flight anywhere in the cluster or, with $3, in this
-# database (canvas_settled_positions_below_here(), migration 0013, which reads
-# pg_stat_activity: about a millisecond).
-_READ_SETTLED: Final = f"""
+def _read_settled(bound: str, *, raise_floor: bool) -> str:
+    """The statement of :func:`read_settled_after`: always one row at least (``held``),
+    with the page's events, if any, beside it, below ``bound`` (an SQL expression)."""
+    raised = (
+        """, raised AS (
+    UPDATE settled_floor SET below = bound.below FROM bound
+    WHERE settled_floor.below < bound.below
+)"""
+        if raise_floor
+        else ""
+    )
+    return f"""
 WITH bound AS (
     SELECT b.below, EXISTS (
         SELECT 1 FROM events WHERE position >= b.below AND position > $1
     ) AS held
-    FROM (
-        SELECT CASE WHEN $3 THEN canvas_settled_positions_below_here()
-                    ELSE canvas_settled_positions_below() END AS below
-    ) AS b
-)
+    FROM (SELECT {bound} AS below) AS b
+){raised}
 SELECT page.*, bound.held
 FROM bound LEFT JOIN LATERAL (
     SELECT {_COLUMNS} FROM events
     WHERE position > $1 AND position < bound.below
     ORDER BY position LIMIT $2
 ) AS page ON true
-"""  # noqa: S608 (constant columns)
+"""  # noqa: S608 (constant columns and bounds)
+
+
+# Below the oldest transaction in flight anywhere in the cluster.
+_READ_SETTLED: Final = _read_settled("canvas_settled_positions_below()", raise_floor=False)
+# Below the oldest one in this database (canvas_settled_positions_below_here(), which
+# reads pg_stat_activity: about a millisecond), raising settled_floor to that bound in
+# the same statement, so that the floor is committed before anything read is published.
+_READ_SETTLED_HERE: Final = _read_settled("canvas_settled_positions_below_here()", raise_floor=True)
 
 
 async def last_position(conn: asyncpg.Connection) -> int:

@@ -27,3 +27,15 @@ LANGUAGE sql STABLE AS $$
     )::text::bigint << 12
     FROM pg_current_snapshot() AS s
 $$;
+
+-- The highest bound read with canvas_settled_positions_below_here() so far (the relay's
+-- reads past another database's transaction raise it in the same statement). That
+-- bound does not only grow: a transaction of another database that ends while a read
+-- runs is no longer shown, so it is kept as unknown. Every position below this floor
+-- is settled for good, so a user's replay reads up to it at least: never short of
+-- what the relay already published.
+CREATE TABLE settled_floor (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    below     bigint  NOT NULL
+);
+INSERT INTO settled_floor (below) VALUES (0);
