@@ -10,8 +10,8 @@
 -- database and a transaction id is never another's, so a stale view of pg_stat_activity
 -- can only keep one more, never drop one of ours. Reading pg_stat_activity costs about
 -- a millisecond: the relay reads with this bound only once it found another database's
--- transaction the oldest in flight, and a user's replay only when the cluster's bound
--- holds back some of that user's events (canvas_store.events).
+-- transaction the oldest in flight (canvas_store.events); users' replays read up to the
+-- floor those reads raise (settled_floor, below).
 CREATE FUNCTION canvas_settled_positions_below_here() RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(
