@@ -27,6 +27,7 @@ from canvas_store.events import (
     user_events_after,
     user_head,
 )
+from tests.support.env import transaction_in_another_database
 from tests.support.waiting import eventually
 
 
@@ -328,12 +329,8 @@ async def test_a_transaction_open_in_another_database_holds_no_reader_back(pool,
     session idle in a transaction) cannot append here: a reader that asks for this
     database's bound goes on. One left open in this database still holds it back."""
     start = await _last(pool)
-    other = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
-    try:
-        transaction = other.transaction()
-        await transaction.start()
-        # Its transaction id is older than every event appended below.
-        await other.fetchval("SELECT pg_current_xact_id()")
+    # Its transaction id is older than every event appended below.
+    async with transaction_in_another_database(database_url):
         stream_id = uuid4()
         appended = await _append(pool, stream_id, 0, count=2)
         # The cluster's bound holds them back; a reader that asks for this database's
@@ -351,9 +348,6 @@ async def test_a_transaction_open_in_another_database_holds_no_reader_back(pool,
         assert await eventually(read, timeout=10, what="the events read") == [
             item.position for item in appended
         ]
-        await transaction.rollback()
-    finally:
-        await other.close()
 
 
 async def test_a_users_replay_reads_as_far_as_the_relay_does(pool, database_url):
@@ -373,11 +367,7 @@ async def test_a_users_replay_reads_as_far_as_the_relay_does(pool, database_url)
         envelopes = await user_events_after(pool, user_id, 0, ["JobQueued"], 10)
         return [item.position or 0 for item in envelopes], await user_head(pool, user_id)
 
-    other = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
-    try:
-        transaction = other.transaction()
-        await transaction.start()
-        await other.fetchval("SELECT pg_current_xact_id()")
+    async with transaction_in_another_database(database_url):
         [first] = await append_for_user()
         # Held back by the cluster's bound, until a reader leaves other databases out
         # (the relay, which then publishes it): from then on the replay reads it too.
@@ -386,9 +376,6 @@ async def test_a_users_replay_reads_as_far_as_the_relay_does(pool, database_url)
             read, _ = await read_settled_after(conn, 0, 100_000, here=True)
         assert first.position in [item.position for item in read]
         assert await replay() == ([first.position], first.position)
-        await transaction.rollback()
-    finally:
-        await other.close()
 
     async with pool.acquire() as slow:
         transaction = slow.transaction()

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
-import asyncpg
 import pytest
 import structlog
 
@@ -29,6 +28,7 @@ from canvas_orchestrator.relay import (
 )
 from canvas_store.events import Append, RecordedEvent, append, append_streams
 from tests.orchestrator.harness import eventually
+from tests.support.env import transaction_in_another_database
 
 
 @dataclass
@@ -273,20 +273,13 @@ async def test_a_transaction_left_open_in_another_database_does_not_stop_the_rel
     # A logger first used under capture_logs (loggers cache their configuration).
     monkeypatch.setattr(relay_module, "log", structlog.get_logger("canvas_orchestrator.relay"))
     relay = await started(make_relay())
-    other = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
-    try:
-        transaction = other.transaction()
-        await transaction.start()
-        await other.fetchval("SELECT pg_current_xact_id()")
+    async with transaction_in_another_database(database_url):
         with structlog.testing.capture_logs() as logs:
             recorded = await record(pool, count=2)
             seen = await bus.wait_for(recorded[0].stream_id, "JobQueued", 2)
         assert [item.envelope.position for item in seen] == [item.position for item in recorded]
         assert [entry["event"] for entry in logs].count(_HELD_BY_ANOTHER) == 1
         assert relay.active
-        await transaction.rollback()
-    finally:
-        await other.close()
 
 
 async def test_a_transaction_open_in_this_database_still_holds_the_relay_back(

@@ -51,6 +51,21 @@ async def admin_connection(
         await connection.close()
 
 
+@contextlib.asynccontextmanager
+async def transaction_in_another_database(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A write transaction open in the maintenance database of ``url``'s server for the
+    block (its id assigned on entry: older than anything written after), rolled back on
+    the way out."""
+    async with admin_connection(url) as other:
+        transaction = other.transaction()
+        await transaction.start()
+        try:
+            await other.fetchval("SELECT pg_current_xact_id()")
+            yield other
+        finally:
+            await transaction.rollback()
+
+
 async def create_database(url: str) -> None:
     """Create the (new) database ``url`` names, on its server."""
     async with admin_connection(url) as connection:

@@ -146,11 +146,12 @@ class Fleet:
 
 @dataclass(frozen=True)
 class Limits:
-    """DISPATCH_UNANNOUNCED_CAPACITY, DISPATCH_HEADROOM and DISPATCH_HEADROOM_FRACTION."""
+    """DISPATCH_UNANNOUNCED_CAPACITY, DISPATCH_HEADROOM and DISPATCH_HEADROOM_FRACTION
+    (the settings' defaults)."""
 
     unannounced_capacity: int = 100
     headroom: int = 5
-    headroom_fraction: float = 0.0
+    headroom_fraction: float = 0.2
 
     def headroom_for(self, capacity: int) -> int:
         """The headroom of a fleet of ``capacity``: DISPATCH_HEADROOM, or that fraction
